@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh clone (Python 3.11 and the package registries):
+#   make demo   installs, then runs the main job end to end on the built-in sample
+#   make test   installs, then runs the tests
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_DIR ?= demo
+
+.PHONY: install demo test lint bench clean
+
+# torch first, pinned, so pip takes the local CPU build instead of the multi-GB CUDA wheels;
+# then the package (pillow-simd compiled from source), then a check that pillow-simd is the active PIL.
+$(BIN)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-binary pillow-simd -e '.[dev]'
+	$(BIN)/python -m alexnet.tools.pil --require-simd
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m alexnet.tools.demo --out $(DEMO_DIR)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || true
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

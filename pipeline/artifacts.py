@@ -1,0 +1,441 @@
+"""The data contract: the one module that owns the on-disk format of a dataset directory.
+
+Tools write through it, the pipeline and the trainer read through it; no other
+module spells a file name, a key format or a schema field. Importing it does
+not import DALI or torch, so the offline tools start fast.
+
+Dataset directory (``--data-dir``, env ``ALEXNET_DATA_DIR``, default ``./data``)::
+
+    manifest.json          schema version, classes, splits and shards, build options,
+                           source counts, rejected files with reasons
+    stats.json             mean RGB, RGB covariance eigen-decomposition (pca-stats)
+    mean_image.npy         float32 (256, 256, 3), RGB, 0-255 scale (pca-stats)
+    rejected.tsv           split, relative path, reason (build-lmdb)
+    train/train-00000-of-00004/   one LMDB environment per shard (data.mdb, lock.mdb)
+    val/val-00000-of-00001/
+
+Record: a Caffe ``Datum`` (channels=3, height, width, data=<JPEG bytes>, label,
+encoded=true), so DALI's ``fn.readers.caffe`` reads the shards natively.
+Key: ``{position:08d}_{relative source path}``; position follows a seeded
+global shuffle of the split, and shard ``i`` holds a contiguous block of
+positions, so reading the shards in manifest order reads the whole split in
+shuffled order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import constants as C
+
+SCHEMA_VERSION = 1
+
+DATA_DIR_ENV = "ALEXNET_DATA_DIR"
+DEFAULT_DATA_DIR = Path("data")
+
+MANIFEST_FILE = "manifest.json"
+STATS_FILE = "stats.json"
+MEAN_IMAGE_FILE = "mean_image.npy"
+REJECTED_FILE = "rejected.tsv"
+# Per-shard sidecar written beside data.mdb: crc32 of each record's value, in key order.
+RECORD_CRC_FILE = "crc32.npy"
+
+SPLITS = ("train", "val")
+KEY_POSITION_DIGITS = 8
+MEAN_IMAGE_SHAPE = (C.STORED_SIZE, C.STORED_SIZE, 3)
+
+
+class AlexnetError(Exception):
+    """A user-facing failure: the CLIs print its message as one line and exit non-zero."""
+
+
+class ContractError(AlexnetError):
+    """A dataset directory that does not satisfy the contract."""
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``--data-dir`` if given, else ``$ALEXNET_DATA_DIR``, else ``./data``."""
+    if data_dir is not None:
+        return Path(data_dir)
+    env = os.environ.get(DATA_DIR_ENV)
+    return Path(env) if env else DEFAULT_DATA_DIR
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def make_key(position: int, relpath: str) -> bytes:
+    """Caffe's ``{position:08d}_{relative path}`` key, as bytes (POSIX separators)."""
+    return f"{position:0{KEY_POSITION_DIGITS}d}_{Path(relpath).as_posix()}".encode()
+
+
+def parse_key(key: bytes) -> tuple[int, str]:
+    text = key.decode()
+    pos, _, rel = text.partition("_")
+    if len(pos) != KEY_POSITION_DIGITS or not pos.isdigit() or not rel:
+        raise ContractError(f"malformed record key {text!r}")
+    return int(pos), rel
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}"
+
+
+def shard_bounds(num_items: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` position blocks, sizes differing by at most one."""
+    if num_shards < 1:
+        raise ValueError("num_shards must be >= 1")
+    edges = [num_items * i // num_shards for i in range(num_shards + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(num_shards)]
+
+
+def shuffle_order(num_items: int, seed: int) -> np.ndarray:
+    """The seeded global shuffle of a split: ``order[position] = source index``."""
+    return np.random.default_rng(seed).permutation(num_items)
+
+
+# --------------------------------------------------------------------------- Datum
+# Caffe's caffe.proto, message Datum:
+#   1 channels int32, 2 height int32, 3 width int32, 4 data bytes,
+#   5 label int32, 6 float_data repeated float, 7 encoded bool.
+# Encoded by hand (protobuf wire format) to avoid a protobuf dependency.
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:  # int32 negatives are 10-byte two's complement varints
+        value += 1 << 64
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = 0
+    value = 0
+    while True:
+        if i >= len(buf):
+            raise ContractError("truncated Datum varint")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ContractError("malformed Datum varint")
+
+
+@dataclass(frozen=True)
+class Datum:
+    data: bytes
+    label: int
+    height: int
+    width: int
+    channels: int = 3
+    encoded: bool = True
+
+    def encode(self) -> bytes:
+        parts = [
+            b"\x08" + _varint(self.channels),
+            b"\x10" + _varint(self.height),
+            b"\x18" + _varint(self.width),
+            b"\x22" + _varint(len(self.data)) + self.data,
+            b"\x28" + _varint(self.label),
+            b"\x38" + _varint(1 if self.encoded else 0),  # written explicitly, even when true
+        ]
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, buf: bytes) -> "Datum":
+        fields: dict[int, Any] = {}
+        i = 0
+        n = len(buf)
+        while i < n:
+            tag, i = _read_varint(buf, i)
+            num, wire = tag >> 3, tag & 7
+            if wire == 0:
+                value, i = _read_varint(buf, i)
+                if value >= 1 << 63:
+                    value -= 1 << 64
+                fields[num] = value
+            elif wire == 2:
+                length, i = _read_varint(buf, i)
+                if i + length > n:
+                    raise ContractError("truncated Datum field")
+                fields[num] = bytes(buf[i : i + length])
+                i += length
+            elif wire == 5:
+                i += 4
+            elif wire == 1:
+                i += 8
+            else:
+                raise ContractError(f"unsupported wire type {wire} in Datum")
+        if 4 not in fields:
+            raise ContractError("Datum without data")
+        return cls(
+            data=fields[4],
+            label=int(fields.get(5, 0)),
+            height=int(fields.get(2, 0)),
+            width=int(fields.get(3, 0)),
+            channels=int(fields.get(1, 0)),
+            encoded=bool(fields.get(7, 0)),
+        )
+
+
+def crc32(value: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(value) & 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the dataset directory
+    num_records: int
+    first_position: int
+    stop_position: int  # positions [first_position, stop_position) were assigned to this shard
+
+
+@dataclass
+class SplitInfo:
+    num_records: int
+    source_count: int
+    shards: list[ShardInfo]
+    rejected: int = 0
+    layout: str = ""  # how the source was detected (e.g. "class-folders", "kaggle-csv")
+
+
+@dataclass
+class Manifest:
+    classes: list[str]
+    splits: dict[str, SplitInfo]
+    build: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    complete: bool = True
+    schema_version: int = SCHEMA_VERSION
+
+    def class_index(self) -> dict[str, int]:
+        return {w: i for i, w in enumerate(self.classes)}
+
+    def shard_paths(self, data_dir: Path, split: str) -> list[Path]:
+        """Absolute shard paths of a split in manifest (= key) order."""
+        if split not in self.splits:
+            raise ContractError(f"split {split!r} is not in the manifest (have: {', '.join(self.splits)})")
+        return [Path(data_dir) / s.path for s in self.splits[split].shards]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"schema_version": d.pop("schema_version"), **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Manifest":
+        splits = {
+            name: SplitInfo(
+                num_records=int(s["num_records"]),
+                source_count=int(s["source_count"]),
+                shards=[ShardInfo(**sh) for sh in s["shards"]],
+                rejected=int(s.get("rejected", 0)),
+                layout=s.get("layout", ""),
+            )
+            for name, s in d["splits"].items()
+        }
+        return cls(
+            classes=list(d["classes"]),
+            splits=splits,
+            build=dict(d.get("build", {})),
+            source=dict(d.get("source", {})),
+            rejected=list(d.get("rejected", [])),
+            complete=bool(d.get("complete", True)),
+            schema_version=int(d["schema_version"]),
+        )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, rename: old file or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ContractError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as e:
+        raise ContractError(f"cannot read {what} {path}: {e}") from None
+    version = d.get("schema_version") if isinstance(d, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ContractError(
+            f"{path} has schema version {version}, this alexnet reads schema version {SCHEMA_VERSION}; "
+            "rebuild the dataset with this version (alexnet-prep build-lmdb --overwrite)"
+        )
+    return d
+
+
+def write_manifest(data_dir: Path, manifest: Manifest) -> Path:
+    path = Path(data_dir) / MANIFEST_FILE
+    atomic_write_json(path, manifest.to_json())
+    return path
+
+
+def read_manifest(data_dir: Path, *, require_complete: bool = True) -> Manifest:
+    path = Path(data_dir) / MANIFEST_FILE
+    if not path.exists():
+        raise ContractError(f"no dataset at {data_dir}: {MANIFEST_FILE} is missing (run: alexnet-prep build-lmdb SRC --data-dir {data_dir})")
+    try:
+        m = Manifest.from_json(_read_json(path, "manifest"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ContractError(f"{path} is not a valid manifest: {e}") from None
+    if require_complete and not m.complete:
+        raise ContractError(f"the dataset at {data_dir} is half-built; finish it with: alexnet-prep build-lmdb SRC --data-dir {data_dir}")
+    return m
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class Stats:
+    mean_rgb: list[float]  # 3, 0-255 scale
+    eigval: list[float]  # 3, variances of RGB pixel values on the 0-255 scale, descending
+    eigvec: list[list[float]]  # 3x3, rows R,G,B; unit eigenvectors as columns
+    n_images: int
+    n_pixels: int
+    covariance: list[list[float]] = field(default_factory=list)  # 3x3, 0-255 scale
+    source: dict[str, Any] = field(default_factory=dict)  # what it was computed from
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        ev = np.asarray(self.eigvec, dtype=np.float64)
+        if np.asarray(self.mean_rgb).shape != (3,) or np.asarray(self.eigval).shape != (3,) or ev.shape != (3, 3):
+            raise ContractError("stats: mean_rgb and eigval need 3 values, eigvec 3x3")
+
+    @property
+    def eigvec_array(self) -> np.ndarray:
+        return np.asarray(self.eigvec, dtype=np.float64)
+
+    @property
+    def eigval_array(self) -> np.ndarray:
+        return np.asarray(self.eigval, dtype=np.float64)
+
+
+def write_stats(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> None:
+    """Write ``mean_image.npy`` then ``stats.json``, each atomically."""
+    mean_image = np.asarray(mean_image, dtype=np.float32)
+    if mean_image.shape != MEAN_IMAGE_SHAPE:
+        raise ContractError(f"mean image has shape {mean_image.shape}, expected {MEAN_IMAGE_SHAPE}")
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, mean_image)
+    atomic_write_bytes(Path(data_dir) / MEAN_IMAGE_FILE, buf.getvalue())
+    d = asdict(stats)
+    atomic_write_json(Path(data_dir) / STATS_FILE, {"schema_version": d.pop("schema_version"), **d})
+
+
+def read_stats(data_dir: Path) -> Stats:
+    path = Path(data_dir) / STATS_FILE
+    if not path.exists():
+        raise ContractError(f"{STATS_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})")
+    d = _read_json(path, "stats")
+    try:
+        return Stats(**d)
+    except TypeError as e:
+        raise ContractError(f"{path} is not a valid stats file: {e}") from None
+
+
+def read_mean_image(data_dir: Path) -> np.ndarray:
+    path = Path(data_dir) / MEAN_IMAGE_FILE
+    if not path.exists():
+        raise ContractError(f"{MEAN_IMAGE_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})")
+    arr = np.load(path, allow_pickle=False)
+    if arr.shape != MEAN_IMAGE_SHAPE or arr.dtype != np.float32:
+        raise ContractError(f"{path}: expected float32 {MEAN_IMAGE_SHAPE}, found {arr.dtype} {arr.shape}")
+    return arr
+
+
+# --------------------------------------------------------------------------- records
+
+
+def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
+    """Open one shard's LMDB environment (``lmdb`` imported lazily)."""
+    import lmdb
+
+    path = Path(path)
+    if readonly and not (path / "data.mdb").exists():
+        raise ContractError(f"shard {path} is missing")
+    return lmdb.open(
+        str(path),
+        readonly=readonly,
+        lock=not readonly,
+        map_size=map_size,
+        subdir=True,
+        readahead=False,
+        meminit=False,
+        max_readers=512,
+    )
+
+
+def iter_shard(path: Path) -> Iterator[tuple[bytes, bytes]]:
+    """Yield ``(key, value)`` pairs of one shard in key order."""
+    env = open_shard(path)
+    try:
+        with env.begin(buffers=False) as txn:
+            yield from txn.cursor()
+    finally:
+        env.close()
+
+
+def iter_records(data_dir: Path, split: str, manifest: Manifest | None = None) -> Iterator[tuple[bytes, Datum]]:
+    """Every record of a split in key order over its shards in manifest order."""
+    manifest = manifest or read_manifest(data_dir)
+    for shard in manifest.shard_paths(data_dir, split):
+        for key, value in iter_shard(shard):
+            yield key, Datum.decode(value)
+
+
+def read_record_crcs(shard_path: Path) -> np.ndarray:
+    path = Path(shard_path) / RECORD_CRC_FILE
+    if not path.exists():
+        raise ContractError(f"checksum file missing: {path}")
+    return np.load(path, allow_pickle=False)
+
+
+def write_record_crcs(shard_path: Path, crcs: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(crcs, dtype=np.uint32))
+    atomic_write_bytes(Path(shard_path) / RECORD_CRC_FILE, buf.getvalue())

@@ -1,0 +1,119 @@
+"""Pieces shared by the two command-line tools (``alexnet-prep`` and ``alexnet-train``).
+
+Commands stay thin: parse, build a config, call one function. User-facing
+failures raise :class:`~alexnet.pipeline.artifacts.AlexnetError` and become one
+line on stderr with exit status 1; Ctrl-C becomes exit 130 with a hint to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import click
+
+from .artifacts import DATA_DIR_ENV, DEFAULT_DATA_DIR, AlexnetError
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("alexnet")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class Group(click.Group):
+    """A click group that turns the project's errors into one clear line and a non-zero exit."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            click.echo("\ninterrupted: run the same command again to resume", err=True)
+            sys.exit(130)
+        except AlexnetError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def data_dir_option(f):
+    """``--data-dir DIR`` with ``$ALEXNET_DATA_DIR`` and the documented default ``./data``."""
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar=DATA_DIR_ENV,
+        default=DEFAULT_DATA_DIR,
+        show_default=True,
+        show_envvar=True,
+        help="Dataset directory (manifest.json, stats.json, mean_image.npy, LMDB shards).",
+    )(f)
+
+
+class LazyGroup(Group):
+    """A group whose subcommands live in their own modules, imported only when used.
+
+    ``lazy_commands`` maps a command name to ``"module.path:attribute"``.
+    """
+
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands:
+            import importlib
+
+            module, _, attr = self.lazy_commands[name].partition(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+
+def versions_report(prog: str) -> str:
+    """``--version`` text: this package, the active PIL, and the other key libraries."""
+    lines = [f"{prog} {package_version()}"]
+    try:
+        from alexnet.tools.pil import pil_summary
+
+        lines.append(f"PIL: {pil_summary()}")
+    except ImportError:
+        lines.append("PIL: not installed")
+    for dist in ("torch", "nvidia-dali-cuda130", "lmdb", "numpy"):
+        try:
+            lines.append(f"{dist}: {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            lines.append(f"{dist}: not installed")
+    return "\n".join(lines)
+
+
+def version_option(prog: str):
+    def callback(ctx, _param, value):
+        if not value or ctx.resilient_parsing:
+            return
+        click.echo(versions_report(prog))
+        try:
+            from alexnet.tools.pil import pil_info
+
+            if not pil_info()["simd"]:
+                click.echo("warning: plain Pillow has shadowed pillow-simd (see README, 'pillow-simd')", err=True)
+        except ImportError:
+            pass
+        ctx.exit()
+
+    return click.option(
+        "--version", is_flag=True, expose_value=False, is_eager=True, callback=callback,
+        help="Show versions (package, active PIL, torch, DALI) and exit.",
+    )

@@ -1,0 +1,71 @@
+"""The paper's constants, in one place (Krizhevsky, Sutskever, Hinton, NIPS 2012).
+
+Everything else imports these names; no module writes the numbers again.
+Units are in the names or the comments. Where a value is a choice of this
+project rather than the paper's text, the comment says so and
+``docs/DEVIATIONS.md`` lists it.
+"""
+
+# §2 Dataset: rescale so that the shorter side is 256, keep the central 256x256 patch.
+RESIZE_SHORTER = 256  # pixels
+STORED_SIZE = 256  # pixels, side of the stored centre crop
+
+# §4.1 Data augmentation: random 224x224 patches and their horizontal reflections.
+CROP_SIZE = 224  # pixels
+CROP_POSITIONS = STORED_SIZE - CROP_SIZE + 1  # 33 offsets per axis
+MIRROR_PROBABILITY = 0.5
+
+# §4.1 PCA lighting: alpha_i ~ N(0, 0.1), drawn once per image.
+LIGHTING_STD = 0.1
+# Scale conventions for the lighting shift (see docs/DEVIATIONS.md):
+#   "sqrt": s_i = sqrt(lambda_i) on the 0-255 scale (the authors' released code), default;
+#   "eigval01": s_i = lambda_i / 255, i.e. the 0-1-scale variance lambda_i / 255**2
+#               applied to a 0-1 image, expressed on the 0-255 scale (fb.resnet.torch).
+LIGHTING_SCALES = ("sqrt", "eigval01")
+DEFAULT_LIGHTING_SCALE = "sqrt"
+
+# §4.1 Test time: four corners and centre, each with its reflection.
+TEN_CROP = 10
+
+# §3.3 Local response normalisation, exactly as the paper writes it.
+LRN_K = 2.0
+LRN_SIZE = 5
+LRN_ALPHA = 1e-4
+LRN_BETA = 0.75
+
+# §3.4 Overlapping pooling.
+POOL_KERNEL = 3
+POOL_STRIDE = 2
+
+# §4.2 Dropout.
+DROPOUT_P = 0.5
+
+# §5 Details of learning.
+BATCH_SIZE = 128
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+BASE_LR = 0.01
+LR_DROP_FACTOR = 0.1
+LR_DROPS = 3
+EPOCHS = 90
+INIT_WEIGHT_STD = 0.01
+INIT_BIAS_ONE_LAYERS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+
+# §3 Architecture.
+NUM_CLASSES = 1000
+PARAMETER_COUNT_1000 = 60_965_224
+
+# ILSVRC-2012 golden counts.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+IMAGENET_VAL_IMAGES = 50_000
+
+# Widely used ImageNet figures, printed beside ours for orientation only
+# (never used in computation). RGB, 0-255 scale; eigenvectors as columns.
+IMAGENET_REFERENCE_MEAN_RGB = (123.68, 116.28, 103.53)
+IMAGENET_REFERENCE_EIGVAL_01 = (0.2175, 0.0188, 0.0045)  # variances, 0-1 scale
+IMAGENET_REFERENCE_STD_255 = (121.78, 37.09, 19.72)  # sqrt of eigenvalues, 0-255 scale
+IMAGENET_REFERENCE_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
