@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -160,7 +160,7 @@ class Datum:
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, buf: bytes) -> "Datum":
+    def decode(cls, buf: bytes) -> Datum:
         fields: dict[int, Any] = {}
         i = 0
         n = len(buf)
@@ -246,7 +246,7 @@ class Manifest:
         return {"schema_version": d.pop("schema_version"), **d}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Manifest":
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
         splits = {
             name: SplitInfo(
                 num_records=int(s["num_records"]),
@@ -313,13 +313,17 @@ def write_manifest(data_dir: Path, manifest: Manifest) -> Path:
 def read_manifest(data_dir: Path, *, require_complete: bool = True) -> Manifest:
     path = Path(data_dir) / MANIFEST_FILE
     if not path.exists():
-        raise ContractError(f"no dataset at {data_dir}: {MANIFEST_FILE} is missing (run: alexnet-prep build-lmdb SRC --data-dir {data_dir})")
+        raise ContractError(
+            f"no dataset at {data_dir}: {MANIFEST_FILE} is missing (run: alexnet-prep build-lmdb SRC --data-dir {data_dir})"
+        )
     try:
         m = Manifest.from_json(_read_json(path, "manifest"))
     except (KeyError, TypeError, ValueError) as e:
         raise ContractError(f"{path} is not a valid manifest: {e}") from None
     if require_complete and not m.complete:
-        raise ContractError(f"the dataset at {data_dir} is half-built; finish it with: alexnet-prep build-lmdb SRC --data-dir {data_dir}")
+        raise ContractError(
+            f"the dataset at {data_dir} is half-built; finish it with: alexnet-prep build-lmdb SRC --data-dir {data_dir}"
+        )
     return m
 
 
@@ -368,7 +372,9 @@ def write_stats(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> None:
 def read_stats(data_dir: Path) -> Stats:
     path = Path(data_dir) / STATS_FILE
     if not path.exists():
-        raise ContractError(f"{STATS_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})")
+        raise ContractError(
+            f"{STATS_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})"
+        )
     d = _read_json(path, "stats")
     try:
         return Stats(**d)
@@ -379,7 +385,9 @@ def read_stats(data_dir: Path) -> Stats:
 def read_mean_image(data_dir: Path) -> np.ndarray:
     path = Path(data_dir) / MEAN_IMAGE_FILE
     if not path.exists():
-        raise ContractError(f"{MEAN_IMAGE_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})")
+        raise ContractError(
+            f"{MEAN_IMAGE_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})"
+        )
     arr = np.load(path, allow_pickle=False)
     if arr.shape != MEAN_IMAGE_SHAPE or arr.dtype != np.float32:
         raise ContractError(f"{path}: expected float32 {MEAN_IMAGE_SHAPE}, found {arr.dtype} {arr.shape}")

@@ -114,6 +114,10 @@ def version_option(prog: str):
         ctx.exit()
 
     return click.option(
-        "--version", is_flag=True, expose_value=False, is_eager=True, callback=callback,
+        "--version",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=callback,
         help="Show versions (package, active PIL, torch, DALI) and exit.",
     )

@@ -26,7 +26,9 @@ Examples:
 """
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup, lazy_commands=COMMANDS, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @version_option("alexnet-prep")
 def main() -> None:
     """Prepare ImageNet for AlexNet: LMDB shards of shorter-side-256 centre crops, the mean image and RGB PCA."""

@@ -1,0 +1,300 @@
+"""The built-in sample: a small ImageNet-layout tree of procedurally drawn, learnable images.
+
+Each class has its own hue and shape (disc, square, triangle, stripes), drawn at a
+random place and size over a textured, low-saturation background, so a short CPU
+run beats chance clearly. Image sizes and aspect ratios vary (some shorter sides
+below 256, to exercise upscaling). Seeded and deterministic: the same arguments
+write byte-identical files.
+
+Validation labels come in each format the builder accepts (``val_format``):
+
+- ``folders``: ``val/<wnid>/ILSVRC2012_val_%08d.JPEG`` (after the usual "valprep" step)
+- ``kaggle``: the Kaggle copy's tree: ``ILSVRC/Data/CLS-LOC/{train,val}``, flat val,
+  ``LOC_val_solution.csv`` and ``LOC_synset_mapping.txt`` at the root
+- ``devkit``: flat ``val/`` with ``ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt``
+  and ``meta.mat``, whose ILSVRC2012_ID order is *not* the sorted-wnid order
+- ``list``: flat ``val/`` with ``val_list.txt``: ``<path relative to val/> <wnid>`` per line
+
+With ``awkward=True`` the train split also holds the odd files real ImageNet has
+(see ``AWKWARD_KINDS``); the truncated and zero-byte ones must be rejected by the builder.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+# Real ILSVRC-2012 wnids (sorted order is the label order), for real-looking trees.
+REAL_WNIDS = (
+    "n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331",
+    "n01498041", "n01514668", "n01514859", "n01518878", "n02102040", "n02979186",
+    "n03000684", "n03028079", "n03394916", "n03417042", "n03425413", "n03445777",
+    "n03888605",
+)  # fmt: skip
+VAL_FORMATS = ("folders", "kaggle", "devkit", "list")
+SHAPES = ("disc", "square", "triangle", "stripes")
+# kind -> whether the builder keeps it (converted to RGB) or rejects it
+AWKWARD_KINDS = {
+    "cmyk": True,
+    "png_named_jpeg": True,
+    "grayscale": True,
+    "tiny": True,
+    "very_large": True,
+    "exif_rotated": True,
+    "truncated": False,
+    "zero_byte": False,
+}
+DEVKIT_DIR = "ILSVRC2012_devkit_t12/data"
+KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
+INFO_FILE = "sample_info.json"
+
+
+@dataclass
+class SampleInfo:
+    root: str
+    classes: list[str]  # sorted wnids = label order
+    val_format: str
+    train_dir: str
+    val_dir: str
+    train_images: int  # files written under train, awkward ones included
+    val_images: int
+    awkward: dict[str, str] = field(default_factory=dict)  # kind -> path relative to root
+    rejected: list[str] = field(default_factory=list)  # paths (relative to root) a builder must reject
+    val_labels: dict[str, str] = field(default_factory=dict)  # val file name -> wnid
+    seed: int = 0
+
+
+def class_wnids(num_classes: int) -> list[str]:
+    if num_classes < 1:
+        raise ValueError("num_classes must be >= 1")
+    wnids = list(REAL_WNIDS[:num_classes])
+    k = 0
+    while len(wnids) < num_classes:  # beyond the real list: well-formed, deterministic ids
+        wnids.append(f"n{90000000 + 7919 * k:08d}")
+        k += 1
+    return sorted(wnids)
+
+
+def _class_style(label: int, num_classes: int) -> tuple[np.ndarray, str]:
+    hue = label / num_classes  # evenly spaced hues; neighbouring labels also differ in shape
+    rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.9)) * 255.0
+    return rgb, SHAPES[label % len(SHAPES)]
+
+
+def draw_image(
+    label: int, num_classes: int, rng: np.random.Generator, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """One (H, W, 3) uint8 image of a class: its coloured shape over a textured background."""
+    if size is None:
+        short = int(rng.integers(200, 400))
+        aspect = float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 3 / 4, 2 / 3]))
+        w, h = (int(short * aspect), short) if aspect >= 1 else (short, int(short / aspect))
+    else:
+        w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Background: a low-saturation gradient between two random colours, plus texture.
+    c0, c1 = rng.uniform(60, 200, 3), rng.uniform(60, 200, 3)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * xx / max(w, 1) + np.sin(angle) * yy / max(h, 1) + 1) / 2
+    img = c0 + (c1 - c0) * t[..., None]
+    freq = rng.uniform(0.02, 0.08)
+    img += 12 * np.sin(freq * xx + rng.uniform(0, 6))[..., None] * np.cos(freq * yy)[..., None]
+    # Foreground: the class's shape in the class's colour, random place and size.
+    colour, shape = _class_style(label, num_classes)
+    colour = np.clip(colour * rng.uniform(0.8, 1.15), 0, 255)
+    m = min(w, h)
+    r = rng.uniform(0.2, 0.35) * m
+    # Inside the central square, so the stored centre crop always holds the object.
+    cx = rng.uniform((w - m) / 2 + r, (w + m) / 2 - r)
+    cy = rng.uniform((h - m) / 2 + r, (h + m) / 2 - r)
+    dx, dy = xx - cx, yy - cy
+    if shape == "disc":
+        mask = dx * dx + dy * dy <= r * r
+    elif shape == "square":
+        mask = (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    elif shape == "triangle":
+        mask = (dy <= r) & (dy >= -r) & (np.abs(dx) <= (dy + r) / 2)
+    else:  # stripes inside a square
+        mask = (np.abs(dx) <= r) & (np.abs(dy) <= r) & (np.sin(dx * np.pi / (r / 3)) > 0)
+    img[mask] = colour
+    img += rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _jpeg_bytes(arr: np.ndarray, quality: int = 90, mode: str | None = None, exif=None) -> bytes:
+    from PIL import Image
+
+    im = Image.fromarray(arr)
+    if mode:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    kwargs = {"exif": exif} if exif is not None else {}
+    im.save(buf, format="JPEG", quality=quality, **kwargs)
+    return buf.getvalue()
+
+
+def _awkward_bytes(kind: str, label: int, num_classes: int, rng: np.random.Generator) -> bytes:
+    from PIL import Image
+
+    if kind == "cmyk":
+        return _jpeg_bytes(draw_image(label, num_classes, rng), mode="CMYK")
+    if kind == "png_named_jpeg":
+        buf = io.BytesIO()
+        Image.fromarray(draw_image(label, num_classes, rng)).save(buf, format="PNG")
+        return buf.getvalue()
+    if kind == "grayscale":
+        return _jpeg_bytes(draw_image(label, num_classes, rng), mode="L")
+    if kind == "tiny":
+        return _jpeg_bytes(draw_image(label, num_classes, rng, size=(31, 23)))
+    if kind == "very_large":
+        return _jpeg_bytes(draw_image(label, num_classes, rng, size=(4000, 3000)), quality=85)
+    if kind == "exif_rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+        return _jpeg_bytes(draw_image(label, num_classes, rng), exif=exif)
+    if kind == "truncated":
+        data = _jpeg_bytes(draw_image(label, num_classes, rng))
+        return data[: len(data) // 3]
+    if kind == "zero_byte":
+        return b""
+    raise ValueError(f"unknown awkward kind {kind!r}")
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int]) -> None:
+    """A devkit-style ``meta.mat``: struct array ``synsets`` with leaf and internal nodes."""
+    from scipy.io import savemat
+
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
+    leaves = sorted(wnids, key=lambda w: ids[w])  # the devkit lists synsets in ID order
+    n_internal = 2
+    arr = np.zeros((len(leaves) + n_internal, 1), dtype=[(f, "O") for f in fields])
+    for i, w in enumerate(leaves):
+        arr[i, 0] = (ids[w], w, f"class {w}", "a sample class", 0, np.zeros((1, 0)), 0, 0)
+    for j in range(n_internal):  # internal nodes, as the real file has after the 1000 leaves
+        arr[len(leaves) + j, 0] = (len(leaves) + j + 1, f"n0{j:07d}", "internal", "", 1, np.array([[1]]), 1, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"synsets": arr})
+
+
+def make_sample(
+    root: Path,
+    *,
+    num_classes: int = 10,
+    train_per_class: int = 60,
+    val_per_class: int = 10,
+    val_format: str = "folders",
+    awkward: bool = False,
+    seed: int = 0,
+) -> SampleInfo:
+    """Write the sample tree under ``root`` and return what was written."""
+    if val_format not in VAL_FORMATS:
+        raise ValueError(f"val_format must be one of {VAL_FORMATS}")
+    root = Path(root)
+    wnids = class_wnids(num_classes)
+    base = Path(KAGGLE_DATA) if val_format == "kaggle" else Path(".")
+    train_dir, val_dir = base / "train", base / "val"
+    info = SampleInfo(
+        root=str(root), classes=wnids, val_format=val_format, train_dir=train_dir.as_posix(),
+        val_dir=val_dir.as_posix(), train_images=0, val_images=0, seed=seed,
+    )  # fmt: skip
+
+    for label, wnid in enumerate(wnids):
+        for n in range(train_per_class):
+            rng = np.random.default_rng([seed, 0, label, n])
+            _write(root / train_dir / wnid / f"{wnid}_{n}.JPEG", _jpeg_bytes(draw_image(label, num_classes, rng)))
+            info.train_images += 1
+
+    if awkward:
+        for k, (kind, kept) in enumerate(AWKWARD_KINDS.items()):
+            label = k % num_classes
+            wnid = wnids[label]
+            rel = train_dir / wnid / f"{wnid}_{90000 + k}.JPEG"
+            _write(root / rel, _awkward_bytes(kind, label, num_classes, np.random.default_rng([seed, 2, k])))
+            info.awkward[kind] = rel.as_posix()
+            info.train_images += 1
+            if not kept:
+                info.rejected.append(rel.as_posix())
+
+    # Validation: interleave classes as the real set does, then write in the chosen format.
+    order = np.random.default_rng([seed, 1]).permutation(num_classes * val_per_class)
+    val_items = [(int(i) % num_classes, int(i) // num_classes) for i in order]
+    for number, (label, n) in enumerate(val_items, start=1):
+        rng = np.random.default_rng([seed, 1, label, n])
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        sub = Path(wnids[label]) / name if val_format == "folders" else Path(name)
+        _write(root / val_dir / sub, _jpeg_bytes(draw_image(label, num_classes, rng)))
+        info.val_labels[name] = wnids[label]
+        info.val_images += 1
+
+    names = list(info.val_labels)
+    if val_format == "kaggle":
+        lines = ["ImageId,PredictionString"]
+        lines += [f"{Path(nm).stem},{info.val_labels[nm]} 10 10 100 100" for nm in names]
+        (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+        (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
+    elif val_format == "devkit":
+        # ILSVRC2012_IDs in a shuffled order, so that ID order != sorted-wnid order (as in the real devkit).
+        id_order = np.random.default_rng([seed, 3]).permutation(num_classes)
+        if num_classes > 1 and np.all(id_order == np.arange(num_classes)):
+            id_order = np.roll(id_order, 1)
+        ids = {w: int(id_order[i]) + 1 for i, w in enumerate(wnids)}
+        gt = "".join(f"{ids[info.val_labels[nm]]}\n" for nm in names)
+        (root / DEVKIT_DIR).mkdir(parents=True, exist_ok=True)
+        (root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt").write_text(gt)
+        _write_meta_mat(root / DEVKIT_DIR / "meta.mat", wnids, ids)
+    elif val_format == "list":
+        (root / "val_list.txt").write_text("".join(f"{nm} {info.val_labels[nm]}\n" for nm in names))
+
+    (root / INFO_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+    return info
+
+
+@click.command("make-sample", epilog="""\b
+Examples:
+  alexnet-prep make-sample sample/
+  alexnet-prep make-sample sample/ --awkward --val-format devkit
+  alexnet-prep make-sample sample/ --classes 5 --train-per-class 20 --val-per-class 4
+""")  # fmt: skip
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--classes", "num_classes", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--train-per-class", type=click.IntRange(1), default=60, show_default=True)
+@click.option("--val-per-class", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--val-format", type=click.Choice(VAL_FORMATS), default="folders", show_default=True,
+              help="How validation labels are given (each format the builder accepts).")  # fmt: skip
+@click.option("--awkward", is_flag=True, help="Add ImageNet's odd files: CMYK, PNG named .JPEG, grayscale, tiny, "
+              "very large, EXIF-rotated, truncated and zero-byte.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, val_format, awkward, seed) -> None:
+    """Write the built-in sample: a small ImageNet-layout tree of learnable, procedurally drawn images."""
+    from alexnet.pipeline.artifacts import AlexnetError
+
+    if out.exists() and any(out.iterdir()):
+        raise AlexnetError(f"{out} exists and is not empty; choose a new directory")
+    info = make_sample(
+        out, num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+        val_format=val_format, awkward=awkward, seed=seed,
+    )  # fmt: skip
+    click.echo(
+        f"wrote {info.train_images} train and {info.val_images} val images in {len(info.classes)} classes "
+        f"to {out} (val labels: {val_format}{', awkward files: ' + str(len(info.awkward)) if awkward else ''})"
+    )
