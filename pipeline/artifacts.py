@@ -404,6 +404,8 @@ def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
     path = Path(path)
     if readonly and not (path / "data.mdb").exists():
         raise ContractError(f"shard {path} is missing")
+    if not readonly:
+        path.mkdir(parents=True, exist_ok=True)
     return lmdb.open(
         str(path),
         readonly=readonly,

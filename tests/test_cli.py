@@ -1,0 +1,47 @@
+"""Both command-line tools: --help with examples, --version with the active PIL, clean errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from alexnet.tools.cli import main as prep
+from alexnet.tools.pil import pil_info
+
+BIN = Path(sys.executable).parent
+
+
+def test_prep_help_lists_commands_with_examples():
+    r = CliRunner().invoke(prep, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("make-sample", "build-lmdb", "pca-stats", "verify", "preview", "bench-pipeline"):
+        assert cmd in r.output
+    assert "Examples:" in r.output
+
+
+def test_prep_version_reports_pil():
+    r = CliRunner().invoke(prep, ["--version"])
+    assert r.exit_code == 0
+    assert "PIL: pillow-simd" in r.output or "PIL: Pillow" in r.output
+    assert "torch:" in r.output and "nvidia-dali-cuda130:" in r.output
+
+
+def test_pillow_simd_is_the_active_pil():
+    """The set-up must leave pillow-simd active (plain Pillow installed later would shadow it)."""
+    info = pil_info()
+    assert info["simd"], f"plain Pillow {info['version']} shadows pillow-simd"
+    assert ".post" in str(info["version"])
+
+
+def test_console_scripts_installed_and_fast_errors(tmp_path):
+    for script in ("alexnet-prep", "alexnet-train"):
+        r = subprocess.run([str(BIN / script), "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "Examples:" in r.stdout
+    # Bad input: one clear line on stderr, non-zero exit, no traceback.
+    r = subprocess.run([str(BIN / "alexnet-prep"), "pca-stats", "--data-dir", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
