@@ -15,7 +15,7 @@ from alexnet.tools.sample import AWKWARD_KINDS, REAL_WNIDS, VAL_FORMATS, class_w
 def _digest(root):
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if p.is_file():
+        if p.is_file() and p.name != "sample_info.json":  # it records the root path
             h.update(str(p.relative_to(root)).encode())
             h.update(p.read_bytes())
     return h.hexdigest()
