@@ -1,0 +1,82 @@
+"""The main job end to end on the built-in sample (``make demo``).
+
+Runs the same commands a user runs on ImageNet, in order, each printed before it runs:
+make-sample -> build-lmdb -> verify -> pca-stats -> preview -> alexnet-train (CPU) ->
+ten-patch evaluation -> report. Finishes in minutes on a 2-core machine.
+
+    python -m alexnet.tools.demo --out demo [--train-minutes 4]
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# Sized so that the whole demo fits in ~10 minutes on 2 cores and the classes are learnt.
+SAMPLE_ARGS = ("--classes", "10", "--train-per-class", "100", "--val-per-class", "20", "--awkward")
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else name
+
+
+def _run(args: list[str], log: list[str]) -> None:
+    line = " ".join(shlex.quote(a) for a in args)
+    click.secho(f"\n$ {line}", bold=True)
+    log.append(line)
+    t0 = time.monotonic()
+    r = subprocess.run(args)
+    if r.returncode != 0:
+        raise SystemExit(f"demo: step failed with exit status {r.returncode}: {line}")
+    click.echo(f"  ({time.monotonic() - t0:.0f} s)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
+              help="Folder for the sample tree, dataset, run and report.")  # fmt: skip
+@click.option("--train-minutes", type=float, default=4.0, show_default=True, help="CPU training budget.")
+@click.option("--fresh", is_flag=True, help="Delete OUT first (otherwise finished steps are reused).")
+def main(out: Path, train_minutes: float, fresh: bool) -> None:
+    """Run the whole AlexNet path on the built-in sample, on the CPU."""
+    t0 = time.monotonic()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    sample, data, run, report = out / "sample", out / "data", out / "run", out / "report"
+    prep, train = _bin("alexnet-prep"), _bin("alexnet-train")
+    log: list[str] = []
+
+    if not (sample / "sample_info.json").exists():
+        shutil.rmtree(sample, ignore_errors=True)
+        _run([prep, "make-sample", str(sample), *SAMPLE_ARGS], log)
+    _run([prep, "build-lmdb", str(sample), "--data-dir", str(data)], log)
+    _run([prep, "verify", "--data-dir", str(data)], log)
+    _run([prep, "pca-stats", "--data-dir", str(data)], log)
+    _run([prep, "preview", "--data-dir", str(data), "--split", "train", "--n", "16", "--seed", "0",
+          "--out", str(out / "preview.npz")], log)  # fmt: skip
+    train_args = [train, "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu",
+                  "--batch-size", "32", "--time-limit-minutes", str(train_minutes)]  # fmt: skip
+    if (run / "checkpoints" / "last.pt").exists():
+        train_args.append("--resume")
+    _run(train_args, log)
+    _run([train, "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu", "--eval-only", "--ten-crop",
+          "--checkpoint", str(run / "checkpoints" / "last.pt")], log)  # fmt: skip
+    _run([train, "report", str(run), "--out", str(report), "--preview", str(out / "preview.png")], log)
+
+    (out / "commands.txt").write_text("\n".join(log) + "\n")
+    click.secho(f"\ndemo finished in {(time.monotonic() - t0) / 60:.1f} min", bold=True)
+    summary = report / "report.md"
+    if summary.exists():
+        click.echo(summary.read_text())
+    click.echo(f"report: {report}   commands: {out / 'commands.txt'}")
+
+
+if __name__ == "__main__":
+    main()
