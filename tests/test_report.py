@@ -1,0 +1,301 @@
+"""``alexnet-train report``: figures, conv1 kernels per column, colourfulness, summary, CLI errors.
+
+The run directory is built here the way the trainer writes one: a metrics.jsonl, a config.json and
+a real checkpoint (torch.save of the real AlexNet's state dict with conv1 replaced by known kernels:
+column one grey, column two colourful).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import click
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from alexnet.pipeline.cli_common import Group
+from alexnet.trainer import plots, report
+from alexnet.trainer.report import colourfulness, make_report, report_command
+
+NUM_CLASSES = 10
+
+
+def colourfulness_reference(kernels: np.ndarray) -> np.ndarray:
+    """Plain loops over kernels, pixels and channels (the formula in trainer/report.py)."""
+    out = []
+    for k in kernels:
+        c, h, w = k.shape
+        mean_all = sum(float(k[ci, y, x]) for ci in range(c) for y in range(h) for x in range(w)) / (c * h * w)
+        colour = total = 0.0
+        for y in range(h):
+            for x in range(w):
+                grey = sum(float(k[ci, y, x]) for ci in range(c)) / c
+                for ci in range(c):
+                    colour += (float(k[ci, y, x]) - grey) ** 2
+                    total += (float(k[ci, y, x]) - mean_all) ** 2
+        out.append(math.sqrt(colour / total) if total > 0 else 0.0)
+    return np.array(out)
+
+
+def known_conv1(seed: int = 0) -> np.ndarray:
+    """96 kernels: 48 grey (R = G = B) then 48 with independent channels."""
+    rng = np.random.default_rng(seed)
+    grey = np.repeat(rng.normal(0, 0.01, (48, 1, 11, 11)), 3, axis=1)
+    colour = rng.normal(0, 0.01, (48, 3, 11, 11))
+    return np.concatenate([grey, colour]).astype(np.float32)
+
+
+def _state_dict(conv1: np.ndarray) -> dict[str, torch.Tensor]:
+    from alexnet.trainer.model import AlexNet
+
+    state = AlexNet(num_classes=NUM_CLASSES).state_dict()
+    assert state["conv1.weight"].shape == (96, 3, 11, 11)
+    state["conv1.weight"] = torch.from_numpy(conv1)
+    return state
+
+
+def write_run(run, *, with_checkpoint=True, preview=True, conv1=None):
+    run.mkdir(parents=True)
+    lines = []
+    for step in range(0, 200, 10):
+        lines.append({"step": step, "epoch": step / 50, "loss": 2.3 * math.exp(-step / 80) + 0.05,
+                      "lr": 0.01 if step < 150 else 0.001, "images_per_s": 100.0 + step % 7,
+                      "elapsed_s": 0.5 * step})  # fmt: skip
+    for epoch, (t1, t5) in enumerate([(0.8, 0.45), (0.5, 0.2), (0.55, 0.25), (0.4, 0.15)], 1):
+        lines.append({"split": "val", "top1_err": t1, "top5_err": t5, "ten_crop": False,
+                      "step": 50 * epoch, "epoch": epoch})  # fmt: skip
+    lines.append({"split": "val", "top1_err": 0.35, "top5_err": 0.12, "ten_crop": True, "step": 200, "epoch": 4})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (run / "config.json").write_text(json.dumps({"model": {"num_classes": NUM_CLASSES}, "batch_size": 32}))
+    if with_checkpoint:
+        (run / "checkpoints").mkdir()
+        state = _state_dict(known_conv1() if conv1 is None else conv1)
+        torch.save({"model": state, "step": 200, "epoch": 4}, run / "checkpoints" / "last.pt")
+    if preview:
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(run / "preview.png")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_run(tmp_path_factory.mktemp("report") / "run")
+
+
+@pytest.fixture(scope="module")
+def made(run_dir):
+    return make_report(run_dir)
+
+
+def _cli():
+    @click.group(cls=Group)
+    def cli():
+        pass
+
+    cli.add_command(report_command)
+    return cli
+
+
+# ---------------------------------------------------------------- colourfulness
+
+
+def test_colourfulness_matches_numpy_reference():
+    rng = np.random.default_rng(1)
+    k = rng.normal(size=(6, 3, 5, 5))
+    k[1] = np.repeat(k[1, :1], 3, axis=0)  # grey
+    k[2, 0], k[2, 1], k[2, 2] = k[2, 0], -k[2, 0], 0.0  # pure red-green opponent: no grey part
+    k[3] = 0.25  # constant: no contrast at all
+    got = colourfulness(k)
+    np.testing.assert_allclose(got, colourfulness_reference(k), rtol=1e-12, atol=1e-12)
+    assert got[1] == pytest.approx(0.0, abs=1e-12)
+    assert got[2] == pytest.approx(1.0)
+    assert got[3] == 0.0
+    assert np.all((got >= 0) & (got <= 1 + 1e-12))
+    # Invariant to the kernel's scale and offset (it measures shape, not magnitude).
+    np.testing.assert_allclose(colourfulness(3.0 * k[[0, 4, 5]] + 7.0), got[[0, 4, 5]], rtol=1e-9)
+
+
+def test_grey_column_scores_zero_and_colour_column_clearly_higher():
+    w = known_conv1()
+    s = colourfulness(w)
+    grey, colour = s[:48].mean(), s[48:].mean()
+    assert grey == pytest.approx(0.0, abs=1e-6)
+    assert colour > 0.7  # random i.i.d. channels: about sqrt(2/3)
+    assert colour == pytest.approx(report.RANDOM_KERNEL_COLOURFULNESS, abs=0.03)
+    np.testing.assert_allclose(s[:4], colourfulness_reference(w[:4]), atol=1e-6)
+    np.testing.assert_allclose(s[48:52], colourfulness_reference(w[48:52]), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- the report folder
+
+
+def test_report_writes_every_figure(made):
+    assert made.is_dir() and made.name == "report"
+    sizes = {}
+    for name in ("curves", "loss", "error", "lr", "conv1_kernels", "preview"):
+        path = made / f"{name}.png"
+        assert path.is_file(), name
+        with Image.open(path) as im:
+            im.load()
+            sizes[name] = im.size
+            assert im.mode == "RGB"
+            assert np.asarray(im).std() > 5, f"{name}.png is blank"
+    for name in ("loss", "error", "lr"):
+        w, h = sizes[name]
+        assert 400 <= w <= 2000 and 250 <= h <= 1200
+    assert sizes["curves"][0] >= 3 * sizes["loss"][0]
+    assert sizes["preview"] == (64, 48)
+
+
+def _ink_columns(arr: np.ndarray) -> np.ndarray:
+    """Which x columns of the kernel band hold anything but white background."""
+    return (arr != 255).any(axis=(0, 2))
+
+
+def test_kernel_grid_has_two_blocks_grey_then_colour(made):
+    with Image.open(made / "conv1_kernels.png") as im:
+        arr = np.asarray(im.convert("RGB")).astype(int)
+    band = arr[60:-30]  # below the labels, above the footnote: only kernel tiles and frames
+    ink = _ink_columns(band)
+    # Runs of inked columns: exactly two blocks separated by a white gap.
+    edges = np.flatnonzero(np.diff(ink.astype(int)))
+    runs = [(a + 1, b + 1) for a, b in zip(edges[::2], edges[1::2], strict=False)]
+    assert len(runs) == 2, runs
+    (l0, l1), (r0, r1) = runs
+    assert r0 - l1 >= 10  # the gap between the columns
+    assert abs((l1 - l0) - (r1 - r0)) <= 1  # same width
+    # 8 tiles of 11 * 4 pixels per row (plus frames) in each block.
+    assert (l1 - l0) >= 8 * 11 * report.KERNEL_UPSCALE
+    left, right = band[:, l0:l1], band[:, r0:r1]
+    assert np.all(left[..., 0] == left[..., 1]) and np.all(left[..., 1] == left[..., 2])  # grey kernels
+    assert (right[..., 0] != right[..., 1]).mean() > 0.5  # colourful kernels
+
+
+def test_kernel_tiles_are_min_max_normalised_kernels():
+    w = known_conv1(3)
+    img = np.asarray(report.kernel_grid(w))
+    header, s = 44, report.KERNEL_UPSCALE
+    x0 = 12
+    tile = img[header : header + 11 * s : s, x0 : x0 + 11 * s : s]  # kernel 0, one pixel per cell
+    k = w[0].transpose(1, 2, 0).astype(np.float64)
+    expected = np.floor((k - k.min()) / (k.max() - k.min()) * 255 + 0.5)
+    np.testing.assert_array_equal(tile, expected.astype(np.uint8))
+
+
+def test_colourfulness_json_and_summary(made):
+    data = json.loads((made / "colourfulness.json").read_text())
+    ref = colourfulness_reference(known_conv1()[[0, 1, 48, 49]])
+    c1, c2 = data["columns"]
+    assert c1["mean"] == pytest.approx(0.0, abs=1e-6) and c2["mean"] > 0.7
+    assert c1["per_kernel"][:2] == pytest.approx(ref[:2], abs=1e-5)
+    assert c2["per_kernel"][:2] == pytest.approx(ref[2:], abs=1e-5)
+    md = (made / "report.md").read_text()
+    for name in ("curves.png", "conv1_kernels.png", "preview.png", "loss.png", "error.png", "lr.png"):
+        assert name in md
+    assert "](curves.png)" in md and "](conv1_kernels.png)" in md  # relative links that render
+    # Final and best (centre crop), ten patches, chance levels for 10 classes.
+    assert "| val | centre crop | 40.00% | 15.00% | 4 | 40.00% | 15.00% | 4 |" in md
+    assert "| val | ten patches (§4.1) | 35.00% | 12.00% |" in md
+    assert "90.00%" in md and "50.00%" in md
+    assert "training time: 1m 35s" in md  # elapsed_s of the last training line: 95 s
+    assert "images/s" in md and f"{c2['mean']:.3f}" in md
+
+
+def test_eval_rows_final_and_best():
+    evals = [
+        {"split": "val", "top1_err": 60.0, "top5_err": 30.0, "epoch": 1},  # percentages are recognised
+        {"split": "val", "top1_err": 0.5, "top5_err": 0.2, "epoch": 2},
+        {"split": "val", "top1_err": 0.55, "top5_err": 0.25, "epoch": 3},
+    ]
+    (row,) = report.eval_rows(evals)
+    assert (row.final_top1, row.final_epoch) == (0.55, 3)
+    assert (row.best_top1, row.best_top5, row.best_epoch) == (0.5, 0.2, 2)
+    assert row.points == 3 and not row.ten_crop
+
+
+def test_missing_checkpoint_still_reports(tmp_path):
+    run = write_run(tmp_path / "run", with_checkpoint=False, preview=False)
+    out = make_report(run, tmp_path / "out")
+    assert (out / "curves.png").is_file() and (out / "report.md").is_file()
+    assert not (out / "conv1_kernels.png").exists()
+    md = (out / "report.md").read_text()
+    assert "no checkpoint" in md and "no preview sheet" in md
+    assert "90.00%" in md  # num_classes from config.json
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_report_prints_scores_and_writes_to_out(run_dir, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(sheet)
+    r = CliRunner().invoke(_cli(), ["report", str(run_dir), "--out", str(tmp_path / "r"), "--preview", str(sheet)])
+    assert r.exit_code == 0, r.output
+    assert "conv1 colourfulness: column one 0.000, column two 0." in r.output
+    assert "val centre crop: top-1 error 40.00%" in r.output
+    assert "chance: top-1 error 90.00% (10 classes)" in r.output
+    with Image.open(tmp_path / "r" / "preview.png") as im:
+        assert im.size == (32, 32)  # the given sheet, not the run's own preview.png
+
+
+def test_cli_help_has_examples():
+    r = CliRunner().invoke(_cli(), ["report", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.output and "--out" in r.output
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "run directory"),
+        (lambda p: p.mkdir(), "no metrics.jsonl"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')), "metrics.jsonl:2"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("\n")), "no metrics lines"),
+    ],
+    ids=["missing-run-dir", "missing-metrics", "bad-line", "empty-metrics"],
+)
+def test_cli_bad_input_is_one_clear_line(tmp_path, setup, message):
+    run = tmp_path / "run"
+    setup(run)
+    r = CliRunner().invoke(_cli(), ["report", str(run)])
+    assert r.exit_code == 1
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_unreadable_checkpoint_is_one_clear_line(tmp_path):
+    run = write_run(tmp_path / "run", with_checkpoint=False, preview=False)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    r = CliRunner().invoke(_cli(), ["report", str(run)])
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error: cannot read checkpoint") and len(r.output.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the PIL plot helper
+
+
+def test_nice_ticks():
+    assert plots.nice_ticks(0, 100) == [0, 20, 40, 60, 80, 100]
+    assert plots.nice_ticks(0.3, 2.4) == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    t = plots.nice_ticks(-3.2, 7.9)
+    steps = np.diff(t)
+    assert np.allclose(steps, steps[0]) and t[0] >= -3.2 and t[-1] <= 7.9
+    assert plots.format_tick(0.001) == "0.001" and plots.format_tick(1e-4) == "1e-4"
+
+
+def test_line_plot_skips_non_finite_and_handles_no_data():
+    axes = plots.Axes("t", "x", "y", size=(320, 240))
+    img = plots.line_plot([plots.Series("a", [0, 1, 2, 3], [1.0, float("nan"), float("inf"), 2.0])], axes)
+    assert img.size == (320, 240)
+    blank = plots.line_plot([plots.Series("a", [], [])], axes)
+    assert blank.size == (320, 240)
+    # A series in red shows up as red pixels; the empty plot has none.
+    red = plots.line_plot([plots.Series("r", [0, 1], [0, 1], color=(255, 0, 0))], axes)
+    arr = np.asarray(red).astype(int)
+    assert ((arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] < 60)).sum() > 50
+    arr = np.asarray(blank).astype(int)
+    assert ((arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] < 60)).sum() == 0

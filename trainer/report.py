@@ -1,0 +1,610 @@
+"""``alexnet-train report RUN_DIR``: the figures and summary users look at, for any run (CPU or GPU).
+
+Reads from a run directory:
+  - ``metrics.jsonl``: one JSON object per line. Training lines have ``step``, ``epoch``, ``loss``,
+    ``lr``, ``images_per_s`` (optionally ``elapsed_s``, seconds since the run started, or ``time``,
+    a Unix time). Evaluation lines have ``split``, ``top1_err``, ``top5_err`` (fractions; percentages
+    are recognised when a value exceeds 1), ``ten_crop`` (bool), ``step``, ``epoch``. An optional
+    ``kind`` field ("train"/"eval") overrides the guess made from the keys.
+  - ``config.json`` (optional): the resolved run config; ``num_classes`` is looked up in it.
+  - ``checkpoints/last.pt``: ``torch.load(weights_only=True)``; the state dict under ``"model"``
+    (or ``"state_dict"``, or the file is the state dict itself). conv1's weight is the key ending in
+    ``conv1.weight`` ([96, 3, 11, 11]: kernels 0-47 are column one, 48-95 column two, §3.2), or two
+    such keys of 48 kernels each, one per column, taken in key order.
+
+Writes into the report folder (default ``RUN_DIR/report``): ``curves.png`` (the three panels side by
+side) and ``loss.png``, ``error.png``, ``lr.png``; ``conv1_kernels.png`` (Figure 3's layout, one
+block per column); ``colourfulness.json``; ``preview.png`` (a copy of the augmentation preview
+sheet, when there is one); and ``report.md``.
+
+Colourfulness of a conv1 kernel w (3 x 11 x 11, RGB), with g(y,x) = mean_c w(c,y,x) its grey part
+and w̄ the mean of all its values:
+
+    colourfulness(w) = sqrt( Σ_c,y,x (w(c,y,x) − g(y,x))² / Σ_c,y,x (w(c,y,x) − w̄)² )
+
+the share (as an RMS ratio, 0..1) of the kernel's contrast that lies in colour differences rather
+than in luminance: 0 for a grey kernel (R = G = B), 1 for a purely colour-opponent one. The two sums
+split the kernel's energy into orthogonal grey and colour parts, so the ratio never exceeds 1.
+Random N(0, σ²) kernels (the §5 initialisation) score about sqrt(2/3) ≈ 0.82. A column's score is
+the mean over its kernels. On ImageNet the paper observes column one's kernels becoming largely
+colour-agnostic and column two's colour-specific (§3.2, Figure 3): column one should score lower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from alexnet.pipeline.artifacts import AlexnetError
+
+from .plots import Axes, Series, font, hstack, line_plot, text_size
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+PREVIEW_FILE = "preview.png"
+REPORT_DIR = "report"
+
+KERNEL_GRID_COLS = 8  # Figure 3: 48 kernels per column as 6 rows of 8
+KERNEL_UPSCALE = 4  # 11x11 kernels drawn 44x44, nearest neighbour
+RANDOM_KERNEL_COLOURFULNESS = math.sqrt(2 / 3)  # expected score of i.i.d. Gaussian kernels
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _is_eval(rec: dict[str, Any]) -> bool:
+    kind = rec.get("kind")
+    if kind is not None:
+        return kind == "eval"
+    return "top1_err" in rec or "split" in rec
+
+
+def read_metrics(path: Path) -> Metrics:
+    if not path.is_file():
+        raise AlexnetError(f"no {path.name} in {path.parent} (is this a run directory written by alexnet-train?)")
+    m = Metrics()
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AlexnetError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise AlexnetError(f"{path}:{lineno}: expected a JSON object")
+            (m.evals if _is_eval(rec) else m.train).append(rec)
+    if not m.train and not m.evals:
+        raise AlexnetError(f"{path} has no metrics lines yet")
+    return m
+
+
+def read_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise AlexnetError(f"{path}: not valid JSON ({e.msg})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    """The first value of ``key`` in a nested dict/list, breadth-first."""
+    queue = [obj]
+    while queue:
+        cur = queue.pop(0)
+        if isinstance(cur, dict):
+            if key in cur:
+                return cur[key]
+            queue.extend(cur.values())
+        elif isinstance(cur, list):
+            queue.extend(cur)
+    return None
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def conv1_weights(state: dict[str, Any]) -> np.ndarray:
+    """conv1's kernels as float64 [N, 3, kh, kw], column one first (§3.2)."""
+    keys = sorted(k for k, v in state.items() if k.endswith("conv1.weight") and getattr(v, "ndim", 0) == 4)
+    if not keys:
+        raise AlexnetError("checkpoint has no conv1.weight (keys: " + ", ".join(list(state)[:8]) + ", ...)")
+    parts = [state[k].detach().cpu().double().numpy() for k in keys[:2]]
+    w = np.concatenate(parts, axis=0)
+    if w.shape[1] != 3 or w.shape[0] % 2:
+        raise AlexnetError(f"conv1.weight has shape {list(w.shape)}; expected [2n, 3, k, k] (two columns, RGB)")
+    return w
+
+
+def num_classes_from_state(state: dict[str, Any]) -> int | None:
+    keys = [k for k in state if k.endswith("fc8.weight")]
+    if keys:
+        return int(state[keys[0]].shape[0])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# numbers
+# --------------------------------------------------------------------------------------------
+
+
+def colourfulness(kernels: np.ndarray) -> np.ndarray:
+    """Per-kernel colourfulness of [N, 3, h, w] kernels (formula in the module docstring)."""
+    k = np.asarray(kernels, dtype=np.float64)
+    grey = k.mean(axis=1, keepdims=True)
+    colour = ((k - grey) ** 2).sum(axis=(1, 2, 3))
+    total = ((k - k.mean(axis=(1, 2, 3), keepdims=True)) ** 2).sum(axis=(1, 2, 3))
+    out = np.zeros(len(k))
+    nz = total > 1e-30
+    out[nz] = np.sqrt(colour[nz] / total[nz])
+    return out
+
+
+def _fraction(v: Any) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v / 100.0 if v > 1.0 else v
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    split: str
+    ten_crop: bool
+    final_top1: float
+    final_top5: float | None
+    final_epoch: Any
+    best_top1: float
+    best_top5: float | None
+    best_epoch: Any
+    points: int
+
+
+def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
+    groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
+    for rec in evals:
+        if rec.get("top1_err") is None:
+            continue
+        groups.setdefault((str(rec.get("split", "val")), bool(rec.get("ten_crop", False))), []).append(rec)
+    rows = []
+    for (split, ten), recs in groups.items():
+        last = recs[-1]
+        best = min(recs, key=lambda r: _fraction(r["top1_err"]))
+        rows.append(
+            EvalRow(
+                split=split,
+                ten_crop=ten,
+                final_top1=_fraction(last["top1_err"]),
+                final_top5=_fraction(last.get("top5_err")),
+                final_epoch=last.get("epoch"),
+                best_top1=_fraction(best["top1_err"]),
+                best_top5=_fraction(best.get("top5_err")),
+                best_epoch=best.get("epoch"),
+                points=len(recs),
+            )
+        )
+    rows.sort(key=lambda r: (r.split != "val", r.split, r.ten_crop))
+    return rows
+
+
+def training_time_s(train: list[dict[str, Any]]) -> float | None:
+    elapsed = [float(r["elapsed_s"]) for r in train if r.get("elapsed_s") is not None]
+    if elapsed:
+        return max(elapsed)
+    times = [float(r["time"]) for r in train if r.get("time") is not None]
+    if len(times) >= 2:
+        return max(times) - min(times)
+    return None
+
+
+def _finite(values: Iterable[Any]) -> list[float]:
+    out = []
+    for v in values:
+        if v is None:
+            continue
+        v = float(v)
+        if math.isfinite(v):
+            out.append(v)
+    return out
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    if window <= 1 or len(values) < 2:
+        return list(values)
+    c = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
+    out = []
+    for i in range(len(values)):
+        lo = max(0, i - window + 1)
+        out.append((c[i + 1] - c[lo]) / (i + 1 - lo))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------
+
+
+def curve_figures(metrics: Metrics, num_classes: int | None) -> dict[str, Any]:
+    """``{"loss": Image, "error": Image, "lr": Image}``."""
+    tr = [r for r in metrics.train if r.get("step") is not None]
+    steps = [r["step"] for r in tr]
+    losses = [r.get("loss") for r in tr]
+    finite = [(s, v) for s, v in zip(steps, losses, strict=True) if v is not None and math.isfinite(float(v))]
+    loss_series = [Series("loss (logged)", steps, losses, color=(160, 190, 220), width=1)]
+    if len(finite) >= 10:
+        window = max(len(finite) // 20, 2)
+        xs = [s for s, _ in finite]
+        loss_series.append(Series(f"moving average ({window})", xs, moving_average([v for _, v in finite], window)))
+    loss = line_plot(loss_series, Axes("Training loss", "step", "cross-entropy loss"))
+
+    err_series = []
+    split = "val" if any(r.get("split", "val") == "val" for r in metrics.evals) else None
+    if split is None and metrics.evals:
+        split = str(metrics.evals[0].get("split"))
+    for ten, tag, dashed in ((False, "centre", False), (True, "ten-patch", True)):
+        recs = [
+            r
+            for r in metrics.evals
+            if str(r.get("split", "val")) == split and bool(r.get("ten_crop", False)) == ten
+            and r.get("top1_err") is not None
+        ]  # fmt: skip
+        if not recs:
+            continue
+        xs = [r.get("epoch", r.get("step")) for r in recs]
+        for name, key, colour in (("top-1", "top1_err", (0, 114, 178)), ("top-5", "top5_err", (213, 94, 0))):
+            ys = [None if r.get(key) is None else 100 * _fraction(r[key]) for r in recs]
+            err_series.append(Series(f"{name} {tag}", xs, ys, color=colour, markers=True, dashed=dashed))
+    hlines = []
+    if num_classes:
+        hlines.append((100 * (1 - 1 / num_classes), "chance top-1"))
+        if num_classes > 5:
+            hlines.append((100 * (1 - 5 / num_classes), "chance top-5"))
+    error = line_plot(
+        err_series,
+        Axes(f"{split or 'validation'} error", "epoch", "error (%)", ylim=(0.0, 100.0), hlines=tuple(hlines)),
+    )
+
+    lrs = [r.get("lr") for r in tr]
+    lr = line_plot([Series("learning rate", steps, lrs, color=(0, 158, 115))],
+                   Axes("Learning rate", "step", "learning rate (log scale)", logy=True))  # fmt: skip
+    return {"loss": loss, "error": error, "lr": lr}
+
+
+def kernel_grid(weights: np.ndarray, scores: np.ndarray | None = None):
+    """Figure 3's layout: one block per column (kernels 0..n/2-1, n/2..n-1), 8 kernels per row.
+
+    Each kernel is min-max normalised over all three channels together (so its colours keep their
+    relative strength) and upscaled with nearest neighbour.
+    """
+    from PIL import Image, ImageDraw
+
+    w = np.asarray(weights, dtype=np.float64)
+    n, _, kh, kw = w.shape
+    half = n // 2
+    lo = w.min(axis=(1, 2, 3), keepdims=True)
+    span = w.max(axis=(1, 2, 3), keepdims=True) - lo
+    norm = np.where(span > 0, (w - lo) / np.where(span > 0, span, 1.0), 0.5)
+    tiles = (norm.transpose(0, 2, 3, 1) * 255.0 + 0.5).astype(np.uint8)  # [N, kh, kw, RGB]
+
+    s, gap = KERNEL_UPSCALE, 2
+    cols = min(KERNEL_GRID_COLS, half)
+    rows = math.ceil(half / cols)
+    tile_w, tile_h = kw * s, kh * s
+    block_w, block_h = cols * tile_w + (cols - 1) * gap, rows * tile_h + (rows - 1) * gap
+    margin, between, header = 12, 28, 44
+    W = 2 * block_w + between + 2 * margin
+    H = header + block_h + margin + 18
+    img = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    title = f"conv1: {n} kernels of {kh}x{kw}x3 (paper Figure 3: one block per column)"
+    draw.text((margin, 4), title, font=font(13), fill=(30, 30, 30))
+    for c in range(2):
+        x0 = margin + c * (block_w + between)
+        label = f"column {c + 1} (kernels {c * half}-{(c + 1) * half - 1})"
+        if scores is not None:
+            label += f"   colourfulness {float(np.mean(scores[c * half : (c + 1) * half])):.3f}"
+        draw.text((x0, 24), label, font=font(12), fill=(30, 30, 30))
+        draw.rectangle([x0 - 2, header - 2, x0 + block_w + 1, header + block_h + 1], fill=(60, 60, 60))
+        for i in range(half):
+            r, q = divmod(i, cols)
+            tile = Image.fromarray(tiles[c * half + i], "RGB").resize((tile_w, tile_h), Image.NEAREST)
+            img.paste(tile, (x0 + q * (tile_w + gap), header + r * (tile_h + gap)))
+    note = "each kernel min-max normalised over its three channels; nearest-neighbour upscaling x4"
+    nw, _ = text_size(draw, note, font(11))
+    draw.text((W - margin - nw, H - 16), note, font=font(11), fill=(110, 110, 110))
+    return img
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReportResult:
+    out_dir: Path
+    images: dict[str, Path]
+    rows: list[EvalRow]
+    num_classes: int | None
+    column_scores: tuple[float, float] | None
+    training_time_s: float | None
+    images_per_s: float | None
+    notes: list[str]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    # Replace-by-rename so a reader never sees half a file; unlike artifacts.atomic_write_bytes
+    # (mkstemp, mode 0600) the report's files get the umask's permissions, for sharing.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def _save_png(img, path: Path) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return _write(path, buf.getvalue())
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.2f}%"
+
+
+def _duration(s: float | None) -> str:
+    if s is None:
+        return "not recorded"
+    h, rem = divmod(int(round(s)), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h {m:02d}m {sec:02d}s ({s:,.0f} s)" if h else f"{m}m {sec:02d}s ({s:,.0f} s)"
+
+
+def build_report(
+    run_dir: Path,
+    out_dir: Path | None = None,
+    preview_png: Path | None = None,
+    checkpoint: Path | None = None,
+) -> ReportResult:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AlexnetError(f"run directory {run_dir} does not exist")
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    config = read_config(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    if preview_png is not None and not Path(preview_png).is_file():
+        raise AlexnetError(f"preview sheet {preview_png} does not exist (alexnet-prep preview writes one)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+
+    # Checkpoint: conv1 kernels and, failing the config, the number of classes.
+    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
+    state = None
+    if ckpt_path.is_file():
+        state = load_state_dict(ckpt_path)
+    elif checkpoint is not None:
+        raise AlexnetError(f"checkpoint {ckpt_path} does not exist")
+    else:
+        notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
+
+    num_classes = _find_key(config, "num_classes")
+    if num_classes is None and state is not None:
+        num_classes = num_classes_from_state(state)
+    num_classes = int(num_classes) if num_classes else None
+
+    images: dict[str, Path] = {}
+    figs = curve_figures(metrics, num_classes)
+    for name, img in figs.items():
+        images[name] = _save_png(img, out_dir / f"{name}.png")
+    images["curves"] = _save_png(hstack([figs["loss"], figs["error"], figs["lr"]]), out_dir / "curves.png")
+
+    column_scores = None
+    if state is not None:
+        w = conv1_weights(state)
+        scores = colourfulness(w)
+        half = len(w) // 2
+        column_scores = (float(scores[:half].mean()), float(scores[half:].mean()))
+        images["conv1_kernels"] = _save_png(kernel_grid(w, scores), out_dir / "conv1_kernels.png")
+        _write(
+            out_dir / "colourfulness.json",
+            json.dumps(
+                {
+                    "formula": "sqrt(sum_cyx (w - mean_c w)^2 / sum_cyx (w - mean w)^2) per kernel; column = mean",
+                    "random_kernel_expectation": RANDOM_KERNEL_COLOURFULNESS,
+                    "checkpoint": str(ckpt_path),
+                    "columns": [
+                        {
+                            "column": c + 1,
+                            "kernels": [c * half, (c + 1) * half - 1],
+                            "mean": column_scores[c],
+                            "per_kernel": [round(float(v), 6) for v in scores[c * half : (c + 1) * half]],
+                        }
+                        for c in range(2)
+                    ],
+                },
+                indent=2,
+            ).encode(),
+        )
+
+    preview_src = Path(preview_png) if preview_png is not None else run_dir / PREVIEW_FILE
+    if preview_src.is_file():
+        dest = out_dir / PREVIEW_FILE
+        if preview_src.resolve() != dest.resolve():
+            shutil.copyfile(preview_src, dest)
+        images["preview"] = dest
+    else:
+        notes.append("no preview sheet (alexnet-prep preview --out preview.npz writes one; pass --preview)")
+
+    ips = _finite(r.get("images_per_s") for r in metrics.train)
+    result = ReportResult(
+        out_dir=out_dir,
+        images=images,
+        rows=eval_rows(metrics.evals),
+        num_classes=num_classes,
+        column_scores=column_scores,
+        training_time_s=training_time_s(metrics.train),
+        images_per_s=statistics.median(ips) if ips else None,
+        notes=notes,
+    )
+    _write(out_dir / "report.md", render_markdown(result, run_dir, metrics, config).encode())
+    return result
+
+
+def make_report(run_dir: Path, out_dir: Path | None = None, preview_png: Path | None = None) -> Path:
+    """Write the report folder for ``run_dir``; returns the folder (``report.md`` inside)."""
+    return build_report(run_dir, out_dir, preview_png).out_dir
+
+
+def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: dict[str, Any]) -> str:
+    def rel(p: Path) -> str:
+        return p.relative_to(res.out_dir).as_posix() if p.is_relative_to(res.out_dir) else str(p)
+
+    lines = [f"# Training report: `{run_dir.resolve().name}`", "", f"Run directory: `{run_dir}`", ""]
+    lines += ["## Accuracy", ""]
+    if res.rows:
+        lines += ["| split | test | final top-1 err | final top-5 err | at epoch | best top-1 err | best top-5 err | at epoch |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for r in res.rows:
+            test = "ten patches (§4.1)" if r.ten_crop else "centre crop"
+            lines.append(
+                f"| {r.split} | {test} | {_pct(r.final_top1)} | {_pct(r.final_top5)} | {r.final_epoch} "
+                f"| {_pct(r.best_top1)} | {_pct(r.best_top5)} | {r.best_epoch} |"
+            )
+    else:
+        lines.append("No evaluation lines in metrics.jsonl yet.")
+    if res.num_classes:
+        c = res.num_classes
+        top5 = f", top-5 error 1 − 5/{c} = {_pct(1 - 5 / c)}" if c > 5 else ""
+        lines += ["", f"Chance level with {c} classes: top-1 error 1 − 1/{c} = {_pct(1 - 1 / c)}{top5}."]
+    lines += ["", "Paper (ILSVRC-2012 val, one CNN, ten patches): 40.7% top-1, 18.2% top-5 error.", ""]
+
+    tr = metrics.train
+    lines += ["## Training", ""]
+    steps = [r["step"] for r in tr if r.get("step") is not None]
+    epochs = _finite(r.get("epoch") for r in tr)
+    losses = _finite(r.get("loss") for r in tr)
+    lrs = _finite(r.get("lr") for r in tr)
+    lines.append(f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}")
+    lines.append(f"- training time: {_duration(res.training_time_s)}")
+    ips = "–" if res.images_per_s is None else f"{res.images_per_s:,.1f}"
+    lines.append(f"- images/s (median of logged intervals): {ips}")
+    if losses:
+        lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    if lrs:
+        lines.append(f"- learning rate: first {lrs[0]:g}, last {lrs[-1]:g}")
+    for key in ("batch_size", "gpus", "device"):
+        v = _find_key(config, key)
+        if v is not None:
+            lines.append(f"- {key}: {v}")
+    lines += ["", "## Figures", ""]
+    captions = {
+        "curves": "Training curves: loss, error, learning rate",
+        "loss": "Training loss",
+        "error": "Top-1 / top-5 error (centre crop solid, ten patches dashed; chance dotted)",
+        "lr": "Learning rate",
+        "conv1_kernels": "conv1 kernels, one block per column (paper Figure 3)",
+        "preview": "Augmentation preview: the batch the network sees",
+    }
+    for key in ("curves", "conv1_kernels", "preview"):
+        if key in res.images:
+            lines += [f"![{captions[key]}]({rel(res.images[key])})", ""]
+    lines.append("All images in this folder:")
+    lines.append("")
+    for key, p in res.images.items():
+        lines.append(f"- `{rel(p)}`: {captions[key]}")
+    lines.append("")
+    if res.column_scores is not None:
+        c1, c2 = res.column_scores
+        lines += [
+            "## conv1 colourfulness per column",
+            "",
+            "| column | kernels | colourfulness |",
+            "|---|---|---|",
+            f"| one | first half | {c1:.3f} |",
+            f"| two | second half | {c2:.3f} |",
+            "",
+            "Colourfulness of a kernel w (RGB): sqrt(Σ (w − grey)² / Σ (w − mean)²), where grey is the mean over",
+            "the three channels at each pixel: the share of the kernel's contrast in colour differences",
+            f"(0 = grey, 1 = purely colour-opponent; random initial kernels ≈ {RANDOM_KERNEL_COLOURFULNESS:.2f}).",
+            "On ImageNet the paper's column one becomes largely colour-agnostic and column two colour-specific",
+            "(§3.2, Figure 3), i.e. column one scores lower. Per-kernel values: `colourfulness.json`.",
+            "",
+        ]
+    if res.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+EPILOG = """\b
+Examples:
+  alexnet-train report runs/alexnet              # -> runs/alexnet/report/report.md and PNGs
+  alexnet-train report runs/alexnet --out /tmp/r --preview demo/preview.png
+  alexnet-train report runs/alexnet --checkpoint runs/alexnet/checkpoints/best.pt
+"""
+
+
+@click.command("report", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Report folder.  [default: RUN_DIR/report]")  # fmt: skip
+@click.option("--preview", "preview_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Augmentation preview sheet to include.  [default: RUN_DIR/preview.png if present]")  # fmt: skip
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint for the conv1 kernels.  [default: RUN_DIR/checkpoints/last.pt]")  # fmt: skip
+def report_command(run_dir: Path, out_dir: Path | None, preview_png: Path | None, checkpoint: Path | None) -> None:
+    """Training curves, conv1 kernels per column (Figure 3) and a markdown summary for RUN_DIR."""
+    res = build_report(run_dir, out_dir, preview_png, checkpoint)
+    for r in res.rows:
+        test = "ten patches" if r.ten_crop else "centre crop"
+        click.echo(f"{r.split} {test}: top-1 error {_pct(r.final_top1)}, top-5 error {_pct(r.final_top5)} "
+                   f"(best top-1 {_pct(r.best_top1)} at epoch {r.best_epoch})")  # fmt: skip
+    if res.num_classes:
+        click.echo(f"chance: top-1 error {_pct(1 - 1 / res.num_classes)} ({res.num_classes} classes)")
+    if res.column_scores is not None:
+        click.echo(f"conv1 colourfulness: column one {res.column_scores[0]:.3f}, column two {res.column_scores[1]:.3f}")
+    for note in res.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"report: {res.out_dir / 'report.md'} ({len(res.images)} images)")
