@@ -1,0 +1,385 @@
+"""The 2012 network: sizes, §3.3 normalisation against the formula, the three placements, init, state dicts."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.trainer.model import AlexNet, LocalResponseNorm, count_parameters, parse_gpus
+
+CPU = torch.device("cpu")
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (one per column)")
+ONE_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _model(seed=0, num_classes=10, devices=None):
+    torch.manual_seed(seed)
+    return AlexNet(num_classes=num_classes, devices=devices)
+
+
+@pytest.fixture(scope="module")
+def grouped():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, C.CROP_SIZE, C.CROP_SIZE, generator=torch.Generator().manual_seed(1)) * 50
+
+
+def _round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+# --------------------------------------------------------------------------- reference implementations
+
+
+def lrn_numpy(a: np.ndarray, block: int | None = None) -> np.ndarray:
+    """§3.3 written as a loop, float64; the sum stays within blocks of ``block`` maps (one column)."""
+    a = a.astype(np.float64)
+    n_maps = a.shape[1]
+    block = block or n_maps
+    half = C.LRN_SIZE // 2
+    b = np.empty_like(a)
+    for start in range(0, n_maps, block):
+        for i in range(block):
+            lo, hi = max(0, i - half), min(block - 1, i + half)
+            s = sum(a[:, start + j] ** 2 for j in range(lo, hi + 1))
+            b[:, start + i] = a[:, start + i] / (C.LRN_K + C.LRN_ALPHA * s) ** C.LRN_BETA
+    return b
+
+
+def reference_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
+    """The network in eval mode written out from the canonical state dict (grouped weights, §3.2)."""
+
+    def lrn(t, block):
+        return torch.from_numpy(lrn_numpy(t.numpy(), block)).to(t.dtype)
+
+    def pool(t):
+        return F.max_pool2d(t, 3, 2)
+
+    h = F.relu(F.conv2d(x, sd["conv1.weight"], sd["conv1.bias"], stride=4, padding=2))
+    h = pool(lrn(h, 48))
+    h = pool(lrn(F.relu(F.conv2d(h, sd["conv2.weight"], sd["conv2.bias"], padding=2, groups=2)), 128))
+    h = F.relu(F.conv2d(h, sd["conv3.weight"], sd["conv3.bias"], padding=1))
+    h = F.relu(F.conv2d(h, sd["conv4.weight"], sd["conv4.bias"], padding=1, groups=2))
+    h = pool(F.relu(F.conv2d(h, sd["conv5.weight"], sd["conv5.bias"], padding=1, groups=2)))
+    h = F.relu(F.linear(h.flatten(1), sd["fc6.weight"], sd["fc6.bias"]))
+    h = F.relu(F.linear(h, sd["fc7.weight"], sd["fc7.bias"]))
+    return F.linear(h, sd["fc8.weight"], sd["fc8.bias"])
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def test_parameter_count_and_canonical_layout():
+    model = AlexNet()
+    assert count_parameters(model) == C.PARAMETER_COUNT_1000
+    conv = sum(p.numel() for n, p in model.named_parameters() if n.startswith("conv"))
+    assert conv == 2_334_080  # ALEXNET.md: conv 2,334,080; fc 58,631,144
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "conv1.weight": (96, 3, 11, 11), "conv1.bias": (96,),
+        "conv2.weight": (256, 48, 5, 5), "conv2.bias": (256,),
+        "conv3.weight": (384, 256, 3, 3), "conv3.bias": (384,),
+        "conv4.weight": (384, 192, 3, 3), "conv4.bias": (384,),
+        "conv5.weight": (256, 192, 3, 3), "conv5.bias": (256,),
+        "fc6.weight": (4096, 9216), "fc6.bias": (4096,),
+        "fc7.weight": (4096, 4096), "fc7.bias": (4096,),
+        "fc8.weight": (1000, 4096), "fc8.bias": (1000,),
+    }  # fmt: skip
+    assert model.canonical_shapes() == {k: torch.Size(v) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["grouped", "split"])
+def test_stage_sizes(devices, images):
+    model = _model(devices=devices).eval()
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            outs = output if isinstance(output, list) else [output]
+            seen.setdefault(name, []).append([tuple(o.shape[1:]) for o in outs])
+
+        return hook
+
+    for name in ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5"):
+        getattr(model, name).register_forward_hook(record(name))
+    assert model(images).shape == (2, 10)
+    maps = {name: sum(s[0] for call in calls for s in call) for name, calls in seen.items()}
+    sizes = {name: {s[1] for call in calls for s in call} for name, calls in seen.items()}
+    assert sizes == {
+        "conv1": {55}, "pool1": {27}, "conv2": {27}, "pool2": {13},
+        "conv3": {13}, "conv4": {13}, "conv5": {13}, "pool5": {6},
+    }  # fmt: skip
+    assert maps == {
+        "conv1": 96, "pool1": 96, "conv2": 256, "pool2": 256, "conv3": 384, "conv4": 384, "conv5": 256, "pool5": 256,
+    }  # fmt: skip
+    if devices:  # split: every stage ran once per column, half of the maps each
+        assert all(len(calls) == 1 and len(calls[0]) == 2 for n, calls in seen.items() if n.startswith("conv"))
+        assert seen["pool5"] == [[(128, 6, 6)], [(128, 6, 6)]]
+
+
+# --------------------------------------------------------------------------- §3.3 normalisation
+
+
+@pytest.mark.parametrize(("channels", "block"), [(7, None), (12, 4), (96, 48)])
+def test_lrn_matches_numpy_formula(channels, block):
+    rng = np.random.default_rng(channels)
+    # Magnitudes up to ~100 so that alpha * sum(a^2) is comparable to k and the window matters.
+    a = rng.normal(0.0, 40.0, size=(2, channels, 5, 4))
+    out = LocalResponseNorm(group_size=block)(torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(out, lrn_numpy(a, block), rtol=1e-12, atol=0)
+    assert not np.allclose(out, a / C.LRN_K**C.LRN_BETA, rtol=1e-3)  # the neighbours really count
+
+
+def test_norm1_is_per_column_formula(grouped):
+    a = np.random.default_rng(3).normal(0.0, 60.0, size=(1, 96, 6, 6))
+    out = grouped.norm1(torch.from_numpy(a)).numpy()
+    np.testing.assert_allclose(out, lrn_numpy(a, 48), rtol=1e-12)
+    # Across the column boundary (maps 47/48) the sum does not reach over.
+    assert not np.allclose(out, lrn_numpy(a, None), rtol=1e-6)
+
+
+def test_lrn_alpha_not_divided_by_n():
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64) * 50
+    ours = LocalResponseNorm()(x)
+    # torch's module divides alpha by n: giving it n * alpha is the paper's formula.
+    torch_form = torch.nn.LocalResponseNorm(C.LRN_SIZE, C.LRN_SIZE * C.LRN_ALPHA, C.LRN_BETA, C.LRN_K)(x)
+    torch.testing.assert_close(ours, torch_form, rtol=1e-12, atol=0)
+    plain_torch = torch.nn.LocalResponseNorm(C.LRN_SIZE, C.LRN_ALPHA, C.LRN_BETA, C.LRN_K)(x)
+    assert not torch.allclose(ours, plain_torch, rtol=1e-4)
+
+
+def test_lrn_channels_last_and_bf16_autocast():
+    x = (torch.randn(2, 96, 9, 9) * 40).contiguous(memory_format=torch.channels_last)
+    norm = LocalResponseNorm(group_size=48)
+    expected = torch.from_numpy(lrn_numpy(x.numpy(), 48)).float()
+    out = norm(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = norm(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), expected, rtol=3e-2, atol=3e-2)
+    # Gradient flows (autograd through the band convolution).
+    x64 = torch.randn(1, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: LocalResponseNorm(group_size=4)(t * 30), (x64,))
+
+
+# --------------------------------------------------------------------------- placements
+
+
+def test_three_forms_compute_the_same_function(grouped, images):
+    """Grouped (one device), split (the per-column path, both columns on the CPU) and a written-out
+    reference from the canonical state dict agree, in float64."""
+    sd = {k: v.double() for k, v in grouped.state_dict().items()}
+    one = AlexNet.from_state_dict(sd).double().eval()
+    split = AlexNet.from_state_dict(sd, devices=["cpu", "cpu"]).double().eval()
+    assert split.split and not one.split
+    x = images.double()
+    with torch.no_grad():
+        expected = reference_forward(sd, x)
+        torch.testing.assert_close(one(x), expected, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(split(x), expected, rtol=1e-9, atol=1e-9)
+    # float32 too (different convolution calls, so not bit-identical in general).
+    split32 = AlexNet.from_state_dict(grouped.state_dict(), devices=["cpu", "cpu"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(split32(images), grouped.eval()(images), rtol=1e-4, atol=1e-4)
+
+
+def test_forms_agree_in_training_steps(images):
+    """Train mode (dropout on, same seed), loss, gradients and two SGD steps with momentum agree; the
+    optimiser state of one form loads into the other."""
+    labels = torch.tensor([3, 7])
+    models = [_model(seed=5), _model(seed=5, devices=["cpu", "cpu"])]
+    opts = [
+        torch.optim.SGD(m.parameters(), lr=C.BASE_LR, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY) for m in models
+    ]
+    losses = []
+    for model, opt in zip(models, opts, strict=True):
+        torch.manual_seed(11)  # same dropout draws
+        loss = F.cross_entropy(model.train()(images), labels)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    grads = [{n: p.grad for n, p in m.named_parameters()} for m in models]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+    # Resume the split form's optimiser in a fresh grouped model: the next step matches.
+    resumed = AlexNet.from_state_dict(models[1].state_dict())
+    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=C.BASE_LR, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    resumed_opt.load_state_dict(_round_trip(opts[1].state_dict()))  # a copy, as from a checkpoint file
+    for model, opt in [(models[1], opts[1]), (resumed, resumed_opt)]:
+        opt.zero_grad()
+        torch.manual_seed(12)
+        F.cross_entropy(model(images), labels).backward()
+        opt.step()
+    for (k, a), (k2, b) in zip(models[1].state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert k == k2
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_state_dict_portable_between_placements(grouped, images):
+    split = AlexNet(num_classes=10, devices=["cpu", "cpu"])  # different (unseeded) weights
+    sd = grouped.state_dict()
+    assert {k: v.shape for k, v in split.state_dict().items()} == {k: v.shape for k, v in sd.items()}
+    split.load_state_dict(sd)
+    for k, v in split.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # And back, through a file read without unpickling arbitrary objects.
+    back = AlexNet.from_state_dict(_round_trip(split.state_dict()))
+    assert back.num_classes == 10
+    with torch.no_grad():
+        assert torch.equal(back.eval()(images), grouped.eval()(images))
+    # The columns really hold the halves: column two of conv2 is kernels 128..255.
+    assert torch.equal(split.conv2.columns[1].weight, sd["conv2.weight"][128:])
+    assert torch.equal(split.fc6.columns[0].bias, sd["fc6.bias"][:2048])
+
+
+def test_bad_state_dict_is_one_clear_error(grouped):
+    sd = dict(grouped.state_dict())
+    del sd["conv3.bias"]
+    sd["fc6.weight"] = sd["fc6.weight"][:, :100]
+    sd["extra"] = torch.zeros(1)
+    with pytest.raises(AlexnetError, match=r"missing conv3.bias; unexpected extra; wrong shape fc6.weight"):
+        AlexNet(num_classes=10).load_state_dict(sd)
+    with pytest.raises(AlexnetError, match="fc8.weight"):
+        AlexNet.from_state_dict({})
+
+
+# --------------------------------------------------------------------------- §5 init, seeds, dropout
+
+
+def test_init_statistics(grouped):
+    for key, value in grouped.state_dict().items():
+        layer, kind = key.split(".")
+        if kind == "weight":
+            assert value.mean().item() == pytest.approx(0.0, abs=5e-4), key
+            assert value.std().item() == pytest.approx(C.INIT_WEIGHT_STD, rel=0.03), key
+        else:
+            expected = 1.0 if layer in C.INIT_BIAS_ONE_LAYERS else 0.0
+            assert torch.all(value == expected), key
+    assert {"conv2", "conv4", "conv5", "fc6", "fc7"} == set(C.INIT_BIAS_ONE_LAYERS)
+
+
+def test_same_seed_same_weights_and_output_in_any_placement(grouped, images):
+    split = _model(devices=["cpu", "cpu"])
+    for (k, a), b in zip(grouped.state_dict().items(), split.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    other = _model(seed=1)
+    assert not torch.equal(other.state_dict()["conv1.weight"], grouped.state_dict()["conv1.weight"])
+    outs = []
+    for model in (grouped, _model()):
+        torch.manual_seed(4)
+        outs.append(model.train()(images))
+    assert torch.equal(outs[0], outs[1])
+    generator_init = AlexNet(num_classes=10)
+    generator_init.reset_parameters(torch.Generator().manual_seed(0))
+    assert torch.equal(generator_init.state_dict()["fc8.weight"], grouped.state_dict()["fc8.weight"])
+
+
+def test_dropout_only_in_training(grouped, images):
+    grouped.eval()
+    with torch.no_grad():
+        a, b = grouped(images), grouped(images)
+    assert torch.equal(a, b)
+    grouped.train()
+    with torch.no_grad():
+        c, d = grouped(images), grouped(images)
+    assert not torch.equal(c, d)
+    assert grouped.drop6.p == grouped.drop7.p == C.DROPOUT_P
+    grouped.eval()
+
+
+def test_channels_last_and_bf16_autocast_forward(grouped, images):
+    for devices in (None, ["cpu", "cpu"]):
+        model = AlexNet.from_state_dict(grouped.state_dict(), devices=devices).eval()
+        with torch.no_grad():
+            reference = model(images)
+            model = model.to(memory_format=torch.channels_last)
+            assert model.conv2.columns[0].weight.is_contiguous(memory_format=torch.channels_last)
+            x = images.contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(model(x), reference, rtol=1e-4, atol=1e-4)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = model(x)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_placement_properties():
+    assert _model().devices == [CPU]
+    split = AlexNet(num_classes=3, devices=["cpu", torch.device("cpu")])
+    assert split.devices == [CPU, CPU] and split.split
+    assert split.input_device == split.output_device == CPU
+    assert "split" in repr(split)
+
+
+@pytest.mark.parametrize("devices", [[], ["cpu"] * 3, ["nonsense"]])
+def test_bad_devices(devices):
+    with pytest.raises(AlexnetError):
+        AlexNet(num_classes=3, devices=devices)
+
+
+def test_parse_gpus(monkeypatch):
+    assert parse_gpus("cpu") == [CPU]
+    assert parse_gpus(" CPU ") == [CPU]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_gpus("0,1") == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert parse_gpus("1") == [torch.device("cuda:1")]
+    assert parse_gpus("1, 0") == [torch.device("cuda:1"), torch.device("cuda:0")]
+    for bad, message in [
+        ("", "expected 'cpu'"),
+        ("gpu0", "expected 'cpu'"),
+        ("-1", "expected 'cpu'"),
+        ("0,1,2", "two columns"),
+        ("0,0", "named twice"),
+        ("2", r"GPU 2 not available \(torch sees 2"),
+    ]:
+        with pytest.raises(AlexnetError, match=message):
+            parse_gpus(bad)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(AlexnetError, match="GPU 0 not available"):
+        parse_gpus("0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+def test_cuda_device_without_cuda_is_clear_error():
+    with pytest.raises(AlexnetError, match="CUDA is not available"):
+        AlexNet(num_classes=3, devices=["cuda:0"])
+
+
+@pytest.mark.gpu
+@ONE_GPU
+def test_gpu_forms_match_cpu(grouped, images):
+    expected = grouped.eval()(images)
+    for devices in (["cuda:0"], ["cuda:0", "cuda:0"]):
+        model = AlexNet.from_state_dict(grouped.state_dict(), devices=devices).eval()
+        with torch.no_grad():
+            out = model(images.cuda())
+        assert out.device == torch.device("cuda:0")
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@TWO_GPUS
+def test_two_gpu_split_matches_cpu(grouped, images):
+    model = AlexNet.from_state_dict(grouped.state_dict(), devices=["cuda:0", "cuda:1"]).eval()
+    assert model.conv2.columns[1].weight.device == torch.device("cuda:1")
+    assert model.fc8.weight.device == torch.device("cuda:0")
+    with torch.no_grad():
+        out = model(images.cuda(0))
+    torch.testing.assert_close(out.cpu(), grouped.eval()(images), rtol=1e-3, atol=1e-3)
+    assert AlexNet.from_state_dict(model.state_dict()).state_dict().keys() == grouped.state_dict().keys()

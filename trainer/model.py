@@ -1,0 +1,457 @@
+"""The 2012 network (Krizhevsky, Sutskever, Hinton, NIPS 2012, §3, Figure 2) and its placement on two GPUs.
+
+Layout (§3.2): two columns, each holding half of every layer's kernels. conv2, conv4 and conv5 see
+only their own column's maps; conv1 (the image), conv3 and the fully-connected layers see both
+columns. fc6 and fc7 split their output neurons across the columns (2048 each); fc8 is one layer
+on the first device.
+
+Three placements compute the same function for the same weights:
+
+* ``devices=["cuda:0", "cuda:1"]`` (split): column one on the first device, column two on the
+  second. Activations cross between devices only where the paper's GPUs communicate: into conv3,
+  fc6, fc7 and fc8. Each layer issues column one's kernels and then column two's; CUDA launches are
+  asynchronous and the forward pass has no host synchronisation, so both GPUs compute at once (and
+  autograd runs one backward thread per device).
+* ``devices=["cuda:0"]`` or the default CPU (grouped): both columns on one device; conv2/4/5 run
+  as grouped convolutions (``groups=2``), which is exactly the column-wise computation.
+* ``devices=["cpu", "cpu"]`` (or the same GPU twice) runs the split code path on one device; the
+  tests use it to check the split form on a CPU-only machine.
+
+Parameter storage. Every column layer (``ColumnConv2d``, ``ColumnLinear``) keeps one
+``nn.Conv2d``/``nn.Linear`` per column in ``layer.columns`` in ALL placements, so the model's
+parameter list (names, order, shapes) and hence an optimiser's state are the same whatever the
+placement. ``state_dict()`` exposes one canonical layout instead of the per-column tensors: each
+layer's two halves concatenated along the output dimension, e.g. ``conv1.weight [96, 3, 11, 11]``
+(kernels 0-47 are column one), ``conv2.weight [256, 48, 5, 5]`` (a ``groups=2`` convolution's
+weight), ``fc6.weight [4096, 9216]``. ``load_state_dict`` splits it back, so a checkpoint written by
+any placement loads into any other.
+
+Response normalisation (§3.3) is computed within each column's own maps: on the paper's GPUs each
+held half of the kernels, so the sum over "adjacent kernel maps" could not cross the column
+boundary. The grouped form normalises within each half too (``group_size``), so it is the same
+function as the split form.
+
+Input size: the paper says 224x224 but (224 - 11) / 4 + 1 is not an integer. conv1 pads the 224x224
+input by 2 pixels on each side: floor((224 + 4 - 11) / 4) + 1 = 55, the 55x55 of Figure 2 (the
+choice torchvision made; Caffe crops 227 instead). A documented deviation.
+
+Do not move a placed model with ``.to(device)``/``.cuda()``: it places itself at construction
+(``.to(memory_format=torch.channels_last)`` and ``.to(dtype)`` are fine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+
+__all__ = [
+    "AlexNet",
+    "ColumnConv2d",
+    "ColumnLinear",
+    "LocalResponseNorm",
+    "count_parameters",
+    "parse_gpus",
+]
+
+COLUMNS = 2  # §3.2 two GPUs, half of the kernels on each
+LEARNED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+# §3 Figure 2 kernels per layer (both columns together) and the fully-connected widths.
+CONV1_KERNELS, CONV2_KERNELS, CONV3_KERNELS, CONV4_KERNELS, CONV5_KERNELS = 96, 256, 384, 384, 256
+FC_NEURONS = 4096
+POOL5_SIZE = 6  # 6x6 maps into fc6
+# Deviation (see module docstring): pad conv1 by 2 so a 224x224 input gives 55x55.
+CONV1_PADDING = 2
+
+DeviceLike = str | torch.device
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def parse_gpus(spec: str) -> list[torch.device]:
+    """``--gpus`` value to devices: ``"cpu"``, one GPU (``"0"``) or two GPUs, one per column (``"0,1"``)."""
+    text = str(spec).strip().lower()
+    if text == "cpu":
+        return [torch.device("cpu")]
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise AlexnetError(
+            f"--gpus {spec!r}: expected 'cpu', one GPU index such as '0', or two such as '0,1' (one per column)"
+        )
+    indices = [int(p) for p in parts]
+    if len(indices) > COLUMNS:
+        raise AlexnetError(
+            f"--gpus {spec!r}: the 2012 network has two columns; give one GPU (both columns) or two (one each)"
+        )
+    if len(set(indices)) != len(indices):
+        raise AlexnetError(f"--gpus {spec!r}: a GPU is named twice; give '{indices[0]}' to run both columns on it")
+    available = torch.cuda.device_count()
+    missing = [i for i in indices if i >= available]
+    if missing:
+        raise AlexnetError(
+            f"--gpus {spec!r}: GPU {', '.join(map(str, missing))} not available "
+            f"(torch sees {available} CUDA device(s); check CUDA_VISIBLE_DEVICES, or use --gpus cpu)"
+        )
+    return [torch.device("cuda", i) for i in indices]
+
+
+def _resolve_devices(devices: DeviceLike | Sequence[DeviceLike] | None) -> list[torch.device]:
+    if devices is None:
+        return [torch.device("cpu")]
+    if isinstance(devices, str | torch.device):
+        devices = [devices]
+    try:
+        resolved = [torch.device(d) for d in devices]
+    except (RuntimeError, TypeError) as exc:
+        raise AlexnetError(f"devices {devices!r}: {exc}") from None
+    if len(resolved) not in (1, COLUMNS):
+        raise AlexnetError(f"devices {devices!r}: give one device (both columns) or two (one per column)")
+    out = []
+    for d in resolved:
+        if d.type == "cuda":
+            if not torch.cuda.is_available():
+                raise AlexnetError(f"device {d} requested but CUDA is not available")
+            if d.index is None:
+                d = torch.device("cuda", torch.cuda.current_device())
+            if d.index >= torch.cuda.device_count():
+                raise AlexnetError(f"device {d} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        out.append(d)
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of learned scalars (60,965,224 for the 2012 network with 1000 classes)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class LocalResponseNorm(nn.Module):
+    """§3.3 response normalisation exactly as the paper writes it.
+
+    b[i] = a[i] / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a[j]^2) ** beta
+
+    with alpha NOT divided by n (unlike ``torch.nn.LocalResponseNorm`` and Caffe). Takes (N, C, H, W).
+    ``group_size``: the channels are normalised in independent blocks of this many maps (one block per
+    column; the sum never crosses a block boundary); None means one block of all C maps.
+
+    The windowed sum of squares is a 1x1 convolution with a fixed 0/1 band matrix (block-diagonal for
+    blocks): one GEMM over the channel dimension that keeps channels_last and runs under bf16 autocast.
+    """
+
+    def __init__(
+        self,
+        size: int = C.LRN_SIZE,
+        alpha: float = C.LRN_ALPHA,
+        beta: float = C.LRN_BETA,
+        k: float = C.LRN_K,
+        group_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k, self.group_size = size, alpha, beta, k, group_size
+        self._bands: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, group_size={self.group_size}"
+
+    def _band(self, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (channels, device, dtype)
+        band = self._bands.get(key)
+        if band is None:
+            group = self.group_size or channels
+            if channels % group:
+                raise ValueError(f"LocalResponseNorm: {channels} channels are not a multiple of group_size {group}")
+            # Built on the device itself: no host-to-device copy, no synchronisation.
+            i = torch.arange(channels, device=device)
+            near = (i[:, None] - i[None, :]).abs() <= self.size // 2
+            same_block = (i[:, None] // group) == (i[None, :] // group)
+            band = (near & same_block).to(dtype).reshape(channels, channels, 1, 1)
+            self._bands[key] = band
+        return band
+
+    def forward(self, x: Tensor) -> Tensor:
+        squares = x * x
+        band = self._band(x.shape[1], x.device, squares.dtype)
+        window_sum = F.conv2d(squares, band)
+        return x * (self.k + self.alpha * window_sum).pow(-self.beta)
+
+
+def _gather(xs: Sequence[Tensor], device: torch.device) -> Tensor:
+    """All columns' maps (or neurons) on ``device``, column one first: where the paper's GPUs communicate."""
+    moved = [t.to(device, non_blocking=True) for t in xs]
+    return moved[0] if len(moved) == 1 else torch.cat(moved, dim=1)
+
+
+def _merge_columns_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict post-hook: the two columns' tensors -> one canonical tensor per parameter."""
+    for name in ("weight", "bias"):
+        parts = [state_dict.pop(f"{prefix}columns.{i}.{name}") for i in range(COLUMNS)]
+        state_dict[prefix + name] = torch.cat([p.to(parts[0].device) for p in parts], dim=0)
+
+
+def _split_columns_hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: one canonical tensor per parameter -> the two columns' halves."""
+    for name in ("weight", "bias"):
+        key = prefix + name
+        if key in state_dict:
+            full = state_dict.pop(key)
+            halves = full.chunk(COLUMNS, dim=0) if full.dim() and full.shape[0] % COLUMNS == 0 else (full, full)
+            for i, half in enumerate(halves):
+                state_dict[f"{prefix}columns.{i}.{name}"] = half
+
+
+class _ColumnLayer(nn.Module):
+    """A layer with half of its output units in each column; ``columns[i]`` lives on column i's device."""
+
+    columns: nn.ModuleList
+
+    def _finish(self, column_devices: Sequence[torch.device]) -> None:
+        for column, device in zip(self.columns, column_devices, strict=True):
+            column.to_empty(device=device)  # built on "meta": no wasted default init
+        self.register_state_dict_post_hook(_merge_columns_hook)
+        self.register_load_state_dict_pre_hook(_split_columns_hook)
+
+    @property
+    def canonical_weight_shape(self) -> torch.Size:
+        w = self.columns[0].weight
+        return torch.Size((COLUMNS * w.shape[0], *w.shape[1:]))
+
+
+class ColumnConv2d(_ColumnLayer):
+    """§3.2 convolution with half of the kernels in each column.
+
+    ``own_column=True`` (conv2, conv4, conv5): each column's kernels see only that column's maps.
+    ``own_column=False`` (conv1, conv3): each column's kernels see all input maps.
+    Input: one tensor (grouped form: both columns' maps concatenated on one device) or a list of
+    per-column tensors (split form; for conv1 a one-element list holding the image).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        own_column: bool,
+        column_devices: Sequence[torch.device],
+    ) -> None:
+        super().__init__()
+        self.own_column, self.stride, self.padding = own_column, stride, padding
+        in_per_column = in_channels // COLUMNS if own_column else in_channels
+        self.columns = nn.ModuleList(
+            nn.Conv2d(in_per_column, out_channels // COLUMNS, kernel_size, stride, padding, device="meta")
+            for _ in range(COLUMNS)
+        )
+        self._finish(column_devices)
+
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(x, Tensor):
+            # Grouped form: the columns' kernels stacked (a few MB at most), groups=2 keeps them apart.
+            weight = torch.cat([c.weight for c in self.columns])
+            bias = torch.cat([c.bias for c in self.columns])
+            groups = COLUMNS if self.own_column else 1
+            return F.conv2d(x, weight, bias, self.stride, self.padding, groups=groups)
+        if self.own_column:
+            return [column(t) for column, t in zip(self.columns, x, strict=True)]
+        return [column(_gather(x, column.weight.device)) for column in self.columns]
+
+
+class ColumnLinear(_ColumnLayer):
+    """§3.2 fully-connected layer: half of the neurons in each column, each seeing all inputs.
+
+    Takes and returns a list of per-column tensors (or a one-element list holding all inputs).
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, column_devices: Sequence[torch.device]) -> None:
+        super().__init__()
+        self.columns = nn.ModuleList(
+            nn.Linear(in_features, out_features // COLUMNS, device="meta") for _ in range(COLUMNS)
+        )
+        self._finish(column_devices)
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        gathered: dict[torch.device, Tensor] = {}  # one exchange per device, shared by its columns
+        out = []
+        for column in self.columns:
+            device = column.weight.device
+            if device not in gathered:
+                gathered[device] = _gather(xs, device)
+            out.append(column(gathered[device]))
+        return out
+
+
+# --------------------------------------------------------------------------- network
+
+
+class AlexNet(nn.Module):
+    """The 2012 network: five convolutional and three fully-connected layers in two columns (§3).
+
+    ``devices``: None (CPU), one device (both columns there, grouped convolutions) or two devices
+    (column one on the first, column two on the second). Inputs [N, 3, 224, 224] go to
+    ``input_device`` (moved there if needed); logits land on ``output_device`` (the first device).
+    Weights are initialised as in §5 at construction (``reset_parameters``; seed with torch.manual_seed).
+    """
+
+    def __init__(
+        self, num_classes: int = C.NUM_CLASSES, devices: DeviceLike | Sequence[DeviceLike] | None = None
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise AlexnetError(f"num_classes must be a positive integer, got {num_classes!r}")
+        self.num_classes = num_classes
+        self._devices = _resolve_devices(devices)
+        cols = self._devices if self.split else self._devices * COLUMNS
+        first = self._devices[0]
+
+        self.conv1 = ColumnConv2d(
+            3, CONV1_KERNELS, 11, stride=4, padding=CONV1_PADDING, own_column=False, column_devices=cols
+        )
+        self.norm1 = LocalResponseNorm(group_size=CONV1_KERNELS // COLUMNS)
+        self.pool1 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
+        self.conv2 = ColumnConv2d(CONV1_KERNELS, CONV2_KERNELS, 5, padding=2, own_column=True, column_devices=cols)
+        self.norm2 = LocalResponseNorm(group_size=CONV2_KERNELS // COLUMNS)
+        self.pool2 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
+        # conv3 is where the columns first exchange maps (§3.2).
+        self.conv3 = ColumnConv2d(CONV2_KERNELS, CONV3_KERNELS, 3, padding=1, own_column=False, column_devices=cols)
+        self.conv4 = ColumnConv2d(CONV3_KERNELS, CONV4_KERNELS, 3, padding=1, own_column=True, column_devices=cols)
+        self.conv5 = ColumnConv2d(CONV4_KERNELS, CONV5_KERNELS, 3, padding=1, own_column=True, column_devices=cols)
+        self.pool5 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
+        self.fc6 = ColumnLinear(CONV5_KERNELS * POOL5_SIZE * POOL5_SIZE, FC_NEURONS, column_devices=cols)
+        self.drop6 = nn.Dropout(C.DROPOUT_P)  # §4.2
+        self.fc7 = ColumnLinear(FC_NEURONS, FC_NEURONS, column_devices=cols)
+        self.drop7 = nn.Dropout(C.DROPOUT_P)
+        self.fc8 = nn.Linear(FC_NEURONS, num_classes, device="meta").to_empty(device=first)
+        self.reset_parameters()
+
+    # ---- placement
+
+    @property
+    def split(self) -> bool:
+        """True when each column has its own device entry (the split code path)."""
+        return len(self._devices) == COLUMNS
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(self._devices)
+
+    @property
+    def input_device(self) -> torch.device:
+        return self._devices[0]
+
+    @property
+    def output_device(self) -> torch.device:
+        return self._devices[0]
+
+    def extra_repr(self) -> str:
+        form = "split" if self.split else "grouped"
+        return f"num_classes={self.num_classes}, devices={[str(d) for d in self._devices]} ({form})"
+
+    # ---- init
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """§5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0.
+
+        Drawn on the CPU (``generator``: a CPU generator; None uses the global one seeded by
+        torch.manual_seed) in the canonical layout, then copied into place: the same seed gives the
+        same weights whatever the placement.
+        """
+        for name in LEARNED_LAYERS:
+            layer = getattr(self, name)
+            bias = 1.0 if name in C.INIT_BIAS_ONE_LAYERS else 0.0
+            if isinstance(layer, _ColumnLayer):
+                weight = torch.empty(layer.canonical_weight_shape).normal_(0.0, C.INIT_WEIGHT_STD, generator=generator)
+                for column, half in zip(layer.columns, weight.chunk(COLUMNS), strict=True):
+                    column.weight.copy_(half)
+                    column.bias.fill_(bias)
+            else:
+                weight = torch.empty(layer.weight.shape).normal_(0.0, C.INIT_WEIGHT_STD, generator=generator)
+                layer.weight.copy_(weight)
+                layer.bias.fill_(bias)
+
+    # ---- forward
+
+    def _features_grouped(self, x: Tensor) -> list[Tensor]:
+        h = self.pool1(self.norm1(F.relu(self.conv1(x), inplace=True)))
+        h = self.pool2(self.norm2(F.relu(self.conv2(h), inplace=True)))
+        h = F.relu(self.conv3(h), inplace=True)
+        h = F.relu(self.conv4(h), inplace=True)
+        h = self.pool5(F.relu(self.conv5(h), inplace=True))
+        return [torch.flatten(h, 1)]
+
+    def _features_split(self, x: Tensor) -> list[Tensor]:
+        # Each layer issues column one's work, then column two's; on two GPUs they run concurrently.
+        hs = self.conv1([x])  # both columns see the image
+        hs = [self.pool1(self.norm1(F.relu(h, inplace=True))) for h in hs]
+        hs = self.conv2(hs)
+        hs = [self.pool2(self.norm2(F.relu(h, inplace=True))) for h in hs]
+        hs = [F.relu(h, inplace=True) for h in self.conv3(hs)]  # exchange: conv3 sees both columns
+        hs = [F.relu(h, inplace=True) for h in self.conv4(hs)]
+        hs = [self.pool5(F.relu(h, inplace=True)) for h in self.conv5(hs)]
+        return [torch.flatten(h, 1) for h in hs]
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.to(self.input_device, non_blocking=True)
+        features = self._features_split(x) if self.split else self._features_grouped(x)
+        # The fully-connected part is column-wise in both forms (same ops, same dropout draws).
+        hs = [self.drop6(F.relu(h, inplace=True)) for h in self.fc6(features)]
+        hs = [self.drop7(F.relu(h, inplace=True)) for h in self.fc7(hs)]
+        return self.fc8(_gather(hs, self.output_device))
+
+    # ---- checkpoints
+
+    def canonical_shapes(self) -> dict[str, torch.Size]:
+        """Keys and shapes of ``state_dict()``, without building it."""
+        shapes: dict[str, torch.Size] = {}
+        for name, p in self.named_parameters():
+            if ".columns.0." in name:
+                shapes[name.replace(".columns.0.", ".")] = torch.Size((COLUMNS * p.shape[0], *p.shape[1:]))
+            elif ".columns." not in name:
+                shapes[name] = p.shape
+        return shapes
+
+    def check_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Raise AlexnetError naming every missing, unexpected or mis-shaped key (canonical names)."""
+        expected = self.canonical_shapes()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        wrong = [
+            f"{k} {tuple(state_dict[k].shape)} (expected {tuple(s)})"
+            for k, s in expected.items()
+            if k in state_dict and tuple(state_dict[k].shape) != tuple(s)
+        ]
+        problems = []
+        if missing:
+            problems.append("missing " + ", ".join(missing))
+        if unexpected:
+            problems.append("unexpected " + ", ".join(unexpected))
+        if wrong:
+            problems.append("wrong shape " + ", ".join(wrong))
+        if problems:
+            raise AlexnetError("state dict does not fit the 2012 network: " + "; ".join(problems))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a canonical state dict written by any placement (checked first when strict)."""
+        if strict:
+            self.check_state_dict(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Tensor], devices: DeviceLike | Sequence[DeviceLike] | None = None
+    ) -> AlexNet:
+        """A network placed on ``devices`` holding ``state_dict``'s weights (class count from fc8)."""
+        if "fc8.weight" not in state_dict:
+            raise AlexnetError("state dict does not fit the 2012 network: missing fc8.weight")
+        model = cls(num_classes=int(state_dict["fc8.weight"].shape[0]), devices=devices)
+        model.load_state_dict(state_dict)
+        return model
