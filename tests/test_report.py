@@ -206,14 +206,22 @@ def test_colourfulness_json_and_summary(made):
 
 def test_eval_rows_final_and_best():
     evals = [
-        {"split": "val", "top1_err": 60.0, "top5_err": 30.0, "epoch": 1},  # percentages are recognised
+        {"split": "val", "top1_err": 0.6, "top5_err": 0.3, "epoch": 1},
         {"split": "val", "top1_err": 0.5, "top5_err": 0.2, "epoch": 2},
         {"split": "val", "top1_err": 0.55, "top5_err": 0.25, "epoch": 3},
+        {"split": "train", "top1_err": 0.1, "top5_err": 0.0, "epoch": 3},
     ]
-    (row,) = report.eval_rows(evals)
-    assert (row.final_top1, row.final_epoch) == (0.55, 3)
-    assert (row.best_top1, row.best_top5, row.best_epoch) == (0.5, 0.2, 2)
-    assert row.points == 3 and not row.ten_crop
+    val, train = report.eval_rows(evals)
+    assert (val.split, train.split) == ("val", "train")
+    assert (val.final_top1, val.final_epoch) == (0.55, 3)
+    assert (val.best_top1, val.best_top5, val.best_epoch) == (0.5, 0.2, 2)
+    assert val.points == 3 and not val.ten_crop
+    # A log in percentages is read as percentages throughout, small values included.
+    pct = [dict(r, top1_err=100 * r["top1_err"], top5_err=100 * r["top5_err"]) for r in evals]
+    pct[-1]["top1_err"] = 0.9  # 0.9 %, not 90 %
+    val, train = report.eval_rows(pct)
+    assert val.final_top1 == pytest.approx(0.55) and val.best_top5 == pytest.approx(0.2)
+    assert train.final_top1 == pytest.approx(0.009)
 
 
 def test_missing_checkpoint_still_reports(tmp_path):

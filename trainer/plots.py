@@ -88,8 +88,12 @@ def format_tick(v: float) -> str:
     if v == 0:
         return "0"
     a = abs(v)
-    if a >= 1e5 or a < 1e-3:
-        return f"{v:.0e}".replace("e-0", "e-").replace("e+0", "e")
+    if a >= 1e6:
+        return f"{v / 1e6:g}M"
+    if a >= 1e4:
+        return f"{v / 1e3:g}k"
+    if a < 1e-3:
+        return f"{v:.0e}".replace("e-0", "e-")
     if a >= 100 or float(v).is_integer():
         return f"{v:,.0f}"
     return f"{v:.3g}"
@@ -165,6 +169,9 @@ def line_plot(series: Sequence[Series], axes: Axes) -> Image.Image:
     x0, x1 = min(xs), max(xs)
     if x1 == x0:
         x0, x1 = x0 - 1, x1 + 1
+    elif any(s.markers for s in series):  # room for markers at the ends
+        pad = (x1 - x0) * 0.03
+        x0, x1 = x0 - pad, x1 + pad
     if axes.ylim is not None:
         y0, y1 = axes.ylim
     else:

@@ -3,8 +3,8 @@
 Reads from a run directory:
   - ``metrics.jsonl``: one JSON object per line. Training lines have ``step``, ``epoch``, ``loss``,
     ``lr``, ``images_per_s`` (optionally ``elapsed_s``, seconds since the run started, or ``time``,
-    a Unix time). Evaluation lines have ``split``, ``top1_err``, ``top5_err`` (fractions; percentages
-    are recognised when a value exceeds 1), ``ten_crop`` (bool), ``step``, ``epoch``. An optional
+    a Unix time). Evaluation lines have ``split``, ``top1_err``, ``top5_err`` (fractions; a log whose
+    errors exceed 1 somewhere is read as percentages), ``ten_crop`` (bool), ``step``, ``epoch``. An optional
     ``kind`` field ("train"/"eval") overrides the guess made from the keys.
   - ``config.json`` (optional): the resolved run config; ``num_classes`` is looked up in it.
   - ``checkpoints/last.pt``: ``torch.load(weights_only=True)``; the state dict under ``"model"``
@@ -131,7 +131,7 @@ def load_state_dict(path: Path) -> dict[str, Any]:
 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict):
@@ -178,11 +178,14 @@ def colourfulness(kernels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fraction(v: Any) -> float | None:
-    if v is None:
-        return None
-    v = float(v)
-    return v / 100.0 if v > 1.0 else v
+def error_scale(evals: list[dict[str, Any]]) -> float:
+    """100 when the log holds percentages (some error above 1), else 1 (fractions, the documented form)."""
+    values = _finite(r.get(k) for r in evals for k in ("top1_err", "top5_err"))
+    return 100.0 if values and max(values) > 1.0 else 1.0
+
+
+def _fraction(v: Any, scale: float = 1.0) -> float | None:
+    return None if v is None else float(v) / scale
 
 
 @dataclass(frozen=True)
@@ -204,19 +207,20 @@ def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
         if rec.get("top1_err") is None:
             continue
         groups.setdefault((str(rec.get("split", "val")), bool(rec.get("ten_crop", False))), []).append(rec)
+    scale = error_scale(evals)
     rows = []
     for (split, ten), recs in groups.items():
         last = recs[-1]
-        best = min(recs, key=lambda r: _fraction(r["top1_err"]))
+        best = min(recs, key=lambda r: float(r["top1_err"]))
         rows.append(
             EvalRow(
                 split=split,
                 ten_crop=ten,
-                final_top1=_fraction(last["top1_err"]),
-                final_top5=_fraction(last.get("top5_err")),
+                final_top1=_fraction(last["top1_err"], scale),
+                final_top5=_fraction(last.get("top5_err"), scale),
                 final_epoch=last.get("epoch"),
-                best_top1=_fraction(best["top1_err"]),
-                best_top5=_fraction(best.get("top5_err")),
+                best_top1=_fraction(best["top1_err"], scale),
+                best_top5=_fraction(best.get("top5_err"), scale),
                 best_epoch=best.get("epoch"),
                 points=len(recs),
             )
@@ -247,14 +251,14 @@ def _finite(values: Iterable[Any]) -> list[float]:
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
+    """Centred moving average (shorter windows at the ends), so the smoothed curve does not lag."""
     if window <= 1 or len(values) < 2:
         return list(values)
     c = np.cumsum(np.insert(np.asarray(values, dtype=np.float64), 0, 0.0))
-    out = []
-    for i in range(len(values)):
-        lo = max(0, i - window + 1)
-        out.append((c[i + 1] - c[lo]) / (i + 1 - lo))
-    return out
+    n, half = len(values), window // 2
+    lo = np.clip(np.arange(n) - half, 0, n)
+    hi = np.clip(np.arange(n) + half + 1, 0, n)
+    return list((c[hi] - c[lo]) / (hi - lo))
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +280,7 @@ def curve_figures(metrics: Metrics, num_classes: int | None) -> dict[str, Any]:
     loss = line_plot(loss_series, Axes("Training loss", "step", "cross-entropy loss"))
 
     err_series = []
+    scale = error_scale(metrics.evals)
     split = "val" if any(r.get("split", "val") == "val" for r in metrics.evals) else None
     if split is None and metrics.evals:
         split = str(metrics.evals[0].get("split"))
@@ -290,7 +295,7 @@ def curve_figures(metrics: Metrics, num_classes: int | None) -> dict[str, Any]:
             continue
         xs = [r.get("epoch", r.get("step")) for r in recs]
         for name, key, colour in (("top-1", "top1_err", (0, 114, 178)), ("top-5", "top5_err", (213, 94, 0))):
-            ys = [None if r.get(key) is None else 100 * _fraction(r[key]) for r in recs]
+            ys = [None if r.get(key) is None else 100 * _fraction(r[key], scale) for r in recs]
             err_series.append(Series(f"{name} {tag}", xs, ys, color=colour, markers=True, dashed=dashed))
     hlines = []
     if num_classes:
