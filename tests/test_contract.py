@@ -205,3 +205,14 @@ def test_dali_caffe_reader_reads_contract_records(tmp_path):
         assert img.shape == (256, 256, 3)
         # Constant-colour JPEGs decode to (nearly) their colour.
         assert np.abs(img.astype(int).mean(axis=(0, 1)) - colours[int(order[pos])]).max() < 3
+
+
+def test_atomic_write_respects_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        A.atomic_write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
