@@ -1,0 +1,105 @@
+"""Tiny datasets for the trainer tests, written through the data contract (artifacts).
+
+Records are 256x256 JPEGs in Caffe Datums, keyed and sharded as a builder writes them, with a
+mean image and RGB PCA stats, so the real pipeline (DALI, CPU-only mode) reads them.
+``unique_labels=True`` gives every training record its own class (label = source index), so a test
+can tell from the labels alone which records a replica saw.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _image(rng: np.random.Generator, label: int, num_classes: int) -> np.ndarray:
+    """A class-coloured square on a noisy grey background: learnable in a few CPU steps."""
+    size = C.STORED_SIZE
+    img = rng.normal(128, 20, (size, size, 3))
+    hue = np.array([np.cos(2 * np.pi * label / num_classes), np.sin(2 * np.pi * label / num_classes), 0.0])
+    colour = 128 + 100 * np.array([hue[0], hue[1], -hue[0] * 0.5])
+    y, x = rng.integers(16, size - 144, 2)
+    img[y : y + 128, x : x + 128] = colour + rng.normal(0, 10, (128, 128, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _write_split(data_dir: Path, split: str, images: list[np.ndarray], labels: list[int], num_shards: int, seed: int):
+    n = len(images)
+    order = A.shuffle_order(n, seed=seed)
+    shards = []
+    for i, (start, stop) in enumerate(A.shard_bounds(n, num_shards)):
+        rel = f"{split}/{A.shard_name(split, i, num_shards)}"
+        env = A.open_shard(data_dir / rel, readonly=False, map_size=1 << 28)
+        crcs = []
+        with env.begin(write=True) as txn:
+            for pos in range(start, stop):
+                src = int(order[pos])
+                value = A.Datum(data=_jpeg(images[src]), label=labels[src], height=256, width=256).encode()
+                txn.put(A.make_key(pos, f"c{labels[src]}/img{src}.JPEG"), value)
+                crcs.append(A.crc32(value))
+        env.close()
+        A.write_record_crcs(data_dir / rel, np.array(crcs))
+        shards.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
+    return A.SplitInfo(num_records=n, source_count=n, shards=shards, layout="test")
+
+
+def write_dataset(
+    data_dir: Path,
+    *,
+    num_classes: int = 4,
+    train_per_class: int = 8,
+    val_per_class: int = 2,
+    unique_labels: bool = False,
+    num_shards: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Write a dataset directory (manifest, stats, mean image, train and val shards); returns it."""
+    data_dir = Path(data_dir)
+    if (data_dir / A.MANIFEST_FILE).exists():
+        return data_dir
+    rng = np.random.default_rng(seed)
+    if unique_labels:
+        n_train = num_classes * train_per_class
+        train_labels = list(range(n_train))
+        num_classes = n_train
+    else:
+        train_labels = [c for c in range(num_classes) for _ in range(train_per_class)]
+    val_labels = [c for c in range(num_classes) for _ in range(val_per_class)]
+    train = [_image(rng, lab, num_classes) for lab in train_labels]
+    val = [_image(rng, lab, num_classes) for lab in val_labels]
+    splits = {
+        "train": _write_split(data_dir, "train", train, train_labels, num_shards, seed),
+        "val": _write_split(data_dir, "val", val, val_labels, 1, seed + 1),
+    }
+    classes = [f"n{10000000 + i:08d}" for i in range(num_classes)]
+    # Stats of the training images, as pca-stats computes them (mean image; RGB covariance PCA).
+    stack = np.stack(train).astype(np.float64)
+    pixels = stack.reshape(-1, 3)
+    cov = np.cov(pixels, rowvar=False)
+    eigval, eigvec = np.linalg.eigh(cov)
+    idx = np.argsort(eigval)[::-1]
+    stats = A.Stats(
+        mean_rgb=pixels.mean(0).tolist(),
+        eigval=eigval[idx].tolist(),
+        eigvec=eigvec[:, idx].tolist(),
+        n_images=len(train),
+        n_pixels=int(pixels.shape[0]),
+        covariance=cov.tolist(),
+        source={"split": "train", "test": True},
+    )
+    A.write_stats(data_dir, stats, stack.mean(0).astype(np.float32))
+    A.write_manifest(data_dir, A.Manifest(classes=classes, splits=splits, build={"test": True}))
+    return data_dir

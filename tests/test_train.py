@@ -1,0 +1,244 @@
+"""Trainer: the paper's update, schedules, config, checkpoints, ten-patch averaging, and real runs
+(real DALI pipeline in CPU-only mode, real LMDB, real PyTorch) on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.trainer import checkpoint as ckpt_io
+from alexnet.trainer.config import TrainConfig, merge_for_resume
+from alexnet.trainer.distributed import DistInfo, replica_gpus
+from alexnet.trainer.optim import PaperSGD, create_optimizer
+from alexnet.trainer.schedule import PlateauSchedule, StepSchedule
+from alexnet.trainer.train import average_patch_softmax, topk_correct
+
+# --------------------------------------------------------------------------- §5 update rule
+
+
+def test_paper_sgd_matches_numpy_reference_across_an_lr_drop():
+    """v <- 0.9 v - 0.0005 eps w - eps g; w <- w + v (eps inside the velocity), against numpy."""
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(5, 3))
+    grads = [rng.normal(size=(5, 3)) for _ in range(6)]
+    lrs = [0.01, 0.01, 0.01, 0.001, 0.001, 0.001]  # a /10 drop midway: where the paper's form differs from torch's
+    p = torch.nn.Parameter(torch.tensor(w0))
+    opt = PaperSGD([p], lr=0.01, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    w, v = w0.copy(), np.zeros_like(w0)
+    for g, lr in zip(grads, lrs, strict=True):
+        for group in opt.param_groups:
+            group["lr"] = lr
+        p.grad = torch.tensor(g)
+        opt.step()
+        v = C.MOMENTUM * v - C.WEIGHT_DECAY * lr * w - lr * g
+        w = w + v
+    np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12, atol=1e-15)
+    # and it is NOT torch's SGD after the drop (lr outside the velocity)
+    q = torch.nn.Parameter(torch.tensor(w0))
+    sgd = torch.optim.SGD([q], lr=0.01, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    for g, lr in zip(grads, lrs, strict=True):
+        for group in sgd.param_groups:
+            group["lr"] = lr
+        q.grad = torch.tensor(g)
+        sgd.step()
+    assert not np.allclose(q.detach().numpy(), w, rtol=1e-9, atol=0)
+
+
+def test_weight_decay_on_weights_not_biases():
+    layer = torch.nn.Linear(3, 2)
+    opt = create_optimizer(layer, lr=0.1, momentum=0.0, weight_decay=0.5)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    opt.step()
+    torch.testing.assert_close(layer.weight.detach(), w0 * (1 - 0.1 * 0.5))
+    torch.testing.assert_close(layer.bias.detach(), b0)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_plateau_schedule_divides_three_times_then_stops():
+    s = PlateauSchedule(0.01, patience=2, min_delta=1e-3)
+    errs = [0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    events = [s.observe(e) for e in errs]
+    assert events == [None, None, None, "drop", None, None, "drop", None, "drop", None, "done", None]
+    assert s.lr == pytest.approx(1e-5) and s.drops == C.LR_DROPS and s.done
+    # state round trip through plain values
+    t = PlateauSchedule(0.01, patience=2)
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert t.state_dict() == s.state_dict()
+
+
+def test_plateau_schedule_small_improvement_is_not_improvement():
+    s = PlateauSchedule(0.01, patience=1, min_delta=0.01)
+    assert s.observe(0.5) is None
+    assert s.observe(0.495) == "drop"  # improved by less than min_delta
+
+
+def test_step_schedule():
+    s = StepSchedule(0.01, milestones=(2, 4, 6, 8))
+    lrs = [s.start_epoch(e) for e in range(9)]
+    assert lrs == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5, 1e-5])  # at most 3 drops
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_are_the_papers():
+    c = TrainConfig()
+    assert (c.batch_size, c.lr, c.momentum, c.weight_decay, c.lr_drops, c.epochs) == (128, 0.01, 0.9, 5e-4, 3, 90)
+
+
+def test_config_json_round_trip_and_loud_failures(tmp_path):
+    c = TrainConfig(batch_size=32, step_epochs=(5, 9), bf16=True)
+    c.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == c
+    d = c.to_dict()
+    with pytest.raises(AlexnetError, match="unknown key"):
+        TrainConfig.from_dict({**d, "learning_rate": 0.1})
+    with pytest.raises(AlexnetError, match="batch_size.*wrong type"):
+        TrainConfig.from_dict({**d, "batch_size": "32"})
+    with pytest.raises(AlexnetError, match="bf16.*wrong type"):
+        TrainConfig.from_dict({**d, "bf16": 1})
+    with pytest.raises(AlexnetError, match="schedule must be"):
+        TrainConfig.from_dict({**d, "schedule": "cosine"})
+    assert TrainConfig.from_dict({**d, "lr": 1}).lr == 1.0  # an int is a fine float
+
+
+def test_resume_refuses_a_changed_recipe():
+    saved = TrainConfig(batch_size=32)
+    assert merge_for_resume(saved, {"max_steps": 9, "gpus": "cpu"}).max_steps == 9
+    with pytest.raises(AlexnetError, match="lr"):
+        merge_for_resume(saved, {"lr": 0.1})
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_safe_encoding_round_trip_and_weights_only_load(tmp_path):
+    state = {
+        "arr": np.arange(12, dtype=np.uint32).reshape(3, 4),
+        "f64": np.array([1.5, -2.0]),
+        "scalar": np.int64(7),
+        "raw": b"\x00\x01position",
+        "empty": b"",
+        "tuple": ("MT19937", np.arange(3, dtype=np.uint32), 5, 0, 0.0),
+        "nested": [{"a": 1, "b": None}, 2.5, "s"],
+        "t": torch.arange(4),
+        "np_rng": np.random.get_state(),
+        "py_rng": random.getstate(),
+    }
+    path = tmp_path / "c.pt"
+    ckpt_io.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "extra": state})
+    raw = torch.load(path, weights_only=True)  # loads without unpickling any foreign object
+    assert isinstance(raw["extra"]["raw"], dict)
+    back = ckpt_io.load_checkpoint(path)["extra"]
+    np.testing.assert_array_equal(back["arr"], state["arr"])
+    assert back["arr"].dtype == np.uint32
+    assert back["scalar"] == 7 and back["raw"] == state["raw"] and back["empty"] == b""
+    assert back["tuple"][0] == "MT19937" and isinstance(back["tuple"], tuple)
+    assert back["nested"] == state["nested"]
+    torch.testing.assert_close(back["t"], state["t"])
+    np.random.set_state(back["np_rng"])
+    random.setstate(back["py_rng"])
+    with pytest.raises(TypeError):
+        ckpt_io.to_safe({"x": object()})
+
+
+def test_rng_state_restores_dropout_masks():
+    torch.manual_seed(3)
+    st = ckpt_io.rng_state()
+    a = torch.nn.functional.dropout(torch.ones(100), 0.5)
+    ckpt_io.set_rng_state(ckpt_io.from_safe(ckpt_io.to_safe(st)))
+    b = torch.nn.functional.dropout(torch.ones(100), 0.5)
+    assert torch.equal(a, b)
+
+
+def test_bad_checkpoint_is_one_clear_error(tmp_path):
+    p = tmp_path / "bad.pt"
+    p.write_bytes(b"not a checkpoint")
+    with pytest.raises(AlexnetError, match="cannot read checkpoint"):
+        ckpt_io.load_checkpoint(p)
+    with pytest.raises(AlexnetError, match="no checkpoint"):
+        ckpt_io.load_checkpoint(tmp_path / "missing.pt")
+
+
+# --------------------------------------------------------------------------- §4.1 ten patches
+
+
+def test_ten_patch_average_of_softmax_on_known_input():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2 * C.TEN_CROP, 6)) * 3
+    probs = average_patch_softmax(torch.tensor(logits), C.TEN_CROP).numpy()
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    ref = (e / e.sum(1, keepdims=True)).reshape(2, C.TEN_CROP, 6).mean(1)
+    np.testing.assert_allclose(probs, ref, rtol=1e-6)
+    # averaging softmax outputs is not averaging logits: a case where the two disagree
+    one = np.zeros((C.TEN_CROP, 2))
+    one[0] = [100.0, 0.0]  # one very confident patch for class 0
+    one[1:, 1] = 1.0  # nine mildly confident patches for class 1
+    assert one.mean(0).argmax() == 0
+    assert average_patch_softmax(torch.tensor(one), C.TEN_CROP).argmax(1).item() == 1
+
+
+def test_topk_correct():
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [0.5, 0.2, 0.1, 0.08, 0.07, 0.05]])
+    assert topk_correct(probs, torch.tensor([3, 5])) == (1, 1)  # class 5 is 6th in row 2
+    assert topk_correct(probs, torch.tensor([0, 0])) == (1, 2)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@pytest.mark.parametrize(
+    ("spec", "local_rank", "local_world", "cuda", "want"),
+    [
+        ("auto", 0, 1, 0, "cpu"),
+        ("auto", 0, 1, 1, "0"),
+        ("auto", 0, 1, 2, "0,1"),
+        ("auto", 1, 2, 4, "2,3"),
+        ("auto", 1, 2, 2, "1"),
+        ("0,1", 1, 2, 4, "2,3"),
+        ("0", 3, 4, 4, "3"),
+        ("cpu", 1, 2, 0, "cpu"),
+    ],
+)
+def test_replica_gpus(spec, local_rank, local_world, cuda, want):
+    info = DistInfo(rank=local_rank, world_size=local_world, local_rank=local_rank, local_world_size=local_world)
+    assert replica_gpus(spec, info, cuda) == want
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_help_and_version():
+    from alexnet.trainer.cli import main
+
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0, r.output
+    assert "Examples:" in r.output and "--eval-only" in r.output and "torchrun" in r.output
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and "torch" in r.output
+
+
+def test_cli_missing_dataset_is_one_line(tmp_path):
+    from alexnet.trainer.cli import main
+
+    r = CliRunner().invoke(
+        main, ["--data-dir", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"), "--gpus", "cpu"]
+    )
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error:") and "manifest.json" in r.output and "Traceback" not in r.output
+
+
+def test_math_sanity():
+    assert math.isclose(C.BASE_LR * C.LR_DROP_FACTOR**C.LR_DROPS, 1e-5)

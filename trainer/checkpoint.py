@@ -1,0 +1,160 @@
+"""Checkpoints: written atomically, read back without unpickling arbitrary objects.
+
+A checkpoint is one ``torch.save`` of a dict holding only tensors and plain containers (dict,
+list, str, int, float, bool, None), so ``torch.load(weights_only=True)`` reads it. Values that are
+not of those kinds (numpy arrays, numpy scalars, bytes, tuples: the pipeline's position and the
+numpy/python RNG states) are encoded by :func:`to_safe` into tagged dicts of tensors and decoded
+back exactly by :func:`from_safe`.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    format_version  int
+    model           canonical state dict (any placement loads it)
+    optimizer       PaperSGD state dict (velocities)
+    schedule        plain dict
+    epoch           completed epochs (int)
+    step            optimiser steps done (int)
+    batch_in_epoch  steps done in the current epoch (0 at an epoch boundary)
+    world_size      replicas that wrote it
+    ranks           one entry per replica: {"rng": ..., "loader": ...}
+    config          the run's config dict
+    best_top1_err   best centre-crop validation top-1 error so far (or None)
+
+Files: ``RUN/checkpoints/last.pt`` (every epoch and every N minutes), ``epoch-XXXX.pt`` (each
+epoch's end), ``RUN/checkpoints/best.pt`` (lowest validation top-1 error).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alexnet.pipeline.artifacts import AlexnetError, atomic_write_bytes
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.pt"
+BEST = "best.pt"
+
+_TAG = "__alexnet_safe__"
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.pt"
+
+
+# --------------------------------------------------------------------------- safe encoding
+
+
+def to_safe(obj: Any) -> Any:
+    """Encode ``obj`` with tensors and plain containers only (exactly reversible by from_safe)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, np.generic):
+        return {_TAG: "npscalar", "dtype": obj.dtype.str, "data": _bytes_tensor(obj.tobytes())}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError("object arrays cannot go into a checkpoint")
+        arr = np.ascontiguousarray(obj)
+        return {_TAG: "ndarray", "dtype": arr.dtype.str, "shape": list(arr.shape), "data": _bytes_tensor(arr.tobytes())}
+    if isinstance(obj, bytes | bytearray):
+        return {_TAG: "bytes", "data": _bytes_tensor(bytes(obj))}
+    if isinstance(obj, tuple):
+        return {_TAG: "tuple", "items": [to_safe(v) for v in obj]}
+    if isinstance(obj, list):
+        return [to_safe(v) for v in obj]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str | int) for k in obj):
+            raise TypeError(f"checkpoint dict keys must be str or int, got {sorted({type(k).__name__ for k in obj})}")
+        if _TAG in obj:
+            raise TypeError(f"the key {_TAG!r} is reserved")
+        return {k: to_safe(v) for k, v in obj.items()}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def from_safe(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return [from_safe(v) for v in obj]
+    if isinstance(obj, dict):
+        tag = obj.get(_TAG)
+        if tag is None:
+            return {k: from_safe(v) for k, v in obj.items()}
+        if tag == "bytes":
+            return obj["data"].numpy().tobytes()
+        if tag == "tuple":
+            return tuple(from_safe(v) for v in obj["items"])
+        if tag == "ndarray":
+            raw = obj["data"].numpy().tobytes()
+            return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"]).copy()
+        if tag == "npscalar":
+            return np.frombuffer(obj["data"].numpy().tobytes(), dtype=np.dtype(obj["dtype"]))[0]
+        raise AlexnetError(f"checkpoint holds an unknown encoded value {tag!r}")
+    return obj
+
+
+def _bytes_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator the training step draws from: torch CPU (dropout on CPU), every CUDA
+    device's (dropout on GPU), numpy's and python's global ones."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        n = min(len(cuda), torch.cuda.device_count())
+        for i in range(n):
+            torch.cuda.set_rng_state(cuda[i], device=i)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically write ``payload`` (tmp file in the same folder, fsync, rename)."""
+    buf = io.BytesIO()
+    torch.save(to_safe({"format_version": FORMAT_VERSION, **payload}), buf)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True`` (no arbitrary objects) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise AlexnetError(f"no checkpoint at {path}")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(raw, dict) or "model" not in raw:
+        raise AlexnetError(f"{path} is not an alexnet-train checkpoint (no 'model' entry)")
+    ckpt = from_safe(raw)
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise AlexnetError(f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}")
+    return ckpt

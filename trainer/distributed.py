@@ -1,0 +1,174 @@
+"""Data-parallel replicas under ``torchrun`` (DistributedDataParallel on torch.distributed).
+
+Launch (one node, two replicas, each holding the two-column model on its own GPU pair)::
+
+    torchrun --nproc-per-node 2 -m alexnet.trainer.cli --gpus 0,1 --data-dir /data/imagenet-lmdb
+
+Several nodes (run on every node; node 0's address as the rendezvous endpoint)::
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 \\
+        --rdzv-id alexnet-run1 -m alexnet.trainer.cli --gpus 0,1 --run-dir /shared/runs/run1
+
+Semantics (documented in the README and the report):
+
+* **Devices.** ``--gpus`` names the devices of ONE replica, counted from that replica's offset
+  ``LOCAL_RANK x len(gpus)``: with ``--gpus 0,1`` local replica 0 uses GPUs 0,1, replica 1 uses
+  2,3, ... (so 4 replicas need 8 GPUs per node). ``--gpus 0`` gives each replica one GPU. The
+  default (``auto``) takes 2 GPUs per replica when the node has at least 2 per local replica,
+  else 1, else the CPU. Backend: NCCL when the replica is on GPUs, gloo on the CPU.
+* **Batch and learning rate.** ``--batch-size`` is the GLOBAL batch: each of W replicas takes
+  ``batch_size / W`` images per step (it must divide). DDP averages the gradients over
+  replicas, and each replica's loss is the mean over its images, so one step follows the
+  gradient of the mean loss over the whole global batch, as one process with that batch would.
+  The paper's recipe (batch 128, lr 0.01) is therefore unchanged by the replica count; only the
+  arithmetic of the batch's split differs (and dropout masks are drawn per replica).
+* **Data.** Replica r's pipeline reads shard r of W of the training and validation records
+  (``LoaderConfig(shard_id=r, num_shards=W)``); validation error counts are summed over replicas.
+* **Files.** Only rank 0 writes (config, versions, metrics, checkpoints, TensorBoard).
+* **Checkpoints.** Rank 0 gathers every replica's RNG states and pipeline position into the
+  checkpoint (``ranks[r]``). Resuming with the same replica count restores each replica's own
+  entry: exact continuation. With a different count, model, optimiser, schedule and counters are
+  restored, each replica's RNG is re-seeded from (seed, rank, step), and an interrupted epoch
+  restarts from its beginning under the new sharding (the data order then differs from the
+  uninterrupted run's; a checkpoint at an epoch boundary loses nothing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from alexnet.pipeline.artifacts import AlexnetError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info_from_env(env: dict[str, str] | None = None) -> DistInfo:
+    """Replica coordinates from torchrun's environment (a single replica when absent)."""
+    env = os.environ if env is None else env
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError as e:
+        raise AlexnetError(f"bad torchrun environment: {e}") from None
+    return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
+
+
+def replica_gpus(spec: str, info: DistInfo, cuda_count: int) -> str:
+    """The ``--gpus`` value of this replica: ``auto`` resolved, then offset by its local rank.
+
+    ``cuda_count`` is passed in (not read here) so the rule is testable on a CPU machine.
+    """
+    spec = spec.strip().lower()
+    if spec == "auto":
+        per_replica = cuda_count // max(info.local_world_size, 1)
+        spec = "0,1" if per_replica >= 2 else "0" if per_replica == 1 else "cpu"
+    if spec == "cpu" or info.local_rank == 0:
+        return spec
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(p.isdigit() for p in parts):
+        return spec  # parse_gpus gives the clear error
+    offset = info.local_rank * len(parts)
+    return ",".join(str(int(p) + offset) for p in parts)
+
+
+def init_process_group(info: DistInfo, on_gpu: bool, first_gpu: int | None) -> None:
+    if not info.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if on_gpu else "gloo"
+    kwargs: dict[str, Any] = {"backend": backend, "timeout": timedelta(minutes=30)}
+    if on_gpu and first_gpu is not None:
+        torch.cuda.set_device(first_gpu)
+        kwargs["device_id"] = torch.device("cuda", first_gpu)
+    dist.init_process_group(**kwargs)
+
+
+def destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel around a replica (broadcasts rank 0's weights at construction).
+
+    ``device_ids`` stays None: the replica may span two GPUs (one per column) or be on the CPU,
+    the two cases DDP documents for multi-device and CPU modules.
+    """
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=None, output_device=None, broadcast_buffers=False)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every replica's ``obj`` (in rank order), on every replica. Pickled over the process group:
+    our own processes only; nothing unpickled from files."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_min_int(value: int, info: DistInfo, device: torch.device) -> int:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every replica if it is True on any (stop decisions must agree, or DDP hangs)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()

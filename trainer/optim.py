@@ -1,0 +1,69 @@
+"""The paper's update rule (§5) as a torch optimiser.
+
+    v <- momentum * v - weight_decay * lr * w - lr * dL/dw
+    w <- w + v
+
+The learning rate sits inside the velocity, as in the paper and cuda-convnet. ``torch.optim.SGD``
+instead keeps v <- momentum * v + (g + wd * w) and w <- w - lr * v, which is the same only while the
+learning rate is constant: after a /10 drop the paper's velocity still carries the old step sizes
+and decays over a few steps, torch's is rescaled at once.
+
+Weight decay is applied to the parameter groups that ask for it; :func:`param_groups` decays the
+weights (conv kernels and fc matrices) and not the biases, as cuda-convnet's layer definitions
+(``wc`` on weights only) did. The paper's text does not mention biases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PaperSGD(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float = 0.0) -> None:
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
+            raise ValueError(f"invalid hyper-parameters lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                v = state.get("velocity")
+                if v is None:
+                    v = state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # v = mom * v - lr * (wd * w + g), in place (one fused-ish chain, no temporaries kept)
+                v.mul_(mom)
+                if wd:
+                    v.add_(p, alpha=-lr * wd)
+                v.add_(p.grad, alpha=-lr)
+                p.add_(v)
+        return loss
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weights decayed, biases not (see module docstring); a stable order for checkpoints."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for _name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def create_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> PaperSGD:
+    return PaperSGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
