@@ -1,0 +1,640 @@
+"""``alexnet-prep build-lmdb``: an ImageNet tree -> LMDB shards of shorter-side-256 centre crops.
+
+§2 of the paper: "rescale the image such that the shorter side was of length 256, and then
+cropped out the central 256x256 patch". Nothing else: no warping to a square (Caffe's
+``convert_imageset --resize_height/width`` does that; it is not the paper).
+
+Image processing (``prepare_image``):
+
+- decode with PIL (pillow-simd); for JPEGs at least ``DRAFT_MIN_FACTOR`` x 2 times larger than
+  needed, decode at 1/2, 1/4 or 1/8 scale with libjpeg's DCT scaling (``Image.draft``), never
+  below ``DRAFT_MIN_FACTOR`` x 256 on the shorter side, so the final resize still reduces by at least 2x.
+  Measured against the full decode (``tests/test_build_lmdb.py::test_draft_within_tolerance``):
+  mean absolute difference below ``DRAFT_TOLERANCE`` grey levels;
+- convert every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG) to RGB;
+- EXIF orientation is ignored: pixels are stored as coded, as the ImageNet reference loaders
+  (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do, so records
+  match what every published ImageNet result was trained on;
+- resample with PIL's antialiased bilinear filter (``RESAMPLE``), the filter of torchvision's
+  ImageNet reference ``Resize(256)``; the paper names none. Smaller images are upscaled;
+- only the central 256x256 window is computed: ``resize(..., box=...)`` maps the crop back to
+  source coordinates, identical (to float rounding) to resizing the whole image and cropping;
+- encode as JPEG, quality 95 by default (the authors' own preparation), 4:2:0 chroma.
+
+Parallelism and resumability: each shard is written by one worker process, in key order, in
+transactions of ``commit_every`` records. After a kill at any moment the same command finds each
+shard's last committed key and continues after it; source files that were rejected before it are
+recognised as gaps and checked again for their reason. ``crc32.npy`` is written when a shard is
+finished; ``manifest.json`` says ``complete: false`` until every shard is.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.tools.layouts import VAL_LAYOUTS
+
+# Decode at reduced DCT scale only while the decoded shorter side stays >= this many times
+# RESIZE_SHORTER; the final antialiased resize then still reduces by >= 2x, which keeps the
+# result within DRAFT_TOLERANCE of a full decode (measured in tests/test_build_lmdb.py).
+DRAFT_MIN_FACTOR = 2
+DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
+RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
+DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
+DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill can lose and memory per worker
+IMAGES_PER_SHARD = 10_000  # default shard size
+MAX_SMALL_SHARDS = 16  # small datasets still get up to 16 shards (>= 256 images each), so 16 cores have work
+MIN_SHARD_IMAGES = 256
+KILL_AFTER_ENV = "ALEXNET_BUILD_KILL_AFTER_COMMITS"  # test hook: SIGKILL the whole build after K commits
+# Options that decide the bytes written: a build resumes only when all of these are unchanged.
+_OUTPUT_OPTIONS = (
+    "resize_shorter", "stored_size", "jpeg_quality", "resample", "draft_min_factor", "exif_orientation",
+    "seed", "num_shards", "splits", "layouts", "source_digests", "classes", "pil",
+)  # fmt: skip
+
+
+class Rejected(Exception):
+    """A source file that cannot become a record; the message is the reason."""
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def _resample():
+    from PIL import Image
+
+    return Image.Resampling.BILINEAR
+
+
+def centre_crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """The resized size (shorter side 256) and the central 256x256 window in source coordinates."""
+    if width <= height:
+        new_w, new_h = C.RESIZE_SHORTER, max(C.RESIZE_SHORTER, round(height * C.RESIZE_SHORTER / width))
+    else:
+        new_w, new_h = max(C.RESIZE_SHORTER, round(width * C.RESIZE_SHORTER / height)), C.RESIZE_SHORTER
+    left, top = (new_w - C.STORED_SIZE) // 2, (new_h - C.STORED_SIZE) // 2
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + C.STORED_SIZE) * sx, (top + C.STORED_SIZE) * sy)
+    return (new_w, new_h), box
+
+
+def resize_centre_crop(im, resample=None):
+    """§2: shorter side -> 256, central 256x256 patch, computed in one resampling pass."""
+    _, box = centre_crop_box(*im.size)
+    return im.resize((C.STORED_SIZE, C.STORED_SIZE), resample if resample is not None else _resample(), box=box)
+
+
+def decode_image(data: bytes, *, draft: bool = True):
+    """Bytes -> RGB PIL image (draft-decoded when much larger than needed). Raises ``Rejected``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise Rejected("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
+            im = Image.open(io.BytesIO(data))
+            if draft and im.format == "JPEG":
+                w, h = im.size
+                need = DRAFT_MIN_FACTOR * C.RESIZE_SHORTER / min(w, h)
+                if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
+                    im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+    except UnidentifiedImageError:
+        raise Rejected("not an image (format not recognised)") from None
+    except Image.DecompressionBombError as e:
+        raise Rejected(f"too large ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        text = str(e)
+        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
+        raise Rejected(f"{reason} ({text})" if text else reason) from None
+    if min(im.size) < 1:
+        raise Rejected("empty image")
+    return im
+
+
+def prepare_image(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True) -> bytes:
+    """Source file bytes -> JPEG bytes of the stored 256x256 RGB centre crop."""
+    out = resize_centre_crop(decode_image(data, draft=draft))
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    source: Path
+    data_dir: Path
+    workers: int = 0  # 0: all cores
+    train_shards: int = 0  # 0: from the dataset size (default_num_shards)
+    val_shards: int = 0
+    jpeg_quality: int = DEFAULT_JPEG_QUALITY
+    seed: int = 0
+    splits: tuple[str, ...] = A.SPLITS
+    val_layout: str = "auto"
+    val_labels: Path | None = None
+    allow_missing_classes: bool = False
+    overwrite: bool = False
+    commit_every: int = DEFAULT_COMMIT_EVERY
+    initial_map_size: int = 0  # bytes; 0: estimated from the shard size (grows on MapFullError anyway)
+    progress: bool = True
+
+
+def default_num_shards(num_items: int) -> int:
+    """About IMAGES_PER_SHARD images a shard, but up to 16 shards of >= 256 images on small sets.
+
+    Depends only on the dataset (not on this machine's cores), so the same source always gives
+    the same shards: 1,281,167 train images -> 129 shards, 50,000 val -> 16.
+    """
+    by_size = math.ceil(num_items / IMAGES_PER_SHARD)
+    small = min(MAX_SMALL_SHARDS, num_items // MIN_SHARD_IMAGES)
+    return max(1, by_size, small)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    split: str
+    index: int
+    path: str  # absolute shard directory
+    source_root: str
+    start: int  # first position
+    items: list[tuple[str, int]]  # (relpath, label) of positions start, start+1, ...
+    quality: int
+    commit_every: int
+    map_size: int
+
+
+@dataclass
+class ShardResult:
+    split: str
+    index: int
+    num_records: int
+    value_bytes: int
+    rejected: list[tuple[str, str]]  # (relpath, reason)
+    processed: int  # images processed in this run (not found already committed)
+
+
+# --------------------------------------------------------------------------- worker
+
+_progress_queue = None
+_commits_done = 0
+
+
+def _worker_init(progress_queue) -> None:
+    global _progress_queue
+    _progress_queue = progress_queue
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+
+
+def _report(n: int) -> None:
+    if _progress_queue is not None and n:
+        _progress_queue.put(n)
+
+
+def _after_commit() -> None:
+    global _commits_done
+    _commits_done += 1
+    limit = os.environ.get(KILL_AFTER_ENV)
+    if limit and _commits_done >= int(limit):
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # test hook: as if `kill -9` hit the whole build now
+
+
+def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
+    """Write a batch of ascending keys in one transaction; grow the map instead of failing."""
+    import lmdb
+
+    while True:
+        try:
+            with env.begin(write=True) as txn:
+                cur = txn.cursor()
+                for key, value in batch:
+                    cur.put(key, value, append=True)
+            return
+        except lmdb.MapFullError:
+            env.set_mapsize(env.info()["map_size"] * 2)
+
+
+def _read_source(root: str, rel: str) -> bytes:
+    with open(os.path.join(root, rel), "rb") as f:
+        return f.read()
+
+
+def _shard_state(env, task: ShardTask) -> tuple[set[int], int]:
+    """Positions already committed in the shard, and the last of them (start - 1 when none)."""
+    stop = task.start + len(task.items)
+    present: set[int] = set()
+    with env.begin() as txn:
+        for key in txn.cursor().iternext(keys=True, values=False):
+            pos, rel = A.parse_key(bytes(key))
+            if not task.start <= pos < stop or task.items[pos - task.start][0] != rel:
+                raise AlexnetError(
+                    f"shard {task.path} holds record {bytes(key).decode()!r} that this build would not write there; "
+                    "the source or the options changed: rebuild with --overwrite"
+                )
+            present.add(pos)
+    return present, max(present, default=task.start - 1)
+
+
+def build_shard(task: ShardTask) -> ShardResult:
+    """Write (or finish) one shard: records in key order, committed every ``commit_every``."""
+    data_mdb = Path(task.path) / "data.mdb"
+    map_size = max(task.map_size, data_mdb.stat().st_size * 2 if data_mdb.exists() else 0)
+    env = A.open_shard(Path(task.path), readonly=False, map_size=map_size)
+    rejected: list[tuple[str, str]] = []
+    processed = 0
+    try:
+        present, last = _shard_state(env, task)
+        _report(len(present))
+        batch: list[tuple[bytes, bytes]] = []
+        for offset, (rel, label) in enumerate(task.items):
+            pos = task.start + offset
+            if pos in present:
+                continue
+            try:
+                jpeg = prepare_image(_read_source(task.source_root, rel), quality=task.quality)
+            except Rejected as e:
+                rejected.append((rel, str(e)))
+                _report(1)
+                continue
+            except OSError as e:  # unreadable source file (permissions, I/O error)
+                rejected.append((rel, f"unreadable ({e.strerror or e})"))
+                _report(1)
+                continue
+            if pos < last:  # a gap before the last committed key was a rejected file; it decodes now
+                raise AlexnetError(
+                    f"{rel} was rejected when {task.path} was started but decodes now: the source changed; "
+                    "rebuild with --overwrite"
+                )
+            value = A.Datum(data=jpeg, label=label, height=C.STORED_SIZE, width=C.STORED_SIZE).encode()
+            batch.append((A.make_key(pos, rel), value))
+            processed += 1
+            if len(batch) >= task.commit_every:
+                _commit(env, batch)
+                _report(len(batch))
+                batch = []
+                _after_commit()
+        if batch:
+            _commit(env, batch)
+            _report(len(batch))
+            _after_commit()
+        # The shard is finished: checksums of every value in key order, then flush.
+        crcs = []
+        value_bytes = 0
+        with env.begin() as txn:
+            for _, value in txn.cursor():
+                crcs.append(A.crc32(value))
+                value_bytes += len(value)
+        env.sync(True)
+    finally:
+        env.close()
+    import numpy as np
+
+    A.write_record_crcs(Path(task.path), np.asarray(crcs, dtype=np.uint32))
+    return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
+    from alexnet.pipeline.cli_common import package_version
+    from alexnet.tools.pil import pil_summary
+
+    return {
+        "resize_shorter": C.RESIZE_SHORTER,
+        "stored_size": C.STORED_SIZE,
+        "jpeg_quality": cfg.jpeg_quality,
+        "resample": RESAMPLE_NAME,
+        "draft_min_factor": DRAFT_MIN_FACTOR,
+        "exif_orientation": "ignored",
+        "seed": cfg.seed,
+        "num_shards": shards,
+        "splits": list(source.splits),
+        "layouts": {n: s.layout for n, s in source.splits.items()},
+        "source_digests": {n: s.digest() for n, s in source.splits.items()},
+        "classes": len(source.classes),
+        "pil": pil_summary(),
+        "alexnet_version": package_version(),
+        "git_revision": _git_revision(),
+    }
+
+
+def _remove_dataset(data_dir: Path) -> None:
+    """--overwrite: delete the files this project writes (never anything else in the folder)."""
+    for split in A.SPLITS:
+        if (data_dir / split).is_dir():
+            shutil.rmtree(data_dir / split)
+    for name in (A.MANIFEST_FILE, A.REJECTED_FILE, A.STATS_FILE, A.MEAN_IMAGE_FILE):
+        (data_dir / name).unlink(missing_ok=True)
+
+
+def _plan(cfg: BuildConfig, source, shards: dict[str, int]) -> tuple[A.Manifest, list[ShardTask]]:
+    manifest = A.Manifest(classes=source.classes, splits={}, complete=False)
+    tasks: list[ShardTask] = []
+    for name, split in source.splits.items():
+        n = len(split)
+        order = A.shuffle_order(n, cfg.seed)  # order[position] = index in the sorted file list
+        labels = split.labels(source.classes)
+        infos = []
+        for i, (start, stop) in enumerate(A.shard_bounds(n, shards[name])):
+            rel = f"{name}/{A.shard_name(name, i, shards[name])}"
+            infos.append(A.ShardInfo(path=rel, num_records=0, first_position=start, stop_position=stop))
+            items = [(split.relpaths[int(order[p])], int(labels[int(order[p])])) for p in range(start, stop)]
+            # ~40 KB per record at quality 95; the map grows on demand anyway.
+            map_size = cfg.initial_map_size or max(64 << 20, (stop - start) * 64 << 10)
+            tasks.append(
+                ShardTask(name, i, str(cfg.data_dir / rel), str(split.root), start, items, cfg.jpeg_quality,
+                          cfg.commit_every, map_size)
+            )  # fmt: skip
+        manifest.splits[name] = A.SplitInfo(num_records=0, source_count=n, shards=infos, layout=split.layout)
+    return manifest, tasks
+
+
+def _check_existing(cfg: BuildConfig, options: dict) -> str:
+    """'new', 'resume' or 'done'; refuses a dataset built with other options."""
+    data_dir = cfg.data_dir
+    manifest_path = data_dir / A.MANIFEST_FILE
+    if not manifest_path.exists():
+        stray = [s for s in A.SPLITS if (data_dir / s).exists()]
+        if stray:
+            raise AlexnetError(
+                f"{data_dir} holds {', '.join(stray)}/ but no {A.MANIFEST_FILE}; "
+                "choose another --data-dir or pass --overwrite to replace it"
+            )
+        return "new"
+    old = A.read_manifest(data_dir, require_complete=False)
+    differ = [k for k in _OUTPUT_OPTIONS if old.build.get(k) != options.get(k)]
+    if differ:
+        what = "; ".join(f"{k}: {old.build.get(k)!r} -> {options.get(k)!r}" for k in differ[:4])
+        verb = "resume" if not old.complete else "reuse"
+        raise AlexnetError(
+            f"refusing to {verb} the dataset at {data_dir}: it was built with other options or another source "
+            f"({what}); pass --overwrite to rebuild it"
+        )
+    return "done" if old.complete else "resume"
+
+
+def _write_rejected(data_dir: Path, rejected: list[dict[str, str]]) -> None:
+    lines = ["split\tpath\treason"] + [f"{r['split']}\t{r['path']}\t{r['reason']}" for r in rejected]
+    A.atomic_write_bytes(data_dir / A.REJECTED_FILE, ("\n".join(lines) + "\n").encode())
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _run_tasks(tasks: list[ShardTask], workers: int, total: int, progress: bool) -> list[ShardResult]:
+    """One process per shard at a time; progress over images through a queue."""
+    from tqdm import tqdm
+
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    progress_queue = ctx.Queue()
+    results: list[ShardResult] = []
+    # Largest shards first, so the last running shards are short ones.
+    ordered = sorted(tasks, key=lambda t: -len(t.items))
+    # The pool is forked before tqdm starts its monitor thread.
+    pool = ctx.Pool(processes=max(1, min(workers, len(tasks))), initializer=_worker_init, initargs=(progress_queue,))
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    try:
+        pending = pool.imap_unordered(build_shard, ordered)
+        remaining = len(tasks)
+        while remaining:
+            try:
+                results.append(pending.next(timeout=0.2))
+                remaining -= 1
+            except mp.TimeoutError:
+                pass
+            while True:
+                try:
+                    bar.update(progress_queue.get_nowait())
+                except queue.Empty:
+                    break
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+        bar.close()
+    return results
+
+
+def build_lmdb(cfg: BuildConfig) -> A.Manifest:
+    """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
+    from alexnet.tools.layouts import detect_source
+
+    t0 = time.monotonic()
+    source = detect_source(
+        cfg.source, splits=cfg.splits, val_layout=cfg.val_layout, val_labels=cfg.val_labels,
+        allow_missing_classes=cfg.allow_missing_classes,
+    )  # fmt: skip
+    for note in source.notes:
+        click.echo(f"note: {note}", err=True)
+    given = {"train": cfg.train_shards, "val": cfg.val_shards}
+    shards = {n: given.get(n) or default_num_shards(len(s)) for n, s in source.splits.items()}
+    options = _build_options(cfg, source, shards)
+
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    if not os.access(cfg.data_dir, os.W_OK):
+        raise AlexnetError(f"cannot write to {cfg.data_dir}")
+    if cfg.overwrite:
+        _remove_dataset(cfg.data_dir)
+    state = _check_existing(cfg, options)
+    if state == "done":
+        m = A.read_manifest(cfg.data_dir)
+        counts = ", ".join(f"{n} {s.num_records} records" for n, s in m.splits.items())
+        click.echo(f"nothing to do: {cfg.data_dir} is complete ({counts}); pass --overwrite to rebuild")
+        return m
+
+    manifest, tasks = _plan(cfg, source, shards)
+    manifest.build = options
+    manifest.source = {
+        "root": str(Path(cfg.source).resolve()),
+        "splits": {n: {"dir": str(s.root), "files": len(s), "label_file": s.label_file} for n, s in source.splits.items()},
+    }  # fmt: skip
+    A.write_manifest(cfg.data_dir, manifest)  # complete=False until every shard is finished
+
+    workers = cfg.workers or default_workers()
+    total = sum(len(t.items) for t in tasks)
+    counts = ", ".join(f"{len(s)} {n}" for n, s in source.splits.items())
+    click.echo(
+        f"{'resuming' if state == 'resume' else 'building'} {cfg.data_dir}: {counts} images, "
+        f"{len(source.classes)} classes, {' + '.join(f'{shards[n]} {n}' for n in source.splits)} shards, "
+        f"{min(workers, len(tasks))} worker processes",
+        err=True,
+    )
+    results = _run_tasks(tasks, workers, total, cfg.progress)
+
+    by_shard = {(r.split, r.index): r for r in results}
+    rejected: list[dict[str, str]] = []
+    for name, info in manifest.splits.items():
+        split_rejected = []
+        for i, sh in enumerate(info.shards):
+            r = by_shard[(name, i)]
+            sh.num_records = r.num_records
+            split_rejected += [{"split": name, "path": rel, "reason": why} for rel, why in r.rejected]
+        info.num_records = sum(sh.num_records for sh in info.shards)
+        info.rejected = len(split_rejected)
+        if info.num_records + info.rejected != info.source_count:
+            raise AlexnetError(f"{name}: {info.num_records} records + {info.rejected} rejected != {info.source_count}")
+        rejected += sorted(split_rejected, key=lambda r: r["path"])
+    manifest.rejected = rejected
+    _write_rejected(cfg.data_dir, rejected)
+    manifest.complete = True
+    A.write_manifest(cfg.data_dir, manifest)
+
+    elapsed = time.monotonic() - t0
+    processed = sum(r.processed + len(r.rejected) for r in results)
+    value_bytes = sum(r.value_bytes for r in results)
+    per_split = ", ".join(
+        f"{n} {s.num_records} records in {len(s.shards)} shard{'s' if len(s.shards) > 1 else ''}"
+        for n, s in manifest.splits.items()
+    )
+    click.echo(f"built {cfg.data_dir}: {per_split}; {_human_bytes(value_bytes)} of records")
+    if rejected:
+        why = Counter(r["reason"].split(" (")[0] for r in rejected)
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(why.items()))
+        click.echo(f"rejected {len(rejected)} source files ({detail}); list in {cfg.data_dir / A.REJECTED_FILE}")
+    click.echo(
+        f"processed {processed} images in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s, "
+        f"{min(workers, len(tasks))} workers)" + (" after resuming" if state == "resume" else "")
+    )
+    return manifest
+
+
+EPILOG = """\b
+Examples:
+  alexnet-prep build-lmdb /imagenet                      # -> ./data (or $ALEXNET_DATA_DIR)
+  alexnet-prep build-lmdb /imagenet --data-dir /fast/lmdb --workers 32
+  alexnet-prep build-lmdb /kaggle/imagenet-object-localization-challenge   # Kaggle layout, detected
+  alexnet-prep build-lmdb /imagenet --val-labels /imagenet/devkit/data/ILSVRC2012_validation_ground_truth.txt
+  alexnet-prep build-lmdb sample/ --data-dir demo/data --overwrite
+
+\b
+Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continues where it stopped.
+"""
+
+
+@click.command("build-lmdb", epilog=EPILOG)
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@data_dir_option
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Worker processes (each writes one shard at a time); 0: all cores.",
+)
+@click.option(
+    "--train-shards",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help=f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).",
+)
+@click.option(
+    "--val-shards",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Validation shards; 0: from the size, as for train (16 for ImageNet).",
+)
+@click.option(
+    "--jpeg-quality",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_JPEG_QUALITY,
+    show_default=True,
+    help="Quality of the stored JPEGs (95: the authors' own preparation).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
+@click.option(
+    "--splits",
+    type=click.Choice(["train,val", "train", "val"]),
+    default="train,val",
+    show_default=True,
+    help="Which splits to build (a split not found in SRC is skipped with a note).",
+)
+@click.option(
+    "--val-layout",
+    type=click.Choice(("auto", *VAL_LAYOUTS)),
+    default="auto",
+    show_default=True,
+    help="Force how validation labels are read instead of detecting it.",
+)
+@click.option(
+    "--val-labels",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Validation label file: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
+    "(meta.mat beside it) or a '<relpath> <wnid-or-label>' list.",
+)
+@click.option("--allow-missing-classes", is_flag=True, help="Build even when a class has no images in a split.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing dataset in --data-dir and rebuild it.")
+@click.option(
+    "--commit-every",
+    type=click.IntRange(1),
+    default=DEFAULT_COMMIT_EVERY,
+    show_default=True,
+    help="Records per LMDB transaction (what an interruption can cost).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
+def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_quality, seed, splits, val_layout,
+                       val_labels, allow_missing_classes, overwrite, commit_every, no_progress) -> None:  # fmt: skip
+    """Turn an ImageNet tree (train/<wnid>/*.JPEG, val/ in any usual label format) into LMDB shards.
+
+    Each image is rescaled so its shorter side is 256 and its central 256x256 patch is stored as
+    a JPEG inside a Caffe Datum (paper section 2), in a seeded global shuffle, in parallel.
+    """
+    cfg = BuildConfig(
+        source=src, data_dir=data_dir, workers=workers, train_shards=train_shards, val_shards=val_shards,
+        jpeg_quality=jpeg_quality, seed=seed, splits=tuple(splits.split(",")), val_layout=val_layout,
+        val_labels=val_labels, allow_missing_classes=allow_missing_classes, overwrite=overwrite,
+        commit_every=commit_every, progress=not no_progress,
+    )  # fmt: skip
+    build_lmdb(cfg)

@@ -1,0 +1,344 @@
+"""Find the splits of an ImageNet-layout source tree and the label of every file.
+
+Train: class folders ``<split dir>/<wnid>/*.JPEG``, with the split directory either
+``SRC/train`` or the Kaggle copy's ``SRC/ILSVRC/Data/CLS-LOC/train``.
+
+Validation (``SRC/val`` or ``SRC/ILSVRC/Data/CLS-LOC/val``), one of ``VAL_LAYOUTS``:
+
+- ``class-folders``: ``val/<wnid>/*.JPEG`` (after the usual "valprep" step);
+- ``kaggle-csv``: flat ``ILSVRC2012_val_*.JPEG`` + ``LOC_val_solution.csv``
+  (``ImageId,PredictionString``; the first token of PredictionString is the wnid);
+- ``devkit``: flat files + the devkit's ``ILSVRC2012_validation_ground_truth.txt``
+  (line i = ILSVRC2012_ID of ``ILSVRC2012_val_{i:08d}.JPEG``) and ``meta.mat``, which maps
+  ILSVRC2012_IDs to wnids. The ID order is *not* the sorted-wnid order (ID 490 is
+  n01751748, label 65): labels always come from the wnid, never from the ID;
+- ``list``: flat files + a text file of ``<path relative to val/> <wnid or label>`` lines
+  (``val_list.txt``, or Caffe's ``val.txt`` with integer labels in sorted-wnid order).
+
+Labels are the index of the wnid in the sorted list of the dataset's wnids, the same in
+every split (the contract). A class that appears in one split and not in another is an
+error unless ``allow_missing_classes``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alexnet.pipeline.artifacts import AlexnetError
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VAL_LAYOUTS = ("class-folders", "kaggle-csv", "devkit", "list")
+TRAIN_CANDIDATES = ("train", "ILSVRC/Data/CLS-LOC/train")
+VAL_CANDIDATES = ("val", "ILSVRC/Data/CLS-LOC/val")
+KAGGLE_CSV = "LOC_val_solution.csv"
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+DEVKIT_META = "meta.mat"
+LIST_FILES = ("val_list.txt", "val.txt", "val_labels.txt")
+_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
+
+
+@dataclass(frozen=True)
+class SplitSource:
+    name: str  # "train" or "val"
+    root: Path  # the split's directory; relpaths are relative to it
+    layout: str  # "class-folders", "kaggle-csv", "devkit" or "list"
+    relpaths: tuple[str, ...]  # sorted, POSIX separators
+    wnids: tuple[str, ...]  # parallel to relpaths
+    label_file: str = ""  # where the labels came from (flat val layouts)
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def labels(self, classes: list[str]) -> np.ndarray:
+        index = {w: i for i, w in enumerate(classes)}
+        return np.fromiter((index[w] for w in self.wnids), dtype=np.int32, count=len(self.wnids))
+
+    def digest(self) -> str:
+        """A fingerprint of the file list and labels: a resumed build must see the same source."""
+        h = hashlib.sha1()
+        for rel, w in zip(self.relpaths, self.wnids, strict=True):
+            h.update(f"{rel}\t{w}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    root: Path
+    classes: list[str]  # sorted wnids: label order
+    splits: dict[str, SplitSource]
+    notes: tuple[str, ...] = ()  # things worth telling the user (a split not found, labels without files)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _scan_class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
+    """``(relpaths, wnids)`` of ``split_dir/<class>/<image>``, sorted by relpath."""
+    items: list[tuple[str, str]] = []
+    with os.scandir(split_dir) as it:
+        class_dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    for wnid in class_dirs:
+        with os.scandir(split_dir / wnid) as it:
+            items.extend((f"{wnid}/{e.name}", wnid) for e in it if _is_image(e.name) and e.is_file())
+    items.sort()
+    return [r for r, _ in items], [w for _, w in items]
+
+
+def _flat_images(split_dir: Path) -> list[str]:
+    with os.scandir(split_dir) as it:
+        return sorted(e.name for e in it if _is_image(e.name) and e.is_file())
+
+
+def _has_class_dirs(split_dir: Path) -> bool:
+    with os.scandir(split_dir) as it:
+        return any(e.is_dir() and not e.name.startswith(".") for e in it)
+
+
+def _find_file(src: Path, split_dir: Path, names: tuple[str, ...]) -> Path | None:
+    """Look for a label file where the distributions put it: SRC, the devkit's data folder, near val/."""
+    dirs = [src, src / "ILSVRC2012_devkit_t12" / "data", src / "ILSVRC2012_devkit_t12", src / "devkit" / "data"]
+    d = split_dir
+    while True:  # val/ and each of its parents up to SRC (the Kaggle tree nests val/ deep)
+        dirs.append(d)
+        if d == src or d.parent == d:
+            break
+        d = d.parent
+    for directory in dirs:
+        for name in names:
+            if (directory / name).is_file():
+                return directory / name
+    return None
+
+
+def _number(name: str) -> int:
+    m = _VAL_NUMBER.search(name)
+    if not m:
+        raise AlexnetError(
+            f"validation file {name!r} does not follow ILSVRC2012_val_%08d.JPEG; cannot match it to labels"
+        )
+    return int(m.group(1))
+
+
+def _read_kaggle_csv(path: Path) -> dict[str, str]:
+    """``ImageId`` (file stem) -> wnid (first token of ``PredictionString``)."""
+    out: dict[str, str] = {}
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            raise AlexnetError(f"{path}: expected the header 'ImageId,PredictionString', found {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            tokens = row[1].split() if len(row) > 1 else []
+            if not tokens:
+                raise AlexnetError(f"{path}:{lineno}: no wnid in PredictionString")
+            out[row[0].strip()] = tokens[0]
+    return out
+
+
+def read_devkit_meta(path: Path) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid of the leaf synsets of the devkit's ``meta.mat``."""
+    from scipy.io import loadmat
+
+    try:
+        synsets = loadmat(str(path), squeeze_me=True)["synsets"]
+        ids = np.atleast_1d(synsets["ILSVRC2012_ID"])
+        wnids = np.atleast_1d(synsets["WNID"])
+        children = np.atleast_1d(synsets["num_children"])
+    except (KeyError, ValueError, OSError, TypeError) as e:
+        raise AlexnetError(f"{path} is not a devkit meta.mat with a 'synsets' table: {e}") from None
+    # Leaves (num_children == 0) are the 1000 classes; the internal WordNet nodes follow them.
+    return {int(i): str(w) for i, w, c in zip(ids, wnids, children, strict=True) if int(c) == 0}
+
+
+def _read_devkit(gt_path: Path, meta_path: Path) -> dict[int, str]:
+    """Validation file number -> wnid, through the devkit's ID order (not the sorted order)."""
+    id_to_wnid = read_devkit_meta(meta_path)
+    out: dict[int, str] = {}
+    for number, line in enumerate(gt_path.read_text().split(), start=1):
+        try:
+            ilsvrc_id = int(line)
+        except ValueError:
+            raise AlexnetError(f"{gt_path}:{number}: {line!r} is not an ILSVRC2012_ID") from None
+        if ilsvrc_id not in id_to_wnid:
+            raise AlexnetError(f"{gt_path}:{number}: ILSVRC2012_ID {ilsvrc_id} is not a class in {meta_path}")
+        out[number] = id_to_wnid[ilsvrc_id]
+    return out
+
+
+def _read_list(path: Path) -> dict[str, str]:
+    """``relpath -> wnid-or-integer-label`` (as text; integers are resolved against the classes later)."""
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise AlexnetError(f"{path}:{lineno}: expected '<relative path> <wnid or label>', found {line!r}")
+        out[Path(parts[0]).as_posix()] = parts[1]
+    return out
+
+
+def _layout_of_label_file(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        return "kaggle-csv"
+    if "ground_truth" in name:
+        return "devkit"
+    return "list"
+
+
+def _flat_val(
+    src: Path, split_dir: Path, layout: str, label_file: Path | None, names: list[str], notes: list[str]
+) -> tuple[list[str], list[str], str]:
+    """Labels for a flat validation folder: ``(relpaths, wnids-or-labels, label file used)``."""
+    if label_file is None:
+        wanted = {"kaggle-csv": (KAGGLE_CSV,), "devkit": (DEVKIT_GROUND_TRUTH,), "list": LIST_FILES}
+        for candidate in [layout] if layout != "auto" else ["kaggle-csv", "devkit", "list"]:
+            label_file = _find_file(src, split_dir, wanted[candidate])
+            if label_file is not None:
+                layout = candidate
+                break
+        else:
+            raise AlexnetError(
+                f"{split_dir} holds {len(names)} images without class folders and no label file was found "
+                f"(looked for {KAGGLE_CSV}, {DEVKIT_GROUND_TRUTH} + {DEVKIT_META}, or {' / '.join(LIST_FILES)} "
+                "in SRC, its devkit folder and beside val/); pass --val-labels FILE"
+            )
+    elif layout == "auto":
+        layout = _layout_of_label_file(label_file)
+    if not label_file.is_file():
+        raise AlexnetError(f"label file not found: {label_file}")
+
+    if layout == "kaggle-csv":
+        by_stem = _read_kaggle_csv(label_file)
+        keys = [Path(n).stem for n in names]
+        table = by_stem
+    elif layout == "devkit":
+        meta = label_file.parent / DEVKIT_META
+        if not meta.is_file():
+            meta = _find_file(src, split_dir, (DEVKIT_META,))
+        if meta is None:
+            raise AlexnetError(
+                f"{label_file} needs the devkit's {DEVKIT_META} beside it to map ILSVRC2012_IDs to wnids"
+            )
+        by_number = _read_devkit(label_file, meta)
+        keys = [_number(n) for n in names]
+        table = by_number
+    else:
+        table = _read_list(label_file)
+        keys = names
+    missing = [n for n, k in zip(names, keys, strict=True) if k not in table]
+    if missing:
+        raise AlexnetError(
+            f"{len(missing)} validation files have no label in {label_file} (first: {missing[0]}); "
+            "is it the label file of this copy?"
+        )
+    if len(table) > len(names):
+        notes.append(f"{label_file.name} labels {len(table)} files, {len(names)} are present in {split_dir}")
+    return names, [table[k] for k in keys], str(label_file)
+
+
+def _split_dir(src: Path, candidates: tuple[str, ...]) -> Path | None:
+    for rel in candidates:
+        if (src / rel).is_dir():
+            return src / rel
+    return None
+
+
+def detect_source(
+    src: Path,
+    *,
+    splits: tuple[str, ...] = ("train", "val"),
+    val_layout: str = "auto",
+    val_labels: Path | None = None,
+    allow_missing_classes: bool = False,
+) -> DatasetSource:
+    """Find the splits under ``src``, list their files (sorted) and label them."""
+    src = Path(src)
+    if not src.is_dir():
+        raise AlexnetError(f"source {src} is not a directory")
+    if val_layout != "auto" and val_layout not in VAL_LAYOUTS:
+        raise AlexnetError(f"unknown validation layout {val_layout!r} (choose from auto, {', '.join(VAL_LAYOUTS)})")
+    notes: list[str] = []
+    found: dict[str, tuple[Path, str, list[str], list[str], str]] = {}
+
+    if "train" in splits:
+        train_dir = _split_dir(src, TRAIN_CANDIDATES)
+        if train_dir is None:
+            notes.append(f"no train split (looked for {' and '.join(TRAIN_CANDIDATES)} under {src})")
+        else:
+            rel, wn = _scan_class_folders(train_dir)
+            if not rel:
+                raise AlexnetError(f"{train_dir} holds no images in class folders (<wnid>/*.JPEG)")
+            found["train"] = (train_dir, "class-folders", rel, wn, "")
+
+    if "val" in splits:
+        val_dir = _split_dir(src, VAL_CANDIDATES)
+        if val_dir is None:
+            notes.append(f"no val split (looked for {' and '.join(VAL_CANDIDATES)} under {src})")
+        else:
+            flat = _flat_images(val_dir)
+            folders = val_layout == "class-folders" or (val_layout == "auto" and not flat and _has_class_dirs(val_dir))
+            if folders:
+                rel, wn = _scan_class_folders(val_dir)
+                if not rel:
+                    raise AlexnetError(f"{val_dir} holds no images in class folders (<wnid>/*.JPEG)")
+                found["val"] = (val_dir, "class-folders", rel, wn, "")
+            else:
+                if not flat:
+                    raise AlexnetError(f"{val_dir} holds no images")
+                layout = val_layout
+                rel, wn, used = _flat_val(src, val_dir, layout, val_labels, flat, notes)
+                found["val"] = (
+                    val_dir,
+                    layout if layout != "auto" else _layout_of_label_file(Path(used)),
+                    rel,
+                    wn,
+                    used,
+                )
+
+    if not found:
+        raise AlexnetError(f"no ImageNet splits under {src}: " + "; ".join(notes))
+
+    # Classes: the sorted wnids named by the splits. Integer labels (Caffe's val.txt) index the
+    # sorted wnids of the class-folder splits, so those are resolved afterwards.
+    wnid_sets = {name: {w for w in v[3] if not w.isdigit()} for name, v in found.items()}
+    splits_out: dict[str, SplitSource] = {}
+    for name, (root, layout, rel, wn, used) in found.items():
+        if any(w.isdigit() for w in wn):
+            folder_classes = sorted(set().union(*(wnid_sets[n] for n, v in found.items() if v[1] == "class-folders")))
+            if not folder_classes:
+                raise AlexnetError(
+                    f"{used} gives integer labels but there is no class-folder split to name the classes"
+                )
+            resolved = []
+            for r, w in zip(rel, wn, strict=True):
+                if w.isdigit():
+                    if int(w) >= len(folder_classes):
+                        raise AlexnetError(f"{used}: label {w} of {r} is outside 0..{len(folder_classes) - 1}")
+                    w = folder_classes[int(w)]
+                resolved.append(w)
+            wn = resolved
+        splits_out[name] = SplitSource(name, root, layout, tuple(rel), tuple(wn), used)
+    classes = sorted({w for s in splits_out.values() for w in s.wnids})
+
+    if len(splits_out) > 1:
+        for name, s in splits_out.items():
+            absent = sorted(set(classes) - set(s.wnids))
+            if absent:
+                msg = f"{len(absent)} of {len(classes)} classes have no {name} images (first: {', '.join(absent[:5])})"
+                if not allow_missing_classes:
+                    raise AlexnetError(msg + "; pass --allow-missing-classes to build anyway")
+                notes.append(msg)
+    return DatasetSource(root=src, classes=classes, splits=splits_out, notes=tuple(notes))

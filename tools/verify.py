@@ -1,0 +1,187 @@
+"""``alexnet-prep verify``: check a built dataset against its manifest and build-time checksums.
+
+Every shard: present, record count as in the manifest, keys in order and inside the shard's
+position block, no source file twice, checksum count as in ``crc32.npy``. Every record (or a
+seeded sample of ``--sample N`` per split): CRC-32 against ``crc32.npy``, Datum fields
+(channels 3, 256x256, encoded), label in range, and the JPEG decodes to 256x256 RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.cli_common import data_dir_option
+
+MAX_LISTED = 20  # problems printed one per line; the rest are counted
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    data_dir: Path
+    sample: int = 0  # records decoded and checksummed per split; 0: all
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class VerifyReport:
+    records: dict[str, int] = field(default_factory=dict)  # split -> records found
+    checked: int = 0  # records decoded and checksummed
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_record(where: str, value: bytes, crc: int | None, num_classes: int, problems: list[str]) -> None:
+    from PIL import Image
+
+    if crc is not None and A.crc32(value) != crc:
+        problems.append(f"{where}: checksum mismatch (crc32 {A.crc32(value):08x}, recorded {crc:08x})")
+        # still decode: say what else is wrong with it
+    try:
+        d = A.Datum.decode(value)
+    except A.ContractError as e:
+        problems.append(f"{where}: not a Datum ({e})")
+        return
+    if (d.channels, d.height, d.width) != (3, C.STORED_SIZE, C.STORED_SIZE) or not d.encoded:
+        problems.append(
+            f"{where}: Datum says channels={d.channels} height={d.height} width={d.width} encoded={d.encoded}, "
+            f"expected 3, {C.STORED_SIZE}, {C.STORED_SIZE}, True"
+        )
+    if not 0 <= d.label < num_classes:
+        problems.append(f"{where}: label {d.label} outside 0..{num_classes - 1}")
+    try:
+        with Image.open(io.BytesIO(d.data)) as im:
+            im.load()
+            if im.format != "JPEG" or im.mode != "RGB" or im.size != (C.STORED_SIZE, C.STORED_SIZE):
+                problems.append(f"{where}: image is {im.format} {im.mode} {im.size[0]}x{im.size[1]}, expected RGB JPEG "
+                                f"{C.STORED_SIZE}x{C.STORED_SIZE}")  # fmt: skip
+    except Exception as e:  # any decoder failure is a finding, not a crash
+        problems.append(f"{where}: JPEG does not decode ({e})")
+
+
+def verify(cfg: VerifyConfig) -> VerifyReport:
+    from tqdm import tqdm
+
+    manifest = A.read_manifest(cfg.data_dir)
+    report = VerifyReport()
+    problems = report.problems
+    num_classes = len(manifest.classes)
+    if manifest.classes != sorted(manifest.classes) or len(set(manifest.classes)) != num_classes:
+        problems.append("manifest: classes are not sorted unique wnids (labels would not be the sorted-wnid index)")
+    rng = np.random.default_rng(cfg.seed)
+    todo = sum(min(cfg.sample, s.num_records) if cfg.sample else s.num_records for s in manifest.splits.values())
+    bar = tqdm(total=todo, unit="rec", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for name, split in manifest.splits.items():
+            if split.num_records + split.rejected != split.source_count:
+                problems.append(f"{name}: {split.num_records} records + {split.rejected} rejected "
+                                f"!= {split.source_count} source files")  # fmt: skip
+            n_rejected = sum(1 for r in manifest.rejected if r.get("split") == name)
+            if n_rejected != split.rejected:
+                problems.append(f"{name}: manifest lists {n_rejected} rejected files, split says {split.rejected}")
+            chosen = None
+            if cfg.sample and cfg.sample < split.num_records:
+                chosen = set(rng.choice(split.num_records, size=cfg.sample, replace=False).tolist())
+            index = 0  # record index over the split, in key order
+            found = 0
+            seen: set[str] = set()
+            last_pos = -1
+            for sh in split.shards:
+                path = cfg.data_dir / sh.path
+                if not (path / "data.mdb").exists():
+                    problems.append(f"{sh.path}: shard missing")
+                    index += sh.num_records
+                    continue
+                try:
+                    crcs = A.read_record_crcs(path)
+                except A.ContractError as e:
+                    problems.append(f"{sh.path}: {e}")
+                    crcs = None
+                env = A.open_shard(path)
+                try:
+                    with env.begin(buffers=True) as txn:
+                        count = txn.stat()["entries"]
+                        if count != sh.num_records:
+                            problems.append(f"{sh.path}: {count} records, manifest says {sh.num_records}")
+                        if crcs is not None and len(crcs) != count:
+                            problems.append(f"{sh.path}: {len(crcs)} checksums for {count} records")
+                            crcs = None
+                        for i, (key, value) in enumerate(txn.cursor()):
+                            key = bytes(key)
+                            try:
+                                pos, rel = A.parse_key(key)
+                            except A.ContractError as e:
+                                problems.append(f"{sh.path}: {e}")
+                                pos, rel = -1, key.decode(errors="replace")
+                            where = f"{sh.path} {key.decode(errors='replace')}"
+                            if not sh.first_position <= pos < sh.stop_position:
+                                problems.append(f"{where}: position outside the shard's block "
+                                                f"[{sh.first_position}, {sh.stop_position})")  # fmt: skip
+                            if pos <= last_pos:
+                                problems.append(f"{where}: position not after the previous record's ({last_pos})")
+                            last_pos = max(last_pos, pos)
+                            if rel in seen:
+                                problems.append(f"{where}: source file {rel} stored twice")
+                            seen.add(rel)
+                            if chosen is None or index in chosen:
+                                crc = int(crcs[i]) if crcs is not None else None
+                                _check_record(where, bytes(value), crc, num_classes, problems)
+                                report.checked += 1
+                                bar.update(1)
+                            index += 1
+                            found += 1
+                finally:
+                    env.close()
+            report.records[name] = found
+            if found != split.num_records:
+                problems.append(f"{name}: {found} records in the shards, manifest says {split.num_records}")
+    finally:
+        bar.close()
+    return report
+
+
+EPILOG = """\b
+Examples:
+  alexnet-prep verify                          # every record of ./data
+  alexnet-prep verify --sample 1000            # 1000 random records per split (counts and keys: all)
+  alexnet-prep verify --data-dir /fast/lmdb --sample 5000 --seed 1
+"""
+
+
+@click.command("verify", epilog=EPILOG)
+@data_dir_option
+@click.option("--sample", type=click.IntRange(0), default=0, show_default=True,
+              help="Decode and checksum this many random records per split; 0: all records.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --sample choice.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def verify_command(data_dir: Path, sample: int, seed: int, no_progress: bool) -> None:
+    """Check a dataset: counts against the manifest, keys, checksums, Datum fields, labels, 256x256x3 decode.
+
+    Exits with status 1 and lists the problems when anything is wrong.
+    """
+    report = verify(VerifyConfig(data_dir=data_dir, sample=sample, seed=seed, progress=not no_progress))
+    counts = ", ".join(f"{n} {c} records" for n, c in report.records.items())
+    if report.ok:
+        click.echo(f"ok: {data_dir}: {counts}; {report.checked} records decoded and checksummed")
+        return
+    for line in report.problems[:MAX_LISTED]:
+        click.echo(f"  {line}", err=True)
+    more = len(report.problems) - MAX_LISTED
+    if more > 0:
+        click.echo(f"  ... and {more} more", err=True)
+    raise AlexnetError(
+        f"{len(report.problems)} problems in {data_dir} ({counts}; {report.checked} records checked); "
+        "rebuild with: alexnet-prep build-lmdb SRC --data-dir DIR --overwrite"
+    )
