@@ -270,8 +270,9 @@ def _collective_device(device: torch.device) -> torch.device:
 class MetricsLog:
     """``metrics.jsonl`` (append, flushed per line) and, if tensorboardX is importable, TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, t0: float) -> None:
-        self.enabled, self.t0 = enabled, t0
+    def __init__(self, run_dir: Path, enabled: bool, t0: float, elapsed_before: float = 0.0) -> None:
+        # elapsed_s counts the run's whole training time: a resumed run adds the killed run's time.
+        self.enabled, self.t0, self.elapsed_before = enabled, t0, elapsed_before
         self.path = run_dir / METRICS_FILE
         self.tb = None
         self.note = ""
@@ -290,7 +291,7 @@ class MetricsLog:
     def write(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        rec = {**rec, "elapsed_s": round(time.monotonic() - self.t0, 3), "time": round(time.time(), 3)}
+        rec = {**rec, "elapsed_s": round(self.elapsed(), 3), "time": round(time.time(), 3)}
         self.file.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             step = rec.get("step", 0)
@@ -301,6 +302,9 @@ class MetricsLog:
                 tag = f"{rec.get('split', 'val')}{'_ten_crop' if rec.get('ten_crop') else ''}"
                 for key in ("top1_err", "top5_err"):
                     self.tb.add_scalar(f"{tag}/{key}", rec[key], step)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.t0
 
     def close(self) -> None:
         if self.enabled:
@@ -338,6 +342,7 @@ class _State:
     batch_in_epoch: int = 0  # steps done in the current epoch
     best_top1_err: float | None = None
     last_eval: dict[str, Any] = field(default_factory=dict)
+    elapsed_before: float = 0.0  # seconds the run had taken before this process resumed it
     images: int = 0  # images trained on in this process (for the mean rate)
     train_seconds: float = 0.0
 
@@ -347,9 +352,11 @@ def _say(info: D.DistInfo, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def train(config: TrainConfig, *, on_step=None) -> dict[str, Any]:
-    """Train (or resume) one run; returns a summary dict. ``on_step(step, epoch, labels)`` is a
-    hook for tests (it sees every batch's labels on this replica; it may raise to simulate a kill).
+def train(config: TrainConfig, *, on_step=None, on_end=None) -> dict[str, Any]:
+    """Train (or resume) one run; returns a summary dict.
+
+    Hooks for tests: ``on_step(step, epoch, labels)`` sees every batch's labels on this replica (it
+    may raise to simulate a kill); ``on_end(model)`` gets this replica's network after the last step.
     """
     from tqdm import tqdm
 
@@ -361,12 +368,12 @@ def train(config: TrainConfig, *, on_step=None) -> dict[str, Any]:
     on_gpu = devices[0].type == "cuda"
     D.init_process_group(info, on_gpu, devices[0].index if on_gpu else None)
     try:
-        return _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
+        return _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm)
     finally:
         D.destroy_process_group()
 
 
-def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm) -> dict[str, Any]:
+def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm) -> dict[str, Any]:
     coll_device = _collective_device(devices[0])
     if config.batch_size % info.world_size:
         raise AlexnetError(
@@ -418,6 +425,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
             raise AlexnetError(f"{last_path}: {e}") from None
         state.epoch, state.step, state.batch_in_epoch = int(ck["epoch"]), int(ck["step"]), int(ck["batch_in_epoch"])
         state.best_top1_err = ck.get("best_top1_err")
+        state.last_eval = dict(ck.get("last_eval") or {})
+        state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
         if int(ck["world_size"]) == info.world_size:
             mine = ck["ranks"][info.rank]
             ckpt_io.set_rng_state(mine["rng"])
@@ -442,7 +451,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
         atomic_write_json(run_dir / VERSIONS_FILE, versions())
         if config.resume:
             _truncate_metrics(run_dir / METRICS_FILE, state.step)
-    metrics = MetricsLog(run_dir, info.is_main, t0)
+    metrics = MetricsLog(run_dir, info.is_main, t0, state.elapsed_before)
     if metrics.note:
         _say(info, metrics.note)
 
@@ -461,6 +470,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
             "ranks": per_rank,
             "config": config.to_dict(),
             "best_top1_err": state.best_top1_err,
+            "last_eval": state.last_eval,
+            "elapsed_s": state.elapsed_before + time.monotonic() - t0,
             "reason": reason,
         }
         if epoch_end:
@@ -481,7 +492,9 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
     last_loss = float("nan")
     last_good_step = state.step
 
-    def check_and_log(epoch_fraction: float, bar) -> tuple[bool, bool]:
+    epoch_len = [1]  # steps in the current epoch (set per epoch)
+
+    def check_and_log(bar) -> tuple[bool, bool]:
         """At a log point: loss mean, rate, and the collective stop/checkpoint decisions."""
         nonlocal loss_sum, loss_steps, last_log_time, last_log_step, last_loss, last_ckpt_time, last_good_step
         mean_loss = (loss_sum / max(loss_steps, 1)).item()
@@ -507,7 +520,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
         metrics.write(
             {
                 "kind": "train", "step": state.step, "epoch": state.epoch,
-                "epoch_progress": round(epoch_fraction, 4), "loss": mean_loss, "lr": schedule.lr,
+                "epoch_progress": round(state.batch_in_epoch / epoch_len[0], 4), "loss": mean_loss, "lr": schedule.lr,
                 "images_per_s": round(rate, 2),
             }
         )  # fmt: skip
@@ -521,7 +534,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
     def flush_pending() -> None:
         """Before a checkpoint: make sure no non-finite loss happened since the last log point."""
         if loss_steps:
-            check_and_log(0.0, None)
+            check_and_log(None)
 
     def mark_saved() -> None:
         nonlocal last_ckpt_time, last_good_step
@@ -548,6 +561,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
                 raise AlexnetError(
                     f"the training split has fewer records per replica than one batch of {batch_global // info.world_size}"
                 )
+            epoch_len[0] = steps_this_epoch
             bar = tqdm(
                 total=steps_this_epoch, initial=state.batch_in_epoch, unit="batch", dynamic_ncols=True,
                 desc=f"epoch {state.epoch + 1}" + (f"/{config.epochs}" if config.epochs else ""),
@@ -571,7 +585,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
                     on_step(state.step, state.epoch, labels)
                 want_ckpt = time_up = False
                 if state.step % config.log_every_steps == 0:
-                    want_ckpt, time_up = check_and_log(state.batch_in_epoch / steps_this_epoch, bar)
+                    want_ckpt, time_up = check_and_log(bar)
                 if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
                     want_ckpt = True
                 at_epoch_end = state.batch_in_epoch >= steps_this_epoch
@@ -642,6 +656,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, AlexNet, tqdm)
     finally:
         metrics.close()
 
+    if on_end is not None:
+        on_end(model)
     summary = {
         "run_dir": str(run_dir),
         "gpus": gpus,

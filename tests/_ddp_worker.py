@@ -1,0 +1,46 @@
+"""One torchrun replica for tests/test_distributed.py (not a test module itself).
+
+    torchrun --nproc-per-node 2 tests/_ddp_worker.py CONFIG_JSON OUT_DIR [KILL_AT_STEP]
+
+Trains with ``alexnet.trainer.train.train`` and writes, per replica, ``labels-rank{r}.json`` (the
+labels of every batch it trained on, with step and epoch) and ``weights-rank{r}.pt`` (its network's
+state dict at the end). With KILL_AT_STEP, every replica raises at that step (a simulated crash).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from alexnet.trainer.config import TrainConfig
+from alexnet.trainer.train import train
+
+
+class Killed(Exception):
+    pass
+
+
+def main() -> None:
+    config = TrainConfig.from_dict(json.loads(Path(sys.argv[1]).read_text()))
+    out = Path(sys.argv[2])
+    kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    rank = int(os.environ["RANK"])
+    seen = []
+
+    def on_step(step, epoch, labels):
+        seen.append({"step": step, "epoch": epoch, "labels": labels.reshape(-1).tolist()})
+        if step == kill_at:
+            (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
+            raise Killed(f"simulated crash at step {step}")
+
+    def on_end(model):
+        torch.save(model.state_dict(), out / f"weights-rank{rank}.pt")
+
+    train(config, on_step=on_step, on_end=on_end)
+    (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""torchrun + DistributedDataParallel: two replicas with gloo on the CPU over loopback.
+
+Each run launches ``.venv/bin/torchrun --nproc-per-node 2 tests/_ddp_worker.py`` as a subprocess
+(real processes, real process group). The training set gives every record its own label, so the
+labels a replica trained on say exactly which records it saw.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _train_fixtures import write_dataset
+
+from alexnet.trainer import checkpoint as ckpt_io
+from alexnet.trainer.config import TrainConfig
+
+HERE = Path(__file__).resolve().parent
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+WORLD = 2
+RECORDS = 16  # training records, one label each
+GLOBAL_BATCH = 8  # 4 per replica: 2 steps per epoch
+STEPS = 6  # 3 epochs
+
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found beside {sys.executable}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(config: TrainConfig, out: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config-in.json"
+    cfg_path.write_text(json.dumps(config.to_dict()))
+    args = [
+        str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", str(WORLD),
+        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+        str(HERE / "_ddp_worker.py"), str(cfg_path), str(out),
+    ]  # fmt: skip
+    if kill_at:
+        args.append(str(kill_at))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ddp_data(tmp_path_factory):
+    return write_dataset(
+        tmp_path_factory.mktemp("ddp") / "data", num_classes=RECORDS // 2, train_per_class=2, val_per_class=1,
+        unique_labels=True, num_shards=2,
+    )  # fmt: skip
+
+
+def _config(data: Path, run_dir: Path, **kw) -> TrainConfig:
+    base = dict(
+        data_dir=str(data), run_dir=str(run_dir), gpus="cpu", batch_size=GLOBAL_BATCH, epochs=0, max_steps=STEPS,
+        lr=1e-3, log_every_steps=1, num_threads=1, progress=False, checkpoint_minutes=0.0,
+    )  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ddp_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_a")
+    r = _launch(_config(ddp_data, out / "run"), out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def _labels(out: Path) -> list[list[dict]]:
+    return [json.loads((out / f"labels-rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def test_replicas_stay_in_sync(uninterrupted):
+    w = [torch.load(uninterrupted / f"weights-rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert w[0].keys() == w[1].keys()
+    for k in w[0]:
+        assert torch.equal(w[0][k], w[1][k]), k
+    # and they trained: the weights moved away from the seeded initialisation
+    torch.manual_seed(0)
+    from alexnet.trainer.model import AlexNet
+
+    init = AlexNet(num_classes=len(w[0]["fc8.bias"])).state_dict()
+    assert not torch.equal(init["fc8.weight"], w[0]["fc8.weight"])
+
+
+def test_replicas_together_see_every_record_once_per_epoch(uninterrupted):
+    seen = _labels(uninterrupted)
+    per_rank_records = RECORDS // WORLD
+    for epoch in range(STEPS * GLOBAL_BATCH // RECORDS):
+        mine = [sorted(lab for b in s if b["epoch"] == epoch for lab in b["labels"]) for s in seen]
+        assert all(len(m) == per_rank_records for m in mine), mine
+        assert sorted(mine[0] + mine[1]) == list(range(RECORDS)), (epoch, mine)
+        assert not set(mine[0]) & set(mine[1])
+
+
+def test_only_rank0_writes_and_checkpoint_records_both_replicas(uninterrupted):
+    run = uninterrupted / "run"
+    assert (run / "config.json").exists() and (run / "versions.json").exists()
+    ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["world_size"] == WORLD and len(ck["ranks"]) == WORLD and ck["step"] == STEPS
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [x["step"] for x in lines if x["kind"] == "train"]
+    assert train_steps == sorted(set(train_steps))  # one writer: no duplicated lines
+
+
+def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_path):
+    run = tmp_path / "run"
+    # checkpoint every 3 steps; crash at step 4, before epoch 2's end: resume from mid-epoch step 3
+    r = _launch(_config(ddp_data, run, checkpoint_every_steps=3), tmp_path, kill_at=4)
+    assert r.returncode != 0
+    ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ck["step"], ck["batch_in_epoch"]) == (3, 1)
+    r = _launch(_config(ddp_data, run, resume=True), tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]
+    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
