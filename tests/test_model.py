@@ -364,13 +364,15 @@ def test_cuda_device_without_cuda_is_clear_error():
 @pytest.mark.gpu
 @ONE_GPU
 def test_gpu_forms_match_cpu(grouped, images):
-    expected = grouped.eval()(images)
+    with torch.no_grad():
+        expected = grouped.eval()(images)
     for devices in (["cuda:0"], ["cuda:0", "cuda:0"]):
         model = AlexNet.from_state_dict(grouped.state_dict(), devices=devices).eval()
         with torch.no_grad():
             out = model(images.cuda())
         assert out.device == torch.device("cuda:0")
-        torch.testing.assert_close(out.cpu(), expected, rtol=1e-3, atol=1e-3)
+        # TF32 convolutions/matmuls may be on: compare relative to the logits' scale.
+        torch.testing.assert_close(out.cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
 
 
 @pytest.mark.gpu
@@ -381,5 +383,7 @@ def test_two_gpu_split_matches_cpu(grouped, images):
     assert model.fc8.weight.device == torch.device("cuda:0")
     with torch.no_grad():
         out = model(images.cuda(0))
-    torch.testing.assert_close(out.cpu(), grouped.eval()(images), rtol=1e-3, atol=1e-3)
+        expected = grouped.eval()(images)
+    assert out.device == torch.device("cuda:0")
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
     assert AlexNet.from_state_dict(model.state_dict()).state_dict().keys() == grouped.state_dict().keys()

@@ -185,7 +185,8 @@ class LocalResponseNorm(nn.Module):
 
 def _gather(xs: Sequence[Tensor], device: torch.device) -> Tensor:
     """All columns' maps (or neurons) on ``device``, column one first: where the paper's GPUs communicate."""
-    moved = [t.to(device, non_blocking=True) for t in xs]
+    # Asynchronous except into host memory, where the result would be read before the copy ends.
+    moved = [t.to(device, non_blocking=device.type != "cpu") for t in xs]
     return moved[0] if len(moved) == 1 else torch.cat(moved, dim=1)
 
 
@@ -400,7 +401,7 @@ class AlexNet(nn.Module):
         return [torch.flatten(h, 1) for h in hs]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.to(self.input_device, non_blocking=True)
+        x = x.to(self.input_device, non_blocking=self.input_device.type != "cpu")
         features = self._features_split(x) if self.split else self._features_grouped(x)
         # The fully-connected part is column-wise in both forms (same ops, same dropout draws).
         hs = [self.drop6(F.relu(h, inplace=True)) for h in self.fc6(features)]
