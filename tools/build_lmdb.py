@@ -30,6 +30,7 @@ finished; ``manifest.json`` says ``complete: false`` until every shard is.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing as mp
@@ -250,12 +251,14 @@ def _read_source(root: str, rel: str) -> bytes:
         return f.read()
 
 
-def _shard_state(env, task: ShardTask) -> tuple[set[int], int]:
-    """Positions already committed in the shard, and the last of them (start - 1 when none)."""
+def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
+    """What a shard already holds: positions, the last of them (start - 1 when none), crc32 and bytes of its values."""
     stop = task.start + len(task.items)
     present: set[int] = set()
+    crcs: list[int] = []
+    value_bytes = 0
     with env.begin() as txn:
-        for key in txn.cursor().iternext(keys=True, values=False):
+        for key, value in txn.cursor():
             pos, rel = A.parse_key(bytes(key))
             if not task.start <= pos < stop or task.items[pos - task.start][0] != rel:
                 raise AlexnetError(
@@ -263,18 +266,30 @@ def _shard_state(env, task: ShardTask) -> tuple[set[int], int]:
                     "the source or the options changed: rebuild with --overwrite"
                 )
             present.add(pos)
-    return present, max(present, default=task.start - 1)
+            crcs.append(A.crc32(value))
+            value_bytes += len(value)
+    return present, max(present, default=task.start - 1), crcs, value_bytes
 
 
 def build_shard(task: ShardTask) -> ShardResult:
-    """Write (or finish) one shard: records in key order, committed every ``commit_every``."""
-    data_mdb = Path(task.path) / "data.mdb"
+    """Write (or finish) one shard: records in key order, committed every ``commit_every``.
+
+    Checksums are taken as records are written (reading the shard back through LMDB's memory map
+    would put the whole shard in this process's resident set).
+    """
+    import numpy as np
+
+    path = Path(task.path)
+    data_mdb = path / "data.mdb"
     map_size = max(task.map_size, data_mdb.stat().st_size * 2 if data_mdb.exists() else 0)
-    env = A.open_shard(Path(task.path), readonly=False, map_size=map_size)
+    env = A.open_shard(path, readonly=False, map_size=map_size)
     rejected: list[tuple[str, str]] = []
     processed = 0
     try:
-        present, last = _shard_state(env, task)
+        present, last, crcs, value_bytes = _shard_state(env, task)
+        if present:  # resuming: drop the pages the scan mapped in
+            env.close()
+            env = A.open_shard(path, readonly=False, map_size=map_size)
         _report(len(present))
         batch: list[tuple[bytes, bytes]] = []
         for offset, (rel, label) in enumerate(task.items):
@@ -298,6 +313,8 @@ def build_shard(task: ShardTask) -> ShardResult:
                 )
             value = A.Datum(data=jpeg, label=label, height=C.STORED_SIZE, width=C.STORED_SIZE).encode()
             batch.append((A.make_key(pos, rel), value))
+            crcs.append(A.crc32(value))
+            value_bytes += len(value)
             processed += 1
             if len(batch) >= task.commit_every:
                 _commit(env, batch)
@@ -308,25 +325,20 @@ def build_shard(task: ShardTask) -> ShardResult:
             _commit(env, batch)
             _report(len(batch))
             _after_commit()
-        # The shard is finished: checksums of every value in key order, then flush.
-        crcs = []
-        value_bytes = 0
-        with env.begin() as txn:
-            for _, value in txn.cursor():
-                crcs.append(A.crc32(value))
-                value_bytes += len(value)
+        entries = env.stat()["entries"]
+        if entries != len(crcs):
+            raise AlexnetError(f"shard {task.path}: {entries} records but {len(crcs)} checksums (internal error)")
         env.sync(True)
     finally:
         env.close()
-    import numpy as np
-
-    A.write_record_crcs(Path(task.path), np.asarray(crcs, dtype=np.uint32))
+    A.write_record_crcs(path, np.asarray(crcs, dtype=np.uint32))  # last: marks the shard finished
     return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed)
 
 
 # --------------------------------------------------------------------------- driver
 
 
+@functools.lru_cache(maxsize=1)
 def _git_revision() -> str:
     try:
         out = subprocess.run(
@@ -370,26 +382,43 @@ def _remove_dataset(data_dir: Path) -> None:
         (data_dir / name).unlink(missing_ok=True)
 
 
-def _plan(cfg: BuildConfig, source, shards: dict[str, int]) -> tuple[A.Manifest, list[ShardTask]]:
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    start: int
+    stop: int
+
+
+def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
+    """The manifest to fill in, the shard plans, and a function making a plan's task (its file list).
+
+    Tasks are made only when dispatched, so at most a few shards' file lists exist at a time.
+    """
     manifest = A.Manifest(classes=source.classes, splits={}, complete=False)
-    tasks: list[ShardTask] = []
+    plans: list[ShardPlan] = []
+    orders, labels = {}, {}
     for name, split in source.splits.items():
         n = len(split)
-        order = A.shuffle_order(n, cfg.seed)  # order[position] = index in the sorted file list
-        labels = split.labels(source.classes)
+        orders[name] = A.shuffle_order(n, cfg.seed)  # order[position] = index in the sorted file list
+        labels[name] = split.labels(source.classes)
         infos = []
         for i, (start, stop) in enumerate(A.shard_bounds(n, shards[name])):
             rel = f"{name}/{A.shard_name(name, i, shards[name])}"
             infos.append(A.ShardInfo(path=rel, num_records=0, first_position=start, stop_position=stop))
-            items = [(split.relpaths[int(order[p])], int(labels[int(order[p])])) for p in range(start, stop)]
-            # ~40 KB per record at quality 95; the map grows on demand anyway.
-            map_size = cfg.initial_map_size or max(64 << 20, (stop - start) * 64 << 10)
-            tasks.append(
-                ShardTask(name, i, str(cfg.data_dir / rel), str(split.root), start, items, cfg.jpeg_quality,
-                          cfg.commit_every, map_size)
-            )  # fmt: skip
+            plans.append(ShardPlan(name, i, start, stop))
         manifest.splits[name] = A.SplitInfo(num_records=0, source_count=n, shards=infos, layout=split.layout)
-    return manifest, tasks
+
+    def make_task(plan: ShardPlan) -> ShardTask:
+        split, order, lab = source.splits[plan.split], orders[plan.split], labels[plan.split]
+        items = [(split.relpaths[int(order[p])], int(lab[int(order[p])])) for p in range(plan.start, plan.stop)]
+        # ~40 KB per record at quality 95; the map grows on demand anyway.
+        map_size = cfg.initial_map_size or max(64 << 20, (plan.stop - plan.start) * 64 << 10)
+        path = cfg.data_dir / manifest.splits[plan.split].shards[plan.index].path
+        return ShardTask(plan.split, plan.index, str(path), str(split.root), plan.start, items, cfg.jpeg_quality,
+                         cfg.commit_every, map_size)  # fmt: skip
+
+    return manifest, plans, make_task
 
 
 def _check_existing(cfg: BuildConfig, options: dict) -> str:
@@ -429,47 +458,69 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _run_tasks(tasks: list[ShardTask], workers: int, total: int, progress: bool) -> list[ShardResult]:
-    """One process per shard at a time; progress over images through a queue."""
-    from tqdm import tqdm
-
+def _make_pool(workers: int):
+    """Worker processes, started before the file listing exists so they do not inherit it (fork)."""
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     progress_queue = ctx.Queue()
+    pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(progress_queue,))
+    return pool, progress_queue
+
+
+def _run_tasks(pool, progress_queue, plans, make_task, workers: int, total: int, progress: bool) -> list[ShardResult]:
+    """Each shard to one worker; at most 2 x workers shards dispatched at a time; progress over images."""
+    from tqdm import tqdm
+
     results: list[ShardResult] = []
-    # Largest shards first, so the last running shards are short ones.
-    ordered = sorted(tasks, key=lambda t: -len(t.items))
-    # The pool is forked before tqdm starts its monitor thread.
-    pool = ctx.Pool(processes=max(1, min(workers, len(tasks))), initializer=_worker_init, initargs=(progress_queue,))
+    todo = iter(sorted(plans, key=lambda p: p.start - p.stop))  # largest first: the last ones running are short
+    inflight = []
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     try:
-        pending = pool.imap_unordered(build_shard, ordered)
-        remaining = len(tasks)
-        while remaining:
+        while True:
+            while len(inflight) < 2 * workers and (plan := next(todo, None)) is not None:
+                inflight.append(pool.apply_async(build_shard, (make_task(plan),)))
+            if not inflight:
+                break
             try:
-                results.append(pending.next(timeout=0.2))
-                remaining -= 1
-            except mp.TimeoutError:
+                bar.update(progress_queue.get(timeout=0.1))
+            except queue.Empty:
                 pass
-            while True:
-                try:
-                    bar.update(progress_queue.get_nowait())
-                except queue.Empty:
-                    break
-        pool.close()
-    except BaseException:
-        pool.terminate()
-        raise
+            for job in [j for j in inflight if j.ready()]:
+                inflight.remove(job)
+                results.append(job.get())  # re-raises a worker's error here
+        while True:  # the last progress messages
+            try:
+                bar.update(progress_queue.get_nowait())
+            except queue.Empty:
+                break
     finally:
-        pool.join()
         bar.close()
     return results
 
 
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
+    t0 = time.monotonic()
+    workers = cfg.workers or default_workers()
+    pool, progress_queue = _make_pool(workers)
+    _git_revision()  # forks git now, while this process is small (before the file listing)
+    try:
+        manifest, results, state = _build(cfg, pool, progress_queue, workers)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    if results is None:
+        return manifest
+    _finish(cfg, manifest, results, state, workers, time.monotonic() - t0)
+    return manifest
+
+
+def _build(cfg: BuildConfig, pool, progress_queue, workers: int):
+    """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
     from alexnet.tools.layouts import detect_source
 
-    t0 = time.monotonic()
     source = detect_source(
         cfg.source, splits=cfg.splits, val_layout=cfg.val_layout, val_labels=cfg.val_labels,
         allow_missing_classes=cfg.allow_missing_classes,
@@ -490,9 +541,9 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
         m = A.read_manifest(cfg.data_dir)
         counts = ", ".join(f"{n} {s.num_records} records" for n, s in m.splits.items())
         click.echo(f"nothing to do: {cfg.data_dir} is complete ({counts}); pass --overwrite to rebuild")
-        return m
+        return m, None, state
 
-    manifest, tasks = _plan(cfg, source, shards)
+    manifest, plans, make_task = _plan(cfg, source, shards)
     manifest.build = options
     manifest.source = {
         "root": str(Path(cfg.source).resolve()),
@@ -500,17 +551,21 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     }  # fmt: skip
     A.write_manifest(cfg.data_dir, manifest)  # complete=False until every shard is finished
 
-    workers = cfg.workers or default_workers()
-    total = sum(len(t.items) for t in tasks)
+    total = sum(p.stop - p.start for p in plans)
     counts = ", ".join(f"{len(s)} {n}" for n, s in source.splits.items())
     click.echo(
         f"{'resuming' if state == 'resume' else 'building'} {cfg.data_dir}: {counts} images, "
         f"{len(source.classes)} classes, {' + '.join(f'{shards[n]} {n}' for n in source.splits)} shards, "
-        f"{min(workers, len(tasks))} worker processes",
+        f"{min(workers, len(plans))} worker processes",
         err=True,
     )
-    results = _run_tasks(tasks, workers, total, cfg.progress)
+    results = _run_tasks(pool, progress_queue, plans, make_task, workers, total, cfg.progress)
+    return manifest, results, state
 
+
+def _finish(cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], state: str, workers: int,
+            elapsed: float) -> None:  # fmt: skip
+    """Fill the manifest from the shards' results, write rejected.tsv and the complete manifest, summarise."""
     by_shard = {(r.split, r.index): r for r in results}
     rejected: list[dict[str, str]] = []
     for name, info in manifest.splits.items():
@@ -529,7 +584,6 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     manifest.complete = True
     A.write_manifest(cfg.data_dir, manifest)
 
-    elapsed = time.monotonic() - t0
     processed = sum(r.processed + len(r.rejected) for r in results)
     value_bytes = sum(r.value_bytes for r in results)
     per_split = ", ".join(
@@ -543,9 +597,8 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
         click.echo(f"rejected {len(rejected)} source files ({detail}); list in {cfg.data_dir / A.REJECTED_FILE}")
     click.echo(
         f"processed {processed} images in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s, "
-        f"{min(workers, len(tasks))} workers)" + (" after resuming" if state == "resume" else "")
+        f"{min(workers, len(results))} workers)" + (" after resuming" if state == "resume" else "")
     )
-    return manifest
 
 
 EPILOG = """\b
