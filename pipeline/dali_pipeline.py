@@ -1,0 +1,176 @@
+"""The NVIDIA DALI pipelines: one definition for train and val, for the GPU and DALI's CPU-only mode.
+
+Per training image (§4.1), in this order (each step is a pure function of the decoded 256x256
+record and the image's random draws, so the order is only a matter of speed):
+
+1. read a Caffe ``Datum`` with ``fn.readers.caffe`` over all of the split's shards (manifest order),
+   this rank's part of them (``shard_id``/``num_shards``); the order on disk is a seeded global
+   shuffle and the reader reshuffles it through a 4096-record buffer, seeded per rank, every epoch;
+2. decode: ``"mixed"`` (nvJPEG, the hardware decoder where there is one) on a GPU, ``"cpu"`` otherwise;
+3. subtract the mean (§2): by default the per-pixel mean image, before the crop, so that the patch
+   subtracted is the one at the crop's own offset, mirrored with it (the exact form); or the
+   per-channel mean (``mean="channel"``);
+4. PCA lighting (§4.1): add ``eigvec @ (alpha * s)`` to every pixel, alpha ~ N(0, 0.1) drawn once per
+   image, s = sqrt(eigval) (``"sqrt"``, the authors' code) or eigval / 255 (``"eigval01"``);
+   folded into the normalisation step as a per-image shift;
+5. a 224x224 crop at integer offsets (x, y), each uniform over all 33 values, and a horizontal flip
+   with probability 0.5; output NCHW float.
+
+Validation: the centre crop (offset 16, 16), or the ten patches of §4.1 stacked as
+``[10, 3, 224, 224]`` per image in ``TEN_CROP_ORDER``; no lighting.
+
+The random draws are pipeline outputs too (``offsets``, ``mirror``, ``alpha``), so the preview
+and the tests can re-compute every image from its record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import artifacts as A
+from . import constants as C
+
+READER_NAME = "Reader"
+# §4.1 ten patches: (crop_pos_x, crop_pos_y) in [0, 1] of the free range, then each mirrored.
+TEN_CROP_POSITIONS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
+TEN_CROP_ORDER = tuple(
+    (name, mirror)
+    for mirror in (False, True)
+    for name in ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
+)
+# Records held by the reader's shuffle buffer (each ~30-60 kB of JPEG): 4096 is ~200 MB per rank.
+SHUFFLE_BUFFER = 4096
+MAX_OFFSET = C.STORED_SIZE - C.CROP_SIZE  # 32: offsets 0..32, 33 positions per axis
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """Everything one pipeline needs; built by the loader from LoaderConfig and the dataset files."""
+
+    shard_paths: tuple[str, ...]
+    is_training: bool
+    batch_size: int
+    num_threads: int = 2
+    device_id: int | None = None  # None: DALI's CPU-only mode
+    seed: int = 0
+    shard_id: int = 0
+    num_shards: int = 1
+    dtype: str = "float32"  # "float32" | "float16"
+    mean: str = "image"  # "image" | "channel"
+    lighting_scale: str = C.DEFAULT_LIGHTING_SCALE
+    ten_crop: bool = False
+    shuffle: bool = True  # train only; False reads in key order (preview)
+    prefetch: int = 2
+    enable_checkpointing: bool = True
+
+
+def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
+    """s_i of the lighting shift ``eigvec @ (alpha * s)`` on the 0-255 scale (docs/DEVIATIONS.md A2)."""
+    eigval = np.asarray(eigval, dtype=np.float64)
+    if convention == "sqrt":  # the authors' released code: standard deviations along the eigenvectors
+        return np.sqrt(np.maximum(eigval, 0.0))
+    if convention == "eigval01":  # fb.resnet.torch: 0-1-scale variances added to a 0-1 image, times 255
+        return eigval / 255.0
+    raise A.AlexnetError(f"unknown lighting scale {convention!r}; choose one of {C.LIGHTING_SCALES}")
+
+
+def draw_offsets():
+    """§4.1 crop offsets: integer (x, y), each uniform over 0..32; every one of the 33x33 equally likely."""
+    from nvidia.dali import fn, types
+
+    return fn.random.uniform(values=list(range(MAX_OFFSET + 1)), shape=[2], dtype=types.INT32)
+
+
+def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, checkpoint: bytes | None = None):
+    """The (un-built) DALI pipeline for ``spec``; train and val differ only by ``spec.is_training``.
+
+    ``checkpoint`` (from ``Pipeline.checkpoint()``) restores reader positions and RNG states.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = spec.device_id is not None
+    out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}[spec.dtype]
+    eigvec = np.asarray(stats.eigvec, dtype=np.float64)
+    scale = lighting_scale_values(stats.eigval, spec.lighting_scale)
+    # A per-image shift of eigvec @ (alpha * s) = (eigvec * s) @ alpha: one 3x3 matrix applied to alpha.
+    lighting_matrix = (eigvec * scale[None, :]).astype(np.float32)
+    mean_rgb = [float(v) for v in stats.mean_rgb]
+
+    @pipeline_def(
+        batch_size=spec.batch_size,
+        num_threads=spec.num_threads,
+        device_id=spec.device_id,
+        seed=spec.seed + 7919 * spec.shard_id,  # seeded per rank
+        prefetch_queue_depth=spec.prefetch,
+        enable_checkpointing=spec.enable_checkpointing,
+    )
+    def pipe():
+        train_shuffle = spec.is_training and spec.shuffle
+        jpegs, labels = fn.readers.caffe(
+            path=list(spec.shard_paths),
+            shard_id=spec.shard_id,
+            num_shards=spec.num_shards,
+            # The order on disk is already a seeded global shuffle (data contract); on top of it the
+            # reader shuffles through a buffer of SHUFFLE_BUFFER records, anew in every epoch. With
+            # pad_last_batch the epochs never mix: every record exactly once per epoch.
+            random_shuffle=train_shuffle,
+            initial_fill=SHUFFLE_BUFFER,
+            stick_to_shard=True,
+            pad_last_batch=True,
+            name=READER_NAME,
+        )
+        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        if spec.mean == "image":
+            # §2 mean activity: the whole mean image, before the crop = the patch at the crop's offset.
+            images = fn.cast(images, dtype=types.FLOAT) - types.Constant(
+                np.ascontiguousarray(mean_image, dtype=np.float32), device="gpu" if gpu else "cpu"
+            )
+            base_mean = [0.0, 0.0, 0.0]
+        else:
+            base_mean = mean_rgb
+        labels = fn.cast(labels, dtype=types.INT64)
+
+        if spec.is_training:
+            offsets = draw_offsets()
+            mirror = fn.random.coin_flip(probability=C.MIRROR_PROBABILITY, dtype=types.INT32)
+            alpha = fn.random.normal(shape=[3], stddev=C.LIGHTING_STD)
+            shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]), M=lighting_matrix.ravel().tolist())
+            # crop_mirror_normalize computes (x - mean) / std: mean = base mean - lighting shift.
+            norm_mean = fn.reshape(types.Constant(np.array(base_mean, dtype=np.float32)) - shift, shape=[3])
+            pos = fn.cast(offsets, dtype=types.FLOAT) / float(MAX_OFFSET)  # k / 32 is exact: anchor k
+            out = fn.crop_mirror_normalize(
+                images, crop=(C.CROP_SIZE, C.CROP_SIZE), crop_pos_x=pos[0], crop_pos_y=pos[1], mirror=mirror,
+                mean=norm_mean, std=[1.0, 1.0, 1.0], output_layout="CHW", dtype=out_dtype,
+            )  # fmt: skip
+            return out, labels, offsets, mirror, alpha
+
+        def patch(px: float, py: float, flip: bool):
+            return fn.crop_mirror_normalize(
+                images, crop=(C.CROP_SIZE, C.CROP_SIZE), crop_pos_x=px, crop_pos_y=py, mirror=int(flip),
+                mean=base_mean, std=[1.0, 1.0, 1.0], output_layout="CHW", dtype=out_dtype,
+            )  # fmt: skip
+
+        if spec.ten_crop:
+            patches = [patch(px, py, flip) for flip in (False, True) for px, py in TEN_CROP_POSITIONS]
+            return fn.stack(*patches), labels
+        return patch(0.5, 0.5, False), labels
+
+    return pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
+
+
+def shard_size(total: int, shard_id: int, num_shards: int) -> int:
+    """Records in one rank's part of a split (DALI's sharding: contiguous blocks, sizes differ by <= 1)."""
+    start = total * shard_id // num_shards
+    stop = total * (shard_id + 1) // num_shards
+    return stop - start
+
+
+def spec_paths(data_dir: Path, manifest: A.Manifest, split: str) -> tuple[str, ...]:
+    paths = manifest.shard_paths(Path(data_dir), split)
+    missing = [str(p) for p in paths if not (p / "data.mdb").exists()]
+    if missing:
+        raise A.ContractError(f"{len(missing)} shard(s) of {split} missing, e.g. {missing[0]}")
+    return tuple(str(p) for p in paths)

@@ -1,0 +1,201 @@
+"""The PyTorch-facing iterator over the DALI pipelines: exact epochs, resumable mid-epoch.
+
+    cfg = LoaderConfig(batch_size=128, device="cuda:0")
+    loader = create_loader(data_dir, "train", cfg)
+    for images, labels in loader:        # one epoch: len(loader) batches
+        ...
+    state = loader.state_dict()          # position in the epoch + DALI's checkpoint (reader, RNGs)
+    loader.load_state_dict(state)        # the next batch is the one an uninterrupted run would get
+
+Epochs. The reader pads the last batch of each epoch (``pad_last_batch``), so epochs never mix.
+Train yields the full batches and drops the padded one (its records come round again after the
+next reshuffle); val yields every record exactly once, the last batch trimmed to its real size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import artifacts as A
+from . import constants as C
+from .dali_pipeline import PipelineSpec, create_pipeline, shard_size, spec_paths
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = C.BATCH_SIZE  # images per batch on this rank
+    num_threads: int = 2  # DALI CPU threads
+    seed: int = 0
+    shard_id: int = 0  # data-parallel rank
+    num_shards: int = 1  # data-parallel world size
+    device: str = "cpu"  # where batches are delivered; "cuda:N" runs DALI on GPU N
+    dtype: str = "float32"  # "float32" | "float16"
+    mean: str = "image"  # "image" (per-pixel mean image) | "channel"
+    lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # "sqrt" | "eigval01"
+    ten_crop: bool = False  # val only: [B, 10, 3, 224, 224]
+    prefetch: int = 2  # DALI prefetch queue depth
+    shuffle: bool = True  # train only; False reads records in key order
+    with_draws: bool = False  # train only: also yield the per-image random draws
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1:
+            raise A.AlexnetError("batch_size, num_threads and prefetch must be >= 1")
+        if not 0 <= self.shard_id < self.num_shards:
+            raise A.AlexnetError(f"shard_id {self.shard_id} is not in [0, {self.num_shards})")
+        if self.dtype not in ("float32", "float16"):
+            raise A.AlexnetError(f"dtype must be float32 or float16, not {self.dtype!r}")
+        if self.mean not in ("image", "channel"):
+            raise A.AlexnetError(f"mean must be 'image' or 'channel', not {self.mean!r}")
+        if self.lighting_scale not in C.LIGHTING_SCALES:
+            raise A.AlexnetError(f"lighting_scale must be one of {C.LIGHTING_SCALES}")
+
+
+def device_id_for(device: str) -> int | None:
+    """DALI's device_id for a torch device string; None (CPU-only mode) for the CPU."""
+    if device == "cpu":
+        return None
+    if device.startswith("cuda"):
+        _, _, index = device.partition(":")
+        return int(index or 0)
+    raise A.AlexnetError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
+
+
+class DaliLoader:
+    """Iterates one split for one rank; see the module docstring."""
+
+    def __init__(self, data_dir: Path, split: str, cfg: LoaderConfig):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.cfg = cfg
+        manifest = A.read_manifest(self.data_dir)
+        self.num_classes = len(manifest.classes)
+        self.is_training = split == "train"
+        if cfg.ten_crop and self.is_training:
+            raise A.AlexnetError("ten_crop is for the validation split")
+        self.mean_image = A.read_mean_image(self.data_dir)
+        self.stats = A.read_stats(self.data_dir)
+        total = manifest.splits[split].num_records if split in manifest.splits else 0
+        self.spec = PipelineSpec(
+            shard_paths=spec_paths(self.data_dir, manifest, split), is_training=self.is_training,
+            batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id_for(cfg.device),
+            seed=cfg.seed, shard_id=cfg.shard_id, num_shards=cfg.num_shards, dtype=cfg.dtype, mean=cfg.mean,
+            lighting_scale=cfg.lighting_scale, ten_crop=cfg.ten_crop, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
+        )  # fmt: skip
+        self.num_records = shard_size(total, cfg.shard_id, cfg.num_shards)
+        if self.num_records < 1:
+            raise A.AlexnetError(f"the {split} split has no records for rank {cfg.shard_id} of {cfg.num_shards}")
+        # Reader batches per epoch: the last one padded.
+        self._reader_batches = -(-self.num_records // cfg.batch_size)
+        self.epoch = 0  # epochs completed
+        self.batch_in_epoch = 0  # batches taken from the pipeline in the current epoch
+        self._pipe = None
+        self._checkpoint: bytes | None = None
+
+    # ------------------------------------------------------------------ size
+    def __len__(self) -> int:
+        """Batches per epoch: train drops the last partial batch, val keeps it."""
+        if self.is_training:
+            return self.num_records // self.cfg.batch_size
+        return self._reader_batches
+
+    # ------------------------------------------------------------------ pipeline
+    def _pipeline(self):
+        if self._pipe is None:
+            self._pipe = create_pipeline(self.spec, self.mean_image, self.stats, checkpoint=self._checkpoint)
+            self._pipe.build()
+        return self._pipe
+
+    def _run(self):
+        return self._pipeline().run()
+
+    # ------------------------------------------------------------------ torch conversion
+    def _to_torch(self, tensor_list, dtype=None):
+        import torch
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        t = tensor_list.as_tensor()
+        shape = list(t.shape())
+        dev = torch.device(self.cfg.device)
+        out = torch.empty(shape, dtype=dtype or to_torch_type[t.dtype], device=dev)
+        if dev.type == "cuda":
+            stream = torch.cuda.current_stream(dev).cuda_stream
+            feed_ndarray(t, out, cuda_stream=stream)
+        else:
+            feed_ndarray(t, out)
+        return out
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        """The remaining batches of the current epoch (all of them from a fresh or finished epoch)."""
+        import torch
+
+        n_yield = len(self)
+        while self.batch_in_epoch < self._reader_batches:
+            outputs = self._run()
+            self.batch_in_epoch += 1
+            index = self.batch_in_epoch - 1
+            if index >= n_yield:  # train: the padded tail batch is dropped
+                continue
+            valid = min(self.cfg.batch_size, self.num_records - index * self.cfg.batch_size)
+            images = self._to_torch(outputs[0])
+            labels = self._to_torch(outputs[1]).reshape(-1).to(torch.int64)
+            if valid < self.cfg.batch_size:  # val: the padded part of the last batch
+                images, labels = images[:valid], labels[:valid]
+            if self.is_training and self.cfg.with_draws:
+                draws = {
+                    "crop_xy": np.array(outputs[2].as_tensor()).reshape(-1, 2),
+                    "mirror": np.array(outputs[3].as_tensor()).reshape(-1),
+                    "alpha": np.array(outputs[4].as_tensor()).reshape(-1, 3),
+                }
+                yield images, labels, draws
+            else:
+                yield images, labels
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def reset(self) -> None:
+        """Finish the current epoch without yielding its remaining batches."""
+        for _ in self:
+            pass
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Plain types only (safe for ``torch.load(weights_only=True)``)."""
+        checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        return {
+            "epoch": int(self.epoch),
+            "batch_in_epoch": int(self.batch_in_epoch),
+            "dali_checkpoint": (checkpoint.decode("latin-1") if isinstance(checkpoint, bytes) else checkpoint),
+            "split": self.split,
+            "batch_size": int(self.cfg.batch_size),
+            "shard": [int(self.cfg.shard_id), int(self.cfg.num_shards)],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("split") != self.split or int(state.get("batch_size", -1)) != self.cfg.batch_size:
+            raise A.AlexnetError(
+                f"loader state is for split {state.get('split')!r} at batch size {state.get('batch_size')}, "
+                f"not {self.split!r} at {self.cfg.batch_size}"
+            )
+        if list(state.get("shard", [])) != [self.cfg.shard_id, self.cfg.num_shards]:
+            raise A.AlexnetError("loader state was saved with another data-parallel layout")
+        cp = state.get("dali_checkpoint")
+        self._checkpoint = cp.encode("latin-1") if isinstance(cp, str) else cp
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self._pipe = None  # rebuilt from the checkpoint on the next batch
+
+
+def create_loader(data_dir: Path, split: str, cfg: LoaderConfig) -> DaliLoader:
+    """The loader for one split and one rank (see LoaderConfig)."""
+    if split not in A.SPLITS:
+        raise A.AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
+    return DaliLoader(Path(data_dir), split, cfg)
+
+
+def preview_config(cfg: LoaderConfig) -> LoaderConfig:
+    """Key-order reading with the draws exposed, for ``alexnet-prep preview``."""
+    return replace(cfg, shuffle=False, with_draws=True, prefetch=1)
