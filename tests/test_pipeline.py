@@ -1,0 +1,267 @@
+"""The DALI pipeline on the CPU (DALI's CPU-only mode), checked against plain numpy re-implementations."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.dali_pipeline import MAX_OFFSET, TEN_CROP_ORDER, draw_offsets, lighting_scale_values
+from alexnet.pipeline.loader import LoaderConfig, create_loader
+from alexnet.tools.cli import main as prep
+
+N_TRAIN, N_VAL, N_CLASSES = 24, 10, 4
+EIGVEC = np.linalg.qr(np.random.default_rng(3).normal(size=(3, 3)))[0]
+EIGVAL = np.array([900.0, 120.0, 25.0])
+
+
+def _jpeg(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _write_split(root, split, images, labels, num_shards):
+    n = len(images)
+    shards = []
+    for i, (start, stop) in enumerate(A.shard_bounds(n, num_shards)):
+        rel = f"{split}/{A.shard_name(split, i, num_shards)}"
+        env = A.open_shard(root / rel, readonly=False, map_size=1 << 26)
+        with env.begin(write=True) as txn:
+            for pos in range(start, stop):  # identity shuffle: position == index, label recoverable
+                txn.put(A.make_key(pos, f"x/{pos}.JPEG"), A.Datum(_jpeg(images[pos]), labels[pos], 256, 256).encode())
+        env.close()
+        shards.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
+    return A.SplitInfo(num_records=n, source_count=n, shards=shards)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:256, 0:256]
+
+    def image(k):
+        base = np.stack([xx, yy, (xx + yy) // 2], -1) + rng.integers(0, 60, 3)
+        return np.clip(base + k, 0, 255).astype(np.uint8)
+
+    train = [image(k) for k in range(N_TRAIN)]
+    val = [image(100 + k) for k in range(N_VAL)]
+    manifest = A.Manifest(
+        classes=[f"n{i:08d}" for i in range(N_CLASSES)],
+        splits={
+            "train": _write_split(root, "train", train, [k % N_CLASSES for k in range(N_TRAIN)], 3),
+            "val": _write_split(root, "val", val, [k % N_CLASSES for k in range(N_VAL)], 1),
+        },
+    )
+    A.write_manifest(root, manifest)
+    mean_image = rng.uniform(60, 200, (256, 256, 3)).astype(np.float32)
+    stats = A.Stats(mean_rgb=[120.0, 115.0, 100.0], eigval=EIGVAL.tolist(), eigvec=EIGVEC.tolist(),
+                    n_images=N_TRAIN, n_pixels=N_TRAIN * 65536)  # fmt: skip
+    A.write_stats(root, stats, mean_image)
+    return root
+
+
+def _decoded(root, split):
+    """The raw records decoded by DALI's CPU decoder (the pipeline's decoder), in key order."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    paths = [str(p) for p in A.read_manifest(root).shard_paths(root, split)]
+    n = A.read_manifest(root).splits[split].num_records
+
+    @pipeline_def(batch_size=n, num_threads=1, device_id=None)
+    def pipe():
+        jpegs, labels = fn.readers.caffe(path=paths, random_shuffle=False)
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), labels
+
+    p = pipe()
+    p.build()
+    imgs, labels = p.run()
+    return np.stack([np.array(imgs.at(i)) for i in range(n)]), np.array(labels.as_tensor()).reshape(-1)
+
+
+def test_preview_matches_numpy_reimplementation(data, tmp_path):
+    """Every preview image equals a numpy re-implementation of §2/§4.1 applied to the raw record."""
+    out = tmp_path / "p.npz"
+    r = CliRunner().invoke(prep, ["preview", "--data-dir", str(data), "--split", "train", "--n", "12", "--seed", "5",
+                                  "--out", str(out)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert out.with_suffix(".png").exists()
+    z = np.load(out)
+    raw, raw_labels = _decoded(data, "train")
+    mean_image = A.read_mean_image(data).astype(np.float64)
+    s = np.sqrt(EIGVAL)
+    assert z["images"].shape == (12, 3, 224, 224) and z["images"].dtype == np.float32
+    for i in range(12):
+        k = int(z["index"][i])
+        x, y = (int(v) for v in z["crop_xy"][i])
+        ref = raw[k].astype(np.float64) - mean_image  # §2 mean image
+        ref = ref + EIGVEC @ (z["alpha"][i].astype(np.float64) * s)  # §4.1 lighting, every pixel
+        ref = ref[y : y + 224, x : x + 224]  # crop at (x, y)
+        if z["mirror"][i]:
+            ref = ref[:, ::-1]
+        assert z["labels"][i] == raw_labels[k]
+        np.testing.assert_allclose(z["images"][i].transpose(1, 2, 0), ref, atol=1e-3)
+
+
+def test_lighting_shift_is_eigvec_alpha_s_exactly(data):
+    """With a flat mean (channel mode) the per-image shift is exactly eigvec @ (alpha * s)."""
+    raw, _ = _decoded(data, "train")
+    for scale in C.LIGHTING_SCALES:
+        cfg = LoaderConfig(batch_size=8, num_threads=1, shuffle=False, with_draws=True, mean="channel",
+                           lighting_scale=scale)  # fmt: skip
+        images, _labels, draws = next(iter(create_loader(data, "train", cfg)))
+        s = lighting_scale_values(EIGVAL, scale)
+        for i in range(8):
+            x, y = draws["crop_xy"][i]
+            crop = raw[i, y : y + 224, x : x + 224].astype(np.float64)
+            if draws["mirror"][i]:
+                crop = crop[:, ::-1]
+            shift = images[i].numpy().transpose(1, 2, 0).astype(np.float64) - (crop - [120.0, 115.0, 100.0])
+            expect = EIGVEC @ (draws["alpha"][i].astype(np.float64) * s)
+            np.testing.assert_allclose(shift, np.broadcast_to(expect, shift.shape), atol=1e-3)
+
+
+def test_crop_offsets_uniform_over_33x33():
+    """Chi-square over 1089 cells: all 33x33 offsets equally likely (edges included)."""
+    from nvidia.dali import pipeline_def
+    from scipy.stats import chisquare
+
+    @pipeline_def(batch_size=4096, num_threads=1, device_id=None, seed=11)
+    def pipe():
+        return draw_offsets()  # the very function the train pipeline uses
+
+    p = pipe()
+    p.build()
+    xy = np.concatenate([np.array(p.run()[0].as_tensor()) for _ in range(25)])  # 102,400 draws
+    assert xy.min() == 0 and xy.max() == MAX_OFFSET == 32
+    counts = np.bincount(xy[:, 1] * 33 + xy[:, 0], minlength=33 * 33)
+    assert counts.min() > 0
+    assert chisquare(counts).pvalue > 1e-4
+    # Marginals too: the edge offsets 0 and 32 as likely as the inner ones.
+    assert chisquare(np.bincount(xy[:, 0], minlength=33)).pvalue > 1e-4
+
+
+def test_flip_rate_and_alpha_distribution(data):
+    cfg = LoaderConfig(batch_size=8, num_threads=1, with_draws=True, seed=1)
+    loader = create_loader(data, "train", cfg)
+    mirrors, alphas = [], []
+    for _ in range(12):
+        for _images, _labels, draws in loader:
+            mirrors.append(draws["mirror"])
+            alphas.append(draws["alpha"])
+    m = np.concatenate(mirrors)
+    a = np.concatenate(alphas)
+    assert len(m) == 12 * 24
+    assert abs(m.mean() - 0.5) < 4 * 0.5 / np.sqrt(len(m))
+    assert abs(a.std() - C.LIGHTING_STD) < 0.02 and abs(a.mean()) < 0.03
+
+
+def test_epochs_see_every_record_once_and_reshuffle(data):
+    loader = create_loader(data, "train", LoaderConfig(batch_size=8, num_threads=1, seed=2))
+    assert len(loader) == 3 and loader.num_records == N_TRAIN
+    epochs = []
+    for _ in range(3):
+        labels, firsts = [], []
+        for images, lab in loader:
+            labels.append(lab)
+            firsts.append(images[:, 0, 0, 0])
+        epochs.append((torch.cat(labels), torch.cat(firsts)))
+    for lab, _ in epochs:
+        assert sorted(lab.tolist()) == sorted([k % N_CLASSES for k in range(N_TRAIN)])
+    assert not torch.equal(epochs[0][1], epochs[1][1])  # another order / other draws each epoch
+    assert loader.epoch == 3
+
+
+def test_shards_disjoint_and_complete_across_ranks(data):
+    raw, _ = _decoded(data, "val")
+    seen = []
+    for rank in range(2):
+        cfg = LoaderConfig(batch_size=3, num_threads=1, shard_id=rank, num_shards=2)
+        loader = create_loader(data, "val", cfg)
+        assert len(loader) == 2 and loader.num_records == 5
+        for images, _ in loader:
+            seen.extend(images[:, :, 0, 0].numpy().round(3).tolist())
+    assert len(seen) == N_VAL and len({tuple(v) for v in seen}) == N_VAL
+
+
+def test_val_centre_and_ten_patch_geometry(data):
+    raw, raw_labels = _decoded(data, "val")
+    mean_image = A.read_mean_image(data).astype(np.float64)
+    centre = create_loader(data, "val", LoaderConfig(batch_size=4, num_threads=1))
+    ten = create_loader(data, "val", LoaderConfig(batch_size=4, num_threads=1, ten_crop=True))
+    assert len(centre) == 3  # 4 + 4 + 2: every val image exactly once
+    imgs_c = torch.cat([x for x, _ in centre]).numpy()
+    batches = list(ten)
+    imgs_t = torch.cat([x for x, _ in batches]).numpy()
+    labels = torch.cat([y for _, y in batches]).numpy()
+    assert imgs_c.shape == (N_VAL, 3, 224, 224) and imgs_t.shape == (N_VAL, 10, 3, 224, 224)
+    assert labels.tolist() == raw_labels.tolist()
+    offsets = {"top-left": (0, 0), "top-right": (32, 0), "bottom-left": (0, 32), "bottom-right": (32, 32),
+               "centre": (16, 16)}  # fmt: skip
+    for k in range(N_VAL):
+        full = raw[k].astype(np.float64) - mean_image
+        np.testing.assert_allclose(imgs_c[k].transpose(1, 2, 0), full[16:240, 16:240], atol=1e-3)
+        for j, (name, mirror) in enumerate(TEN_CROP_ORDER):
+            x, y = offsets[name]
+            ref = full[y : y + 224, x : x + 224]
+            ref = ref[:, ::-1] if mirror else ref
+            np.testing.assert_allclose(imgs_t[k, j].transpose(1, 2, 0), ref, atol=1e-3)
+
+
+def test_same_seed_same_batch_other_seed_other_batch(data):
+    def first(seed):
+        return next(iter(create_loader(data, "train", LoaderConfig(batch_size=8, num_threads=2, seed=seed))))[0]
+
+    a, b, c = first(4), first(4), first(5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
+    cfg = LoaderConfig(batch_size=8, num_threads=2, seed=9)
+    loader = create_loader(data, "train", cfg)
+    stream = []
+    state = None
+    for epoch in range(2):
+        for i, (images, labels) in enumerate(loader):
+            if epoch == 1 and i == 1:
+                state = loader.state_dict()
+            stream.append((epoch, i, images, labels))
+    assert state is not None
+    torch.save(state, "/dev/null")  # plain types: checkpoints can hold it
+    resumed = create_loader(data, "train", cfg)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 1 and resumed.epoch == 2
+    assert torch.equal(rest[0][0], stream[-1][2]) and torch.equal(rest[0][1], stream[-1][3])
+    # ...and the epoch after it goes on identically too.
+    nxt = next(iter(resumed))[0]
+    assert torch.equal(nxt, next(iter(loader))[0])
+
+
+def test_float16_output(data):
+    x, _ = next(iter(create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, dtype="float16"))))
+    assert x.dtype == torch.float16 and x.shape == (4, 3, 224, 224)
+
+
+def test_bad_inputs_are_clear_errors(data, tmp_path):
+    with pytest.raises(A.AlexnetError, match="ten_crop"):
+        create_loader(data, "train", LoaderConfig(ten_crop=True))
+    with pytest.raises(A.AlexnetError):
+        LoaderConfig(shard_id=2, num_shards=2)
+    with pytest.raises(A.ContractError, match="no dataset"):
+        create_loader(tmp_path, "train", LoaderConfig())
+    r = CliRunner().invoke(prep, ["preview", "--data-dir", str(data), "--n", "100", "--out", str(tmp_path / "x.npz")])
+    assert r.exit_code == 1 and "fewer than --n 100" in r.output
+
+
+def test_bench_pipeline_cli(data):
+    r = CliRunner().invoke(prep, ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    assert "images/s" in r.output
