@@ -327,3 +327,78 @@ def test_default_shard_count():
     assert B.default_num_shards(3000) == 11
     assert B.default_num_shards(C.IMAGENET_VAL_IMAGES) == 16
     assert B.default_num_shards(C.IMAGENET_TRAIN_IMAGES) == 129
+
+
+def _start_paused_build(src, data):
+    """A build whose first worker commit holds it in place; returns (process, worker pid)."""
+    import time
+
+    env = {**os.environ, B.PAUSE_AFTER_ENV: "1"}
+    cmd = [sys.executable, "-m", "alexnet.tools.cli", "build-lmdb", str(src), "--data-dir", str(data),
+           "--workers", "2", "--commit-every", "2", *BUILD_ARGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    marker = data / B.PAUSED_MARKER
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    return proc, int(marker.read_text())
+
+
+def _tree_of_session(sid):
+    """Pids of the processes in session ``sid`` (the build was started in its own session)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def _gone(pid, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie of an exited worker is gone for our purposes
+            if open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux-only")
+def test_sigterm_stops_cleanly_and_kill9_of_the_parent_takes_the_workers(src, built, tmp_path):
+    data = tmp_path / "d"
+    # SIGTERM (a scheduler's stop): exit 130 with the resume hint, workers terminated.
+    proc, worker = _start_paused_build(src, data)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
+    assert _gone(worker)
+    # kill -9 of the main process alone: the workers die with it (no orphan keeps writing a shard).
+    (data / B.PAUSED_MARKER).unlink()
+    proc, worker = _start_paused_build(src, data)
+    proc.kill()
+    proc.wait(timeout=60)  # not communicate(): an orphaned worker would hold the pipes open
+    orphaned = not _gone(worker)
+    if orphaned:  # clean up before failing: the paused worker would sleep for an hour
+        for pid in _tree_of_session(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert not orphaned, "worker outlived its parent"
+    (data / B.PAUSED_MARKER).unlink()
+    r = _build_subprocess(src, data)
+    assert r.returncode == 0, r.stderr
+    assert all_records(data) == all_records(built)

@@ -35,7 +35,6 @@ import io
 import math
 import multiprocessing as mp
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -66,6 +65,8 @@ IMAGES_PER_SHARD = 10_000  # default shard size
 MAX_SMALL_SHARDS = 16  # small datasets still get up to 16 shards (>= 256 images each), so 16 cores have work
 MIN_SHARD_IMAGES = 256
 KILL_AFTER_ENV = "ALEXNET_BUILD_KILL_AFTER_COMMITS"  # test hook: SIGKILL the whole build after K commits
+PAUSE_AFTER_ENV = "ALEXNET_BUILD_PAUSE_AFTER_COMMITS"  # test hook: a worker stops after K commits ...
+PAUSED_MARKER = ".test-worker-paused"  # ... and writes its pid here in the dataset directory
 # Options that decide the bytes written: a build resumes only when all of these are unchanged.
 _OUTPUT_OPTIONS = (
     "resize_shorter", "stored_size", "jpeg_quality", "resample", "draft_min_factor", "exif_orientation",
@@ -208,27 +209,62 @@ class ShardResult:
 
 # --------------------------------------------------------------------------- worker
 
-_progress_queue = None
+_conn = None  # this worker's end of its pipe to the main process
 _commits_done = 0
 
 
-def _worker_init(progress_queue) -> None:
-    global _progress_queue
-    _progress_queue = progress_queue
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+def _worker_main(conn) -> None:
+    """A worker process: build the shards the main process sends, one at a time, until it sends None.
+
+    Each worker has its own pipe (progress, results and errors go back on it): no lock is shared
+    between processes, so the main process can kill workers at any moment without deadlocking.
+    """
+    global _conn
+    _conn = conn
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and kills the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        # Die with the parent (kill -9 of the main process): an orphan still writing its shard
+        # would race the writer of the next, resuming run.
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        try:
+            conn.send(("done", build_shard(task)))
+        except AlexnetError as e:
+            conn.send(("error", str(e)))
+        except Exception as e:  # report it with its shard instead of dying silently
+            conn.send(("error", f"shard {task.path}: {type(e).__name__}: {e}"))
 
 
 def _report(n: int) -> None:
-    if _progress_queue is not None and n:
-        _progress_queue.put(n)
+    if _conn is not None and n:
+        _conn.send(("progress", n))
 
 
-def _after_commit() -> None:
+def _after_commit(task: ShardTask) -> None:
     global _commits_done
     _commits_done += 1
     limit = os.environ.get(KILL_AFTER_ENV)
     if limit and _commits_done >= int(limit):
         os.killpg(os.getpgrp(), signal.SIGKILL)  # test hook: as if `kill -9` hit the whole build now
+    pause = os.environ.get(PAUSE_AFTER_ENV)
+    if pause and _commits_done == int(pause):  # test hook: hold here until killed
+        (Path(task.path).parents[1] / PAUSED_MARKER).write_text(str(os.getpid()))
+        time.sleep(3600)
 
 
 def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
@@ -320,11 +356,11 @@ def build_shard(task: ShardTask) -> ShardResult:
                 _commit(env, batch)
                 _report(len(batch))
                 batch = []
-                _after_commit()
+                _after_commit(task)
         if batch:
             _commit(env, batch)
             _report(len(batch))
-            _after_commit()
+            _after_commit(task)
         entries = env.stat()["entries"]
         if entries != len(crcs):
             raise AlexnetError(f"shard {task.path}: {entries} records but {len(crcs)} checksums (internal error)")
@@ -458,66 +494,123 @@ def _human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def _make_pool(workers: int):
-    """Worker processes, started before the file listing exists so they do not inherit it (fork)."""
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    progress_queue = ctx.Queue()
-    pool = ctx.Pool(processes=workers, initializer=_worker_init, initargs=(progress_queue,))
-    return pool, progress_queue
+class _Workers:
+    """``n`` worker processes, each with its own pipe; started before the file listing exists (fork)."""
+
+    def __init__(self, n: int):
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        self.procs, self.conns = [], []
+        for _ in range(n):
+            parent_end, child_end = ctx.Pipe()
+            proc = ctx.Process(target=_worker_main, args=(child_end,), daemon=True)
+            proc.start()
+            child_end.close()
+            self.procs.append(proc)
+            self.conns.append(parent_end)
+
+    def close(self) -> None:
+        """Normal end: ask each worker to exit."""
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+    def kill(self) -> None:
+        """Interruption or error: stop now. An LMDB transaction in flight is simply not committed."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs:
+            proc.join()
 
 
-def _run_tasks(pool, progress_queue, plans, make_task, workers: int, total: int, progress: bool) -> list[ShardResult]:
-    """Each shard to one worker; at most 2 x workers shards dispatched at a time; progress over images."""
+def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) -> list[ShardResult]:
+    """Each shard to one idle worker, largest first; progress over images; the first error stops the build."""
+    from multiprocessing.connection import wait
+
     from tqdm import tqdm
 
     results: list[ShardResult] = []
-    todo = iter(sorted(plans, key=lambda p: p.start - p.stop))  # largest first: the last ones running are short
-    inflight = []
+    todo = sorted(plans, key=lambda p: p.start - p.stop)[::-1]  # popped from the end: largest first
+    idle = list(range(len(workers.procs)))
+    busy: dict[int, ShardPlan] = {}
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
     try:
-        while True:
-            while len(inflight) < 2 * workers and (plan := next(todo, None)) is not None:
-                inflight.append(pool.apply_async(build_shard, (make_task(plan),)))
-            if not inflight:
-                break
-            try:
-                bar.update(progress_queue.get(timeout=0.1))
-            except queue.Empty:
-                pass
-            for job in [j for j in inflight if j.ready()]:
-                inflight.remove(job)
-                results.append(job.get())  # re-raises a worker's error here
-        while True:  # the last progress messages
-            try:
-                bar.update(progress_queue.get_nowait())
-            except queue.Empty:
-                break
+        while todo or busy:
+            while idle and todo:
+                i, plan = idle.pop(), todo.pop()
+                workers.conns[i].send(make_task(plan))
+                busy[i] = plan
+            conns = {workers.conns[i]: i for i in busy}
+            sentinels = {workers.procs[i].sentinel: i for i in busy}
+            for ready in wait([*conns, *sentinels], timeout=1.0):
+                if ready in conns:
+                    i = conns[ready]
+                    try:
+                        kind, payload = ready.recv()
+                    except EOFError:
+                        kind, payload = "error", "its pipe closed"
+                    if kind == "progress":
+                        bar.update(payload)
+                    elif kind == "done":
+                        results.append(payload)
+                        del busy[i]
+                        idle.append(i)
+                    else:
+                        raise AlexnetError(payload)
+                elif not workers.conns[sentinels[ready]].poll():
+                    i = sentinels[ready]
+                    if i in busy:
+                        code = workers.procs[i].exitcode
+                        raise AlexnetError(
+                            f"the worker writing {busy[i].split} shard {busy[i].index} died (exit code {code}; "
+                            "out of memory?); run the same command again to resume"
+                        )
     finally:
         bar.close()
     return results
+
+
+def _raise_interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
     t0 = time.monotonic()
     workers = cfg.workers or default_workers()
-    pool, progress_queue = _make_pool(workers)
+    pool = _Workers(workers)
     _git_revision()  # forks git now, while this process is small (before the file listing)
+    # SIGTERM (a scheduler, `kill`) stops the build like Ctrl-C: workers killed, resumable.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        manifest, results, state = _build(cfg, pool, progress_queue, workers)
-        pool.close()
+        manifest, results, state = _build(cfg, pool)
     except BaseException:
-        pool.terminate()
+        pool.kill()
         raise
+    else:
+        pool.close()
     finally:
-        pool.join()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if results is None:
         return manifest
     _finish(cfg, manifest, results, state, workers, time.monotonic() - t0)
     return manifest
 
 
-def _build(cfg: BuildConfig, pool, progress_queue, workers: int):
+def _build(cfg: BuildConfig, pool: _Workers):
     """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
     from alexnet.tools.layouts import detect_source
 
@@ -556,10 +649,10 @@ def _build(cfg: BuildConfig, pool, progress_queue, workers: int):
     click.echo(
         f"{'resuming' if state == 'resume' else 'building'} {cfg.data_dir}: {counts} images, "
         f"{len(source.classes)} classes, {' + '.join(f'{shards[n]} {n}' for n in source.splits)} shards, "
-        f"{min(workers, len(plans))} worker processes",
+        f"{min(len(pool.procs), len(plans))} worker processes",
         err=True,
     )
-    results = _run_tasks(pool, progress_queue, plans, make_task, workers, total, cfg.progress)
+    results = _run_tasks(pool, plans, make_task, total, cfg.progress)
     return manifest, results, state
 
 
