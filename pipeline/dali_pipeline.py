@@ -7,14 +7,13 @@ record and the image's random draws, so the order is only a matter of speed):
    this rank's part of them (``shard_id``/``num_shards``); the order on disk is a seeded global
    shuffle and the reader reshuffles it through a 4096-record buffer, seeded per rank, every epoch;
 2. decode: ``"mixed"`` (nvJPEG, the hardware decoder where there is one) on a GPU, ``"cpu"`` otherwise;
-3. subtract the mean (§2): by default the per-pixel mean image, before the crop, so that the patch
-   subtracted is the one at the crop's own offset, mirrored with it (the exact form); or the
-   per-channel mean (``mean="channel"``);
+3. subtract the mean (§2): by default the per-pixel mean image's patch at the crop's own offset,
+   mirrored with the image (the exact form); or the per-channel mean (``mean="channel"``);
 4. PCA lighting (§4.1): add ``eigvec @ (alpha * s)`` to every pixel, alpha ~ N(0, 0.1) drawn once per
    image, s = sqrt(eigval) (``"sqrt"``, the authors' code) or eigval / 255 (``"eigval01"``);
    folded into the normalisation step as a per-image shift;
-5. a 224x224 crop at integer offsets (x, y), each uniform over all 33 values, and a horizontal flip
-   with probability 0.5; output NCHW float.
+5. a 224x224 crop at integer offsets (x, y), each uniform over all 33 values (only that window is
+   decoded), and a horizontal flip with probability 0.5; output NCHW float.
 
 Validation: the centre crop (offset 16, 16), or the ten patches of §4.1 stacked as
 ``[10, 3, 224, 224]`` per image in ``TEN_CROP_ORDER``; no lighting.
@@ -122,41 +121,52 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
             pad_last_batch=True,
             name=READER_NAME,
         )
-        images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        if spec.mean == "image":
-            # §2 mean activity: the whole mean image, before the crop = the patch at the crop's offset.
-            images = fn.cast(images, dtype=types.FLOAT) - types.Constant(
-                np.ascontiguousarray(mean_image, dtype=np.float32), device="gpu" if gpu else "cpu"
-            )
-            base_mean = [0.0, 0.0, 0.0]
-        else:
-            base_mean = mean_rgb
+        decoder = "mixed" if gpu else "cpu"
         labels = fn.cast(labels, dtype=types.INT64)
+        base_mean = [0.0, 0.0, 0.0] if spec.mean == "image" else mean_rgb
+        crop = (C.CROP_SIZE, C.CROP_SIZE)
+        if spec.mean == "image":
+            mean_const = types.Constant(np.ascontiguousarray(mean_image, dtype=np.float32), device=decoder[:3])
+
+        def normalised(images, px, py, flip, norm_mean, *, cropped: bool):
+            """(image - mean) at crop (px, py), mirrored if ``flip``; CHW float."""
+            window = {} if cropped else {"crop": crop, "crop_pos_x": px, "crop_pos_y": py}
+            out = fn.crop_mirror_normalize(
+                images, mirror=flip, mean=norm_mean, std=[1.0, 1.0, 1.0], output_layout="CHW",
+                dtype=types.FLOAT, **window,
+            )  # fmt: skip
+            if spec.mean == "image":
+                # §2 mean image: the patch at the crop's own offset, mirrored with the image (exact form).
+                out = out - fn.crop_mirror_normalize(
+                    mean_const, crop=crop, crop_pos_x=px, crop_pos_y=py, mirror=flip, output_layout="CHW",
+                    dtype=types.FLOAT,
+                )  # fmt: skip
+            return fn.cast(out, dtype=out_dtype) if spec.dtype != "float32" else out
 
         if spec.is_training:
             offsets = draw_offsets()
+            pos = fn.cast(offsets, dtype=types.FLOAT) / float(MAX_OFFSET)  # k / 32 is exact: anchor k
             mirror = fn.random.coin_flip(probability=C.MIRROR_PROBABILITY, dtype=types.INT32)
             alpha = fn.random.normal(shape=[3], stddev=C.LIGHTING_STD)
             shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]), M=lighting_matrix.ravel().tolist())
             # crop_mirror_normalize computes (x - mean) / std: mean = base mean - lighting shift.
             norm_mean = fn.reshape(types.Constant(np.array(base_mean, dtype=np.float32)) - shift, shape=[3])
-            pos = fn.cast(offsets, dtype=types.FLOAT) / float(MAX_OFFSET)  # k / 32 is exact: anchor k
-            out = fn.crop_mirror_normalize(
-                images, crop=(C.CROP_SIZE, C.CROP_SIZE), crop_pos_x=pos[0], crop_pos_y=pos[1], mirror=mirror,
-                mean=norm_mean, std=[1.0, 1.0, 1.0], output_layout="CHW", dtype=out_dtype,
-            )  # fmt: skip
+            # Decode only the crop window (libjpeg-turbo / nvJPEG region decoding): ~25% fewer pixels.
+            images = fn.decoders.image_crop(
+                jpegs, device=decoder, output_type=types.RGB, crop=crop, crop_pos_x=pos[0], crop_pos_y=pos[1]
+            )
+            out = normalised(images, pos[0], pos[1], mirror, norm_mean, cropped=True)
             return out, labels, offsets, mirror, alpha
 
-        def patch(px: float, py: float, flip: bool):
-            return fn.crop_mirror_normalize(
-                images, crop=(C.CROP_SIZE, C.CROP_SIZE), crop_pos_x=px, crop_pos_y=py, mirror=int(flip),
-                mean=base_mean, std=[1.0, 1.0, 1.0], output_layout="CHW", dtype=out_dtype,
-            )  # fmt: skip
-
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
         if spec.ten_crop:
-            patches = [patch(px, py, flip) for flip in (False, True) for px, py in TEN_CROP_POSITIONS]
+            patches = [
+                normalised(images, px, py, int(flip), base_mean, cropped=False)
+                for flip in (False, True)
+                for px, py in TEN_CROP_POSITIONS
+            ]
             return fn.stack(*patches), labels
-        return patch(0.5, 0.5, False), labels
+        return normalised(images, 0.5, 0.5, 0, base_mean, cropped=False), labels
 
     return pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
 
