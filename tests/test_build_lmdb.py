@@ -260,6 +260,12 @@ def test_rerun_is_a_noop(src, built, tmp_path):
     assert r.exit_code == 0, r.output
     assert "nothing to do" in r.output
     assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == mtimes
+    # A finished dataset stays valid after a PIL upgrade (a half-built one does not: see below).
+    m = A.read_manifest(data)
+    m.build["pil"] = "pillow-simd 0.0.post0 (older)"
+    A.write_manifest(data, m)
+    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS])
+    assert r.exit_code == 0 and "nothing to do" in r.output and "was built with pillow-simd 0.0" in r.output
     # Other output options: refused with a clear line; --overwrite rebuilds.
     r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS, "--jpeg-quality", "80"])
     assert r.exit_code == 1 and "refusing to reuse" in r.output and "jpeg_quality: 95 -> 80" in r.output
@@ -310,6 +316,11 @@ def test_resume_with_other_options_refused(src, tmp_path):
     assert r.returncode == -signal.SIGKILL
     r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS, "--seed", "4"])
     assert r.exit_code == 1 and "refusing to resume" in r.output and "seed: 3 -> 4" in r.output
+    m = A.read_manifest(data, require_complete=False)
+    m.build["pil"] = "pillow-simd 0.0.post0 (older)"
+    A.write_manifest(data, m)
+    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS])
+    assert r.exit_code == 1 and "refusing to resume" in r.output and "pil:" in r.output
 
 
 def test_map_full_grows_instead_of_failing(src, built, tmp_path):

@@ -471,6 +471,10 @@ def _check_existing(cfg: BuildConfig, options: dict) -> str:
         return "new"
     old = A.read_manifest(data_dir, require_complete=False)
     differ = [k for k in _OUTPUT_OPTIONS if old.build.get(k) != options.get(k)]
+    if old.complete and differ == ["pil"]:
+        # A finished dataset stays valid after a PIL upgrade; only a half-built one must not mix versions.
+        click.echo(f"note: {data_dir} was built with {old.build.get('pil')}, this is {options.get('pil')}", err=True)
+        differ = []
     if differ:
         what = "; ".join(f"{k}: {old.build.get(k)!r} -> {options.get(k)!r}" for k in differ[:4])
         verb = "resume" if not old.complete else "reuse"
