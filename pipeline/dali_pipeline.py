@@ -64,6 +64,8 @@ class PipelineSpec:
     shuffle: bool = True  # train only; False reads in key order (preview)
     prefetch: int = 2
     enable_checkpointing: bool = True
+    roi_decode: bool = True  # train: decode only the crop window (see benchmarks/RESULTS.md for GPU)
+    hw_decoder_load: float = 0.65  # GPU: share of images sent to the hardware JPEG decoder (DALI's default)
 
 
 def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
@@ -122,6 +124,7 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
             name=READER_NAME,
         )
         decoder = "mixed" if gpu else "cpu"
+        decoder_args = {"hw_decoder_load": spec.hw_decoder_load} if gpu else {}
         labels = fn.cast(labels, dtype=types.INT64)
         base_mean = [0.0, 0.0, 0.0] if spec.mean == "image" else mean_rgb
         crop = (C.CROP_SIZE, C.CROP_SIZE)
@@ -151,14 +154,19 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
             shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]), M=lighting_matrix.ravel().tolist())
             # crop_mirror_normalize computes (x - mean) / std: mean = base mean - lighting shift.
             norm_mean = fn.reshape(types.Constant(np.array(base_mean, dtype=np.float32)) - shift, shape=[3])
-            # Decode only the crop window (libjpeg-turbo / nvJPEG region decoding): ~25% fewer pixels.
-            images = fn.decoders.image_crop(
-                jpegs, device=decoder, output_type=types.RGB, crop=crop, crop_pos_x=pos[0], crop_pos_y=pos[1]
-            )
-            out = normalised(images, pos[0], pos[1], mirror, norm_mean, cropped=True)
+            if spec.roi_decode:
+                # Decode only the crop window (libjpeg-turbo / nvJPEG region decoding): ~25% fewer pixels.
+                images = fn.decoders.image_crop(
+                    jpegs, device=decoder, output_type=types.RGB, crop=crop, crop_pos_x=pos[0], crop_pos_y=pos[1],
+                    **decoder_args,
+                )  # fmt: skip
+                out = normalised(images, pos[0], pos[1], mirror, norm_mean, cropped=True)
+            else:
+                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args)
+                out = normalised(images, pos[0], pos[1], mirror, norm_mean, cropped=False)
             return out, labels, offsets, mirror, alpha
 
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args)
         if spec.ten_crop:
             patches = [
                 normalised(images, px, py, int(flip), base_mean, cropped=False)

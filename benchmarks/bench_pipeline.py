@@ -1,0 +1,146 @@
+"""Train-pipeline throughput on the CPU: DALI (CPU-only mode) vs a plain torch DataLoader.
+
+Both do the same per-image work over the same LMDB shards: read the Datum, decode the JPEG,
+subtract the mean image at the crop offset, random 224 crop, flip, PCA lighting, NCHW float32.
+The baseline does it with PIL (the active PIL: pillow-simd here) and numpy in DataLoader workers.
+The two are measured alternately in one run; the script prints both rates and the ratio.
+
+    .venv/bin/python benchmarks/bench_pipeline.py [--data-dir DIR] [--images 2000] [--threads 2] [--rounds 3]
+
+Without --data-dir it writes (once, cached in ~/.cache/alexnet) 2000 realistic 256x256 JPEG
+records (quality 95) through the data contract.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.loader import LoaderConfig, create_loader
+
+
+def synth_dataset(root: Path, n: int) -> Path:
+    """Photo-like 256x256 JPEGs (gradients, texture, noise; ~40-60 KB at q95) written through the contract."""
+    if (root / A.MANIFEST_FILE).exists() and A.read_manifest(root).splits["train"].num_records == n:
+        return root
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
+    env = A.open_shard(root / "train/train-00000-of-00001", readonly=False, map_size=1 << 32)
+    with env.begin(write=True) as txn:
+        for i in range(n):
+            c0, c1 = rng.uniform(30, 220, 3), rng.uniform(30, 220, 3)
+            t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / 512 + 0.5
+            img = c0 + (c1 - c0) * t[..., None] + 25 * np.sin(xx * rng.uniform(0.02, 0.2))[..., None]
+            img += rng.normal(0, 12, img.shape)
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+            txn.put(A.make_key(i, f"synth/{i}.JPEG"), A.Datum(buf.getvalue(), i % 10, 256, 256).encode())
+    env.close()
+    shard = A.ShardInfo(path="train/train-00000-of-00001", num_records=n, first_position=0, stop_position=n)
+    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)],
+                                      splits={"train": A.SplitInfo(num_records=n, source_count=n, shards=[shard])}))  # fmt: skip
+    stats = A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0], eigvec=np.eye(3).tolist(),
+                    n_images=n, n_pixels=n * 65536)  # fmt: skip
+    A.write_stats(root, stats, np.full((256, 256, 3), 120.0, np.float32))
+    return root
+
+
+class TorchBaseline(torch.utils.data.Dataset):
+    """The same augmentation with PIL and numpy, one record per __getitem__."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        m = A.read_manifest(data_dir)
+        self.shards = m.shard_paths(data_dir, "train")
+        self.keys = [k for s in self.shards for k, _ in A.iter_shard(s)]
+        self.where = [i for i, s in enumerate(self.shards) for _ in range(m.splits["train"].shards[i].num_records)]
+        self.mean_image = A.read_mean_image(data_dir)
+        st = A.read_stats(data_dir)
+        self.lighting = (st.eigvec_array * np.sqrt(st.eigval_array)[None, :]).astype(np.float32)
+        self.envs = None
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        if self.envs is None:  # opened in the worker
+            self.envs = [A.open_shard(s) for s in self.shards]
+        with self.envs[self.where[i]].begin() as txn:
+            d = A.Datum.decode(txn.get(self.keys[i]))
+        img = np.asarray(Image.open(io.BytesIO(d.data)).convert("RGB"), dtype=np.float32)
+        x, y = np.random.randint(0, C.STORED_SIZE - C.CROP_SIZE + 1, 2)
+        patch = (
+            img[y : y + C.CROP_SIZE, x : x + C.CROP_SIZE] - self.mean_image[y : y + C.CROP_SIZE, x : x + C.CROP_SIZE]
+        )
+        if np.random.rand() < C.MIRROR_PROBABILITY:
+            patch = patch[:, ::-1]
+        patch = patch + self.lighting @ np.random.normal(0, C.LIGHTING_STD, 3).astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1))), d.label
+
+
+def rate_torch(data_dir: Path, batch: int, workers: int, batches: int) -> float:
+    ds = TorchBaseline(data_dir)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                                     persistent_workers=False, prefetch_factor=4)  # fmt: skip
+    it = iter(dl)
+    next(it)  # warm-up: workers started
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def rate_dali(data_dir: Path, batch: int, threads: int, batches: int) -> float:
+    loader = create_loader(data_dir, "train", LoaderConfig(batch_size=batch, num_threads=threads, prefetch=2))
+
+    def endless():
+        while True:
+            yield from loader
+
+    it = endless()
+    next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return batches * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", type=Path)
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    ap.add_argument("--batches", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    data = args.data_dir or synth_dataset(Path.home() / ".cache/alexnet/bench_pipeline", args.images)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__}")
+    print(f"dataset {data}: batch {args.batch_size}, {args.batches} batches per measurement, "
+          f"DALI {args.threads} threads vs DataLoader {args.threads} workers")  # fmt: skip
+    dali, base = [], []
+    for r in range(args.rounds):
+        base.append(rate_torch(data, args.batch_size, args.threads, args.batches))
+        dali.append(rate_dali(data, args.batch_size, args.threads, args.batches))
+        print(f"round {r + 1}: DataLoader+PIL/numpy {base[-1]:8.1f} img/s | DALI CPU {dali[-1]:8.1f} img/s | "
+              f"ratio {dali[-1] / base[-1]:.2f}x  (load avg {os.getloadavg()[0]:.1f})")  # fmt: skip
+    print(f"best: DataLoader {max(base):.1f} img/s, DALI {max(dali):.1f} img/s, ratio {max(dali) / max(base):.2f}x "
+          f"(target >= 2.5x)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
