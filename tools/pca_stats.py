@@ -1,0 +1,453 @@
+"""``alexnet-prep pca-stats``: the exact mean image and the RGB PCA of the training set, in one pass.
+
+What it computes (paper §2 and §4.1), over every train record (or a seeded ``--sample N``):
+
+* the per-pixel mean image, float32 (256, 256, 3), RGB, 0-255: the "mean activity over the
+  training set" subtracted from each pixel (§2); summed in integers, so it is exact before the
+  final division;
+* the per-channel mean and the 3x3 covariance of all RGB pixel values (population covariance,
+  divided by the number of pixels), and its eigen-decomposition for PCA lighting (§4.1):
+  eigenvalues descending, unit eigenvectors as columns (rows R, G, B).
+
+Exactness. Pixel values are integers 0..255, so each chunk of images gets exact moments: channel
+sums in int64 and the six distinct sums of products in float32 over blocks of 256 pixels (every
+partial sum is an integer below 256 * 255**2 < 2**24, so float32 adds them exactly whatever the
+order), then summed in float64 (exact below 2**53). The chunk's co-moment matrix
+``sum (x - m)(x - m)^T = (N * S2 - S S^T) / N`` is formed in Python integers and rounded once.
+Chunks, workers and shards are combined with the pairwise update of Chan, Golub and LeVeque
+(counts, means, co-moments), which is stable in float64 and independent of how the records were
+split up to rounding (the tests pin 1e-6 / 1e-5 relative against a direct numpy computation).
+
+Sign convention of the eigenvectors. An eigenvector is only defined up to sign; each column ``i``
+is oriented so that its dot product with ``SIGN_REFERENCE[i]`` is positive: the first (brightness)
+axis points to dark, all components negative for ordinary photographs; the second to red over blue
+(R - B > 0); the third to red and blue over green (R - 2G + B > 0). This reproduces the widely used
+ImageNet eigenvectors (``constants.IMAGENET_REFERENCE_EIGVEC``) column for column. Where a dot
+product is zero the largest-magnitude component is made negative.
+
+Decoder. The stored JPEGs are decoded with PIL (pillow-simd on libjpeg-turbo, ISLOW IDCT, fancy
+upsampling). The training pipeline decodes them with DALI (CPU: libjpeg-turbo through
+nvImageCodec; GPU: nvJPEG), whose pixels can differ from PIL's by a grey level here and there.
+``benchmarks/bench_pca_stats.py`` measures the difference on the same records (mean absolute
+pixel difference PIL vs DALI CPU, and its effect on the channel means and eigenvalues); the
+figures are in ``benchmarks/results_pca_stats.md``. Non-RGB JPEGs (grayscale, CMYK) are converted
+to RGB as DALI's ``output_type=RGB`` does; build-lmdb stores RGB only.
+
+Bad input: no manifest, a half-built dataset, no train split, missing shards, or a shard whose record
+count disagrees with the manifest fail with one clear line. A record that does not decode (not a
+Datum, not a JPEG, not 256x256) is skipped, counted, listed in the summary and in ``source``; more than
+``--max-skipped`` of the records skipped fails the run without writing anything. Files are written
+atomically through the data contract (an interrupted run leaves the old files or none).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import numpy as np
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.cli_common import data_dir_option, package_version
+
+SPLIT = "train"  # §2: the mean activity over the *training* set; §4.1: PCA over the training set
+# Images per update(): uint16 per-pixel sums stay exact for up to 257 images (257 * 255 < 2**16).
+CHUNK_IMAGES = 64
+UINT16_SAFE_IMAGES = 256
+# Pixels per float32 block: a block's sum of products is at most 256 * 255**2 < 2**24 (exact in float32).
+BLOCK_PIXELS = 256
+MAX_LISTED_SKIPS = 20
+# Eigenvector orientation (see the module docstring): column i has a positive dot product with row i.
+SIGN_REFERENCE = np.array([[-1.0, -1.0, -1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0]])
+_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
+@dataclass(frozen=True)
+class PcaStatsConfig:
+    sample: int = 0  # train records used, a seeded sample; 0: all
+    seed: int = 0  # seed of the sample
+    workers: int = 0  # processes; 0: one per CPU core
+    max_skipped: float = 0.001  # fraction of records that may fail to decode before the run fails
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- exact moments
+
+
+def _gram_exact(images: np.ndarray) -> np.ndarray:
+    """``sum over pixels of x x^T`` (3x3, int64), exactly, for uint8 images ``[n, H, W, 3]``."""
+    flat = images.reshape(-1, 3)
+    n = flat.shape[0]
+    blocks = -(-n // BLOCK_PIXELS)
+    planar = np.empty((3, blocks * BLOCK_PIXELS), dtype=np.float32)
+    planar[:, :n] = flat.T
+    planar[:, n:] = 0.0  # padding adds nothing
+    rows = planar.reshape(3, blocks, BLOCK_PIXELS)
+    out = np.empty((3, 3), dtype=np.int64)
+    for a, b in _PAIRS:
+        # float32 per block: exact (integers < 2**24); float64 over blocks: exact (< 2**53)
+        s = int(np.einsum("ij,ij->i", rows[a], rows[b]).sum(dtype=np.float64))
+        out[a, b] = out[b, a] = s
+    return out
+
+
+class PixelMoments:
+    """Mergeable accumulator: image count, per-pixel int64 sums, and RGB pixel moments in float64.
+
+    ``update`` adds a chunk of uint8 images ``[n, H, W, 3]`` with its exact moments; ``merge``
+    combines two accumulators (Chan et al. pairwise update); ``finalize`` gives the statistics.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int] = A.MEAN_IMAGE_SHAPE):
+        self.image_shape = tuple(image_shape)
+        self.n_images = 0
+        self.n_pixels = 0
+        self.mean = np.zeros(3, dtype=np.float64)
+        self.comoment = np.zeros((3, 3), dtype=np.float64)  # sum over pixels of (x - mean)(x - mean)^T
+        self.image_sum = np.zeros(self.image_shape, dtype=np.int64)
+
+    def update(self, images: np.ndarray) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"expected uint8 images [n, {', '.join(map(str, self.image_shape))}], "
+                             f"got {images.dtype} {images.shape}")  # fmt: skip
+        n = images.shape[0]
+        if n == 0:
+            return
+        chunk_pixel_sum = np.zeros(self.image_shape, dtype=np.int64)
+        for start in range(0, n, UINT16_SAFE_IMAGES):
+            chunk_pixel_sum += images[start : start + UINT16_SAFE_IMAGES].sum(0, dtype=np.uint16)
+        self.image_sum += chunk_pixel_sum
+        s = [int(v) for v in chunk_pixel_sum.reshape(-1, 3).sum(0)]
+        s2 = _gram_exact(images)
+        count = n * self.image_shape[0] * self.image_shape[1]
+        mean = np.array([v / count for v in s])
+        # exact integer numerator, one rounding: (N S2 - S S^T) / N
+        m2 = np.array([[(count * int(s2[a, b]) - s[a] * s[b]) / count for b in range(3)] for a in range(3)])
+        self._combine(count, mean, m2)
+        self.n_images += n
+
+    def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
+        # Chan, Golub & LeVeque (1979): pairwise combination of counts, means and co-moments.
+        n_a = self.n_pixels
+        if n_b == 0:
+            return
+        if n_a == 0:
+            self.n_pixels, self.mean, self.comoment = n_b, mean_b.copy(), m2_b.copy()
+            return
+        n = n_a + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.comoment = self.comoment + m2_b + np.outer(delta, delta) * (n_a * n_b / n)
+        self.n_pixels = n
+
+    def merge(self, other: PixelMoments) -> PixelMoments:
+        if other.image_shape != self.image_shape:
+            raise ValueError(f"cannot merge moments of {other.image_shape} images into {self.image_shape}")
+        self._combine(other.n_pixels, other.mean, other.comoment)
+        self.image_sum += other.image_sum
+        self.n_images += other.n_images
+        return self
+
+    def finalize(self) -> Finalized:
+        if self.n_images == 0:
+            raise AlexnetError("no images were accumulated")
+        cov = self.comoment / self.n_pixels
+        cov = (cov + cov.T) / 2  # symmetric by construction; make it bit-symmetric for eigh
+        eigval, eigvec = np.linalg.eigh(cov)
+        order = np.argsort(eigval)[::-1]
+        eigval = np.maximum(eigval[order], 0.0)  # a covariance is PSD: negatives are rounding only
+        eigvec = orient_eigvec(eigvec[:, order])
+        mean_image = (self.image_sum / self.n_images).astype(np.float32)
+        return Finalized(self.mean.copy(), cov, eigval, eigvec, mean_image, self.n_images, self.n_pixels)
+
+
+@dataclass
+class Finalized:
+    mean_rgb: np.ndarray  # (3,) float64, 0-255
+    covariance: np.ndarray  # (3, 3) float64, population covariance of RGB pixel values
+    eigval: np.ndarray  # (3,) descending
+    eigvec: np.ndarray  # (3, 3) unit columns, rows R, G, B
+    mean_image: np.ndarray  # float32 (H, W, 3)
+    n_images: int
+    n_pixels: int
+
+
+def orient_eigvec(eigvec: np.ndarray) -> np.ndarray:
+    """Flip each column so that its dot product with ``SIGN_REFERENCE[i]`` is positive (module docstring)."""
+    out = np.array(eigvec, dtype=np.float64, copy=True)
+    for i in range(out.shape[1]):
+        d = float(out[:, i] @ SIGN_REFERENCE[i])
+        if abs(d) < 1e-9:  # orthogonal to the reference direction: largest-magnitude component negative
+            d = -float(out[np.argmax(np.abs(out[:, i])), i])
+        if d < 0:
+            out[:, i] = -out[:, i]
+    return out
+
+
+# --------------------------------------------------------------------------- decoding and workers
+
+
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    """A stored JPEG as uint8 (256, 256, 3) RGB with PIL; raises ValueError on anything else."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        if im.format != "JPEG":
+            raise ValueError(f"not a JPEG ({im.format})")
+        if im.mode != "RGB":  # DALI's output_type=RGB converts grayscale and CMYK the same way
+            im = im.convert("RGB")
+        arr = np.asarray(im)
+    if arr.shape != A.MEAN_IMAGE_SHAPE:
+        raise ValueError(f"decodes to {arr.shape[1]}x{arr.shape[0]}, expected {C.STORED_SIZE}x{C.STORED_SIZE}")
+    return arr
+
+
+def decoder_name() -> str:
+    try:
+        from alexnet.tools.pil import pil_summary
+
+        return f"PIL {pil_summary()}"
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        return "PIL"
+
+
+@dataclass
+class TaskResult:
+    moments: PixelMoments
+    records: int  # records looked at (decoded or skipped)
+    skipped: list[str] = field(default_factory=list)  # "shard key: reason"
+
+
+def _run_task(task: tuple[str, str, list[bytes]]) -> TaskResult:
+    """Decode the given records of one shard and accumulate them (runs in a worker process)."""
+    shard_path, shard_rel, keys = task
+    moments = PixelMoments()
+    skipped: list[str] = []
+    buf = np.empty((CHUNK_IMAGES, *A.MEAN_IMAGE_SHAPE), dtype=np.uint8)
+    k = 0
+    env = A.open_shard(Path(shard_path))
+    try:
+        with env.begin(buffers=True) as txn:
+            for key in keys:
+                value = txn.get(key)
+                try:
+                    if value is None:
+                        raise ValueError("record vanished from the shard")
+                    datum = A.Datum.decode(bytes(value))
+                    if not datum.encoded:
+                        raise ValueError("Datum holds raw pixels, not an encoded image")
+                    buf[k] = decode_rgb(datum.data)
+                except Exception as e:  # any decoder failure is a counted, reported skip
+                    skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
+                    continue
+                k += 1
+                if k == CHUNK_IMAGES:
+                    moments.update(buf)
+                    k = 0
+    finally:
+        env.close()
+    moments.update(buf[:k])
+    return TaskResult(moments, len(keys), skipped)
+
+
+def _shard_keys(path: Path) -> list[bytes]:
+    """Every key of a shard in key order, values untouched (LMDB keeps large values on their own pages)."""
+    env = A.open_shard(path)
+    try:
+        with env.begin() as txn:
+            return list(txn.cursor().iternext(keys=True, values=False))
+    finally:
+        env.close()
+
+
+def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple[str, str, list[bytes]]], dict]:
+    """Tasks (shard, rel path, keys) covering the chosen records, and the ``source`` facts."""
+    manifest = A.read_manifest(data_dir)  # refuses a half-built dataset
+    if SPLIT not in manifest.splits:
+        raise AlexnetError(
+            f"the dataset at {data_dir} has no {SPLIT} split (have: {', '.join(manifest.splits) or 'none'})"
+        )
+    split = manifest.splits[SPLIT]
+    paths = manifest.shard_paths(data_dir, SPLIT)
+    if not paths or split.num_records == 0:
+        raise AlexnetError(f"the {SPLIT} split at {data_dir} has no records")
+    missing = [sh.path for sh, p in zip(split.shards, paths, strict=True) if not (p / "data.mdb").exists()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise AlexnetError(
+            f"{len(missing)} {SPLIT} shard(s) missing: {missing[0]}{more} (rebuild with alexnet-prep build-lmdb)"
+        )
+    shard_keys = []
+    for sh, p in zip(split.shards, paths, strict=True):
+        keys = _shard_keys(p)
+        if len(keys) != sh.num_records:
+            raise AlexnetError(f"shard {sh.path} has {len(keys)} records, the manifest says {sh.num_records} "
+                               "(check with alexnet-prep verify)")  # fmt: skip
+        shard_keys.append(keys)
+    total = sum(len(k) for k in shard_keys)
+    chosen: list[list[bytes]]
+    if cfg.sample and cfg.sample < total:
+        picked = np.sort(np.random.default_rng(cfg.seed).choice(total, size=cfg.sample, replace=False))
+        chosen, start = [], 0
+        for keys in shard_keys:
+            lo, hi = np.searchsorted(picked, [start, start + len(keys)])
+            chosen.append([keys[i - start] for i in picked[lo:hi].tolist()])
+            start += len(keys)
+    else:
+        chosen = shard_keys
+    n_chosen = sum(len(k) for k in chosen)
+    # Enough tasks to keep every worker busy and the bar moving, few enough that merging is free.
+    per_task = max(16, min(1024, math.ceil(n_chosen / (workers * 8))))
+    tasks = []
+    for sh, p, keys in zip(split.shards, paths, chosen, strict=True):
+        for i in range(0, len(keys), per_task):
+            tasks.append((str(p), sh.path, keys[i : i + per_task]))
+    source = {
+        "split": SPLIT,
+        "shards": [sh.path for sh in split.shards],
+        "split_records": total,
+        "records_used": n_chosen,
+        "sample": cfg.sample if cfg.sample and cfg.sample < total else None,
+        "seed": cfg.seed if cfg.sample and cfg.sample < total else None,
+    }
+    return tasks, source
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _pool(workers: int, tasks: list):
+    """A process pool (fork where there is one: the workers need nothing but the task), or None for one worker."""
+    if workers <= 1 or len(tasks) <= 1:
+        return None
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ctx.Pool(min(workers, len(tasks)))
+
+
+def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.ndarray]:
+    """One pass over the train records: ``(Stats, mean_image)`` ready for ``artifacts.write_stats``."""
+    from tqdm import tqdm
+
+    data_dir = Path(data_dir)
+    workers = config.workers or default_workers()
+    tasks, source = _plan(data_dir, config, workers)
+    total = source["records_used"]
+    moments = PixelMoments()
+    skipped: list[str] = []
+    n_skipped = 0
+    pool = _pool(workers, tasks)  # forked before tqdm starts its monitor thread
+    bar = tqdm(total=total, unit="img", desc="pca-stats", disable=not config.progress, file=sys.stderr,
+               dynamic_ncols=True)  # fmt: skip
+    try:
+        results = pool.imap_unordered(_run_task, tasks) if pool else map(_run_task, tasks)
+        for r in results:
+            moments.merge(r.moments)
+            n_skipped += len(r.skipped)
+            skipped.extend(r.skipped[: max(0, MAX_LISTED_SKIPS - len(skipped))])
+            bar.update(r.records)
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()  # every result is in (or we are failing): no need to wait for idle workers
+            pool.join()
+    if n_skipped > config.max_skipped * total:
+        listed = "; ".join(skipped[:3])
+        raise AlexnetError(f"{n_skipped} of {total} records did not decode (more than --max-skipped "
+                           f"{config.max_skipped:g}); nothing written. First: {listed}")  # fmt: skip
+    if moments.n_images == 0:
+        raise AlexnetError("no record decoded; nothing written")
+    f = moments.finalize()
+    source.update(
+        {
+            "images": f.n_images,
+            "skipped": n_skipped,
+            "skipped_records": skipped,
+            "decoder": decoder_name(),
+            "covariance": "population (sum over pixels / n_pixels), RGB 0-255",
+            "eigvec_signs": "column i has a positive dot product with "
+            f"{SIGN_REFERENCE.tolist()}[i] (first: all negative = towards dark)",
+            "tool": f"alexnet-prep pca-stats {package_version()}",
+        }
+    )
+    stats = A.Stats(
+        mean_rgb=f.mean_rgb.tolist(),
+        eigval=f.eigval.tolist(),
+        eigvec=f.eigvec.tolist(),
+        n_images=f.n_images,
+        n_pixels=f.n_pixels,
+        covariance=f.covariance.tolist(),
+        source=source,
+    )
+    return stats, f.mean_image
+
+
+# --------------------------------------------------------------------------- summary and CLI
+
+
+def format_summary(stats: A.Stats) -> str:
+    src = stats.source
+    ev = stats.eigvec_array
+    std = np.sqrt(np.maximum(stats.eigval_array, 0.0))
+    ref_std = C.IMAGENET_REFERENCE_STD_255
+    ref_vec = np.asarray(C.IMAGENET_REFERENCE_EIGVEC)
+
+    def row(values, fmt="{:9.3f}"):
+        return " ".join(fmt.format(v) for v in values)
+
+    used = f"{stats.n_images} images ({stats.n_pixels} pixels)"
+    if src.get("sample"):
+        used += f", a sample of {src['sample']} of {src.get('split_records')} records (seed {src.get('seed')})"
+    lines = [
+        f"pca-stats over {src.get('split', SPLIT)}: {used}; decoder {src.get('decoder', '?')}",
+        f"skipped records: {src.get('skipped', 0)}",
+        *[f"  {s}" for s in src.get("skipped_records", [])],
+        "                    this dataset                        ImageNet (for orientation)",
+        f"mean RGB        {row(stats.mean_rgb)}              {row(C.IMAGENET_REFERENCE_MEAN_RGB, '{:8.2f}')}",
+        f"eigenvalues     {row(stats.eigval, '{:9.2f}')}              {row(np.square(ref_std), '{:8.1f}')}",
+        f"std along them  {row(std, '{:9.3f}')}              {row(ref_std, '{:8.2f}')}",
+        "eigenvectors (columns; rows R, G, B)",
+    ]
+    for i, ch in enumerate("RGB"):
+        lines.append(f"  {ch}             {row(ev[i], '{:9.4f}')}              {row(ref_vec[i], '{:8.4f}')}")
+    return "\n".join(lines)
+
+
+EPILOG = """\b
+Examples:
+  alexnet-prep pca-stats                                  # every train record of ./data
+  alexnet-prep pca-stats --data-dir /fast/imagenet-lmdb --workers 16
+  alexnet-prep pca-stats --sample 20000 --seed 1          # a fast seeded estimate
+"""
+
+
+@click.command("pca-stats", epilog=EPILOG)
+@data_dir_option
+@click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Use a seeded random sample of N train records (0: all).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decoding processes (0: one per CPU core).")  # fmt: skip
+@click.option("--max-skipped", type=click.FloatRange(0.0, 1.0), default=PcaStatsConfig.max_skipped,
+              show_default=True, help="Fail (writing nothing) if more than this fraction of records does not decode.")  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def pca_stats_command(data_dir: Path, sample: int, seed: int, workers: int, max_skipped: float, no_progress: bool):
+    """Mean image and RGB PCA of the train records: writes stats.json and mean_image.npy (§2, §4.1)."""
+    cfg = PcaStatsConfig(sample=sample, seed=seed, workers=workers, max_skipped=max_skipped, progress=not no_progress)
+    stats, mean_image = compute_stats(data_dir, cfg)
+    A.write_stats(data_dir, stats, mean_image)
+    click.echo(format_summary(stats))
+    click.echo(f"wrote {Path(data_dir) / A.STATS_FILE} and {Path(data_dir) / A.MEAN_IMAGE_FILE}")
