@@ -129,7 +129,9 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
         base_mean = [0.0, 0.0, 0.0] if spec.mean == "image" else mean_rgb
         crop = (C.CROP_SIZE, C.CROP_SIZE)
         if spec.mean == "image":
-            mean_const = types.Constant(np.ascontiguousarray(mean_image, dtype=np.float32), device=decoder[:3])
+            mean_const = types.Constant(
+                np.ascontiguousarray(mean_image, dtype=np.float32), device="gpu" if gpu else "cpu"
+            )
 
         def normalised(images, px, py, flip, norm_mean, *, cropped: bool):
             """(image - mean) at crop (px, py), mirrored if ``flip``; CHW float."""

@@ -113,19 +113,20 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ torch conversion
     def _to_torch(self, tensor_list, dtype=None):
+        """Copy a DALI batch into a new torch tensor on ``cfg.device`` (GPU outputs stay on the GPU)."""
         import torch
+        from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         t = tensor_list.as_tensor()
-        shape = list(t.shape())
         dev = torch.device(self.cfg.device)
-        out = torch.empty(shape, dtype=dtype or to_torch_type[t.dtype], device=dev)
-        if dev.type == "cuda":
-            stream = torch.cuda.current_stream(dev).cuda_stream
-            feed_ndarray(t, out, cuda_stream=stream)
-        else:
-            feed_ndarray(t, out)
-        return out
+        on_gpu = isinstance(tensor_list, TensorListGPU)
+        out = torch.empty(list(t.shape()), dtype=dtype or to_torch_type[t.dtype], device=dev if on_gpu else "cpu")
+        if on_gpu:
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev).cuda_stream)
+            return out
+        feed_ndarray(t, out)  # host memory: labels, or everything in CPU-only mode
+        return out.to(dev, non_blocking=True) if dev.type != "cpu" else out
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
