@@ -10,9 +10,9 @@ What it computes (paper §2 and §4.1), over every train record (or a seeded ``-
   eigenvalues descending, unit eigenvectors as columns (rows R, G, B).
 
 Exactness. Pixel values are integers 0..255, so each chunk of images gets exact moments: channel
-sums in int64 and the six distinct sums of products in float32 over blocks of 256 pixels (every
+sums in int64 and the six distinct sums of products in float32 down blocks of 256 rows (every
 partial sum is an integer below 256 * 255**2 < 2**24, so float32 adds them exactly whatever the
-order), then summed in float64 (exact below 2**53). The chunk's co-moment matrix
+order; see ``_gram_exact``), then summed in float64 (exact below 2**53). The chunk's co-moment matrix
 ``sum (x - m)(x - m)^T = (N * S2 - S S^T) / N`` is formed in Python integers and rounded once.
 Chunks, workers and shards are combined with the pairwise update of Chan, Golub and LeVeque
 (counts, means, co-moments), which is stable in float64 and independent of how the records were
@@ -62,12 +62,11 @@ SPLIT = "train"  # §2: the mean activity over the *training* set; §4.1: PCA ov
 # Images per update(): uint16 per-pixel sums stay exact for up to 257 images (257 * 255 < 2**16).
 CHUNK_IMAGES = 64
 UINT16_SAFE_IMAGES = 256
-# Pixels per float32 block: a block's sum of products is at most 256 * 255**2 < 2**24 (exact in float32).
+# Rows per float32 block: a column's sum of products is at most 256 * 255**2 < 2**24 (exact in float32).
 BLOCK_PIXELS = 256
 MAX_LISTED_SKIPS = 20
 # Eigenvector orientation (see the module docstring): column i has a positive dot product with row i.
 SIGN_REFERENCE = np.array([[-1.0, -1.0, -1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0]])
-_PAIRS = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
 
 
 @dataclass(frozen=True)
@@ -83,19 +82,37 @@ class PcaStatsConfig:
 
 
 def _gram_exact(images: np.ndarray) -> np.ndarray:
-    """``sum over pixels of x x^T`` (3x3, int64), exactly, for uint8 images ``[n, H, W, 3]``."""
-    flat = images.reshape(-1, 3)
-    n = flat.shape[0]
-    blocks = -(-n // BLOCK_PIXELS)
-    planar = np.empty((3, blocks * BLOCK_PIXELS), dtype=np.float32)
-    planar[:, :n] = flat.T
-    planar[:, n:] = 0.0  # padding adds nothing
-    rows = planar.reshape(3, blocks, BLOCK_PIXELS)
+    """``sum over pixels of x x^T`` (3x3, int64), exactly, for uint8 images ``[n, H, W, 3]``.
+
+    The interleaved values (R G B R G B ...) are cut into blocks of 256 rows of 768 values (256
+    pixels); a value's channel is its column modulo 3. Per block, in float32: squares, products with
+    the next value (R*G at columns 0 mod 3, G*B at 1 mod 3) and with the one after (R*B at 0 mod 3),
+    each summed down the 256 rows: at most 256 * 255**2 < 2**24, so every partial sum is an exact
+    integer whatever the order. Column sums are added in float64 (exact below 2**53). The products
+    that straddle two pixels fall in the columns that are never read. Works on the interleaved
+    layout block by block (cache-sized, no transpose): it costs about as much as three passes over
+    the pixels.
+    """
+    flat = np.ascontiguousarray(images).reshape(-1)
+    cols = 3 * BLOCK_PIXELS
+    block = BLOCK_PIXELS * cols  # 256 rows of 768 values; a multiple of 3, so pixels never straddle blocks
+    buf = np.zeros(block + 2, dtype=np.float32)  # two trailing zeros: the shifted views stay in bounds
+    views = [buf[k : k + block].reshape(BLOCK_PIXELS, cols) for k in range(3)]  # value, next, the one after
+    col = np.empty(cols, dtype=np.float32)
+    sums = np.zeros((3, cols), dtype=np.float64)  # squares, shift-1 products, shift-2 products
+    for lo in range(0, flat.size, block):
+        part = flat[lo : lo + block]
+        np.copyto(buf[: part.size], part, casting="unsafe")
+        buf[part.size : block] = 0.0  # padding adds nothing
+        for k in range(3):
+            np.einsum("ij,ij->j", views[0], views[k], out=col)  # multiply and sum down the rows, one pass
+            sums[k] += col
+    sq, s1, s2 = sums
     out = np.empty((3, 3), dtype=np.int64)
-    for a, b in _PAIRS:
-        # float32 per block: exact (integers < 2**24); float64 over blocks: exact (< 2**53)
-        s = int(np.einsum("ij,ij->i", rows[a], rows[b]).sum(dtype=np.float64))
-        out[a, b] = out[b, a] = s
+    out[0, 0], out[1, 1], out[2, 2] = int(sq[0::3].sum()), int(sq[1::3].sum()), int(sq[2::3].sum())
+    out[0, 1] = out[1, 0] = int(s1[0::3].sum())  # R*G
+    out[1, 2] = out[2, 1] = int(s1[1::3].sum())  # G*B
+    out[0, 2] = out[2, 0] = int(s2[0::3].sum())  # R*B
     return out
 
 
