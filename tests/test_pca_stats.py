@@ -145,6 +145,19 @@ def test_merged_uneven_partials_equal_direct_numpy():
     np.testing.assert_array_equal(merged.image_sum, whole.image_sum)
 
 
+def test_other_image_shapes_match_direct_numpy():
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)  # not whole 256-pixel rows
+    a, b = P.PixelMoments((5, 7, 3)), P.PixelMoments((5, 7, 3))
+    a.update(images[:2])
+    b.update(images[2:])
+    f = a.merge(b).finalize()
+    mean, cov, w, _, mean_img = reference(images)
+    np.testing.assert_allclose(f.mean_rgb, mean, rtol=1e-12)
+    np.testing.assert_allclose(f.covariance, cov, rtol=1e-9)
+    np.testing.assert_allclose(f.mean_image, mean_img, rtol=1e-6)
+
+
 def test_update_rejects_wrong_dtype_or_shape():
     m = P.PixelMoments()
     with pytest.raises(ValueError):
