@@ -15,6 +15,7 @@ In one run, on the same records with the same number of worker processes and the
 
     python benchmarks/bench_pca_stats.py                      # 1200 records, 2 workers, 3 repeats
     python benchmarks/bench_pca_stats.py --records 3000 --workers 4 --repeat 2
+    python benchmarks/bench_pca_stats.py --repeat 1 --dali-device mixed     # PIL vs nvJPEG (GPU)
 """
 
 from __future__ import annotations
@@ -171,12 +172,13 @@ def per_image_costs(jpegs: list[bytes], n: int = 256, rounds: int = 5) -> dict[s
 # --------------------------------------------------------------------------- PIL vs DALI
 
 
-def dali_decode(jpegs: list[bytes], batch: int = 32) -> np.ndarray:
+def dali_decode(jpegs: list[bytes], batch: int = 32, device: str = "cpu") -> np.ndarray:
+    """Decode with DALI: ``"cpu"`` (CPU-only mode, ``device_id=None``) or ``"mixed"`` (nvJPEG on GPU 0)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch, num_threads=2, device_id=None, prefetch_queue_depth=1)
+    @pipeline_def(batch_size=batch, num_threads=2, device_id=None if device == "cpu" else 0, prefetch_queue_depth=1)
     def pipe():
-        return fn.decoders.image(fn.external_source(name="jpegs", dtype=types.UINT8), device="cpu",
+        return fn.decoders.image(fn.external_source(name="jpegs", dtype=types.UINT8), device=device,
                                  output_type=types.RGB)  # fmt: skip
 
     p = pipe()
@@ -187,13 +189,14 @@ def dali_decode(jpegs: list[bytes], batch: int = 32) -> np.ndarray:
         chunk = chunk + [chunk[-1]] * (batch - len(chunk))
         p.feed_input("jpegs", [np.frombuffer(j, dtype=np.uint8) for j in chunk])
         (res,) = p.run()
+        res = res.as_cpu() if device != "cpu" else res
         out.extend(np.array(res.at(k)) for k in range(batch))
     return np.stack(out[: len(jpegs)])
 
 
-def compare_decoders(jpegs: list[bytes]) -> dict[str, float]:
+def compare_decoders(jpegs: list[bytes], device: str = "cpu") -> dict[str, float]:
     pil = np.stack([P.decode_rgb(j) for j in jpegs])
-    dali = dali_decode(jpegs)
+    dali = dali_decode(jpegs, device=device)
     diff = np.abs(pil.astype(np.int16) - dali.astype(np.int16))
     stats = []
     for imgs in (pil, dali):
@@ -230,7 +233,10 @@ def compare_decoders(jpegs: list[bytes]) -> dict[str, float]:
               help="Records decoded by both PIL and DALI's CPU decoder (0: skip).")  # fmt: skip
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="Default: ~/.cache/alexnet/bench-pca-stats.")  # fmt: skip
-def main(records: int, shards: int, workers: int, repeat: int, compare: int, data_dir: Path | None) -> None:
+@click.option("--dali-device", type=click.Choice(["cpu", "mixed"]), default="cpu", show_default=True,
+              help="DALI decoder compared with PIL: cpu (CPU-only mode) or mixed (nvJPEG, needs a GPU).")  # fmt: skip
+def main(records: int, shards: int, workers: int, repeat: int, compare: int, data_dir: Path | None,
+         dali_device: str) -> None:  # fmt: skip
     root = data_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet" / "bench-pca-stats"
     make_dataset(root, records, shards)
     jpegs = all_jpegs(root)  # also warms the page cache
@@ -256,8 +262,8 @@ def main(records: int, shards: int, workers: int, repeat: int, compare: int, dat
     for k, v in per_image_costs(jpegs).items():
         click.echo(f"  {k:<46} {v:.3f}")
     if compare:
-        click.echo(f"\nPIL vs DALI CPU decoder on {min(compare, len(jpegs))} records:")
-        for k, v in compare_decoders(jpegs[:compare]).items():
+        click.echo(f"\nPIL vs DALI {dali_device} decoder on {min(compare, len(jpegs))} records:")
+        for k, v in compare_decoders(jpegs[:compare], dali_device).items():
             click.echo(f"  {k:<32} {v}")
 
 
