@@ -410,9 +410,7 @@ def test_evaluate_ten_crop_matches_a_direct_computation(uninterrupted, train_dat
     model.eval()
     correct1 = correct5 = n = 0
     with torch.no_grad():
-        for images, labels in create_loader_for(
-            cfg, "val", torch.device("cpu"), DistInfo(), ten_crop=True, batch_size=3
-        ):
+        for images, labels in loader:  # a second val epoch: the same batches in the same order
             assert tuple(images.shape[1:]) == (C.TEN_CROP, 3, C.CROP_SIZE, C.CROP_SIZE)
             logits = model(images.reshape(-1, 3, C.CROP_SIZE, C.CROP_SIZE)).double().numpy()
             e = np.exp(logits - logits.max(1, keepdims=True))
@@ -441,7 +439,20 @@ def test_cli_benchmark_prints_both_rates_and_ratio(train_data):
     from alexnet.trainer.cli import main
 
     r = CliRunner().invoke(
-        main, ["--data-dir", str(train_data), "--gpus", "cpu", "--batch-size", "2", "--threads", "1", "--benchmark"]
+        main,
+        [
+            "--data-dir",
+            str(train_data),
+            "--gpus",
+            "cpu",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--benchmark",
+            "--benchmark-steps",
+            "2",
+        ],
     )
     assert r.exit_code == 0, r.output
     assert "synthetic batches" in r.output and "pipeline batches" in r.output and "ratio" in r.output

@@ -183,6 +183,13 @@ def _parse_epochs(_ctx, _param, value):
     help="Checkpoint for --eval-only [default: RUN_DIR/checkpoints/last.pt].",
 )
 @click.option("--benchmark", is_flag=True, help="Print training images/s on synthetic and on pipeline batches.")
+@click.option(
+    "--benchmark-steps",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Timed steps per side of --benchmark (after 3 warm-up steps; 1 when fewer than 10).",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @version_option("alexnet-train")
 @click.pass_context
@@ -202,6 +209,7 @@ def main(ctx: click.Context, **opts) -> None:
         opts.pop("checkpoint"),
         opts.pop("benchmark"),
     )
+    bench_steps = opts.pop("benchmark_steps")
     if ten_crop and not eval_only:
         raise click.UsageError("--ten-crop goes with --eval-only")
     if eval_only and bench:
@@ -209,7 +217,7 @@ def main(ctx: click.Context, **opts) -> None:
     config, given = _build_config(ctx, opts)
 
     if bench:
-        res = T.benchmark(config)
+        res = T.benchmark(config, warmup=3 if bench_steps >= 10 else 1, steps=bench_steps)
         click.echo(res["device_note"], err=True)
         click.echo(
             f"training images/s at batch {res['batch_size']} ({'bf16' if res['bf16'] else 'fp32'}"
