@@ -18,8 +18,9 @@ record and the image's random draws, so the order is only a matter of speed):
 Validation: the centre crop (offset 16, 16), or the ten patches of §4.1 stacked as
 ``[10, 3, 224, 224]`` per image in ``TEN_CROP_ORDER``; no lighting.
 
-The random draws are pipeline outputs too (``offsets``, ``mirror``, ``alpha``), so the preview
-and the tests can re-compute every image from its record.
+Outputs: images, labels, the record's source (``record_positions``), and in training the random
+draws (``offsets``, ``mirror``, ``alpha``), so the preview and the tests can re-compute every image
+from its record.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class PipelineSpec:
     shuffle: bool = True  # train only; False reads in key order (preview)
     prefetch: int = 2
     enable_checkpointing: bool = True
-    roi_decode: bool = True  # train: decode only the crop window (see benchmarks/RESULTS.md for GPU)
+    roi_decode: bool = False  # train: decode only the crop window (benchmarks/bench_pipeline_gpu.py compares)
     hw_decoder_load: float = 0.65  # GPU: share of images sent to the hardware JPEG decoder (DALI's default)
 
 
@@ -126,6 +127,8 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
         decoder = "mixed" if gpu else "cpu"
         decoder_args = {"hw_decoder_load": spec.hw_decoder_load} if gpu else {}
         labels = fn.cast(labels, dtype=types.INT64)
+        # "<shard> at key <position>_<relpath>": which record each image is (record_positions()).
+        source = fn.get_property(jpegs, key="source_info")
         base_mean = [0.0, 0.0, 0.0] if spec.mean == "image" else mean_rgb
         crop = (C.CROP_SIZE, C.CROP_SIZE)
         if spec.mean == "image":
@@ -133,19 +136,22 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
                 np.ascontiguousarray(mean_image, dtype=np.float32), device="gpu" if gpu else "cpu"
             )
 
-        def normalised(images, px, py, flip, norm_mean, *, cropped: bool):
-            """(image - mean) at crop (px, py), mirrored if ``flip``; CHW float."""
-            window = {} if cropped else {"crop": crop, "crop_pos_x": px, "crop_pos_y": py}
+        def centred(images):
+            """§2 mean image, exact form: subtracting the whole 256x256 mean image (float) before the crop
+            and flip equals cutting the mean at the crop's own offset and mirroring it with the image."""
+            return images - mean_const if spec.mean == "image" else images
+
+        def normalised(images, px, py, flip, norm_mean, *, window: bool):
+            """``images`` (already centred by ``centred``) cut at (px, py) unless ``window``, mirrored if
+            ``flip``, minus ``norm_mean`` per channel; CHW float32."""
+            cut = {} if window else {"crop": crop, "crop_pos_x": px, "crop_pos_y": py}
             out = fn.crop_mirror_normalize(
                 images, mirror=flip, mean=norm_mean, std=[1.0, 1.0, 1.0], output_layout="CHW",
-                dtype=types.FLOAT, **window,
+                dtype=types.FLOAT, **cut,
             )  # fmt: skip
-            if spec.mean == "image":
-                # §2 mean image: the patch at the crop's own offset, mirrored with the image (exact form).
-                out = out - fn.crop_mirror_normalize(
-                    mean_const, crop=crop, crop_pos_x=px, crop_pos_y=py, mirror=flip, output_layout="CHW",
-                    dtype=types.FLOAT,
-                )  # fmt: skip
+            return out
+
+        def delivered(out):
             return fn.cast(out, dtype=out_dtype) if spec.dtype != "float32" else out
 
         if spec.is_training:
@@ -154,31 +160,47 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
             mirror = fn.random.coin_flip(probability=C.MIRROR_PROBABILITY, dtype=types.INT32)
             alpha = fn.random.normal(shape=[3], stddev=C.LIGHTING_STD)
             shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]), M=lighting_matrix.ravel().tolist())
-            # crop_mirror_normalize computes (x - mean) / std: mean = base mean - lighting shift.
+            # §4.1 lighting folded into the normalisation: (x - mean) with mean = base mean - shift.
             norm_mean = fn.reshape(types.Constant(np.array(base_mean, dtype=np.float32)) - shift, shape=[3])
             if spec.roi_decode:
-                # Decode only the crop window (libjpeg-turbo / nvJPEG region decoding): ~25% fewer pixels.
+                # Decode only the crop window (region decoding); the mean image's patch is then cut at
+                # the same offset and mirrored alike. On the CPU it saves nothing (libjpeg still
+                # entropy-decodes every block; benchmarks/results_pipeline.md), so it is off by default.
                 images = fn.decoders.image_crop(
                     jpegs, device=decoder, output_type=types.RGB, crop=crop, crop_pos_x=pos[0], crop_pos_y=pos[1],
                     **decoder_args,
                 )  # fmt: skip
-                out = normalised(images, pos[0], pos[1], mirror, norm_mean, cropped=True)
+                out = normalised(images, pos[0], pos[1], mirror, norm_mean, window=True)
+                if spec.mean == "image":
+                    out = out - normalised(mean_const, pos[0], pos[1], mirror, base_mean, window=False)
             else:
                 images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args)
-                out = normalised(images, pos[0], pos[1], mirror, norm_mean, cropped=False)
-            return out, labels, offsets, mirror, alpha
+                out = normalised(centred(images), pos[0], pos[1], mirror, norm_mean, window=False)
+            return delivered(out), labels, source, offsets, mirror, alpha
 
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args)
-        if spec.ten_crop:
+        images = centred(fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args))
+        if spec.ten_crop:  # §4.1 test time: one mean subtraction, ten cuts
             patches = [
-                normalised(images, px, py, int(flip), base_mean, cropped=False)
+                normalised(images, px, py, int(flip), base_mean, window=False)
                 for flip in (False, True)
                 for px, py in TEN_CROP_POSITIONS
             ]
-            return fn.stack(*patches), labels
-        return normalised(images, 0.5, 0.5, 0, base_mean, cropped=False), labels
+            return delivered(fn.stack(*patches)), labels, source
+        return delivered(normalised(images, 0.5, 0.5, 0, base_mean, window=False)), labels, source
 
     return pipe(checkpoint=checkpoint) if checkpoint is not None else pipe()
+
+
+def record_positions(source_info) -> np.ndarray:
+    """Record positions (the key's ``{position:08d}`` prefix) from a batch of the ``source`` output."""
+    positions = []
+    for i in range(len(source_info)):
+        text = bytes(np.asarray(source_info.at(i))).decode()
+        _, sep, key = text.rpartition(" at key ")
+        if not sep:
+            raise A.ContractError(f"cannot find the record key in DALI's source info {text!r}")
+        positions.append(A.parse_key(key.encode())[0])
+    return np.array(positions, dtype=np.int64)
 
 
 def shard_size(total: int, shard_id: int, num_shards: int) -> int:

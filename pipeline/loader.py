@@ -21,7 +21,7 @@ import numpy as np
 
 from . import artifacts as A
 from . import constants as C
-from .dali_pipeline import PipelineSpec, create_pipeline, shard_size, spec_paths
+from .dali_pipeline import READER_NAME, PipelineSpec, create_pipeline, record_positions, shard_size, spec_paths
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class LoaderConfig:
     ten_crop: bool = False  # val only: [B, 10, 3, 224, 224]
     prefetch: int = 2  # DALI prefetch queue depth
     shuffle: bool = True  # train only; False reads records in key order
-    with_draws: bool = False  # train only: also yield the per-image random draws
+    with_draws: bool = False  # also yield a dict: record positions (+ train: the random draws)
+    roi_decode: bool = False  # train: decode only the crop window (see PipelineSpec)
+    hw_decoder_load: float = 0.65  # GPU: share of the JPEGs sent to the hardware decoder
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1:
@@ -83,12 +85,17 @@ class DaliLoader:
             batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id_for(cfg.device),
             seed=cfg.seed, shard_id=cfg.shard_id, num_shards=cfg.num_shards, dtype=cfg.dtype, mean=cfg.mean,
             lighting_scale=cfg.lighting_scale, ten_crop=cfg.ten_crop, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
+            roi_decode=cfg.roi_decode, hw_decoder_load=cfg.hw_decoder_load,
         )  # fmt: skip
+        self.num_records_split = total
         self.num_records = shard_size(total, cfg.shard_id, cfg.num_shards)
         if self.num_records < 1:
             raise A.AlexnetError(f"the {split} split has no records for rank {cfg.shard_id} of {cfg.num_shards}")
-        # Reader batches per epoch: the last one padded.
-        self._reader_batches = -(-self.num_records // cfg.batch_size)
+        # Reader batches per epoch. With pad_last_batch every rank's reader pads its part up to the
+        # LARGEST part (sizes differ by <= 1) and then to whole batches, so a smaller part can end
+        # with a batch of padding only: all ranks run the same number of reader batches.
+        largest = -(-total // cfg.num_shards)
+        self._reader_batches = -(-largest // cfg.batch_size)
         self.epoch = 0  # epochs completed
         self.batch_in_epoch = 0  # batches taken from the pipeline in the current epoch
         self._pipe = None
@@ -96,24 +103,40 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ size
     def __len__(self) -> int:
-        """Batches per epoch: train drops the last partial batch, val keeps it."""
+        """Batches per epoch: train drops the last partial batch, val keeps it (every record once).
+
+        Ranks may differ by one batch (their parts differ by <= 1 record); the trainer takes the
+        smallest train length over the replicas.
+        """
         if self.is_training:
             return self.num_records // self.cfg.batch_size
-        return self._reader_batches
+        return -(-self.num_records // self.cfg.batch_size)
 
     # ------------------------------------------------------------------ pipeline
     def _pipeline(self):
         if self._pipe is None:
             self._pipe = create_pipeline(self.spec, self.mean_image, self.stats, checkpoint=self._checkpoint)
             self._pipe.build()
+            meta = self._pipe.reader_meta(READER_NAME)
+            if meta["epoch_size"] != self.num_records_split:
+                raise A.ContractError(
+                    f"the {self.split} shards hold {meta['epoch_size']} records, the manifest says "
+                    f"{self.num_records_split}; run `alexnet-prep verify`"
+                )
         return self._pipe
 
     def _run(self):
         return self._pipeline().run()
 
     # ------------------------------------------------------------------ torch conversion
-    def _to_torch(self, tensor_list, dtype=None):
-        """Copy a DALI batch into a new torch tensor on ``cfg.device`` (GPU outputs stay on the GPU)."""
+    def _to_torch(self, tensor_list):
+        """A DALI batch as a torch tensor on ``cfg.device`` (GPU outputs stay on the GPU).
+
+        With DALI's dynamic executor (the default) every batch is a buffer of its own, handed over
+        without a copy through DLPack (DALI's own iterator does the same): the copy into a fresh
+        torch tensor cost ~30% of the CPU-only loader's time. Host outputs bound for the GPU (the
+        labels) are copied synchronously, so DALI's buffer cannot be freed under an async copy.
+        """
         import torch
         from nvidia.dali.backend import TensorListGPU
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
@@ -121,12 +144,13 @@ class DaliLoader:
         t = tensor_list.as_tensor()
         dev = torch.device(self.cfg.device)
         on_gpu = isinstance(tensor_list, TensorListGPU)
-        out = torch.empty(list(t.shape()), dtype=dtype or to_torch_type[t.dtype], device=dev if on_gpu else "cpu")
-        if on_gpu:
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev).cuda_stream)
-            return out
-        feed_ndarray(t, out)  # host memory: labels, or everything in CPU-only mode
-        return out.to(dev, non_blocking=True) if dev.type != "cpu" else out
+        if self._pipe.exec_dynamic:
+            with dev if on_gpu else torch.device("cpu"):
+                out = torch.from_dlpack(t)
+        else:  # the legacy executors reuse their output buffers: copy out
+            out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev if on_gpu else "cpu")
+            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev) if on_gpu else None)
+        return out if on_gpu or dev.type == "cpu" else out.to(dev)
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
@@ -138,19 +162,19 @@ class DaliLoader:
             outputs = self._run()
             self.batch_in_epoch += 1
             index = self.batch_in_epoch - 1
-            if index >= n_yield:  # train: the padded tail batch is dropped
+            if index >= n_yield:  # padding only, or (train) a partial batch: dropped
                 continue
             valid = min(self.cfg.batch_size, self.num_records - index * self.cfg.batch_size)
             images = self._to_torch(outputs[0])
             labels = self._to_torch(outputs[1]).reshape(-1).to(torch.int64)
             if valid < self.cfg.batch_size:  # val: the padded part of the last batch
                 images, labels = images[:valid], labels[:valid]
-            if self.is_training and self.cfg.with_draws:
-                draws = {
-                    "crop_xy": np.array(outputs[2].as_tensor()).reshape(-1, 2),
-                    "mirror": np.array(outputs[3].as_tensor()).reshape(-1),
-                    "alpha": np.array(outputs[4].as_tensor()).reshape(-1, 3),
-                }
+            if self.cfg.with_draws:
+                draws = {"index": record_positions(outputs[2])[:valid]}
+                if self.is_training:
+                    draws["crop_xy"] = np.array(outputs[3].as_tensor()).reshape(-1, 2)
+                    draws["mirror"] = np.array(outputs[4].as_tensor()).reshape(-1)
+                    draws["alpha"] = np.array(outputs[5].as_tensor()).reshape(-1, 3)
                 yield images, labels, draws
             else:
                 yield images, labels

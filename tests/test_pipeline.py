@@ -86,6 +86,15 @@ def _decoded(root, split):
     return np.stack([np.array(imgs.at(i)) for i in range(n)]), np.array(labels.as_tensor()).reshape(-1)
 
 
+def _reference(raw, mean_image, xy, mirror, alpha, s):
+    """§2/§4.1 in plain numpy: (record - mean image) + eigvec @ (alpha * s), cut at (x, y), mirrored."""
+    x, y = (int(v) for v in xy)
+    ref = raw.astype(np.float64) - mean_image  # §2 mean image
+    ref = ref + EIGVEC @ (np.asarray(alpha, dtype=np.float64) * s)  # §4.1 lighting, every pixel
+    ref = ref[y : y + 224, x : x + 224]  # crop at (x, y)
+    return ref[:, ::-1] if mirror else ref
+
+
 def test_preview_matches_numpy_reimplementation(data, tmp_path):
     """Every preview image equals a numpy re-implementation of §2/§4.1 applied to the raw record."""
     out = tmp_path / "p.npz"
@@ -96,18 +105,25 @@ def test_preview_matches_numpy_reimplementation(data, tmp_path):
     z = np.load(out)
     raw, raw_labels = _decoded(data, "train")
     mean_image = A.read_mean_image(data).astype(np.float64)
-    s = np.sqrt(EIGVAL)
     assert z["images"].shape == (12, 3, 224, 224) and z["images"].dtype == np.float32
+    assert z["index"].tolist() == list(range(12))  # key order over the shards in manifest order
+    assert len({tuple(v) for v in z["crop_xy"]}) > 6 and 0 < z["mirror"].sum() < 12  # real draws
     for i in range(12):
         k = int(z["index"][i])
-        x, y = (int(v) for v in z["crop_xy"][i])
-        ref = raw[k].astype(np.float64) - mean_image  # §2 mean image
-        ref = ref + EIGVEC @ (z["alpha"][i].astype(np.float64) * s)  # §4.1 lighting, every pixel
-        ref = ref[y : y + 224, x : x + 224]  # crop at (x, y)
-        if z["mirror"][i]:
-            ref = ref[:, ::-1]
+        ref = _reference(raw[k], mean_image, z["crop_xy"][i], z["mirror"][i], z["alpha"][i], np.sqrt(EIGVAL))
         assert z["labels"][i] == raw_labels[k]
         np.testing.assert_allclose(z["images"][i].transpose(1, 2, 0), ref, atol=1e-3)
+
+
+def test_region_decode_path_matches_numpy_reimplementation(data):
+    """``roi_decode`` (decode only the crop window; mean patch cut apart) computes the same function."""
+    raw, _ = _decoded(data, "train")
+    mean_image = A.read_mean_image(data).astype(np.float64)
+    cfg = LoaderConfig(batch_size=8, num_threads=1, shuffle=False, with_draws=True, roi_decode=True, seed=3)
+    images, _labels, d = next(iter(create_loader(data, "train", cfg)))
+    for i in range(8):
+        ref = _reference(raw[i], mean_image, d["crop_xy"][i], d["mirror"][i], d["alpha"][i], np.sqrt(EIGVAL))
+        np.testing.assert_allclose(images[i].numpy().transpose(1, 2, 0), ref, atol=1e-3)
 
 
 def test_lighting_shift_is_eigvec_alpha_s_exactly(data):
@@ -179,16 +195,34 @@ def test_epochs_see_every_record_once_and_reshuffle(data):
     assert loader.epoch == 3
 
 
-def test_shards_disjoint_and_complete_across_ranks(data):
-    raw, _ = _decoded(data, "val")
-    seen = []
-    for rank in range(2):
-        cfg = LoaderConfig(batch_size=3, num_threads=1, shard_id=rank, num_shards=2)
-        loader = create_loader(data, "val", cfg)
-        assert len(loader) == 2 and loader.num_records == 5
-        for images, _ in loader:
-            seen.extend(images[:, :, 0, 0].numpy().round(3).tolist())
-    assert len(seen) == N_VAL and len({tuple(v) for v in seen}) == N_VAL
+@pytest.mark.parametrize("split", ["val", "train"])
+@pytest.mark.parametrize("num_shards,batch_size", [(2, 3), (3, 3), (3, 4)])
+def test_shards_disjoint_and_complete_across_ranks(data, split, num_shards, batch_size):
+    """Each rank reads its own contiguous part, every epoch, in step with its reader; parts of unequal
+    size (10 = 3 + 3 + 4) included: the smaller parts' readers pad up to the largest part."""
+    n = N_VAL if split == "val" else N_TRAIN
+    seen_val = []
+    for rank in range(num_shards):
+        cfg = LoaderConfig(batch_size=batch_size, num_threads=1, shard_id=rank, num_shards=num_shards, seed=rank,
+                           with_draws=True)  # fmt: skip
+        loader = create_loader(data, split, cfg)
+        part = set(range(n * rank // num_shards, n * (rank + 1) // num_shards))
+        assert loader.num_records == len(part)
+        assert len(loader) == (-(-len(part) // batch_size) if split == "val" else len(part) // batch_size)
+        epochs = []
+        for _ in range(3):
+            index = [int(i) for _x, _y, d in loader for i in d["index"]]
+            epochs.append(index)
+            if split == "val":
+                assert sorted(index) == sorted(part)  # every record of the part exactly once
+            else:
+                assert len(index) == len(loader) * batch_size == len(set(index)) and set(index) <= part
+        assert loader.epoch == 3
+        if split == "val":
+            assert epochs[0] == epochs[1] == epochs[2]
+            seen_val.extend(epochs[0])
+    if split == "val":
+        assert sorted(seen_val) == list(range(N_VAL))
 
 
 def test_val_centre_and_ten_patch_geometry(data):
@@ -265,3 +299,12 @@ def test_bench_pipeline_cli(data):
     r = CliRunner().invoke(prep, ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     assert "images/s" in r.output
+
+
+def test_batches_stay_valid_after_the_loader_moves_on(data):
+    """Batches are handed over without a copy (DLPack): DALI must not reuse their memory later."""
+    loader = create_loader(data, "train", LoaderConfig(batch_size=8, num_threads=2, seed=6, prefetch=2))
+    kept = [(x, y, x.clone(), y.clone()) for _ in range(3) for x, y in loader]  # 3 epochs, 9 batches alive
+    for x, y, x0, y0 in kept:
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+    assert len({float(x.sum()) for x, *_ in kept}) == len(kept)

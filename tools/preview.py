@@ -24,9 +24,9 @@ def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, mean: str = 
         raise A.AlexnetError(f"the {split} split has {loader.num_records} records, fewer than --n {n}")
     first = next(iter(loader))
     out = {"images": first[0].numpy().astype(np.float32), "labels": first[1].numpy().astype(np.int64)}
-    out["index"] = np.arange(n, dtype=np.int64)  # record position in key order over the shards
+    draws = first[2]
+    out["index"] = draws["index"]  # record position in key order over the shards (from the record's key)
     if split == "train":
-        draws = first[2]
         out["crop_xy"] = draws["crop_xy"].astype(np.int64)
         out["mirror"] = draws["mirror"].astype(np.int64)
         out["alpha"] = draws["alpha"].astype(np.float32)
