@@ -7,6 +7,9 @@ The two are measured alternately in one run; the script prints both rates and th
 
     .venv/bin/python benchmarks/bench_pipeline.py [--data-dir DIR] [--images 2000] [--threads 2] [--rounds 3]
 
+Both rates and the CPU time per image (all threads and worker processes) are printed: the CPU
+time does not depend on what else runs on the machine, the rates do.
+
 Without --data-dir it writes (once, cached in ~/.cache/alexnet) 2000 realistic 256x256 JPEG
 records (quality 95) through the data contract.
 """
@@ -21,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import nvidia.dali
+import PIL
 import torch
 
 from alexnet.pipeline import artifacts as A
@@ -91,55 +96,84 @@ class TorchBaseline(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(patch.transpose(2, 0, 1))), d.label
 
 
-def rate_torch(data_dir: Path, batch: int, workers: int, batches: int) -> float:
+def proc_cpu_s(pids) -> float:
+    """CPU seconds (user + system) used so far by the processes ``pids`` (all their threads)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def measure(batches_iter, pids, batch: int, batches: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over ``batches`` batches, after one warm-up batch."""
+    next(batches_iter)
+    c0, t0 = proc_cpu_s(pids), time.perf_counter()
+    for _ in range(batches):
+        next(batches_iter)
+    wall, cpu = time.perf_counter() - t0, proc_cpu_s(pids) - c0
+    return batches * batch / wall, 1e3 * cpu / (batches * batch)
+
+
+def rate_torch(data_dir: Path, batch: int, workers: int, batches: int) -> tuple[float, float]:
     ds = TorchBaseline(data_dir)
     dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                     persistent_workers=False, prefetch_factor=4)  # fmt: skip
-    it = iter(dl)
-    next(it)  # warm-up: workers started
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * batch / (time.perf_counter() - t0)
+                                     persistent_workers=True, prefetch_factor=2)  # fmt: skip
+
+    def endless():
+        while True:
+            yield from dl
+
+    it = endless()
+    next(it)  # the workers are started
+    pids = [os.getpid()] + [w.pid for w in dl._iterator._workers]
+    out = measure(it, pids, batch, batches)
+    del it
+    return out
 
 
-def rate_dali(data_dir: Path, batch: int, threads: int, batches: int) -> float:
+def rate_dali(data_dir: Path, batch: int, threads: int, batches: int) -> tuple[float, float]:
     loader = create_loader(data_dir, "train", LoaderConfig(batch_size=batch, num_threads=threads, prefetch=2))
 
     def endless():
         while True:
             yield from loader
 
-    it = endless()
-    next(it)
-    t0 = time.perf_counter()
-    for _ in range(batches):
-        next(it)
-    return batches * batch / (time.perf_counter() - t0)
+    return measure(endless(), [os.getpid()], batch, batches)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path)
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=C.BATCH_SIZE)
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    ap.add_argument("--batches", type=int, default=25)
+    ap.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = args.data_dir or synth_dataset(Path.home() / ".cache/alexnet/bench_pipeline", args.images)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__}")
-    print(f"dataset {data}: batch {args.batch_size}, {args.batches} batches per measurement, "
-          f"DALI {args.threads} threads vs DataLoader {args.threads} workers")  # fmt: skip
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} "
+          f"| PIL {PIL.__version__} | DALI {nvidia.dali.__version__}")  # fmt: skip
+    print(f"dataset {data}: batch {args.batch_size}, {args.batches} timed batches per measurement, "
+          f"DALI {args.threads} threads vs DataLoader {args.threads} workers, alternating, {args.rounds} rounds")  # fmt: skip
     dali, base = [], []
     for r in range(args.rounds):
+        load = os.getloadavg()[0]
         base.append(rate_torch(data, args.batch_size, args.threads, args.batches))
         dali.append(rate_dali(data, args.batch_size, args.threads, args.batches))
-        print(f"round {r + 1}: DataLoader+PIL/numpy {base[-1]:8.1f} img/s | DALI CPU {dali[-1]:8.1f} img/s | "
-              f"ratio {dali[-1] / base[-1]:.2f}x  (load avg {os.getloadavg()[0]:.1f})")  # fmt: skip
-    print(f"best: DataLoader {max(base):.1f} img/s, DALI {max(dali):.1f} img/s, ratio {max(dali) / max(base):.2f}x "
-          f"(target >= 2.5x)")  # fmt: skip
+        print(f"round {r + 1}: DataLoader+PIL/numpy {base[-1][0]:7.1f} img/s ({base[-1][1]:.2f} CPU ms/img) | "
+              f"DALI CPU {dali[-1][0]:7.1f} img/s ({dali[-1][1]:.2f} CPU ms/img) | ratio {dali[-1][0] / base[-1][0]:.2f}x "
+              f"(load avg before {load:.1f})", flush=True)  # fmt: skip
+    ratios = sorted(d[0] / b[0] for d, b in zip(dali, base, strict=True))
+    med_d, med_b = np.median([d[0] for d in dali]), np.median([b[0] for b in base])
+    cpu_d, cpu_b = np.median([d[1] for d in dali]), np.median([b[1] for b in base])
+    print(f"median: DataLoader {med_b:.1f} img/s, DALI {med_d:.1f} img/s; per-round ratio median "
+          f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x; target >= 2.5x)")  # fmt: skip
+    print(f"CPU time per image: DataLoader {cpu_b:.2f} ms, DALI {cpu_d:.2f} ms ({cpu_b / cpu_d:.2f}x less; "
+          "independent of other load on the machine)")  # fmt: skip
 
 
 if __name__ == "__main__":

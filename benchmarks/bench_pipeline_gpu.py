@@ -1,17 +1,22 @@
-"""Train-pipeline throughput on one GPU, stage by stage, to name the bottleneck.
+"""Train-pipeline throughput on one GPU at batch 128, stage by stage, naming the bottleneck.
 
-Stages, each a pipeline of its own over the same shards at the same batch size:
-  read           fn.readers.caffe only (LMDB -> JPEG bytes)
-  decode         + nvJPEG ("mixed") full decode
-  decode-roi     + nvJPEG region decode of the 224 crop
-  full           the real train pipeline (crop, flip, mean image, lighting), outputs left on the GPU
-  full+torch     the loader: the real pipeline delivered as torch tensors (what the trainer gets)
-The bottleneck is the first stage whose rate is far below the one before it.
+Each stage is a pipeline of its own over the same shards, batch size and threads, adding one step:
+  read          fn.readers.caffe alone (LMDB -> JPEG bytes, shuffled)
+  read+decode   + the "mixed" decoder (nvJPEG; hw_decoder_load of the JPEGs to the hardware decoder)
+  full          the real train pipeline (mean image, crop, flip, PCA lighting), outputs left on the GPU
+  loader        the loader the trainer uses: the full pipeline delivered as torch tensors on cuda:0
+The full pipeline is timed with the whole-image decoder and with region decoding (``roi_decode``), at
+two hardware-decoder loads; the loader uses the fastest. The bottleneck is the stage that adds the
+most time per image (1/rate of a stage minus 1/rate of the one before it). Before timing, a check:
+the GPU pipeline's first batch (key order) against numpy applied to CPU-decoded records with the
+GPU's own draws, equal up to the two JPEG decoders' differences.
 
-    python benchmarks/bench_pipeline_gpu.py [--data-dir DIR] [--records 16384] [--batch-size 128] [--threads 8]
+    python benchmarks/bench_pipeline_gpu.py [--data-dir DIR] [--records 20480] [--threads 12]
 
-Without --data-dir it synthesizes a dataset through the data contract (distinct photo-like
-256x256 JPEGs at quality 95, each written under several keys) in /tmp.
+Without --data-dir it writes a dataset through the data contract into /tmp/alexnet_gpu_bench:
+--records records (4 shards) of 4096 distinct photo-like 256x256 JPEGs (quality 95, ~38 KB, about the size
+of ImageNet records), drawn in parallel. Everything is printed as it happens; a stage that fails
+prints its error and the script goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import platform
+import sys
 import time
+import traceback
 from dataclasses import replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -27,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
 
 
 def _one_jpeg(i: int) -> bytes:
@@ -43,114 +52,240 @@ def _one_jpeg(i: int) -> bytes:
     return buf.getvalue()
 
 
-def synth(root: Path, records: int, distinct: int = 2048, shards: int = 4) -> Path:
+def synth(root: Path, records: int, distinct: int = 4096, shards: int = 4) -> Path:
+    """A train split (and a small val split) written through the data contract; reused if complete."""
     if (root / A.MANIFEST_FILE).exists():
-        return root
-    with Pool(min(16, os.cpu_count() or 1)) as pool:
-        jpegs = pool.map(_one_jpeg, range(distinct), chunksize=32)
-    infos = []
-    for s, (start, stop) in enumerate(A.shard_bounds(records, shards)):
-        rel = f"train/{A.shard_name('train', s, shards)}"
-        env = A.open_shard(root / rel, readonly=False, map_size=1 << 34)
-        with env.begin(write=True) as txn:
-            for pos in range(start, stop):
-                txn.put(A.make_key(pos, f"s/{pos}.JPEG"), A.Datum(jpegs[pos % distinct], pos % 1000, 256, 256).encode())
-        env.close()
-        infos.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(1000)],
-                                      splits={"train": A.SplitInfo(records, records, infos)}))  # fmt: skip
-    A.write_stats(root, A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0],
-                                eigvec=np.eye(3).tolist(), n_images=records, n_pixels=records * 65536),
-                  np.full((256, 256, 3), 120.0, np.float32))  # fmt: skip
+        m = A.read_manifest(root)
+        if m.splits["train"].num_records == records:
+            return root
+    distinct = min(distinct, records)
+    with Pool(max(1, min(16, os.cpu_count() or 1))) as pool:
+        jpegs = pool.map(_one_jpeg, range(distinct), chunksize=64)
+
+    def write(split: str, n: int, n_shards: int) -> A.SplitInfo:
+        infos = []
+        for s, (start, stop) in enumerate(A.shard_bounds(n, n_shards)):
+            rel = f"{split}/{A.shard_name(split, s, n_shards)}"
+            env = A.open_shard(root / rel, readonly=False, map_size=1 << 34)
+            with env.begin(write=True) as txn:
+                for pos in range(start, stop):
+                    datum = A.Datum(jpegs[pos % distinct], pos % C.NUM_CLASSES, C.STORED_SIZE, C.STORED_SIZE)
+                    txn.put(A.make_key(pos, f"s/{pos}.JPEG"), datum.encode())
+            env.close()
+            infos.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
+        return A.SplitInfo(num_records=n, source_count=n, shards=infos)
+
+    splits = {"train": write("train", records, shards), "val": write("val", 1000, 1)}
+    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(C.NUM_CLASSES)], splits=splits))
+    mean_image = np.random.default_rng(1).uniform(100, 140, A.MEAN_IMAGE_SHAPE).astype(np.float32)
+    stats = A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0],
+                    eigvec=np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0].tolist(),
+                    n_images=records, n_pixels=records * 65536)  # fmt: skip
+    A.write_stats(root, stats, mean_image)
     return root
 
 
-def time_pipe(pipe, batches: int, warmup: int = 10) -> float:
+def time_pipe(pipe, batches: int, warmup: int = 8) -> float:
+    """Images/s of ``pipe.run()`` over ``batches`` batches (GPU work drained before the clock stops)."""
+    import torch
+    from nvidia.dali.backend import TensorListGPU
+
     pipe.build()
     for _ in range(warmup):
         pipe.run()
     t0 = time.perf_counter()
     for _ in range(batches):
         out = pipe.run()
-    if hasattr(out[0], "as_cpu"):
-        np.asarray(out[0].as_cpu().as_tensor())  # drain the GPU work before stopping the clock
+    if isinstance(out[0], TensorListGPU):
+        out[0].as_cpu()  # waits for the last batch's GPU work
+        torch.cuda.synchronize()
     return batches * pipe.max_batch_size / (time.perf_counter() - t0)
+
+
+def decoded_records(data: Path, split: str, n: int) -> np.ndarray:
+    """The first ``n`` records of ``split`` in key order, decoded by DALI's CPU decoder (HWC uint8)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    paths = [str(p) for p in A.read_manifest(data).shard_paths(data, split)]
+
+    @pipeline_def(batch_size=n, num_threads=2, device_id=None)
+    def pipe():
+        jpegs, _ = fn.readers.caffe(path=paths, random_shuffle=False)
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+
+    p = pipe()
+    p.build()
+    (images,) = p.run()
+    return np.stack([np.array(images.at(i)) for i in range(n)])
+
+
+def gpu_vs_cpu_check(data: Path, threads: int, device: str = "cuda:0", n: int = 32) -> bool:
+    """The GPU pipeline's first batch (key order) against numpy applied to CPU-decoded records with the
+    GPU's own draws: equal up to the two JPEG decoders' differences (nvJPEG vs libjpeg-turbo)."""
+    from alexnet.pipeline.dali_pipeline import TEN_CROP_ORDER, lighting_scale_values
+    from alexnet.pipeline.loader import LoaderConfig, create_loader
+
+    mean_image = A.read_mean_image(data).astype(np.float64)
+    stats = A.read_stats(data)
+    s = lighting_scale_values(stats.eigval, C.DEFAULT_LIGHTING_SCALE)
+    corner = {"top-left": (0, 0), "top-right": (32, 0), "bottom-left": (0, 32), "bottom-right": (32, 32),
+              "centre": (16, 16)}  # fmt: skip
+    ok = True
+    for split, extra in (("train", {"shuffle": False}), ("val", {"ten_crop": True})):
+        cfg = LoaderConfig(batch_size=n, num_threads=threads, seed=3, with_draws=True, device=device, **extra)
+        images, labels, draws = next(iter(create_loader(data, split, cfg)))
+        got = images.float().cpu().numpy()
+        raw = decoded_records(data, split, n).astype(np.float64) - mean_image
+        ref = np.empty_like(got)
+        for i, k in enumerate(draws["index"]):
+            if split == "train":
+                (x, y), m = draws["crop_xy"][i], draws["mirror"][i]
+                patch = (raw[k] + stats.eigvec_array @ (draws["alpha"][i] * s))[y : y + 224, x : x + 224]
+                ref[i] = (patch[:, ::-1] if m else patch).transpose(2, 0, 1)
+            else:
+                for j, (name, mirror) in enumerate(TEN_CROP_ORDER):
+                    x, y = corner[name]
+                    patch = raw[k][y : y + 224, x : x + 224]
+                    ref[i, j] = (patch[:, ::-1] if mirror else patch).transpose(2, 0, 1)
+        diff = np.abs(got - ref)
+        good = images.device.type == device.split(":")[0] and not labels.dtype.is_floating_point and diff.mean() < 2.0
+        ok &= good
+        print(f"  {split}: {tuple(images.shape)} {images.dtype} on {images.device}; |GPU - numpy(CPU decode)| "
+              f"mean {diff.mean():.3f}, 99.9th pct {np.quantile(diff, 0.999):.2f}, max {diff.max():.1f} grey levels "
+              f"-> {'OK' if good else 'MISMATCH'}", flush=True)  # fmt: skip
+    return ok
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path)
-    ap.add_argument("--records", type=int, default=16384)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=100)
+    ap.add_argument("--records", type=int, default=20480)
+    ap.add_argument("--batch-size", type=int, default=C.BATCH_SIZE)
+    ap.add_argument("--threads", type=int, default=max(2, min(12, (os.cpu_count() or 4) - 2)))
+    ap.add_argument("--batches", type=int, default=120, help="timed batches per stage")
+    ap.add_argument("--skip-check", action="store_true", help="skip the GPU-vs-CPU correctness check")
+    ap.add_argument(
+        "--cpu-dry-run", action="store_true", help="run every step in DALI's CPU-only mode (tests the script)"
+    )
     args = ap.parse_args()
 
+    import nvidia.dali
     import torch
     from nvidia.dali import fn, pipeline_def, types
 
-    from alexnet.pipeline.dali_pipeline import PipelineSpec, create_pipeline, spec_paths
+    from alexnet.pipeline.dali_pipeline import SHUFFLE_BUFFER, PipelineSpec, create_pipeline, spec_paths
     from alexnet.pipeline.loader import LoaderConfig, create_loader
 
+    dry = args.cpu_dry_run
+    dev_id, device, decoder = (None, "cpu", "cpu") if dry else (0, "cuda:0", "mixed")
+    gpu_name = "CPU-only dry run" if dry else torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    if not dry and not torch.cuda.is_available():
+        sys.exit("error: no CUDA GPU visible (torch.cuda.is_available() is False)")
+    print(f"{platform.node()}: {gpu_name}, {os.cpu_count()} CPU cores | torch {torch.__version__} "
+          f"| DALI {nvidia.dali.__version__}", flush=True)  # fmt: skip
     t0 = time.perf_counter()
     data = args.data_dir or synth(Path("/tmp/alexnet_gpu_bench"), args.records)
-    print(f"dataset {data} ready in {time.perf_counter() - t0:.1f} s; {torch.cuda.get_device_name(0)}; "
-          f"batch {args.batch_size}, {args.threads} DALI threads, {args.batches} batches per stage", flush=True)  # fmt: skip
     manifest = A.read_manifest(data)
     paths = list(spec_paths(data, manifest, "train"))
     b, th = args.batch_size, args.threads
+    print(f"dataset {data}: {manifest.splits['train'].num_records} train records, ready in "
+          f"{time.perf_counter() - t0:.1f} s; batch {b}, {th} DALI threads, {args.batches} batches per stage",
+          flush=True)  # fmt: skip
 
-    def stage(kind: str, roi: bool = False, hw: float = 0.65):
-        @pipeline_def(batch_size=b, num_threads=th, device_id=0, seed=1, prefetch_queue_depth=2)
+    if not args.skip_check:
+        print("GPU vs CPU pipeline check (first batch, key order, same seed):", flush=True)
+        try:
+            gpu_vs_cpu_check(data, th, device)
+        except Exception:  # keep going: the timings are still worth having
+            traceback.print_exc()
+
+    def stage(kind: str, hw: float):
+        @pipeline_def(batch_size=b, num_threads=th, device_id=dev_id, seed=1, prefetch_queue_depth=2)
         def pipe():
-            jpegs, labels = fn.readers.caffe(path=paths, random_shuffle=True, initial_fill=4096, pad_last_batch=True)
+            jpegs, labels = fn.readers.caffe(path=paths, random_shuffle=True, initial_fill=SHUFFLE_BUFFER,
+                                             pad_last_batch=True)  # fmt: skip
             if kind == "read":
                 return labels
-            if roi:
-                return fn.decoders.image_crop(jpegs, device="mixed", crop=(224, 224), crop_pos_x=0.3, crop_pos_y=0.7,
-                                              output_type=types.RGB, hw_decoder_load=hw)  # fmt: skip
-            return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=hw)
+            hw_arg = {} if dry else {"hw_decoder_load": hw}
+            return fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **hw_arg)
 
         return pipe()
 
-    rates = {}
-    rates["read"] = time_pipe(stage("read"), args.batches)
-    print(f"  read                       {rates['read']:>10,.0f} img/s", flush=True)
-    for hw in (0.65, 0.99):
-        rates[f"decode hw={hw}"] = time_pipe(stage("decode", hw=hw), args.batches)
-        print(f"  + decode (hw_load {hw})      {rates[f'decode hw={hw}']:>10,.0f} img/s", flush=True)
-        rates[f"decode-roi hw={hw}"] = time_pipe(stage("decode", roi=True, hw=hw), args.batches)
-        print(f"  + decode ROI (hw_load {hw})  {rates[f'decode-roi hw={hw}']:>10,.0f} img/s", flush=True)
+    rates: dict[str, float] = {}
+
+    def record(name: str, make) -> None:
+        try:
+            rates[name] = make()
+            print(f"  {name:<36} {rates[name]:>10,.0f} img/s", flush=True)
+        except Exception as e:  # a failing stage is reported, the others still run
+            print(f"  {name:<36} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+
+    print("stages:", flush=True)
+    record("read", lambda: time_pipe(stage("read", 0.65), args.batches))
+    for hw in (0.65, 0.9):
+        record(f"read+decode hw_load={hw}", lambda hw=hw: time_pipe(stage("decode", hw), args.batches))
     stats, mean_image = A.read_stats(data), A.read_mean_image(data)
-    base = PipelineSpec(shard_paths=tuple(paths), is_training=True, batch_size=b, num_threads=th, device_id=0)
-    for roi in (True, False):
-        for hw in (0.65, 0.99):
-            spec = replace(base, roi_decode=roi, hw_decoder_load=hw, enable_checkpointing=True)
-            key = f"full roi={roi} hw={hw}"
-            rates[key] = time_pipe(create_pipeline(spec, mean_image, stats), args.batches)
-            print(f"  full pipeline ROI={roi!s:5} hw_load {hw}  {rates[key]:>10,.0f} img/s", flush=True)
+    spec0 = PipelineSpec(shard_paths=tuple(paths), is_training=True, batch_size=b, num_threads=th, device_id=dev_id)
+    for roi in (False, True):
+        for hw in (0.65, 0.9):
+            spec = replace(spec0, roi_decode=roi, hw_decoder_load=hw)
+            record(f"full roi_decode={roi} hw_load={hw}",
+                   lambda spec=spec: time_pipe(create_pipeline(spec, mean_image, stats), args.batches))  # fmt: skip
+    full = {k: v for k, v in rates.items() if k.startswith("full")}
+    best = max(full, key=full.get) if full else "full roi_decode=False hw_load=0.65"
+    roi, hw = "roi_decode=True" in best, float(best.rpartition("=")[2])
 
-    loader = create_loader(data, "train", LoaderConfig(batch_size=b, num_threads=th, device="cuda:0"))
+    def sync() -> None:
+        if not dry:
+            torch.cuda.synchronize()
 
-    def endless():
-        while True:
-            yield from loader
+    def loader_rate() -> float:
+        cfg = LoaderConfig(batch_size=b, num_threads=th, device=device, roi_decode=roi, hw_decoder_load=hw)
+        loader = create_loader(data, "train", cfg)
 
-    it = endless()
-    for _ in range(10):
-        next(it)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    for _ in range(args.batches):
-        x, _y = next(it)
-    torch.cuda.synchronize()
-    rates["loader"] = args.batches * b / (time.perf_counter() - t1)
-    print(f"  loader (torch tensors on cuda:0, default spec) {rates['loader']:>10,.0f} img/s", flush=True)
-    order = ["read", "decode hw=0.65", "full roi=True hw=0.65", "loader"]
-    drops = [(rates[order[i]] / rates[order[i + 1]], order[i + 1]) for i in range(len(order) - 1)]
-    worst = max(drops)
-    print(f"bottleneck: {worst[1]} (rate falls {worst[0]:.1f}x from the stage before it)")
-    print(f"target >= 20,000 img/s on one H100 at batch 128: loader gives {rates['loader']:,.0f}")
+        def endless():
+            while True:
+                yield from loader
+
+        it = endless()
+        for _ in range(8):
+            next(it)
+        sync()
+        t1 = time.perf_counter()
+        for _ in range(args.batches):
+            x, y = next(it)
+            assert (
+                x.device.type == device[:3] and x.shape == (b, 3, C.CROP_SIZE, C.CROP_SIZE) and y.dtype == torch.int64
+            )
+        sync()
+        return args.batches * b / (time.perf_counter() - t1)
+
+    record(f"loader (torch, {device}) roi_decode={roi} hw_load={hw}", loader_rate)
+
+    chain = [("read", "read")] if "read" in rates else []
+    decodes = {k: v for k, v in rates.items() if k.startswith("read+decode")}
+    if decodes:
+        chain.append(("decode", max(decodes, key=decodes.get)))
+    if best in rates:
+        chain.append(("augmentation (mean, crop, flip, lighting)", best))
+    loader_key = next((k for k in rates if k.startswith("loader")), None)
+    if loader_key:
+        chain.append(("delivery to torch", loader_key))
+    print("summary (img/s): " + " -> ".join(f"{label.split(' (')[0]} {rates[key]:,.0f}" for label, key in chain))
+    if chain:
+        # Each stage's pipeline contains the previous one: the time a stage adds per image is the
+        # difference of the inverse rates; the bottleneck is the stage that adds the most.
+        added, prev = [], 0.0
+        for label, key in chain:
+            us = 1e6 / rates[key]
+            added.append((us - prev, label))
+            prev = us
+        print("time added per image: " + ", ".join(f"{label} {us:.1f} us" for us, label in added))
+        us, name = max(added)
+        print(f"bottleneck: {name} ({us:.1f} us of the {prev:.1f} us per image)")
+    final = rates.get(loader_key, 0.0) if loader_key else 0.0
+    print(f"target >= 20,000 img/s on one H100 at batch 128: loader {final:,.0f} img/s -> "
+          f"{'MET' if final >= 20000 else 'NOT MET'}; fastest settings: roi_decode={roi}, hw_decoder_load={hw}")  # fmt: skip
 
 
 if __name__ == "__main__":
