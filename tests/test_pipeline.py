@@ -308,3 +308,30 @@ def test_batches_stay_valid_after_the_loader_moves_on(data):
     for x, y, x0, y0 in kept:
         assert torch.equal(x, x0) and torch.equal(y, y0)
     assert len({float(x.sum()) for x, *_ in kept}) == len(kept)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("roi_decode", [False, True])
+def test_gpu_train_batch_matches_numpy_reimplementation(data, roi_decode):
+    """The GPU path ("mixed" nvJPEG decoder, GPU crop/normalise) computes the same function; the
+    tolerance covers nvJPEG vs libjpeg-turbo decoding differences only."""
+    raw, raw_labels = _decoded(data, "train")
+    mean_image = A.read_mean_image(data).astype(np.float64)
+    cfg = LoaderConfig(batch_size=8, num_threads=2, shuffle=False, with_draws=True, device="cuda:0", seed=5,
+                       roi_decode=roi_decode)  # fmt: skip
+    images, labels, d = next(iter(create_loader(data, "train", cfg)))
+    assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64 and images.shape == (8, 3, 224, 224)
+    assert labels.cpu().tolist() == raw_labels[d["index"]].tolist()
+    for i in range(8):
+        ref = _reference(raw[d["index"][i]], mean_image, d["crop_xy"][i], d["mirror"][i], d["alpha"][i],
+                         np.sqrt(EIGVAL))  # fmt: skip
+        assert np.abs(images[i].cpu().numpy().transpose(1, 2, 0) - ref).mean() < 1.0
+
+
+@pytest.mark.gpu
+def test_gpu_ten_patch_and_float16(data):
+    cpu = torch.cat([x for x, _ in create_loader(data, "val", LoaderConfig(batch_size=4, ten_crop=True))])
+    gpu_loader = create_loader(data, "val", LoaderConfig(batch_size=4, ten_crop=True, device="cuda:0", dtype="float16"))
+    gpu = torch.cat([x for x, _ in gpu_loader])
+    assert gpu.is_cuda and gpu.dtype == torch.float16 and gpu.shape == (N_VAL, 10, 3, 224, 224)
+    assert (gpu.float().cpu() - cpu).abs().mean() < 1.0
