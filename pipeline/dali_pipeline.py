@@ -7,13 +7,15 @@ record and the image's random draws, so the order is only a matter of speed):
    this rank's part of them (``shard_id``/``num_shards``); the order on disk is a seeded global
    shuffle and the reader reshuffles it through a 4096-record buffer, seeded per rank, every epoch;
 2. decode: ``"mixed"`` (nvJPEG, the hardware decoder where there is one) on a GPU, ``"cpu"`` otherwise;
-3. subtract the mean (§2): by default the per-pixel mean image's patch at the crop's own offset,
-   mirrored with the image (the exact form); or the per-channel mean (``mean="channel"``);
+3. subtract the mean (§2): by default the per-pixel mean image at the crop's own offset, mirrored with
+   the image (the exact form; done as one float subtraction of the whole 256x256 mean image before
+   the crop); or the per-channel mean (``mean="channel"``);
 4. PCA lighting (§4.1): add ``eigvec @ (alpha * s)`` to every pixel, alpha ~ N(0, 0.1) drawn once per
    image, s = sqrt(eigval) (``"sqrt"``, the authors' code) or eigval / 255 (``"eigval01"``);
    folded into the normalisation step as a per-image shift;
-5. a 224x224 crop at integer offsets (x, y), each uniform over all 33 values (only that window is
-   decoded), and a horizontal flip with probability 0.5; output NCHW float.
+5. a 224x224 crop at integer offsets (x, y), each uniform over all 33 values (a continuous position
+   would make the edge offsets half as likely), and a horizontal flip with probability 0.5; output
+   NCHW float32 or float16. ``roi_decode`` decodes only the crop window instead (same result).
 
 Validation: the centre crop (offset 16, 16), or the ten patches of §4.1 stacked as
 ``[10, 3, 224, 224]`` per image in ``TEN_CROP_ORDER``; no lighting.

@@ -63,7 +63,7 @@ def contact_sheet(batch: dict[str, np.ndarray], data_dir: Path, classes: list[st
         x0, y0 = pad + (i % cols) * w, pad + (i // cols) * h
         sheet.paste(Image.fromarray(tile), (x0, y0))
         label = int(batch["labels"][i])
-        text = f"{classes[label] if label < len(classes) else label}"
+        text = f"#{int(batch['index'][i])} {classes[label] if label < len(classes) else label}"
         if "crop_xy" in batch:
             cx, cy = batch["crop_xy"][i]
             text += f" ({cx},{cy}){' m' if batch['mirror'][i] else ''}"
