@@ -32,7 +32,7 @@ class LoaderConfig:
     shard_id: int = 0  # data-parallel rank
     num_shards: int = 1  # data-parallel world size
     device: str = "cpu"  # where batches are delivered; "cuda:N" runs DALI on GPU N
-    dtype: str = "float32"  # "float32" | "float16"
+    dtype: str = "float32"  # "float32" | "float16" | "bfloat16" (DALI has no bfloat16: cast from float32 on delivery)
     mean: str = "image"  # "image" (per-pixel mean image) | "channel"
     lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # "sqrt" | "eigval01"
     ten_crop: bool = False  # val only: [B, 10, 3, 224, 224]
@@ -47,8 +47,10 @@ class LoaderConfig:
             raise A.AlexnetError("batch_size, num_threads and prefetch must be >= 1")
         if not 0 <= self.shard_id < self.num_shards:
             raise A.AlexnetError(f"shard_id {self.shard_id} is not in [0, {self.num_shards})")
-        if self.dtype not in ("float32", "float16"):
-            raise A.AlexnetError(f"dtype must be float32 or float16, not {self.dtype!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise A.AlexnetError(f"dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise A.AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
         if self.mean not in ("image", "channel"):
             raise A.AlexnetError(f"mean must be 'image' or 'channel', not {self.mean!r}")
         if self.lighting_scale not in C.LIGHTING_SCALES:
@@ -83,7 +85,7 @@ class DaliLoader:
         self.spec = PipelineSpec(
             shard_paths=spec_paths(self.data_dir, manifest, split), is_training=self.is_training,
             batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id_for(cfg.device),
-            seed=cfg.seed, shard_id=cfg.shard_id, num_shards=cfg.num_shards, dtype=cfg.dtype, mean=cfg.mean,
+            seed=cfg.seed, shard_id=cfg.shard_id, num_shards=cfg.num_shards, dtype="float32" if cfg.dtype == "bfloat16" else cfg.dtype, mean=cfg.mean,
             lighting_scale=cfg.lighting_scale, ten_crop=cfg.ten_crop, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
             roi_decode=cfg.roi_decode, hw_decoder_load=cfg.hw_decoder_load,
         )  # fmt: skip
@@ -166,6 +168,8 @@ class DaliLoader:
                 continue
             valid = min(self.cfg.batch_size, self.num_records - index * self.cfg.batch_size)
             images = self._to_torch(outputs[0])
+            if self.cfg.dtype == "bfloat16":
+                images = images.to(torch.bfloat16)
             labels = self._to_torch(outputs[1]).reshape(-1).to(torch.int64)
             if valid < self.cfg.batch_size:  # val: the padded part of the last batch
                 images, labels = images[:valid], labels[:valid]
