@@ -129,6 +129,8 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
         decoder = "mixed" if gpu else "cpu"
         decoder_args = {"hw_decoder_load": spec.hw_decoder_load} if gpu else {}
         labels = fn.cast(labels, dtype=types.INT64)
+        if gpu:  # delivered on the GPU by DALI: a host-to-device copy in the loader would wait for the GPU
+            labels = labels.gpu()
         # "<shard> at key <position>_<relpath>": which record each image is (record_positions()).
         source = fn.get_property(jpegs, key="source_info")
         base_mean = [0.0, 0.0, 0.0] if spec.mean == "image" else mean_rgb
@@ -144,14 +146,13 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
             return images - mean_const if spec.mean == "image" else images
 
         def normalised(images, px, py, flip, norm_mean, *, window: bool):
-            """``images`` (already centred by ``centred``) cut at (px, py) unless ``window``, mirrored if
-            ``flip``, minus ``norm_mean`` per channel; CHW float32."""
+            """``images`` cut at pixel offset (32 px, 32 py) unless they are the crop ``window`` already,
+            mirrored if ``flip``, minus ``norm_mean`` per channel; CHW float32."""
             cut = {} if window else {"crop": crop, "crop_pos_x": px, "crop_pos_y": py}
-            out = fn.crop_mirror_normalize(
+            return fn.crop_mirror_normalize(
                 images, mirror=flip, mean=norm_mean, std=[1.0, 1.0, 1.0], output_layout="CHW",
                 dtype=types.FLOAT, **cut,
             )  # fmt: skip
-            return out
 
         def delivered(out):
             return fn.cast(out, dtype=out_dtype) if spec.dtype != "float32" else out

@@ -136,8 +136,9 @@ class DaliLoader:
 
         With DALI's dynamic executor (the default) every batch is a buffer of its own, handed over
         without a copy through DLPack (DALI's own iterator does the same): the copy into a fresh
-        torch tensor cost ~30% of the CPU-only loader's time. Host outputs bound for the GPU (the
-        labels) are copied synchronously, so DALI's buffer cannot be freed under an async copy.
+        torch tensor cost ~30% of the CPU-only loader's time. Images and labels of a GPU pipeline are
+        both DALI GPU outputs; a host output bound for the GPU would be copied synchronously, so that
+        DALI's buffer cannot be freed under an async copy.
         """
         import torch
         from nvidia.dali.backend import TensorListGPU
