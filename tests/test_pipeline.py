@@ -343,3 +343,16 @@ def test_gpu_ten_patch_and_float16(data):
     gpu = torch.cat([x for x, _ in gpu_loader])
     assert gpu.is_cuda and gpu.dtype == torch.float16 and gpu.shape == (N_VAL, 10, 3, 224, 224)
     assert (gpu.float().cpu() - cpu).abs().mean() < 1.0
+
+
+def test_preview_val_centre_crops_in_key_order(data, tmp_path):
+    out = tmp_path / "v.npz"
+    r = CliRunner().invoke(prep, ["preview", "--data-dir", str(data), "--split", "val", "--n", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    z = np.load(out)
+    assert sorted(z.files) == ["images", "index", "labels"]
+    raw, raw_labels = _decoded(data, "val")
+    centre = raw[:4, 16:240, 16:240].astype(np.float64) - A.read_mean_image(data)[16:240, 16:240]
+    assert z["index"].tolist() == [0, 1, 2, 3] and z["labels"].tolist() == raw_labels[:4].tolist()
+    np.testing.assert_allclose(z["images"].transpose(0, 2, 3, 1), centre, atol=1e-3)
+    assert Image.open(out.with_suffix(".png")).size[0] > 4 * 224
