@@ -48,7 +48,7 @@ def _run(args: list[str], log: list[str], env: dict[str, str] | None = None) -> 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
               help="Folder for the sample tree, dataset, run and report.")  # fmt: skip
-@click.option("--train-minutes", type=float, default=4.0, show_default=True, help="CPU training budget.")
+@click.option("--train-minutes", type=float, default=3.5, show_default=True, help="CPU training budget.")
 @click.option("--fresh", is_flag=True, help="Delete OUT first (otherwise finished steps are reused).")
 def main(out: Path, train_minutes: float, fresh: bool) -> None:
     """Run the whole AlexNet path on the built-in sample, on the CPU."""
