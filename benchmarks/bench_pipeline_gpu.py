@@ -218,7 +218,7 @@ def main() -> None:
             rates[name] = make()
             print(f"  {name:<36} {rates[name]:>10,.0f} img/s", flush=True)
         except Exception as e:  # a failing stage is reported, the others still run
-            print(f"  {name:<36} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            print(f"  {name:<36} FAILED: {type(e).__name__}: {(str(e).splitlines() or [repr(e)])[0][:200]}", flush=True)
 
     print("stages:", flush=True)
     record("read", lambda: time_pipe(stage("read", 0.65), args.batches))
@@ -255,7 +255,9 @@ def main() -> None:
         for _ in range(args.batches):
             x, y = next(it)
             assert (
-                x.device.type == device[:3] and x.shape == (b, 3, C.CROP_SIZE, C.CROP_SIZE) and y.dtype == torch.int64
+                x.device.type == torch.device(device).type
+                and x.shape == (b, 3, C.CROP_SIZE, C.CROP_SIZE)
+                and y.dtype == torch.int64
             )
         sync()
         return args.batches * b / (time.perf_counter() - t1)
