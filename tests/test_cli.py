@@ -45,3 +45,12 @@ def test_console_scripts_installed_and_fast_errors(tmp_path):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_prep_warns_when_plain_pillow_shadows_simd(monkeypatch):
+    import alexnet.tools.pil as pil
+
+    monkeypatch.setattr(pil, "pil_info", lambda: {"version": "12.0.0", "simd": False, "libjpeg": "x", "name": "Pillow"})
+    r = CliRunner().invoke(prep, ["make-sample", "--help"])
+    assert r.exit_code == 0
+    assert "plain Pillow 12.0.0 has shadowed pillow-simd" in r.output

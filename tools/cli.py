@@ -32,6 +32,15 @@ Examples:
 @version_option("alexnet-prep")
 def main() -> None:
     """Prepare ImageNet for AlexNet: LMDB shards of shorter-side-256 centre crops, the mean image and RGB PCA."""
+    from alexnet.tools.pil import pil_info
+
+    info = pil_info()
+    if not info["simd"]:  # decoding and resizing run on PIL: say so before a long job starts
+        click.echo(
+            f"warning: plain Pillow {info['version']} has shadowed pillow-simd; image work will be slower "
+            "(repair: pip install --force-reinstall --no-binary pillow-simd pillow-simd)",
+            err=True,
+        )
 
 
 if __name__ == "__main__":
