@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import multiprocessing as mp
 import os
@@ -138,6 +139,41 @@ def baseline(tree: Path, out: Path) -> tuple[int, float]:
     env.sync(True)
     env.close()
     return len(files), time.perf_counter() - t0
+
+
+PLAIN_PILLOW_SPEC = ("pillow>=11", "lmdb", "numpy")
+
+
+def plain_pillow_python(cache: Path) -> Path:
+    """A virtualenv with plain Pillow (not pillow-simd), made once: the issue's baseline is a plain-Pillow loop.
+
+    The project's own environment must keep pillow-simd active, so plain Pillow lives apart from it.
+    """
+    venv = cache / "plain-pillow-venv"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        click.echo(f"creating {venv} with plain Pillow for the baseline (once)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "--quiet", *PLAIN_PILLOW_SPEC], check=True)
+    return py
+
+
+def baseline_plain_pillow(py: Path, tree: Path, out: Path, shim: Path) -> tuple[int, float, str]:
+    """Run :func:`baseline`, unchanged, under plain Pillow in its own interpreter."""
+    (shim / "alexnet").mkdir(parents=True, exist_ok=True)
+    link = shim / "alexnet" / "pipeline"
+    if not link.exists():
+        link.symlink_to(Path(A.__file__).resolve().parent)
+    code = (
+        "import io, time\nfrom pathlib import Path\nimport PIL\n"
+        "from alexnet.pipeline import artifacts as A\nfrom alexnet.pipeline import constants as C\n"
+        + inspect.getsource(baseline)
+        + f"\nn, t = baseline(Path({str(tree)!r}), Path({str(out)!r}))\nprint(n, t, PIL.__version__)\n"
+    )
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": str(shim)})  # fmt: skip
+    n, t, version = r.stdout.split()
+    return int(n), float(t), version
 
 
 def profile_stages(tree: Path, n: int = 300) -> dict[str, float]:
@@ -274,22 +310,29 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     click.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores ({workers} usable), "
                f"load average {os.getloadavg()[0]:.2f}, CPU pressure {cpu_pressure()}; PIL: {pil_summary()}")  # fmt: skip
     click.echo(f"tree: {len(files)} JPEGs, mean {total_bytes / len(files) / 1e3:.0f} KB")
-    base_runs, build_runs = [], []
+    plain_py = plain_pillow_python(tree.parent)
+    base_runs, build_runs, plain_runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-build-lmdb-") as tmp:
         tmp = Path(tmp)
         for r in range(repeat):
+            shutil.rmtree(tmp / "plain", ignore_errors=True)
+            n, t_plain, plain_version = baseline_plain_pillow(plain_py, tree, tmp / "plain", tmp / "shim")
+            plain_runs.append(t_plain)
+            click.echo(
+                f"[{r + 1}/{repeat}] baseline, plain Pillow {plain_version}: {n / t_plain:.1f} images/s; ", nl=False
+            )
             shutil.rmtree(tmp / "baseline", ignore_errors=True)
             cpu0 = time.process_time()
             n, t_base = baseline(tree, tmp / "baseline")
             base_runs.append((t_base, time.process_time() - cpu0))
-            click.echo(f"[{r + 1}/{repeat}] baseline {n / t_base:.1f} images/s", nl=False)
+            click.echo(f"baseline, pillow-simd: {n / t_base:.1f} images/s", nl=False)
             ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t_build, output, peak_rss, peak_pss, maxrss = run_build(tree, tmp / "built")
             ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
             build_runs.append((t_build, cpu, output, peak_rss, peak_pss, maxrss))
             click.echo(
-                f", build-lmdb {n / t_build:.1f} images/s (load average {os.getloadavg()[0]:.2f}, "
+                f"; build-lmdb {n / t_build:.1f} images/s (load average {os.getloadavg()[0]:.2f}, "
                 f"CPU pressure {cpu_pressure()})"
             )
         t_base, cpu_base = min(base_runs)
@@ -301,7 +344,11 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
                    f"CPU {1e3 * cpu_build / n:.2f} ms/image (wall time of the whole command, all processes' CPU)")  # fmt: skip
         for line in output.strip().splitlines():
             click.echo(f"    | {line}")
-        click.echo(f"ratio build-lmdb / baseline (images/s): {rate_build / rate_base:.2f}x")
+        rate_plain = n / min(plain_runs)
+        click.echo(f"baseline (1 process, plain loop) under plain Pillow {plain_version}: {rate_plain:.1f} images/s")
+        click.echo(f"ratio build-lmdb / plain-Pillow loop (the issue's baseline): {rate_build / rate_plain:.2f}x "
+                   "(target >= 3.0x)")  # fmt: skip
+        click.echo(f"ratio build-lmdb / the same loop under pillow-simd: {rate_build / rate_base:.2f}x")
         click.echo(f"CPU per image, baseline / build-lmdb: {cpu_base / cpu_build:.2f}x "
                    f"(x {workers} cores = {workers * cpu_base / cpu_build:.2f}x: the ratio on an otherwise idle machine)")  # fmt: skip
         peak_rss = max(b[3] for b in build_runs)
