@@ -142,6 +142,16 @@ def _parse_epochs(_ctx, _param, value):
     help="DALI CPU threads per replica.",
 )
 @click.option(
+    "--prefetch", type=click.IntRange(min=1), default=2, show_default=True, help="Batches the pipeline prepares ahead."
+)
+@click.option(
+    "--hw-decoder-load",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.65,
+    show_default=True,
+    help="GPU: share of JPEGs sent to the hardware decoder (the rest decode on the GPU's cores).",
+)
+@click.option(
     "--mean",
     type=click.Choice(MEAN_MODES),
     default="image",

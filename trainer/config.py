@@ -38,6 +38,7 @@ RESUME_MUTABLE = frozenset(
         "log_every_steps",
         "num_threads",
         "prefetch",
+        "hw_decoder_load",
         "resume",
         "progress",
     }
@@ -70,6 +71,7 @@ class TrainConfig:
     # --- pipeline
     num_threads: int = 4  # DALI CPU threads per replica
     prefetch: int = 2  # batches queued ahead by the loader
+    hw_decoder_load: float = 0.65  # GPU: share of JPEGs for the hardware decoder (nvJPEG); DALI's default
     mean: str = "image"  # subtract the per-pixel mean image (§2) or the per-channel mean
     lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # §4.1 PCA lighting convention (see constants.py)
     # --- speed options (not the paper's arithmetic)
@@ -92,6 +94,10 @@ class TrainConfig:
         for name in ("batch_size", "eval_every_epochs", "log_every_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            problems.append("hw_decoder_load must be in [0, 1]")
+        if self.prefetch < 1:
+            problems.append("prefetch must be >= 1")
         if self.lr <= 0:
             problems.append("lr must be > 0")
         if not 0 <= self.momentum < 1:

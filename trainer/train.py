@@ -183,6 +183,7 @@ def create_loader_for(
         lighting_scale=config.lighting_scale,
         ten_crop=ten_crop,
         prefetch=config.prefetch,
+        hw_decoder_load=config.hw_decoder_load,
     )
     return create_loader(Path(config.data_dir), split, cfg)
 
