@@ -40,7 +40,7 @@ class LoaderConfig:
     shuffle: bool = True  # train only; False reads records in key order
     with_draws: bool = False  # also yield a dict: record positions (+ train: the random draws)
     roi_decode: bool = False  # train: decode only the crop window (see PipelineSpec)
-    hw_decoder_load: float = 0.65  # GPU: share of the JPEGs sent to the hardware decoder
+    hw_decoder_load: float = 0.9  # GPU: share of JPEGs for the hardware decoder (0.9 measured best on an H100)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1:

@@ -142,12 +142,12 @@ def _parse_epochs(_ctx, _param, value):
     help="DALI CPU threads per replica.",
 )
 @click.option(
-    "--prefetch", type=click.IntRange(min=1), default=2, show_default=True, help="Batches the pipeline prepares ahead."
+    "--prefetch", type=click.IntRange(min=1), default=3, show_default=True, help="Batches the pipeline prepares ahead."
 )
 @click.option(
     "--hw-decoder-load",
     type=click.FloatRange(0.0, 1.0),
-    default=0.65,
+    default=0.9,
     show_default=True,
     help="GPU: share of JPEGs sent to the hardware decoder (the rest decode on the GPU's cores).",
 )
