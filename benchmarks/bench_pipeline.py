@@ -37,20 +37,12 @@ def synth_dataset(root: Path, n: int) -> Path:
     """Photo-like 256x256 JPEGs (gradients, texture, noise; ~40-60 KB at q95) written through the contract."""
     if (root / A.MANIFEST_FILE).exists() and A.read_manifest(root).splits["train"].num_records == n:
         return root
-    from PIL import Image
+    from bench_pipeline_gpu import photo_jpeg  # the same generator as the GPU benchmark
 
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
     env = A.open_shard(root / "train/train-00000-of-00001", readonly=False, map_size=1 << 32)
     with env.begin(write=True) as txn:
         for i in range(n):
-            c0, c1 = rng.uniform(30, 220, 3), rng.uniform(30, 220, 3)
-            t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / 512 + 0.5
-            img = c0 + (c1 - c0) * t[..., None] + 25 * np.sin(xx * rng.uniform(0.02, 0.2))[..., None]
-            img += rng.normal(0, 12, img.shape)
-            buf = io.BytesIO()
-            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
-            txn.put(A.make_key(i, f"synth/{i}.JPEG"), A.Datum(buf.getvalue(), i % 10, 256, 256).encode())
+            txn.put(A.make_key(i, f"synth/{i}.JPEG"), A.Datum(photo_jpeg(i), i % 10, 256, 256).encode())
     env.close()
     shard = A.ShardInfo(path="train/train-00000-of-00001", num_records=n, first_position=0, stop_position=n)
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)],
