@@ -151,6 +151,7 @@ def _parse_epochs(_ctx, _param, value):
     show_default=True,
     help="GPU: share of JPEGs sent to the hardware decoder (the rest decode on the GPU's cores).",
 )
+@click.option("--roi-decode", is_flag=True, help="Decode only the 224 crop window when training (same pixels).")
 @click.option(
     "--mean",
     type=click.Choice(MEAN_MODES),

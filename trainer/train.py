@@ -184,6 +184,7 @@ def create_loader_for(
         ten_crop=ten_crop,
         prefetch=config.prefetch,
         hw_decoder_load=config.hw_decoder_load,
+        roi_decode=config.roi_decode,
     )
     return create_loader(Path(config.data_dir), split, cfg)
 
