@@ -39,14 +39,9 @@ def synth_dataset(root: Path, n: int) -> Path:
         return root
     from bench_pipeline_gpu import photo_jpeg  # the same generator as the GPU benchmark
 
-    env = A.open_shard(root / "train/train-00000-of-00001", readonly=False, map_size=1 << 32)
-    with env.begin(write=True) as txn:
-        for i in range(n):
-            txn.put(A.make_key(i, f"synth/{i}.JPEG"), A.Datum(photo_jpeg(i), i % 10, 256, 256).encode())
-    env.close()
-    shard = A.ShardInfo(path="train/train-00000-of-00001", num_records=n, first_position=0, stop_position=n)
-    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)],
-                                      splits={"train": A.SplitInfo(num_records=n, source_count=n, shards=[shard])}))  # fmt: skip
+    records = [(f"synth/{i}.JPEG", photo_jpeg(i), i % 10) for i in range(n)]
+    split = A.write_split(root, "train", records, 1, seed=None, map_size=1 << 32)
+    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)], splits={"train": split}))
     stats = A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0], eigvec=np.eye(3).tolist(),
                     n_images=n, n_pixels=n * 65536)  # fmt: skip
     A.write_stats(root, stats, np.full((256, 256, 3), 120.0, np.float32))

@@ -64,17 +64,8 @@ def synth(root: Path, records: int, distinct: int = 4096, shards: int = 4) -> Pa
         jpegs = pool.map(photo_jpeg, range(distinct), chunksize=64)
 
     def write(split: str, n: int, n_shards: int) -> A.SplitInfo:
-        infos = []
-        for s, (start, stop) in enumerate(A.shard_bounds(n, n_shards)):
-            rel = f"{split}/{A.shard_name(split, s, n_shards)}"
-            env = A.open_shard(root / rel, readonly=False, map_size=1 << 34)
-            with env.begin(write=True) as txn:
-                for pos in range(start, stop):
-                    datum = A.Datum(jpegs[pos % distinct], pos % C.NUM_CLASSES, C.STORED_SIZE, C.STORED_SIZE)
-                    txn.put(A.make_key(pos, f"s/{pos}.JPEG"), datum.encode())
-            env.close()
-            infos.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-        return A.SplitInfo(num_records=n, source_count=n, shards=infos)
+        records = [(f"s/{pos}.JPEG", jpegs[pos % distinct], pos % C.NUM_CLASSES) for pos in range(n)]
+        return A.write_split(root, split, records, n_shards, seed=None, map_size=1 << 34)
 
     splits = {"train": write("train", records, shards), "val": write("val", 1000, 1)}
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(C.NUM_CLASSES)], splits=splits))

@@ -37,23 +37,12 @@ def _image(rng: np.random.Generator, label: int, num_classes: int) -> np.ndarray
 
 
 def _write_split(data_dir: Path, split: str, images: list[np.ndarray], labels: list[int], num_shards: int, seed: int):
-    n = len(images)
-    order = A.shuffle_order(n, seed=seed)
-    shards = []
-    for i, (start, stop) in enumerate(A.shard_bounds(n, num_shards)):
-        rel = f"{split}/{A.shard_name(split, i, num_shards)}"
-        env = A.open_shard(data_dir / rel, readonly=False, map_size=1 << 28)
-        crcs = []
-        with env.begin(write=True) as txn:
-            for pos in range(start, stop):
-                src = int(order[pos])
-                value = A.Datum(data=_jpeg(images[src]), label=labels[src], height=256, width=256).encode()
-                txn.put(A.make_key(pos, f"c{labels[src]}/img{src}.JPEG"), value)
-                crcs.append(A.crc32(value))
-        env.close()
-        A.write_record_crcs(data_dir / rel, np.array(crcs))
-        shards.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-    return A.SplitInfo(num_records=n, source_count=n, shards=shards, layout="test")
+    records = [
+        (f"c{lab}/img{src}.JPEG", _jpeg(img), lab) for src, (img, lab) in enumerate(zip(images, labels, strict=True))
+    ]
+    info = A.write_split(data_dir, split, records, num_shards, seed, map_size=1 << 28)
+    info.layout = "test"
+    return info
 
 
 def write_dataset(

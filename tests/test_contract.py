@@ -139,30 +139,13 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 
 def _write_shards(tmp_path, images, labels, num_shards=2):
-    """Write records through the contract exactly as a builder does (positions in shuffled order)."""
-    n = len(images)
-    order = A.shuffle_order(n, seed=0)
-    shards = []
-    for i, (start, stop) in enumerate(A.shard_bounds(n, num_shards)):
-        rel = f"train/{A.shard_name('train', i, num_shards)}"
-        env = A.open_shard(tmp_path / rel, readonly=False)
-        crcs = []
-        with env.begin(write=True) as txn:
-            for pos in range(start, stop):
-                src = int(order[pos])
-                value = A.Datum(data=_jpeg(images[src]), label=labels[src], height=256, width=256).encode()
-                txn.put(A.make_key(pos, f"c{labels[src]}/img{src}.JPEG"), value)
-                crcs.append(A.crc32(value))
-        env.close()
-        A.write_record_crcs(tmp_path / rel, np.array(crcs))
-        shards.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-    A.write_manifest(
-        tmp_path,
-        A.Manifest(
-            classes=["a", "b", "c"], splits={"train": A.SplitInfo(num_records=n, source_count=n, shards=shards)}
-        ),
-    )
-    return order
+    """Write records through the contract as a builder does (positions in the seeded shuffled order)."""
+    records = [
+        (f"c{lab}/img{src}.JPEG", _jpeg(img), lab) for src, (img, lab) in enumerate(zip(images, labels, strict=True))
+    ]
+    split = A.write_split(tmp_path, "train", records, num_shards, seed=0)
+    A.write_manifest(tmp_path, A.Manifest(classes=["a", "b", "c"], splits={"train": split}))
+    return A.shuffle_order(len(images), seed=0)
 
 
 def test_records_round_trip_through_lmdb(tmp_path):
@@ -216,3 +199,22 @@ def test_atomic_write_respects_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_split_follows_the_contract_order(tmp_path):
+    """write_split: positions in the seeded shuffle, contiguous shard blocks, checksums beside them."""
+    records = [(f"c/{k}.JPEG", bytes([k]) * 10, k % 3) for k in range(11)]
+    split = A.write_split(tmp_path, "train", records, 3, seed=4)
+    order = A.shuffle_order(11, seed=4)
+    assert [(s.first_position, s.stop_position) for s in split.shards] == A.shard_bounds(11, 3)
+    got = [(A.parse_key(k), A.Datum.decode(v)) for s in split.shards for k, v in A.iter_shard(tmp_path / s.path)]
+    assert [pos for (pos, _), _ in got] == list(range(11))
+    assert [(rel, d.data, d.label) for (_, rel), d in got] == [records[int(order[p])] for p in range(11)]
+    for s in split.shards:
+        assert A.read_record_crcs(tmp_path / s.path).tolist() == [
+            A.crc32(v) for _, v in A.iter_shard(tmp_path / s.path)
+        ]
+    identity = A.write_split(tmp_path / "id", "val", records, 1, seed=None)
+    assert [A.parse_key(k)[1] for k, _ in A.iter_shard(tmp_path / "id" / identity.shards[0].path)] == [
+        r[0] for r in records
+    ]

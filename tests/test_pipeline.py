@@ -28,17 +28,9 @@ def _jpeg(arr):
 
 
 def _write_split(root, split, images, labels, num_shards):
-    n = len(images)
-    shards = []
-    for i, (start, stop) in enumerate(A.shard_bounds(n, num_shards)):
-        rel = f"{split}/{A.shard_name(split, i, num_shards)}"
-        env = A.open_shard(root / rel, readonly=False, map_size=1 << 26)
-        with env.begin(write=True) as txn:
-            for pos in range(start, stop):  # identity shuffle: position == index, label recoverable
-                txn.put(A.make_key(pos, f"x/{pos}.JPEG"), A.Datum(_jpeg(images[pos]), labels[pos], 256, 256).encode())
-        env.close()
-        shards.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-    return A.SplitInfo(num_records=n, source_count=n, shards=shards)
+    # Identity order (seed=None): position == index, so a record's label and pixels are recoverable.
+    records = [(f"x/{k}.JPEG", _jpeg(img), lab) for k, (img, lab) in enumerate(zip(images, labels, strict=True))]
+    return A.write_split(root, split, records, num_shards, seed=None, map_size=1 << 26)
 
 
 @pytest.fixture(scope="module")
