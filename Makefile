@@ -9,8 +9,9 @@ DEMO_DIR ?= demo
 .PHONY: install demo test lint bench clean
 
 # torch first, pinned, so pip takes the local CPU build instead of the multi-GB CUDA wheels;
-# then the package (pillow-simd compiled from source), then a check that pillow-simd is the active PIL.
-$(BIN)/.installed: setup.cfg pyproject.toml
+# then the package (pillow-simd compiled from source; setup.py compiles pca-stats' C kernel in place),
+# then a check that pillow-simd is the active PIL.
+$(BIN)/.installed: setup.cfg setup.py pyproject.toml tools/_moments.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet torch==2.13.0

@@ -95,31 +95,35 @@ def all_jpegs(root: Path) -> list[bytes]:
 # --------------------------------------------------------------------------- the contenders
 
 
-def _decode_task(task) -> int:
-    """The same reads as pca-stats' worker, decoding into the same buffer, without any statistics."""
+def _decode_task(task, _state) -> int:
+    """The same reads and the same decode to an array as pca-stats' worker, without any statistics."""
     shard_path, _, keys = task
-    buf = np.empty((P.CHUNK_IMAGES, *A.MEAN_IMAGE_SHAPE), dtype=np.uint8)
     env = A.open_shard(Path(shard_path))
     try:
         with env.begin(buffers=True) as txn:
-            for i, key in enumerate(keys):
-                buf[i % P.CHUNK_IMAGES] = P.decode_rgb(A.Datum.decode(bytes(txn.get(key))).data)
+            for key in keys:
+                P.decode_rgb(A.Datum.decode(bytes(txn.get(key))).data)
     finally:
         env.close()
     return len(keys)
 
 
+def _no_state() -> None:
+    return None
+
+
 def decode_only(root: Path, workers: int) -> tuple[int, float]:
+    """Decoding alone with pca-stats' own task split (and key listing) and worker processes."""
     cfg = P.PcaStatsConfig(workers=workers, progress=False)
     t0 = time.perf_counter()
-    tasks, _ = P._plan(root, cfg, workers)  # the same task split (and key listing) as pca-stats
-    pool = P._pool(workers, tasks)
-    try:
-        n = sum(pool.imap_unordered(_decode_task, tasks) if pool else map(_decode_task, tasks))
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
+    tasks, _ = P._plan(root, cfg, workers)
+    n = 0
+
+    def count(records: int) -> None:
+        nonlocal n
+        n += records
+
+    P.run_tasks(tasks, workers, _decode_task, _no_state, count)
     return n, time.perf_counter() - t0
 
 
@@ -133,32 +137,26 @@ def per_image_costs(jpegs: list[bytes], n: int = 256, rounds: int = 5) -> dict[s
     """ms per image in one process, best of ``rounds`` alternated rounds (less sensitive to a shared machine)."""
     jpegs = jpegs[:n]
     n = len(jpegs)
-    buf = np.empty((P.CHUNK_IMAGES, *A.MEAN_IMAGE_SHAPE), dtype=np.uint8)
     imgs = np.stack([P.decode_rgb(j) for j in jpegs])
 
     def decode():
-        for i, j in enumerate(jpegs):
-            buf[i % P.CHUNK_IMAGES] = P.decode_rgb(j)
+        for j in jpegs:
+            P.decode_rgb(j)
 
     def decode_and_moments():  # what a pca-stats worker does per record
         m = P.PixelMoments()
-        for i, j in enumerate(jpegs):
-            buf[i % P.CHUNK_IMAGES] = P.decode_rgb(j)
-            if i % P.CHUNK_IMAGES == P.CHUNK_IMAGES - 1:
-                m.update(buf)
-        m.update(buf[: n % P.CHUNK_IMAGES])
+        for j in jpegs:
+            m.add(P.decode_rgb(j))
+        m.finalize()
 
-    def moments():
-        m = P.PixelMoments()
-        for i in range(0, n, P.CHUNK_IMAGES):
-            m.update(imgs[i : i + P.CHUNK_IMAGES])
+    def moments(use_kernel: bool):
+        m = P.PixelMoments(use_kernel=use_kernel)
+        for im in imgs:
+            m.add(im)
+        m.finalize()
 
-    def gram():
-        for i in range(0, n, P.CHUNK_IMAGES):
-            P._gram_exact(imgs[i : i + P.CHUNK_IMAGES])
-
-    fns = {"decode (PIL)": decode, "decode + moments": decode_and_moments, "moments + image sum": moments,
-           "of which Gram": gram}  # fmt: skip
+    fns = {"decode (PIL)": decode, "decode + moments": decode_and_moments,
+           "moments, compiled kernel": lambda: moments(True), "moments, numpy path": lambda: moments(False)}  # fmt: skip
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for k, f in fns.items():

@@ -137,6 +137,9 @@ def test_dockerfile_installs_the_package_with_both_clis_non_root():
     assert re.search(r"pip install [^\n]*--no-binary pillow-simd \.\s", build)
     assert "pip install -e" not in text and "--editable" not in text
     assert "--require-simd" in build and "--require-simd" in runtime
+    # setup.py (the compiled moments kernel) is in the build context and the kernel is checked.
+    assert re.search(r"^COPY [^\n]*\bsetup\.py\b", build, flags=re.M)
+    assert "import alexnet.tools._moments" in build
     # Smoke step: both console scripts run in the runtime stage.
     scripts = _setup_cfg()["options.entry_points"]["console_scripts"]
     assert "alexnet-prep" in scripts and "alexnet-train" in scripts

@@ -7,6 +7,8 @@ JPEGs); the references decode the same stored JPEGs with PIL and compute over al
 from __future__ import annotations
 
 import io
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -158,6 +160,86 @@ def test_other_image_shapes_match_direct_numpy():
     np.testing.assert_allclose(f.mean_image, mean_img, rtol=1e-6)
 
 
+def test_compiled_kernel_is_built_and_used():
+    assert P._kernel is not None, f"the compiled moments kernel is missing: {P.KERNEL_MISSING}"
+    assert P.PixelMoments().use_kernel
+    assert P.moments_impl().startswith("compiled")
+
+
+@pytest.mark.parametrize("shape", [(S, S, 3), (5, 7, 3), (1, 1, 3)])
+def test_kernel_sums_equal_numpy(shape):
+    h, w, _ = shape
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (9, *shape), dtype=np.uint8)
+    images[0] = 255
+    pix = np.zeros(shape, np.uint16)
+    cols = np.zeros((3, w * 3), np.uint32)
+    for im in images:
+        P._kernel.accumulate(im, w * 3, pix, cols)
+    np.testing.assert_array_equal(pix, images.astype(np.int64).sum(0))
+    v = images.reshape(-1, w * 3).astype(np.int64)  # rows of interleaved values
+    np.testing.assert_array_equal(cols[0], (v * v).sum(0))
+    np.testing.assert_array_equal(cols[1, :-1], (v[:, :-1] * v[:, 1:]).sum(0))
+    np.testing.assert_array_equal(cols[2, : w * 3 - 2], (v[:, :-2] * v[:, 2:]).sum(0))
+    assert cols[1, -1] == 0 and (cols[2, w * 3 - 2 :] == 0).all()
+
+
+def test_kernel_rejects_mismatched_buffers():
+    im = np.zeros((4, 4, 3), np.uint8)
+    pix, cols = np.zeros((4, 4, 3), np.uint16), np.zeros((3, 12), np.uint32)
+    with pytest.raises(ValueError):
+        P._kernel.accumulate(im, 10, pix, cols)  # not whole rows
+    with pytest.raises(ValueError):
+        P._kernel.accumulate(im, 12, pix[:2], cols)
+    with pytest.raises(ValueError):
+        P._kernel.accumulate(im, 12, pix, cols[:2])
+    with pytest.raises(TypeError):
+        P._kernel.accumulate(im, 12, pix.astype(np.int32), cols)
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        P._kernel.accumulate(im, 12, pix[:, ::2], cols)  # not contiguous
+
+
+def test_kernel_and_numpy_paths_agree_across_flushes():
+    """More white images than a chunk holds (the uint16/uint32 limits), then ordinary ones."""
+    rng = np.random.default_rng(5)
+    n_white = P.UINT16_SAFE_IMAGES + 44
+    fast, slow = P.PixelMoments(use_kernel=True), P.PixelMoments(use_kernel=False)
+    white = np.full(A.MEAN_IMAGE_SHAPE, 255, np.uint8)
+    for _ in range(n_white):
+        fast.add(white)
+        slow.add(white)
+    tail = np.stack([textured(rng) for _ in range(7)])
+    fast.update(tail)
+    for im in tail:
+        slow.add(im)
+    np.testing.assert_array_equal(fast.image_sum, slow.image_sum)
+    expected = tail.astype(np.int64).sum(0) + 255 * n_white
+    np.testing.assert_array_equal(fast.image_sum, expected)
+    ff, fs = fast.finalize(), slow.finalize()
+    assert ff.n_images == fs.n_images == n_white + 7
+    np.testing.assert_allclose(ff.mean_rgb, fs.mean_rgb, rtol=1e-12)
+    np.testing.assert_allclose(ff.covariance, fs.covariance, rtol=1e-9)
+    images = np.concatenate([np.broadcast_to(white, (n_white, *white.shape)), tail])
+    mean, cov, _, _, _ = reference(images)
+    np.testing.assert_allclose(ff.mean_rgb, mean, rtol=1e-6)
+    np.testing.assert_allclose(ff.covariance, cov, rtol=1e-5)
+
+
+def test_pending_images_survive_pickling():
+    import pickle
+
+    rng = np.random.default_rng(6)
+    images = np.stack([textured(rng) for _ in range(3)])
+    m = P.PixelMoments()
+    for im in images:
+        m.add(im)  # fewer than a chunk: still pending
+    back = pickle.loads(pickle.dumps(m))
+    np.testing.assert_array_equal(back.image_sum, images.astype(np.int64).sum(0))
+    assert back.n_images == 3
+    back.add(images[0])  # still usable after the round trip
+    assert back.finalize().n_images == 4
+
+
 def test_update_rejects_wrong_dtype_or_shape():
     m = P.PixelMoments()
     with pytest.raises(ValueError):
@@ -294,3 +376,38 @@ def test_cli_help_and_bad_options():
     assert r.exit_code == 0 and "--sample" in r.output and "Examples" in r.output
     r = CliRunner().invoke(prep_main, ["pca-stats", "--workers", "-1"])
     assert r.exit_code == 2
+
+
+# --------------------------------------------------------------------------- worker processes
+
+
+def _collect(task, state: list) -> int:
+    state.append(task)
+    return task
+
+
+def _fail_on_three(task, state) -> int:
+    if task == 3:
+        raise ValueError("record three is bad")
+    return task
+
+
+def _die_on_three(task, state) -> int:
+    if task == 3:
+        os._exit(3)
+    return task
+
+
+def test_run_tasks_runs_each_task_once_and_returns_one_state_per_worker():
+    seen = []
+    states = P.run_tasks(list(range(20)), 2, _collect, list, seen.append)
+    assert len(states) == 2
+    assert sorted(t for s in states for t in s) == list(range(20)) == sorted(seen)
+    assert P.run_tasks([5, 6], 1, _collect, list) == [[5, 6]]  # one worker runs here
+
+
+@pytest.mark.parametrize("fn, message", [(_fail_on_three, "a worker failed: ValueError: record three is bad"),
+                                         (_die_on_three, "a worker process died (exit code 3)")])  # fmt: skip
+def test_run_tasks_reports_a_failing_or_dying_worker(fn, message):
+    with pytest.raises(A.AlexnetError, match=re.escape(message)):
+        P.run_tasks(list(range(8)), 2, fn, list)

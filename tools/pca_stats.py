@@ -9,10 +9,14 @@ What it computes (paper §2 and §4.1), over every train record (or a seeded ``-
   divided by the number of pixels), and its eigen-decomposition for PCA lighting (§4.1):
   eigenvalues descending, unit eigenvectors as columns (rows R, G, B).
 
-Exactness. Pixel values are integers 0..255, so each chunk of images gets exact moments: channel
-sums in int64 and the six distinct sums of products in float32 down blocks of 256 rows (every
-partial sum is an integer below 256 * 255**2 < 2**24, so float32 adds them exactly whatever the
-order; see ``_gram_exact``), then summed in float64 (exact below 2**53). The chunk's co-moment matrix
+Exactness. Pixel values are integers 0..255, so each chunk of images gets exact integer moments.
+The compiled kernel (``_moments.c``, built by ``setup.py``; used where it was built) adds each
+decoded image in one fused pass to uint16 per-pixel sums and to uint32 column sums of squares and
+neighbour products down the image's rows, and the chunk is folded in before either could overflow
+(256 images). Without the kernel the same integers come from numpy: channel sums in int64 and the
+six distinct sums of products in float32 down blocks of 256 rows (every partial sum is an integer
+below 256 * 255**2 < 2**24, so float32 adds them exactly; see ``_gram_exact``). The tests check
+both against each other and a direct numpy computation. The chunk's co-moment matrix
 ``sum (x - m)(x - m)^T = (N * S2 - S S^T) / N`` is formed in Python integers and rounded once.
 Chunks, workers and shards are combined with the pairwise update of Chan, Golub and LeVeque
 (counts, means, co-moments), which is stable in float64 and independent of how the records were
@@ -47,8 +51,9 @@ import io
 import math
 import multiprocessing
 import os
+import queue
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -59,10 +64,21 @@ from alexnet.pipeline import constants as C
 from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 
+try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
+    from alexnet.tools import _moments as _kernel
+
+    KERNEL_MISSING = ""
+except ImportError as _e:  # pragma: no cover - depends on the build
+    _kernel = None
+    KERNEL_MISSING = f"{_e}; reinstall with a C compiler (gcc) to build it"
+
 SPLIT = "train"  # §2: the mean activity over the *training* set; §4.1: PCA over the training set
-# Images per update(): uint16 per-pixel sums stay exact for up to 257 images (257 * 255 < 2**16).
+# Images per numpy chunk (without the compiled kernel).
 CHUNK_IMAGES = 64
+# A chunk's integer sums stay exact: uint16 per-pixel sums for up to 257 images (257 * 255 < 2**16),
+# uint32 per-column sums of products for up to 66,051 rows (66,051 * 255**2 < 2**32).
 UINT16_SAFE_IMAGES = 256
+UINT32_SAFE_ROWS = (2**32 - 1) // 255**2
 # Rows per float32 block: a column's sum of products is at most 256 * 255**2 < 2**24 (exact in float32).
 BLOCK_PIXELS = 256
 MAX_LISTED_SKIPS = 20
@@ -128,39 +144,102 @@ def _channel_sums(pixel_sums: np.ndarray) -> np.ndarray:
 class PixelMoments:
     """Mergeable accumulator: image count, per-pixel int64 sums, and RGB pixel moments in float64.
 
-    ``update`` adds a chunk of uint8 images ``[n, H, W, 3]`` with its exact moments; ``merge``
-    combines two accumulators (Chan et al. pairwise update); ``finalize`` gives the statistics.
+    ``add`` takes one uint8 image ``[H, W, 3]`` and ``update`` a stack ``[n, H, W, 3]``. With the
+    compiled kernel (``_moments.c``, the default where it was built) each image is added to uint16
+    per-pixel and uint32 per-column integer sums in one fused pass; every ``flush_every`` images
+    (before they could overflow) the chunk's exact moments are folded in. Without it the chunk is
+    buffered and computed in numpy (``_gram_exact``), with the same results. ``merge`` combines two
+    accumulators (Chan et al. pairwise update); ``finalize`` gives the statistics.
     """
 
-    def __init__(self, image_shape: tuple[int, int, int] = A.MEAN_IMAGE_SHAPE):
+    def __init__(self, image_shape: tuple[int, int, int] = A.MEAN_IMAGE_SHAPE, use_kernel: bool | None = None):
         self.image_shape = tuple(image_shape)
-        self.n_images = 0
+        if use_kernel and _kernel is None:
+            raise RuntimeError(f"the compiled moments kernel is not available ({KERNEL_MISSING})")
+        self.use_kernel = _kernel is not None if use_kernel is None else bool(use_kernel)
+        self._n_images = 0  # folded in; n_images adds the pending ones
         self.n_pixels = 0
         self.mean = np.zeros(3, dtype=np.float64)
         self.comoment = np.zeros((3, 3), dtype=np.float64)  # sum over pixels of (x - mean)(x - mean)^T
-        self.image_sum = np.zeros(self.image_shape, dtype=np.int64)
+        self._image_sum = np.zeros(self.image_shape, dtype=np.int64)
+        h, w, _ = self.image_shape
+        self._row_len = w * 3
+        # A chunk stays exact while its uint16 pixel sums and uint32 column sums cannot overflow.
+        self.flush_every = max(1, min(UINT16_SAFE_IMAGES, UINT32_SAFE_ROWS // h))
+        self._pending = 0  # images added since the last flush
+        self._pix: np.ndarray | None = None  # kernel: uint16 per-value sums; numpy: uint8 image buffer
+        self._cols: np.ndarray | None = None  # kernel: uint32 (3, row_len) column sums
+
+    @property
+    def n_images(self) -> int:
+        """Images added so far."""
+        return self._n_images + self._pending
+
+    @property
+    def image_sum(self) -> np.ndarray:
+        """Per-pixel int64 sums over every image added so far."""
+        self._flush()
+        return self._image_sum
+
+    def add(self, image: np.ndarray) -> None:
+        """Add one uint8 image ``[H, W, 3]``."""
+        if image.dtype != np.uint8 or image.shape != self.image_shape:
+            raise ValueError(f"expected a uint8 image [{', '.join(map(str, self.image_shape))}], "
+                             f"got {image.dtype} {image.shape}")  # fmt: skip
+        if self._pix is None:
+            if self.use_kernel:
+                self._pix = np.zeros(self.image_shape, dtype=np.uint16)
+                self._cols = np.zeros((3, self._row_len), dtype=np.uint32)
+            else:
+                self._pix = np.empty((min(CHUNK_IMAGES, self.flush_every), *self.image_shape), dtype=np.uint8)
+        if self.use_kernel:
+            _kernel.accumulate(np.ascontiguousarray(image), self._row_len, self._pix, self._cols)
+        else:
+            self._pix[self._pending] = image
+        self._pending += 1
+        if self._pending == (self.flush_every if self.use_kernel else len(self._pix)):
+            self._flush()
 
     def update(self, images: np.ndarray) -> None:
+        """Add a stack of uint8 images ``[n, H, W, 3]``."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.image_shape:
             raise ValueError(f"expected uint8 images [n, {', '.join(map(str, self.image_shape))}], "
                              f"got {images.dtype} {images.shape}")  # fmt: skip
-        n = images.shape[0]
+        for image in images:
+            self.add(image)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Fold the pending chunk's exact moments into the running ones."""
+        n = self._pending
         if n == 0:
             return
-        s = np.zeros(3, dtype=np.int64)
-        for start in range(0, n, UINT16_SAFE_IMAGES):
-            part = images[start : start + UINT16_SAFE_IMAGES].sum(0, dtype=np.uint16)  # exact per pixel
-            self.image_sum += part
-            s += _channel_sums(part)
-        s = [int(v) for v in s]
-        s2 = _gram_exact(images)
+        if self.use_kernel:
+            pix, cols = self._pix, self._cols.astype(np.int64)
+            self._image_sum += pix
+            s = [int(v) for v in _channel_sums(pix)]
+            sq, p1, p2 = cols
+            s2 = np.empty((3, 3), dtype=np.int64)
+            s2[0, 0], s2[1, 1], s2[2, 2] = sq[0::3].sum(), sq[1::3].sum(), sq[2::3].sum()
+            s2[0, 1] = s2[1, 0] = p1[0::3].sum()  # R*G
+            s2[1, 2] = s2[2, 1] = p1[1::3].sum()  # G*B
+            s2[0, 2] = s2[2, 0] = p2[0::3].sum()  # R*B
+            pix.fill(0)
+            self._cols.fill(0)
+        else:
+            images = self._pix[:n]
+            part = images.sum(0, dtype=np.uint16)  # exact per pixel (at most 256 images)
+            self._image_sum += part
+            s = [int(v) for v in _channel_sums(part)]
+            s2 = _gram_exact(images)
+        self._pending = 0
         count = n * self.image_shape[0] * self.image_shape[1]
         mean = np.array([v / count for v in s])
         # exact integer numerator, one rounding: (N S2 - S S^T) / N
         m2 = np.array([[(count * int(s2[a, b]) - s[a] * s[b]) / count for b in range(3)] for a in range(3)])
         self._combine(count, mean, m2)
-        self.n_images += n
+        self._n_images += n
 
     def _combine(self, n_b: int, mean_b: np.ndarray, m2_b: np.ndarray) -> None:
         # Chan, Golub & LeVeque (1979): pairwise combination of counts, means and co-moments.
@@ -179,12 +258,19 @@ class PixelMoments:
     def merge(self, other: PixelMoments) -> PixelMoments:
         if other.image_shape != self.image_shape:
             raise ValueError(f"cannot merge moments of {other.image_shape} images into {self.image_shape}")
+        self._flush()
+        other._flush()
         self._combine(other.n_pixels, other.mean, other.comoment)
-        self.image_sum += other.image_sum
-        self.n_images += other.n_images
+        self._image_sum += other._image_sum
+        self._n_images += other._n_images
         return self
 
+    def __getstate__(self) -> dict:  # what a worker sends back: flushed, without the chunk buffers
+        self._flush()
+        return {**self.__dict__, "_pix": None, "_cols": None}
+
     def finalize(self) -> Finalized:
+        self._flush()
         if self.n_images == 0:
             raise AlexnetError("no images were accumulated")
         cov = self.comoment / self.n_pixels
@@ -193,7 +279,7 @@ class PixelMoments:
         order = np.argsort(eigval)[::-1]
         eigval = np.maximum(eigval[order], 0.0)  # a covariance is PSD: negatives are rounding only
         eigvec = orient_eigvec(eigvec[:, order])
-        mean_image = (self.image_sum / self.n_images).astype(np.float32)
+        mean_image = (self._image_sum / self.n_images).astype(np.float32)
         return Finalized(self.mean.copy(), cov, eigval, eigvec, mean_image, self.n_images, self.n_pixels)
 
 
@@ -238,6 +324,10 @@ def decode_rgb(jpeg: bytes) -> np.ndarray:
     return arr
 
 
+def moments_impl() -> str:
+    return "compiled kernel (_moments.c)" if _kernel is not None else f"numpy (no compiled kernel: {KERNEL_MISSING})"
+
+
 def decoder_name() -> str:
     try:
         from alexnet.tools.pil import pil_summary
@@ -247,20 +337,10 @@ def decoder_name() -> str:
         return "PIL"
 
 
-@dataclass
-class TaskResult:
-    moments: PixelMoments
-    records: int  # records looked at (decoded or skipped)
-    skipped: list[str] = field(default_factory=list)  # "shard key: reason"
-
-
-def _run_task(task: tuple[str, str, list[bytes]]) -> TaskResult:
-    """Decode the given records of one shard and accumulate them (runs in a worker process)."""
+def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> tuple[int, list[str]]:
+    """Decode the given records of one shard into ``moments``: (records looked at, skipped "shard key: reason")."""
     shard_path, shard_rel, keys = task
-    moments = PixelMoments()
     skipped: list[str] = []
-    buf = np.empty((CHUNK_IMAGES, *A.MEAN_IMAGE_SHAPE), dtype=np.uint8)
-    k = 0
     env = A.open_shard(Path(shard_path))
     try:
         with env.begin(buffers=True) as txn:
@@ -272,18 +352,14 @@ def _run_task(task: tuple[str, str, list[bytes]]) -> TaskResult:
                     datum = A.Datum.decode(bytes(value))
                     if not datum.encoded:
                         raise ValueError("Datum holds raw pixels, not an encoded image")
-                    buf[k] = decode_rgb(datum.data)
+                    image = decode_rgb(datum.data)
                 except Exception as e:  # any decoder failure is a counted, reported skip
                     skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
                     continue
-                k += 1
-                if k == CHUNK_IMAGES:
-                    moments.update(buf)
-                    k = 0
+                moments.add(image)
     finally:
         env.close()
-    moments.update(buf[:k])
-    return TaskResult(moments, len(keys), skipped)
+    return len(keys), skipped
 
 
 def _shard_keys(path: Path) -> list[bytes]:
@@ -356,13 +432,73 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _pool(workers: int, tasks: list):
-    """A process pool (fork where there is one: the workers need nothing but the task), or None for one worker."""
-    if workers <= 1 or len(tasks) <= 1:
-        return None
+def _worker(task_fn, make_state, tasks, results) -> None:
+    """A worker process: run tasks into one state until the ``None`` sentinel, then send the state back."""
+    try:
+        state = make_state()
+        while (task := tasks.get()) is not None:
+            results.put(("progress", task_fn(task, state)))
+        results.put(("done", state))
+    except KeyboardInterrupt:  # the parent stops everyone
+        pass
+    except BaseException as e:  # reported to the parent, which fails with it
+        results.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_tasks(tasks: list, workers: int, task_fn, make_state, on_progress=lambda r: None,
+              on_start=lambda: None) -> list:  # fmt: skip
+    """Run ``task_fn(task, state)`` over ``tasks`` in ``workers`` processes, each with one ``make_state()``.
+
+    Each worker keeps its state across all the tasks it takes (a pca-stats worker accumulates every
+    image it decodes into one ``PixelMoments``), so a task costs nothing beyond its records and the
+    parent merges one state per worker at the end. ``on_progress`` gets each task's return value as it
+    finishes, and ``on_start`` is called once the workers run. Returns the workers' states. One worker (or one task) runs in this process. Processes
+    are forked where that is possible (the workers need nothing but their tasks).
+    """
+    workers = max(1, min(workers, len(tasks)))
+    if workers == 1:
+        state = make_state()
+        on_start()
+        for task in tasks:
+            on_progress(task_fn(task, state))
+        return [state]
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    return ctx.Pool(min(workers, len(tasks)))
+    task_q, result_q = ctx.Queue(), ctx.Queue()
+    for task in tasks:
+        task_q.put(task)
+    for _ in range(workers):
+        task_q.put(None)
+    procs = [ctx.Process(target=_worker, args=(task_fn, make_state, task_q, result_q), daemon=True)
+             for _ in range(workers)]  # fmt: skip
+    states = []
+    try:
+        for proc in procs:
+            proc.start()
+        on_start()
+        while len(states) < workers:
+            try:
+                kind, value = result_q.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise AlexnetError(f"a worker process died (exit code {dead[0]}); nothing written") from None
+                continue
+            if kind == "progress":
+                on_progress(value)
+            elif kind == "done":
+                states.append(value)
+            else:
+                raise AlexnetError(f"a worker failed: {value}")
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join()
+        task_q.close()
+        result_q.close()
+    return states
 
 
 def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.ndarray]:
@@ -373,24 +509,29 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
     workers = config.workers or default_workers()
     tasks, source = _plan(data_dir, config, workers)
     total = source["records_used"]
-    moments = PixelMoments()
     skipped: list[str] = []
     n_skipped = 0
-    pool = _pool(workers, tasks)  # forked before tqdm starts its monitor thread
-    bar = tqdm(total=total, unit="img", desc="pca-stats", disable=not config.progress, file=sys.stderr,
-               dynamic_ncols=True)  # fmt: skip
+    bars = []
+
+    def start() -> None:  # after the workers are forked: tqdm's monitor thread is not forked with them
+        bars.append(tqdm(total=total, unit="img", desc="pca-stats", disable=not config.progress,
+                         file=sys.stderr, dynamic_ncols=True))  # fmt: skip
+
+    def progress(result: tuple[int, list[str]]) -> None:
+        nonlocal n_skipped
+        records, task_skipped = result
+        n_skipped += len(task_skipped)
+        skipped.extend(task_skipped[: max(0, MAX_LISTED_SKIPS - len(skipped))])
+        bars[0].update(records)
+
     try:
-        results = pool.imap_unordered(_run_task, tasks) if pool else map(_run_task, tasks)
-        for r in results:
-            moments.merge(r.moments)
-            n_skipped += len(r.skipped)
-            skipped.extend(r.skipped[: max(0, MAX_LISTED_SKIPS - len(skipped))])
-            bar.update(r.records)
+        states = run_tasks(tasks, workers, _run_task, PixelMoments, progress, start)
     finally:
-        bar.close()
-        if pool:
-            pool.terminate()  # every result is in (or we are failing): no need to wait for idle workers
-            pool.join()
+        for bar in bars:
+            bar.close()
+    moments = states[0]
+    for other in states[1:]:
+        moments.merge(other)
     if n_skipped > config.max_skipped * total:
         listed = "; ".join(skipped[:3])
         raise AlexnetError(f"{n_skipped} of {total} records did not decode (more than --max-skipped "
@@ -404,6 +545,7 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
             "skipped": n_skipped,
             "skipped_records": skipped,
             "decoder": decoder_name(),
+            "moments": moments_impl(),
             "covariance": "population (sum over pixels / n_pixels), RGB 0-255",
             "eigvec_signs": "column i has a positive dot product with "
             f"{SIGN_REFERENCE.tolist()}[i] (first: all negative = towards dark)",
@@ -474,6 +616,8 @@ Examples:
 def pca_stats_command(data_dir: Path, sample: int, seed: int, workers: int, max_skipped: float, no_progress: bool):
     """Mean image and RGB PCA of the train records: writes stats.json and mean_image.npy (§2, §4.1)."""
     cfg = PcaStatsConfig(sample=sample, seed=seed, workers=workers, max_skipped=max_skipped, progress=not no_progress)
+    if _kernel is None:
+        click.echo(f"warning: pca-stats runs its slower numpy path: {KERNEL_MISSING}", err=True)
     stats, mean_image = compute_stats(data_dir, cfg)
     A.write_stats(data_dir, stats, mean_image)
     click.echo(format_summary(stats))
