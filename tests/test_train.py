@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 
 import numpy as np
@@ -344,9 +345,11 @@ def test_short_run_lowers_the_loss(train_data, tmp_path):
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.train import create_loader_for, train
 
-    cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=6, batch_size=8, lr=3e-4)
+    cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=6, batch_size=8, lr=3e-4, keep_epochs=2)
     trained = []
     train(cfg, on_end=trained.append)
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["best.pt", "epoch-0005.pt", "epoch-0006.pt", "last.pt"]  # --keep-epochs 2
     torch.manual_seed(cfg.seed)
     fresh = AlexNet(num_classes=4)  # the same seeded initialisation the run started from
 
@@ -463,3 +466,78 @@ def test_report_subcommand_is_registered():
 
     r = CliRunner().invoke(main, ["report", "--help"])
     assert r.exit_code == 0, r.output
+
+
+def _tensorboard_scalars(run) -> tuple[dict[str, dict[int, float]], list[int]]:
+    """Every scalar in ``RUN/tensorboard``, read from the event files (TFRecord framing, Event protos)
+    in write order, applying TensorBoard's purge rule: a session START with step S drops the earlier
+    events at steps >= S (what a resumed run writes). Also returns the purge steps."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    events = []
+    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*")):  # name order, as TensorBoard reads
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack_from("<Q", data, pos)
+            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
+            pos += 12 + n + 4  # length, its crc, the record, its crc
+    scalars: dict[str, dict[int, float]] = {}
+    purges = []
+    for e in events:
+        if e.HasField("session_log") and e.session_log.status == event_pb2.SessionLog.START:
+            purges.append(e.step)
+            for series in scalars.values():
+                for step in [s for s in series if s >= e.step]:
+                    del series[step]
+        for v in e.summary.value:
+            scalars.setdefault(v.tag, {})[e.step] = v.simple_value
+    return scalars, purges
+
+
+def test_tensorboard_has_the_metrics_scalars_and_a_resume_purges_the_killed_tail(uninterrupted, killed_and_resumed):
+    (run_a, _), (run_b, _, killed_ck) = uninterrupted, killed_and_resumed
+    (a, purges_a), (b, purges_b) = _tensorboard_scalars(run_a), _tensorboard_scalars(run_b)
+    assert purges_a == [] and purges_b == [killed_ck["step"] + 1]
+    assert {"train/loss", "train/lr", "train/images_per_s", "val/top1_err", "val/top5_err"} <= a.keys()
+    lines = _lines(run_a)
+    loss = {x["step"]: x["loss"] for x in lines if x["kind"] == "train"}
+    assert a["train/loss"] == pytest.approx(loss, rel=1e-6)  # float32 in the event file
+    (ev,) = [x for x in lines if x["kind"] == "eval"]
+    assert a["val/top1_err"] == pytest.approx({ev["step"]: ev["top1_err"]}, rel=1e-6)
+    # the killed run's events after its checkpoint are purged: the same series as uninterrupted
+    assert len(list((run_b / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+    assert sorted(b["train/lr"]) == list(range(1, STEPS + 1))
+
+
+def test_metrics_log_resume_purges_the_killed_runs_later_tensorboard_events(tmp_path):
+    import time
+
+    from alexnet.trainer.train import MetricsLog
+
+    def log(resume_step, steps, loss):
+        m = MetricsLog(tmp_path, True, time.monotonic(), resume_step=resume_step)
+        for step in steps:
+            m.write({"kind": "train", "step": step, "epoch": 0, "loss": loss(step), "lr": 0.01, "images_per_s": 1.0})
+        m.close()
+
+    log(None, range(1, 7), lambda s: 10.0 + s)  # killed after step 6, its checkpoint at step 3
+    log(3, range(4, 6), lambda s: 20.0 + s)  # resumed: steps 4 and 5 again, then stopped
+    scalars, purges = _tensorboard_scalars(tmp_path)
+    assert purges == [4]
+    assert scalars["train/loss"] == {1: 11.0, 2: 12.0, 3: 13.0, 4: 24.0, 5: 25.0}  # step 6 purged
+
+
+def test_prune_epoch_checkpoints_keeps_the_newest_and_linked_files(tmp_path):
+    for e in (1, 2, 3, 10):
+        (tmp_path / ckpt_io.epoch_name(e)).write_bytes(b"epoch %d" % e)
+    os.link(tmp_path / "epoch-0001.pt", tmp_path / "best.pt")  # best.pt shares epoch 1's file
+    (tmp_path / "epoch-notes.pt").write_bytes(b"not an epoch checkpoint")
+    deleted = ckpt_io.prune_epoch_checkpoints(tmp_path, 2)
+    assert [p.name for p in deleted] == ["epoch-0001.pt", "epoch-0002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch-0003.pt", "epoch-0010.pt", "epoch-notes.pt"]
+    assert (tmp_path / "best.pt").read_bytes() == b"epoch 1"
+    with pytest.raises(ValueError):
+        ckpt_io.prune_epoch_checkpoints(tmp_path, 0)

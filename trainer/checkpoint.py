@@ -21,7 +21,9 @@ Layout (``FORMAT_VERSION`` 1)::
     best_top1_err   best centre-crop validation top-1 error so far (or None)
 
 Files: ``RUN/checkpoints/last.pt`` (every epoch and every N minutes), ``epoch-XXXX.pt`` (each
-epoch's end), ``RUN/checkpoints/best.pt`` (lowest validation top-1 error).
+epoch's end; ``--keep-epochs N`` keeps the newest N), ``RUN/checkpoints/best.pt`` (lowest validation
+top-1 error). last.pt and best.pt are hard links to (or copies of) an epoch file where they can
+be, so pruning an epoch file never removes their contents.
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ _TAG = "__alexnet_safe__"
 
 def epoch_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.pt"
+
+
+def prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` (>= 1) ``epoch-XXXX.pt`` files; returns what was deleted."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    epochs = sorted(
+        (p for p in Path(ckpt_dir).glob("epoch-*.pt") if p.stem.removeprefix("epoch-").isdigit()),
+        key=lambda p: int(p.stem.removeprefix("epoch-")),
+    )
+    doomed = epochs[:-keep]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
 
 
 # --------------------------------------------------------------------------- safe encoding

@@ -184,6 +184,14 @@ def _parse_epochs(_ctx, _param, value):
     show_default=True,
     help="Write checkpoints/last.pt every N steps too (0: off).",
 )
+@click.option(
+    "--keep-epochs",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Keep only the newest N epoch-XXXX.pt checkpoints (about 0.5 GB each at 1000 classes); best.pt and last.pt "
+    "always stay (0: keep all).",
+)
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from checkpoints/last.pt.")
 @click.option("--eval-only", is_flag=True, help="Evaluate --checkpoint on val (centre crop) and exit.")
 @click.option("--ten-crop", is_flag=True, help="With --eval-only: also the ten-patch test of §4.1.")
@@ -207,7 +215,7 @@ def _parse_epochs(_ctx, _param, value):
 def main(ctx: click.Context, **opts) -> None:
     """Train the 2012 two-column AlexNet on an LMDB dataset with the paper's recipe (§5).
 
-    Writes RUN_DIR/config.json, versions.json, metrics.jsonl and checkpoints/ (last.pt, epoch-XXXX.pt,
+    Writes RUN_DIR/config.json, versions.json, metrics.jsonl, tensorboard/ and checkpoints/ (last.pt, epoch-XXXX.pt,
     best.pt). A NaN or infinite loss stops the run with exit status 1 and keeps the last good checkpoint.
     """
     if ctx.invoked_subcommand is not None:

@@ -35,6 +35,7 @@ RESUME_MUTABLE = frozenset(
         "time_limit_minutes",
         "checkpoint_minutes",
         "checkpoint_every_steps",
+        "keep_epochs",
         "log_every_steps",
         "num_threads",
         "prefetch",
@@ -84,6 +85,7 @@ class TrainConfig:
     log_every_steps: int = 10  # metrics.jsonl train line (and non-finite loss check) every N steps
     checkpoint_minutes: float = 30.0  # also write checkpoints/last.pt every N minutes; 0 = only per epoch
     checkpoint_every_steps: int = 0  # also every N steps; 0 = off
+    keep_epochs: int = 0  # keep only the newest N epoch-XXXX.pt (best.pt and last.pt stay); 0 = keep all
     resume: bool = False  # continue from RUN_DIR/checkpoints/last.pt
     progress: bool = True  # tqdm progress bar on stderr
     num_classes: int = 0  # filled from the dataset manifest at start (0 = not yet resolved)

@@ -6,7 +6,7 @@
     RUN/versions.json      package, torch, DALI, PIL, python, git revision
     RUN/metrics.jsonl      one JSON object per line (kind "train" or "eval")
     RUN/checkpoints/       last.pt, epoch-XXXX.pt, best.pt (see checkpoint.py)
-    RUN/tensorboard/       only when tensorboardX is importable
+    RUN/tensorboard/       TensorBoard event files (tensorboardX): the same scalars
 
 Exactness of ``--resume``: the checkpoint carries the model, the optimiser's velocities, the
 schedule, the step and epoch counters, every generator the step draws from (torch CPU and CUDA:
@@ -272,8 +272,11 @@ def _collective_device(device: torch.device) -> torch.device:
 class MetricsLog:
     """``metrics.jsonl`` (append, flushed per line) and, if tensorboardX is importable, TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, t0: float, elapsed_before: float = 0.0) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, t0: float, elapsed_before: float = 0.0,
+                 resume_step: int | None = None) -> None:  # fmt: skip
         # elapsed_s counts the run's whole training time: a resumed run adds the killed run's time.
+        # resume_step: the checkpoint's step; TensorBoard drops the killed run's later events
+        # (purge_step), as _truncate_metrics drops its later metrics lines.
         self.enabled, self.t0, self.elapsed_before = enabled, t0, elapsed_before
         self.path = run_dir / METRICS_FILE
         self.tb = None
@@ -283,13 +286,15 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - closed in close()
         try:
-            from tensorboardX import SummaryWriter  # optional extra: pip install 'alexnet[tensorboard]'
-
-            self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+            from tensorboardX import SummaryWriter  # a dependency; a broken install only loses TensorBoard
         except ImportError:
-            self.note = (
-                "note: tensorboardX not installed, TensorBoard logs skipped (pip install 'alexnet[tensorboard]')"
-            )
+            self.note = "note: tensorboardX is not importable, TensorBoard logs skipped (pip install tensorboardX)"
+        else:
+            purge = None if resume_step is None else resume_step + 1
+            # tensorboardX names files by the second and the host: a nanosecond suffix keeps a resumed
+            # run's file apart from the killed run's (and after it in name order, as TensorBoard reads them).
+            self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30,
+                                    filename_suffix=f".{time.time_ns()}")  # fmt: skip
 
     def write(self, rec: dict[str, Any]) -> None:
         if not self.enabled:
@@ -454,7 +459,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         atomic_write_json(run_dir / VERSIONS_FILE, versions())
         if config.resume:
             _truncate_metrics(run_dir / METRICS_FILE, state.step)
-    metrics = MetricsLog(run_dir, info.is_main, t0, state.elapsed_before)
+    metrics = MetricsLog(run_dir, info.is_main, t0, state.elapsed_before,
+                         resume_step=state.step if config.resume else None)  # fmt: skip
     if metrics.note:
         _say(info, metrics.note)
 
@@ -483,6 +489,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             _link_or_copy(epoch_path, last_path)
             if is_best:
                 _link_or_copy(epoch_path, ckpt_dir / ckpt_io.BEST)
+            if config.keep_epochs:
+                ckpt_io.prune_epoch_checkpoints(ckpt_dir, config.keep_epochs)
         else:
             ckpt_io.save_checkpoint(last_path, payload)
 
