@@ -271,7 +271,10 @@ def _after_commit(task: ShardTask) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)  # test hook: as if `kill -9` hit the whole build now
     pause = os.environ.get(PAUSE_AFTER_ENV)
     if pause and _commits_done == int(pause):  # test hook: hold here until killed
-        (Path(task.path).parents[1] / PAUSED_MARKER).write_text(str(os.getpid()))
+        marker = Path(task.path).parents[1] / PAUSED_MARKER
+        tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, marker)  # atomic: every worker pauses here, and a reader never sees a half-written pid
         time.sleep(3600)
 
 
