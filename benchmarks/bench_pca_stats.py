@@ -66,23 +66,13 @@ def make_dataset(root: Path, records: int, shards: int) -> None:
         return
     click.echo(f"writing {records} photo-like 256x256 JPEG records (quality 95) to {root} ...")
     rng = np.random.default_rng(0)
-    infos, pos = [], 0
-    for i, (lo, hi) in enumerate(A.shard_bounds(records, shards)):
-        rel = f"train/{A.shard_name('train', i, shards)}"
-        env = A.open_shard(root / rel, readonly=False, map_size=1 << 32)
-        crcs = []
-        with env.begin(write=True) as txn:
-            for p in range(lo, hi):
-                buf = io.BytesIO()
-                Image.fromarray(photo(rng)).save(buf, "JPEG", quality=95)
-                value = A.Datum(data=buf.getvalue(), label=p % 10, height=S, width=S).encode()
-                txn.put(A.make_key(p, f"n{p % 10:08d}/n{p % 10:08d}_{p}.JPEG"), value)
-                crcs.append(A.crc32(value))
-        env.close()
-        A.write_record_crcs(root / rel, np.array(crcs))
-        infos.append(A.ShardInfo(path=rel, num_records=hi - lo, first_position=lo, stop_position=hi))
-        pos = hi
-    split = A.SplitInfo(num_records=pos, source_count=pos, shards=infos, layout="bench")
+    recs = []
+    for p in range(records):
+        buf = io.BytesIO()
+        Image.fromarray(photo(rng)).save(buf, "JPEG", quality=95)
+        recs.append((f"n{p % 10:08d}/n{p % 10:08d}_{p}.JPEG", buf.getvalue(), p % 10))
+    split = A.write_split(root, "train", recs, shards, seed=None, map_size=1 << 32)
+    split.layout = "bench"
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)], splits={"train": split}))
     marker.write_text(f"{records} {shards}\n")
 

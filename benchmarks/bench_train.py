@@ -66,22 +66,11 @@ def synth_dataset(data_dir: Path, records: int, num_classes: int = C.NUM_CLASSES
         jpegs.append(buf.getvalue())
     splits = {}
     for split, n, shards in (("train", records, 4), ("val", val_records, 1)):
-        infos = []
-        for i, (start, stop) in enumerate(A.shard_bounds(n, shards)):
-            rel = f"{split}/{A.shard_name(split, i, shards)}"
-            size = sum(len(jpegs[p % DISTINCT_IMAGES]) + 64 for p in range(start, stop))
-            env = A.open_shard(data_dir / rel, readonly=False, map_size=max(1 << 26, 2 * size))
-            crcs = []
-            with env.begin(write=True) as txn:
-                for pos in range(start, stop):
-                    label = pos % num_classes
-                    value = A.Datum(data=jpegs[pos % DISTINCT_IMAGES], label=label, height=256, width=256).encode()
-                    txn.put(A.make_key(pos, f"synthetic/{pos}.JPEG"), value)
-                    crcs.append(A.crc32(value))
-            env.close()
-            A.write_record_crcs(data_dir / rel, np.array(crcs))
-            infos.append(A.ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-        splits[split] = A.SplitInfo(num_records=n, source_count=n, shards=infos, layout="synthetic")
+        recs = [(f"synthetic/{pos}.JPEG", jpegs[pos % DISTINCT_IMAGES], pos % num_classes) for pos in range(n)]
+        size = sum(len(jpeg) + 64 for _, jpeg, _ in recs) // shards
+        info = A.write_split(data_dir, split, recs, shards, seed=None, map_size=max(1 << 26, 2 * size))
+        info.layout = "synthetic"
+        splits[split] = info
     pixels = np.stack(arrays).reshape(-1, 3).astype(np.float64)
     cov = np.cov(pixels, rowvar=False)
     eigval, eigvec = np.linalg.eigh(cov)
