@@ -398,6 +398,12 @@ def _die_on_three(task, state) -> int:
     return task
 
 
+def _interrupted_on_three(task, state) -> int:
+    if task == 3:
+        raise KeyboardInterrupt  # a SIGINT sent to this worker alone: it exits 0 without its state
+    return task
+
+
 def test_run_tasks_runs_each_task_once_and_returns_one_state_per_worker():
     seen = []
     states = P.run_tasks(list(range(20)), 2, _collect, list, seen.append)
@@ -407,7 +413,8 @@ def test_run_tasks_runs_each_task_once_and_returns_one_state_per_worker():
 
 
 @pytest.mark.parametrize("fn, message", [(_fail_on_three, "a worker failed: ValueError: record three is bad"),
-                                         (_die_on_three, "a worker process died (exit code 3)")])  # fmt: skip
+                                         (_die_on_three, "a worker process died (exit code 3)"),
+                                         (_interrupted_on_three, "a worker process stopped without its results")])  # fmt: skip
 def test_run_tasks_reports_a_failing_or_dying_worker(fn, message):
     with pytest.raises(A.AlexnetError, match=re.escape(message)):
         P.run_tasks(list(range(8)), 2, fn, list)

@@ -479,10 +479,12 @@ def run_tasks(tasks: list, workers: int, task_fn, make_state, on_progress=lambda
         while len(states) < workers:
             try:
                 kind, value = result_q.get(timeout=1.0)
-            except queue.Empty:
+            except queue.Empty:  # a second without news: has a worker gone without sending its state?
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise AlexnetError(f"a worker process died (exit code {dead[0]}); nothing written") from None
+                if sum(p.exitcode == 0 for p in procs) > len(states):  # its state would be in the queue by now
+                    raise AlexnetError("a worker process stopped without its results; nothing written") from None
                 continue
             if kind == "progress":
                 on_progress(value)
