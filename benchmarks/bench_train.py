@@ -32,6 +32,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.tools import pca_stats as P
 
 DISTINCT_IMAGES = 512  # distinct JPEGs, cycled over the records (decode cost per record is what matters)
 
@@ -71,20 +72,7 @@ def synth_dataset(data_dir: Path, records: int, num_classes: int = C.NUM_CLASSES
         info = A.write_split(data_dir, split, recs, shards, seed=None, map_size=max(1 << 26, 2 * size))
         info.layout = "synthetic"
         splits[split] = info
-    pixels = np.stack(arrays).reshape(-1, 3).astype(np.float64)
-    cov = np.cov(pixels, rowvar=False)
-    eigval, eigvec = np.linalg.eigh(cov)
-    order = np.argsort(eigval)[::-1]
-    stats = A.Stats(
-        mean_rgb=pixels.mean(0).tolist(),
-        eigval=eigval[order].tolist(),
-        eigvec=eigvec[:, order].tolist(),
-        n_images=DISTINCT_IMAGES,
-        n_pixels=int(pixels.shape[0]),
-        covariance=cov.tolist(),
-        source={"synthetic": True},
-    )
-    A.write_stats(data_dir, stats, np.stack(arrays).astype(np.float32).mean(0))
+    A.write_stats(data_dir, *P.stats_of_images(np.stack(arrays), {"synthetic": True}))
     classes = [f"n{90000000 + i:08d}" for i in range(num_classes)]
     A.write_manifest(data_dir, A.Manifest(classes=classes, splits=splits, build={"synthetic": True}))
     mean_kb = np.mean([len(j) for j in jpegs]) / 1024

@@ -15,6 +15,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.tools import pca_stats as P
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -74,21 +75,7 @@ def write_dataset(
         "val": _write_split(data_dir, "val", val, val_labels, 1, seed + 1),
     }
     classes = [f"n{10000000 + i:08d}" for i in range(num_classes)]
-    # Stats of the training images, as pca-stats computes them (mean image; RGB covariance PCA).
-    stack = np.stack(train).astype(np.float64)
-    pixels = stack.reshape(-1, 3)
-    cov = np.cov(pixels, rowvar=False)
-    eigval, eigvec = np.linalg.eigh(cov)
-    idx = np.argsort(eigval)[::-1]
-    stats = A.Stats(
-        mean_rgb=pixels.mean(0).tolist(),
-        eigval=eigval[idx].tolist(),
-        eigvec=eigvec[:, idx].tolist(),
-        n_images=len(train),
-        n_pixels=int(pixels.shape[0]),
-        covariance=cov.tolist(),
-        source={"split": "train", "test": True},
-    )
-    A.write_stats(data_dir, stats, stack.mean(0).astype(np.float32))
+    # Stats of the training images, computed by pca-stats' accumulator (tested against numpy there).
+    A.write_stats(data_dir, *P.stats_of_images(np.stack(train), {"split": "train", "test": True}))
     A.write_manifest(data_dir, A.Manifest(classes=classes, splits=splits, build={"test": True}))
     return data_dir

@@ -293,6 +293,18 @@ class Finalized:
     n_images: int
     n_pixels: int
 
+    def to_stats(self, source: dict) -> A.Stats:
+        """The contract's ``Stats`` (the mean image is written beside it)."""
+        return A.Stats(
+            mean_rgb=self.mean_rgb.tolist(),
+            eigval=self.eigval.tolist(),
+            eigvec=self.eigvec.tolist(),
+            n_images=self.n_images,
+            n_pixels=self.n_pixels,
+            covariance=self.covariance.tolist(),
+            source=source,
+        )
+
 
 def orient_eigvec(eigvec: np.ndarray) -> np.ndarray:
     """Flip each column so that its dot product with ``SIGN_REFERENCE[i]`` is positive (module docstring)."""
@@ -554,16 +566,15 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
             "tool": f"alexnet-prep pca-stats {package_version()}",
         }
     )
-    stats = A.Stats(
-        mean_rgb=f.mean_rgb.tolist(),
-        eigval=f.eigval.tolist(),
-        eigvec=f.eigvec.tolist(),
-        n_images=f.n_images,
-        n_pixels=f.n_pixels,
-        covariance=f.covariance.tolist(),
-        source=source,
-    )
-    return stats, f.mean_image
+    return f.to_stats(source), f.mean_image
+
+
+def stats_of_images(images: np.ndarray, source: dict) -> tuple[A.Stats, np.ndarray]:
+    """``(Stats, mean_image)`` of in-memory uint8 images ``[n, 256, 256, 3]`` (tests, synthetic datasets)."""
+    moments = PixelMoments()
+    moments.update(images)
+    f = moments.finalize()
+    return f.to_stats(source), f.mean_image
 
 
 # --------------------------------------------------------------------------- summary and CLI

@@ -88,6 +88,15 @@ def resolve_gpus(spec: str, info: D.DistInfo) -> tuple[str, list[torch.device], 
     return resolved, devices, f"--gpus {resolved}: {form}{why}"
 
 
+def _start_replica(config: TrainConfig) -> tuple[D.DistInfo, str, list[torch.device], str]:
+    """This process's replica: (dist info, resolved --gpus, its devices, a note on them), group joined."""
+    info = D.dist_info_from_env()
+    gpus, devices, note = resolve_gpus(config.gpus, info)
+    on_gpu = devices[0].type == "cuda"
+    D.init_process_group(info, on_gpu, devices[0].index if on_gpu else None)
+    return info, gpus, devices, note
+
+
 def git_revision() -> str:
     try:
         out = subprocess.run(
@@ -371,10 +380,7 @@ def train(config: TrainConfig, *, on_step=None, on_end=None) -> dict[str, Any]:
     from .model import AlexNet
 
     t0 = time.monotonic()
-    info = D.dist_info_from_env()
-    gpus, devices, device_note = resolve_gpus(config.gpus, info)
-    on_gpu = devices[0].type == "cuda"
-    D.init_process_group(info, on_gpu, devices[0].index if on_gpu else None)
+    info, gpus, devices, device_note = _start_replica(config)
     try:
         return _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm)
     finally:
@@ -712,10 +718,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path, *, ten_crop: bool
     from .model import AlexNet
 
     t0 = time.monotonic()
-    info = D.dist_info_from_env()
-    gpus, devices, note = resolve_gpus(config.gpus, info)
-    on_gpu = devices[0].type == "cuda"
-    D.init_process_group(info, on_gpu, devices[0].index if on_gpu else None)
+    info, gpus, devices, note = _start_replica(config)
     try:
         _say(info, note)
         manifest = read_manifest(Path(config.data_dir))
