@@ -90,10 +90,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 128 cuda, 16 cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="eager steps instead of one CUDA graph per step (the trainer's default)")
     p.add_argument("--threads", type=int, default=None, help="DALI threads (default: CPU count, at most 16)")
     p.add_argument("--prefetch", type=int, default=3, help="batches the pipeline prepares ahead")
     p.add_argument("--roi-decode", action="store_true", help="decode only the crop window")
     p.add_argument("--hw-decoder-load", type=float, default=0.9, help="GPU: share for the hardware JPEG decoder")
+    p.add_argument("--pipelines", type=int, default=0, help="DALI pipelines taken in turn (0: 2 on a GPU, 1 on CPU)")
+    p.add_argument("--decoder", choices=("auto", "mixed", "cpu"), default="auto", help="JPEG decoding")
     p.add_argument("--warmup", type=int, default=None, help="default 10 cuda, 2 cpu")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 cuda, 5 cpu)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -122,10 +126,13 @@ def main() -> None:
         batch_size=batch,
         bf16=args.bf16,
         channels_last=args.channels_last,
+        cuda_graph=args.cuda_graph,
         num_threads=threads,
         prefetch=args.prefetch,
         hw_decoder_load=args.hw_decoder_load,
         roi_decode=args.roi_decode,
+        decoder=args.decoder,
+        pipelines=args.pipelines,
         progress=False,
     )
     t0 = time.monotonic()
@@ -134,6 +141,7 @@ def main() -> None:
     machine = ", ".join(v["gpus"]) if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nalexnet training throughput ({machine}; torch {v['torch']}, DALI {v['dali']})")
     print(f"  {res['device_note']}; batch {batch}; {'bf16' if args.bf16 else 'fp32'}"
+          f"{', CUDA graph' if res['cuda_graph'] else ', eager'}"
           f"{', channels_last' if args.channels_last else ''}; {warmup} warm-up + {steps} timed steps; "
           f"{threads} DALI threads, prefetch {args.prefetch}, hw_decoder_load {args.hw_decoder_load}{', roi_decode' if args.roi_decode else ''}")  # fmt: skip
     print(f"  synthetic batches  : {res['synthetic_images_per_s']:9.1f} images/s")

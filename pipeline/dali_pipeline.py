@@ -69,6 +69,7 @@ class PipelineSpec:
     enable_checkpointing: bool = True
     roi_decode: bool = False  # train: decode only the crop window (benchmarks/bench_pipeline_gpu.py compares)
     hw_decoder_load: float = 0.9  # GPU: share of images sent to the hardware JPEG decoder (DALI default: 0.65)
+    decoder: str = "auto"  # "auto": "mixed" on a GPU, "cpu" without; "cpu" on a GPU decodes on the host
 
 
 def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
@@ -96,6 +97,9 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
+    decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
+    if decoder not in ("mixed", "cpu") or (decoder == "mixed" and not gpu):
+        raise A.AlexnetError(f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)")
     out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}[spec.dtype]
     eigvec = np.asarray(stats.eigvec, dtype=np.float64)
     scale = lighting_scale_values(stats.eigval, spec.lighting_scale)
@@ -126,8 +130,10 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
             pad_last_batch=True,
             name=READER_NAME,
         )
-        decoder = "mixed" if gpu else "cpu"
-        decoder_args = {"hw_decoder_load": spec.hw_decoder_load} if gpu else {}
+        decoder_args = {"hw_decoder_load": spec.hw_decoder_load} if decoder == "mixed" else {}
+
+        def on_device(images):  # host-decoded images go to the GPU as uint8, before any float work
+            return images.gpu() if gpu and decoder == "cpu" else images
         labels = fn.cast(labels, dtype=types.INT64)
         if gpu:  # delivered on the GPU by DALI: a host-to-device copy in the loader would wait for the GPU
             labels = labels.gpu()
@@ -169,19 +175,19 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
                 # Decode only the crop window (region decoding); the mean image's patch is then cut at
                 # the same offset and mirrored alike. On the CPU it saves nothing (libjpeg still
                 # entropy-decodes every block; benchmarks/results_pipeline.md), so it is off by default.
-                images = fn.decoders.image_crop(
+                images = on_device(fn.decoders.image_crop(
                     jpegs, device=decoder, output_type=types.RGB, crop=crop, crop_pos_x=pos[0], crop_pos_y=pos[1],
                     **decoder_args,
-                )  # fmt: skip
+                ))  # fmt: skip
                 out = normalised(images, pos[0], pos[1], mirror, norm_mean, window=True)
                 if spec.mean == "image":
                     out = out - normalised(mean_const, pos[0], pos[1], mirror, base_mean, window=False)
             else:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args)
+                images = on_device(fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args))
                 out = normalised(centred(images), pos[0], pos[1], mirror, norm_mean, window=False)
             return delivered(out), labels, source, offsets, mirror, alpha
 
-        images = centred(fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args))
+        images = centred(on_device(fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, **decoder_args)))
         if spec.ten_crop:  # §4.1 test time: one mean subtraction, ten cuts
             patches = [
                 normalised(images, px, py, int(flip), base_mean, window=False)

@@ -10,6 +10,12 @@
 Epochs. The reader pads the last batch of each epoch (``pad_last_batch``), so epochs never mix.
 Train yields the full batches and drops the padded one (its records come round again after the
 next reshuffle); val yields every record exactly once, the last batch trimmed to its real size.
+
+Pipelines. With ``pipelines=K`` the rank's records are split into K contiguous parts, each read by
+a pipeline of its own (DALI sub-shard ``rank * K + j`` of ``world * K``: together exactly the
+rank's records), and the batches are taken from the K pipelines in turn. On a GPU one pipeline
+decodes one batch at a time; K of them keep the hardware decoder busy (``benchmarks/
+results_pipeline.md``: about 1.5x with K=2). Each part drops its own partial train batch.
 """
 
 from __future__ import annotations
@@ -41,16 +47,22 @@ class LoaderConfig:
     with_draws: bool = False  # also yield a dict: record positions (+ train: the random draws)
     roi_decode: bool = False  # train: decode only the crop window (see PipelineSpec)
     hw_decoder_load: float = 0.9  # GPU: share of JPEGs for the hardware decoder (0.9 measured best on an H100)
+    decoder: str = (
+        "auto"  # "auto" (GPU: "mixed", nvJPEG; CPU: "cpu"), "mixed", or "cpu" (host decode on a GPU host too)
+    )
+    pipelines: int = 1  # DALI pipelines for this rank, each over 1/pipelines of its records, taken in turn
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1:
-            raise A.AlexnetError("batch_size, num_threads and prefetch must be >= 1")
+        if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1 or self.pipelines < 1:
+            raise A.AlexnetError("batch_size, num_threads, prefetch and pipelines must be >= 1")
         if not 0 <= self.shard_id < self.num_shards:
             raise A.AlexnetError(f"shard_id {self.shard_id} is not in [0, {self.num_shards})")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise A.AlexnetError(f"dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise A.AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
+        if self.decoder not in ("auto", "mixed", "cpu"):
+            raise A.AlexnetError(f"decoder must be 'auto', 'mixed' or 'cpu', not {self.decoder!r}")
         if self.mean not in ("image", "channel"):
             raise A.AlexnetError(f"mean must be 'image' or 'channel', not {self.mean!r}")
         if self.lighting_scale not in C.LIGHTING_SCALES:
@@ -82,26 +94,38 @@ class DaliLoader:
         self.mean_image = A.read_mean_image(self.data_dir)
         self.stats = A.read_stats(self.data_dir)
         total = manifest.splits[split].num_records if split in manifest.splits else 0
-        self.spec = PipelineSpec(
-            shard_paths=spec_paths(self.data_dir, manifest, split), is_training=self.is_training,
-            batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id_for(cfg.device),
-            seed=cfg.seed, shard_id=cfg.shard_id, num_shards=cfg.num_shards, dtype="float32" if cfg.dtype == "bfloat16" else cfg.dtype, mean=cfg.mean,
-            lighting_scale=cfg.lighting_scale, ten_crop=cfg.ten_crop, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
-            roi_decode=cfg.roi_decode, hw_decoder_load=cfg.hw_decoder_load,
-        )  # fmt: skip
+        k = cfg.pipelines
+        shard_paths = spec_paths(self.data_dir, manifest, split)
+        # Pipeline j reads DALI shard rank * k + j of world * k: contiguous blocks whose union is
+        # exactly this rank's block of the world-size sharding.
+        self.specs = [
+            PipelineSpec(
+                shard_paths=shard_paths, is_training=self.is_training,
+                batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id_for(cfg.device),
+                seed=cfg.seed, shard_id=cfg.shard_id * k + j, num_shards=cfg.num_shards * k,
+                dtype="float32" if cfg.dtype == "bfloat16" else cfg.dtype, mean=cfg.mean,
+                lighting_scale=cfg.lighting_scale, ten_crop=cfg.ten_crop, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
+                roi_decode=cfg.roi_decode, hw_decoder_load=cfg.hw_decoder_load, decoder=cfg.decoder,
+            )
+            for j in range(k)
+        ]  # fmt: skip
         self.num_records_split = total
-        self.num_records = shard_size(total, cfg.shard_id, cfg.num_shards)
-        if self.num_records < 1:
-            raise A.AlexnetError(f"the {split} split has no records for rank {cfg.shard_id} of {cfg.num_shards}")
-        # Reader batches per epoch. With pad_last_batch every rank's reader pads its part up to the
-        # LARGEST part (sizes differ by <= 1) and then to whole batches, so a smaller part can end
-        # with a batch of padding only: all ranks run the same number of reader batches.
-        largest = -(-total // cfg.num_shards)
+        self.part_records = [shard_size(total, spec.shard_id, spec.num_shards) for spec in self.specs]
+        self.num_records = sum(self.part_records)
+        if min(self.part_records) < 1:
+            raise A.AlexnetError(
+                f"the {split} split has too few records for rank {cfg.shard_id} of {cfg.num_shards}"
+                + (f" with {k} pipelines each" if k > 1 else "")
+            )
+        # Reader batches per epoch and pipeline. With pad_last_batch every reader pads its part up to
+        # the LARGEST part (sizes differ by <= 1) and then to whole batches, so a smaller part can end
+        # with a batch of padding only: all readers (ranks, pipelines) run the same number of batches.
+        largest = -(-total // (cfg.num_shards * k))
         self._reader_batches = -(-largest // cfg.batch_size)
         self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # batches taken from the pipeline in the current epoch
-        self._pipe = None
-        self._checkpoint: bytes | None = None
+        self.batch_in_epoch = 0  # batches taken from the pipelines in the current epoch (all of them)
+        self._pipes: list = [None] * k
+        self._checkpoints: list[bytes | None] = [None] * k
 
     # ------------------------------------------------------------------ size
     def __len__(self) -> int:
@@ -110,28 +134,29 @@ class DaliLoader:
         Ranks may differ by one batch (their parts differ by <= 1 record); the trainer takes the
         smallest train length over the replicas.
         """
-        if self.is_training:
-            return self.num_records // self.cfg.batch_size
-        return -(-self.num_records // self.cfg.batch_size)
+        return sum(self._yielded(n) for n in self.part_records)
+
+    def _yielded(self, part: int) -> int:
+        """Batches one pipeline yields per epoch from ``part`` records (train: full ones only)."""
+        b = self.cfg.batch_size
+        return part // b if self.is_training else -(-part // b)
 
     # ------------------------------------------------------------------ pipeline
-    def _pipeline(self):
-        if self._pipe is None:
-            self._pipe = create_pipeline(self.spec, self.mean_image, self.stats, checkpoint=self._checkpoint)
-            self._pipe.build()
-            meta = self._pipe.reader_meta(READER_NAME)
+    def _pipeline(self, j: int):
+        if self._pipes[j] is None:
+            pipe = create_pipeline(self.specs[j], self.mean_image, self.stats, checkpoint=self._checkpoints[j])
+            pipe.build()
+            meta = pipe.reader_meta(READER_NAME)
             if meta["epoch_size"] != self.num_records_split:
                 raise A.ContractError(
                     f"the {self.split} shards hold {meta['epoch_size']} records, the manifest says "
                     f"{self.num_records_split}; run `alexnet-prep verify`"
                 )
-        return self._pipe
-
-    def _run(self):
-        return self._pipeline().run()
+            self._pipes[j] = pipe
+        return self._pipes[j]
 
     # ------------------------------------------------------------------ torch conversion
-    def _to_torch(self, tensor_list):
+    def _to_torch(self, tensor_list, pipe):
         """A DALI batch as a torch tensor on ``cfg.device`` (GPU outputs stay on the GPU).
 
         With DALI's dynamic executor (the default) every batch is a buffer of its own, handed over
@@ -147,7 +172,7 @@ class DaliLoader:
         t = tensor_list.as_tensor()
         dev = torch.device(self.cfg.device)
         on_gpu = isinstance(tensor_list, TensorListGPU)
-        if self._pipe.exec_dynamic:
+        if pipe.exec_dynamic:
             with dev if on_gpu else torch.device("cpu"):
                 out = torch.from_dlpack(t)
         else:  # the legacy executors reuse their output buffers: copy out
@@ -160,18 +185,20 @@ class DaliLoader:
         """The remaining batches of the current epoch (all of them from a fresh or finished epoch)."""
         import torch
 
-        n_yield = len(self)
-        while self.batch_in_epoch < self._reader_batches:
-            outputs = self._run()
+        k = len(self.specs)
+        while self.batch_in_epoch < self._reader_batches * k:
+            index, j = divmod(self.batch_in_epoch, k)  # the pipelines take turns
+            pipe = self._pipeline(j)
+            outputs = pipe.run()
             self.batch_in_epoch += 1
-            index = self.batch_in_epoch - 1
-            if index >= n_yield:  # padding only, or (train) a partial batch: dropped
+            part = self.part_records[j]
+            if index >= self._yielded(part):  # padding only, or (train) a partial batch: dropped
                 continue
-            valid = min(self.cfg.batch_size, self.num_records - index * self.cfg.batch_size)
-            images = self._to_torch(outputs[0])
+            valid = min(self.cfg.batch_size, part - index * self.cfg.batch_size)
+            images = self._to_torch(outputs[0], pipe)
             if self.cfg.dtype == "bfloat16":
                 images = images.to(torch.bfloat16)
-            labels = self._to_torch(outputs[1]).reshape(-1).to(torch.int64)
+            labels = self._to_torch(outputs[1], pipe).reshape(-1).to(torch.int64)
             if valid < self.cfg.batch_size:  # val: the padded part of the last batch
                 images, labels = images[:valid], labels[:valid]
             if self.cfg.with_draws:
@@ -194,14 +221,18 @@ class DaliLoader:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         """Plain types only (safe for ``torch.load(weights_only=True)``)."""
-        checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
+        checkpoints = [
+            pipe.checkpoint() if pipe is not None else cp
+            for pipe, cp in zip(self._pipes, self._checkpoints, strict=True)
+        ]
         return {
             "epoch": int(self.epoch),
             "batch_in_epoch": int(self.batch_in_epoch),
-            "dali_checkpoint": (checkpoint.decode("latin-1") if isinstance(checkpoint, bytes) else checkpoint),
+            "dali_checkpoints": [cp.decode("latin-1") if isinstance(cp, bytes) else cp for cp in checkpoints],
             "split": self.split,
             "batch_size": int(self.cfg.batch_size),
             "shard": [int(self.cfg.shard_id), int(self.cfg.num_shards)],
+            "pipelines": len(self.specs),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -212,11 +243,16 @@ class DaliLoader:
             )
         if list(state.get("shard", [])) != [self.cfg.shard_id, self.cfg.num_shards]:
             raise A.AlexnetError("loader state was saved with another data-parallel layout")
-        cp = state.get("dali_checkpoint")
-        self._checkpoint = cp.encode("latin-1") if isinstance(cp, str) else cp
+        # States written before there could be several pipelines hold one "dali_checkpoint".
+        cps = state["dali_checkpoints"] if "dali_checkpoints" in state else [state.get("dali_checkpoint")]
+        if len(cps) != len(self.specs):
+            raise A.AlexnetError(
+                f"loader state was saved with {len(cps)} pipeline(s) per rank, this loader has {len(self.specs)}"
+            )
+        self._checkpoints = [cp.encode("latin-1") if isinstance(cp, str) else cp for cp in cps]
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
-        self._pipe = None  # rebuilt from the checkpoint on the next batch
+        self._pipes = [None] * len(self.specs)  # rebuilt from the checkpoints on the next batch
 
 
 def create_loader(data_dir: Path, split: str, cfg: LoaderConfig) -> DaliLoader:

@@ -217,6 +217,38 @@ def test_shards_disjoint_and_complete_across_ranks(data, split, num_shards, batc
         assert sorted(seen_val) == list(range(N_VAL))
 
 
+@pytest.mark.parametrize("split", ["val", "train"])
+@pytest.mark.parametrize("num_shards,pipelines,batch_size", [(1, 2, 4), (2, 2, 2), (1, 3, 3)])
+def test_pipelines_take_turns_over_the_ranks_records(data, split, num_shards, pipelines, batch_size):
+    """K pipelines per rank read K contiguous parts whose union is the rank's part, and take turns."""
+    n = N_VAL if split == "val" else N_TRAIN
+    seen = []
+    for rank in range(num_shards):
+        cfg = LoaderConfig(batch_size=batch_size, num_threads=1, shard_id=rank, num_shards=num_shards, seed=rank,
+                           pipelines=pipelines, with_draws=True)  # fmt: skip
+        loader = create_loader(data, split, cfg)
+        part = set(range(n * rank // num_shards, n * (rank + 1) // num_shards))
+        subs = [set(range(n * s // (num_shards * pipelines), n * (s + 1) // (num_shards * pipelines)))
+                for s in range(rank * pipelines, (rank + 1) * pipelines)]  # fmt: skip
+        assert set().union(*subs) == part and loader.num_records == len(part)
+        per_sub = [(-(-len(s) // batch_size) if split == "val" else len(s) // batch_size) for s in subs]
+        assert len(loader) == sum(per_sub)
+        for _ in range(2):
+            batches = [[int(i) for i in d["index"]] for _x, _y, d in loader]
+            assert len(batches) == len(loader)
+            # in turn: batch t comes from the sub-part the turn order says (parts with no batch left skip)
+            order = [j for t in range(max(per_sub)) for j in range(pipelines) if t < per_sub[j]]
+            for b, j in zip(batches, order, strict=True):
+                assert set(b) <= subs[j]
+            flat = [i for b in batches for i in b]
+            assert len(flat) == len(set(flat))
+            if split == "val":
+                assert sorted(flat) == sorted(part)
+        seen.extend(flat)
+    if split == "val":
+        assert sorted(seen) == list(range(N_VAL))
+
+
 def test_val_centre_and_ten_patch_geometry(data):
     raw, raw_labels = _decoded(data, "val")
     mean_image = A.read_mean_image(data).astype(np.float64)
@@ -271,6 +303,25 @@ def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
     assert torch.equal(nxt, next(iter(loader))[0])
 
 
+def test_save_restore_with_two_pipelines_continues_identically(data):
+    cfg = LoaderConfig(batch_size=4, num_threads=1, seed=4, pipelines=2)
+    loader = create_loader(data, "train", cfg)
+    assert len(loader) == 6  # two parts of 12 records: 3 + 3 batches of 4, in turn
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()  # after one batch: the second pipeline has not started yet
+    rest = [(x, y) for x, y in it] + [(x, y) for x, y in loader]
+    assert len(state["dali_checkpoints"]) == 2 and state["pipelines"] == 2
+    resumed = create_loader(data, "train", cfg)
+    resumed.load_state_dict(state)
+    again = [(x, y) for x, y in resumed] + [(x, y) for x, y in resumed]
+    assert len(again) == len(rest)
+    for (a, b), (c, d) in zip(again, rest, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    with pytest.raises(A.AlexnetError, match="pipeline"):
+        create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4)).load_state_dict(state)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_outputs_round_the_float32_batch(data, dtype):
     def first(dt):
@@ -298,7 +349,10 @@ def test_bad_inputs_are_clear_errors(data, tmp_path):
 def test_bench_pipeline_cli(data):
     r = CliRunner().invoke(prep, ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
-    assert "images/s" in r.output
+    assert "images/s" in r.output and "1 pipeline(s)" in r.output
+    args = ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "4", "--pipelines", "2"]
+    r = CliRunner().invoke(prep, args)
+    assert r.exit_code == 0 and "2 pipeline(s) of 2 threads" in r.output, r.output
 
 
 def test_batches_stay_valid_after_the_loader_moves_on(data):

@@ -541,3 +541,52 @@ def test_prune_epoch_checkpoints_keeps_the_newest_and_linked_files(tmp_path):
     assert (tmp_path / "best.pt").read_bytes() == b"epoch 1"
     with pytest.raises(ValueError):
         ckpt_io.prune_epoch_checkpoints(tmp_path, 0)
+
+
+def test_cuda_graph_applies_only_to_one_cuda_device_in_one_process():
+    from alexnet.trainer.train import uses_cuda_graph
+
+    one = DistInfo()
+    cfg = TrainConfig()
+    assert cfg.cuda_graph  # the default: graphs wherever they apply
+    assert uses_cuda_graph(cfg, [torch.device("cuda:0")], one)
+    assert not uses_cuda_graph(cfg, [torch.device("cpu")], one)
+    assert not uses_cuda_graph(cfg, [torch.device("cuda:0"), torch.device("cuda:1")], one)
+    assert not uses_cuda_graph(cfg, [torch.device("cuda:0")], DistInfo(world_size=2))
+    assert not uses_cuda_graph(cfg.replace(cuda_graph=False), [torch.device("cuda:0")], one)
+    # Set before any CUDA context: DALI's streams must not share hardware queues with training.
+    assert int(os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]) >= 16
+
+
+@pytest.mark.gpu
+def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
+    """The CUDA-graph step runs the eager step's kernels: same losses, weights and RNG state."""
+    from alexnet.trainer.model import AlexNet
+    from alexnet.trainer.optim import set_lr
+    from alexnet.trainer.train import GraphedTrainStep, train_step
+
+    dev = torch.device("cuda:0")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    g = torch.Generator(device=dev).manual_seed(5)
+    batches = [(torch.randn(16, 3, 224, 224, device=dev, generator=g) * 50,
+                torch.randint(0, 10, (16,), device=dev, generator=g)) for _ in range(8)]  # fmt: skip
+    kw = {"bf16": True, "channels_last": True, "output_device": dev}
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = AlexNet(num_classes=10, devices=[dev]).to(memory_format=torch.channels_last).train()
+        opt = create_optimizer(model, 0.01, 0.9, 5e-4)
+        torch.cuda.manual_seed(123)
+        step = GraphedTrainStep(model, opt, **kw) if graphed else (lambda x, y: train_step(model, opt, x, y, **kw))
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            if i == 6:
+                set_lr(opt, 0.001)
+            losses.append(float(step(x, y)))
+        weights = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        results.append((losses, weights, torch.cuda.get_rng_state()))
+        if graphed:
+            assert step.captures == 2  # at step 4 (after 3 eager ones) and again after the lr drop
+    (l0, w0, r0), (l1, w1, r1) = results
+    assert l0 == l1 and torch.equal(w0, w1) and torch.equal(r0, r1)

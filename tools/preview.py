@@ -101,13 +101,16 @@ def preview_command(data_dir: Path, split: str, n: int, seed: int, mean: str, li
     click.echo(f"wrote {out} ({n} {split} images) and {png}")
 
 
-def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, threads: int, warmup: int = 3) -> float:
+def bench_pipeline(
+    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, warmup: int = 3, pipelines: int = 1
+) -> float:
     """Images/s of the train pipeline alone, delivered as torch tensors on ``device``."""
     import torch
 
     from alexnet.pipeline.loader import LoaderConfig, create_loader
 
-    loader = create_loader(data_dir, "train", LoaderConfig(batch_size=batch_size, num_threads=threads, device=device))
+    cfg = LoaderConfig(batch_size=batch_size, num_threads=threads, device=device, pipelines=pipelines)
+    loader = create_loader(data_dir, "train", cfg)
 
     def endless():
         while True:
@@ -131,14 +134,22 @@ def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, t
 @click.command("bench-pipeline", epilog="""\b
 Examples:
   alexnet-prep bench-pipeline --device cpu --batches 50 --threads 2
-  alexnet-prep bench-pipeline --device gpu --batches 200 --threads 8
+  alexnet-prep bench-pipeline --device gpu --batches 200 --threads 5 --pipelines 3
 """)  # fmt: skip
 @data_dir_option
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--batches", type=click.IntRange(1), default=50, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=C.BATCH_SIZE, show_default=True)
-@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="DALI CPU threads.")
-def bench_pipeline_command(data_dir: Path, device: str, batches: int, batch_size: int, threads: int) -> None:
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="DALI CPU threads per pipeline.")
+@click.option(
+    "--pipelines",
+    type=click.IntRange(1),
+    default=None,
+    help="Pipelines taking turns (default: 3 on a GPU, where one decodes one batch at a time; 1 on the CPU).",
+)
+def bench_pipeline_command(
+    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, pipelines: int | None
+) -> None:
     """Run the train pipeline alone (read, decode, augment, deliver) and print its images/s."""
     dev = "cuda:0" if device == "gpu" else "cpu"
     if device == "gpu":
@@ -146,7 +157,9 @@ def bench_pipeline_command(data_dir: Path, device: str, batches: int, batch_size
 
         if not torch.cuda.is_available():
             raise A.AlexnetError("--device gpu: no CUDA GPU is visible")
-    rate = bench_pipeline(data_dir, dev, batches, batch_size, threads)
+    pipelines = pipelines or (3 if device == "gpu" else 1)
+    rate = bench_pipeline(data_dir, dev, batches, batch_size, threads, pipelines=pipelines)
     click.echo(
-        f"train pipeline on {device}: {rate:,.0f} images/s (batch {batch_size}, {batches} batches, {threads} threads)"
+        f"train pipeline on {device}: {rate:,.0f} images/s (batch {batch_size}, {batches} batches, "
+        f"{pipelines} pipeline(s) of {threads} threads)"
     )

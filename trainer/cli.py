@@ -151,6 +151,20 @@ def _parse_epochs(_ctx, _param, value):
     show_default=True,
     help="GPU: share of JPEGs sent to the hardware decoder (the rest decode on the GPU's cores).",
 )
+@click.option(
+    "--pipelines",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU); not changeable on --resume.",
+)
+@click.option(
+    "--decoder",
+    type=click.Choice(("auto", "mixed", "cpu")),
+    default="auto",
+    show_default=True,
+    help="JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes with the DALI threads on the host.",
+)
 @click.option("--roi-decode", is_flag=True, help="Decode only the 224 crop window when training (same pixels).")
 @click.option(
     "--mean",
@@ -168,6 +182,12 @@ def _parse_epochs(_ctx, _param, value):
 )
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (speed; not the paper's arithmetic).")
 @click.option("--channels-last", is_flag=True, help="NHWC memory format for the convolutions.")
+@click.option(
+    "--cuda-graph/--no-cuda-graph",
+    default=True,
+    show_default=True,
+    help="Replay each step as one CUDA graph (one GPU, no torchrun; else eager): no launch overhead.",
+)
 @click.option("--eval-every-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--log-every-steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(

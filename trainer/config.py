@@ -41,6 +41,8 @@ RESUME_MUTABLE = frozenset(
         "prefetch",
         "hw_decoder_load",
         "roi_decode",
+        "decoder",
+        "cuda_graph",
         "resume",
         "progress",
     }
@@ -75,11 +77,14 @@ class TrainConfig:
     prefetch: int = 3  # batches queued ahead by the loader (3 keeps an H100 fed, benchmarks/RESULTS.md)
     roi_decode: bool = False  # decode only the 224 crop window (bit-identical pixels; faster on some GPUs)
     hw_decoder_load: float = 0.9  # GPU: share of JPEGs for the hardware decoder (DALI default 0.65; 0.9 measured best)
+    pipelines: int = 0  # DALI pipelines per replica, taken in turn; 0 = auto: 2 on a GPU, 1 on the CPU
+    decoder: str = "auto"  # JPEG decoding: "auto" (nvJPEG "mixed" on a GPU), "mixed", or "cpu" (host threads)
     mean: str = "image"  # subtract the per-pixel mean image (§2) or the per-channel mean
     lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # §4.1 PCA lighting convention (see constants.py)
     # --- speed options (not the paper's arithmetic)
     bf16: bool = False  # bfloat16 autocast for forward and loss
     channels_last: bool = False  # NHWC memory format for conv layers
+    cuda_graph: bool = True  # replay each step as one CUDA graph where possible (one GPU, no torchrun)
     # --- evaluation, logging, checkpoints
     eval_every_epochs: int = 1  # centre-crop validation every N epochs (drives the plateau schedule)
     log_every_steps: int = 10  # metrics.jsonl train line (and non-finite loss check) every N steps
@@ -92,7 +97,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "max_steps", "plateau_patience", "lr_drops", "num_threads", "num_classes"):
+        for name in ("epochs", "max_steps", "plateau_patience", "lr_drops", "num_threads", "num_classes", "pipelines"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         for name in ("batch_size", "eval_every_epochs", "log_every_steps"):
@@ -100,6 +105,8 @@ class TrainConfig:
                 problems.append(f"{name} must be >= 1")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             problems.append("hw_decoder_load must be in [0, 1]")
+        if self.decoder not in ("auto", "mixed", "cpu"):
+            problems.append("decoder must be auto, mixed or cpu")
         if self.prefetch < 1:
             problems.append("prefetch must be >= 1")
         if self.lr <= 0:

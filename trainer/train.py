@@ -29,7 +29,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
+# Hardware work queues per CUDA context (read when the context is created, so set before any CUDA
+# work). With the default 8, DALI's streams share queues with the training stream and each DALI
+# batch waits behind whole training steps: the pipeline then starves an H100 (benchmarks/
+# results_train.md: 8,000-9,000 img/s instead of 13,000). A value given by the user is kept.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from alexnet.pipeline import constants as C
@@ -194,6 +200,8 @@ def create_loader_for(
         prefetch=config.prefetch,
         hw_decoder_load=config.hw_decoder_load,
         roi_decode=config.roi_decode,
+        decoder=config.decoder,
+        pipelines=config.pipelines or (2 if device.type == "cuda" else 1),
     )
     return create_loader(Path(config.data_dir), split, cfg)
 
@@ -206,7 +214,9 @@ def train_step(model, optimizer, images, labels, *, bf16: bool, channels_last: b
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.reshape(-1).to(output_device, dtype=torch.long, non_blocking=True)
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+    # No autocast weight-cast cache: each weight is cast once per step anyway, and a CUDA graph
+    # capture (GraphedTrainStep) must not keep cached casts.
+    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
         logits = model(images)
     # Multinomial logistic regression objective (§5), computed in float32.
     loss = F.cross_entropy(logits.float(), labels)
@@ -214,6 +224,83 @@ def train_step(model, optimizer, images, labels, *, bf16: bool, channels_last: b
     loss.backward()
     optimizer.step()
     return loss.detach()
+
+
+class GraphedTrainStep:
+    """``train_step`` replayed as one CUDA graph: forward, loss, backward and the §5 update.
+
+    Eager PyTorch launches the step's few hundred kernels one by one from Python; at batch 128 in
+    bf16 on an H100 launching takes about as long as the GPU takes to run them, so the step is
+    bound by the host, and any host work beside it (fetching the pipeline's batch, DALI's threads)
+    lengthens every step (benchmarks/results_train.md). Replaying a captured graph costs one launch.
+
+    The first ``eager_steps`` steps run eagerly (cuDNN's algorithm search and the optimiser's
+    velocities happen there); the step is then captured with the batch copied into static input
+    buffers and replayed from then on. The update bakes the learning rate into its kernels, so a
+    change of lr (a /10 drop) captures the step again. The kernels are the eager step's: same
+    arithmetic, same dropout draws (the CUDA generator advances per replay as per eager step).
+    CUDA only, one device, no DDP (checked by the caller); every batch must have the same shape.
+    """
+
+    def __init__(self, model, optimizer, *, bf16: bool, channels_last: bool, output_device, eager_steps: int = 3):
+        self.model, self.optimizer = model, optimizer
+        self.kw = {"bf16": bf16, "channels_last": channels_last, "output_device": output_device}
+        self.channels_last = channels_last
+        self.eager_steps = eager_steps
+        self.steps = 0
+        self.captures = 0
+        self.graph = None
+        self._key = None
+        self._x = self._y = self._loss = None
+
+    def _hyper(self) -> tuple:
+        return tuple((g["lr"], g["momentum"], g["weight_decay"]) for g in self.optimizer.param_groups)
+
+    def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.graph = None  # frees the previous graph's memory pool
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        self._x = torch.empty_like(images, memory_format=fmt)
+        self._y = torch.empty_like(labels.reshape(-1), dtype=torch.long, device=self.kw["output_device"])
+        self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._loss = train_step(self.model, self.optimizer, self._x, self._y, **self.kw)
+        self.graph, self._key = graph, (self._hyper(), tuple(images.shape))
+        self.captures += 1
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if self.steps <= self.eager_steps:
+            # Eager warm-up on a side stream (as capture requires), ordered with the caller's stream.
+            caller = torch.cuda.current_stream(images.device)
+            side = torch.cuda.Stream(images.device)
+            side.wait_stream(caller)
+            with torch.cuda.stream(side):
+                loss = train_step(self.model, self.optimizer, images, labels, **self.kw)
+            caller.wait_stream(side)
+            images.record_stream(side)
+            return loss
+        if self.graph is None or self._key != (self._hyper(), tuple(images.shape)):
+            self._capture(images, labels)
+        self._x.copy_(images)
+        self._y.copy_(labels.reshape(-1))
+        self.graph.replay()
+        return self._loss.clone()  # the next replay overwrites the static loss
+
+
+def uses_cuda_graph(config: TrainConfig, devices: list[torch.device], info: D.DistInfo) -> bool:
+    """``--cuda-graph`` (the default) applies to one CUDA device in a single process; else eager."""
+    return config.cuda_graph and len(devices) == 1 and devices[0].type == "cuda" and not info.enabled
+
+
+def make_step(model, optimizer, config: TrainConfig, devices: list[torch.device], info: D.DistInfo):
+    """The per-batch step ``step(model, images, labels) -> loss``: a ``GraphedTrainStep`` where
+    :func:`uses_cuda_graph`, else the eager ``train_step`` (CPU, two GPUs, torchrun)."""
+    kw = {"bf16": config.bf16, "channels_last": config.channels_last, "output_device": model.output_device}
+    if not uses_cuda_graph(config, devices, info):
+        return lambda model_, images, labels: train_step(model_, optimizer, images, labels, **kw)
+    graphed = GraphedTrainStep(model, optimizer, **kw)
+    return lambda _model, images, labels: graphed(images, labels)
 
 
 @torch.no_grad()
@@ -414,7 +501,12 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     config = config.replace(run_dir=str(run_dir), gpus=gpus, num_classes=num_classes)
     if devices[0].type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest algorithms for the fixed 224x224 shapes
-    _say(info, device_note + (f"; {info.world_size} replicas (torchrun)" if info.enabled else ""))
+    _say(
+        info,
+        device_note
+        + (f"; {info.world_size} replicas (torchrun)" if info.enabled else "")
+        + ("; each step replayed as one CUDA graph" if uses_cuda_graph(config, devices, info) else ""),
+    )
 
     # §5 init: seeded, identical on every replica (DDP also broadcasts rank 0's weights).
     _seed_everything(config.seed)
@@ -458,6 +550,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
 
     ddp_model = D.wrap_ddp(model, info)
     ddp_model.train()
+    step_fn = make_step(model, optimizer, config, devices, info)
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -589,10 +682,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             for images, labels in train_loader:
                 if state.batch_in_epoch >= steps_this_epoch:
                     continue  # a replica with one batch more than the others drains it (DDP needs equal counts)
-                loss = train_step(
-                    ddp_model, optimizer, images, labels,
-                    bf16=config.bf16, channels_last=config.channels_last, output_device=model.output_device,
-                )  # fmt: skip
+                loss = step_fn(ddp_model, images, labels)
                 loss_sum += loss
                 loss_steps += 1
                 state.step += 1
@@ -784,19 +874,19 @@ def benchmark(config: TrainConfig, *, warmup: int = 3, steps: int = 10) -> dict[
     model.train()
     optimizer = create_optimizer(model, config.lr, config.momentum, config.weight_decay)
     b = config.batch_size
-    kw = {"bf16": config.bf16, "channels_last": config.channels_last, "output_device": model.output_device}
+    step_fn = make_step(model, optimizer, config, devices, info)
 
     def timed(batches) -> float:
         it = iter(batches)
         for _ in range(warmup):
             images, labels = next(it)
-            train_step(model, optimizer, images, labels, **kw)
+            step_fn(model, images, labels)
         _sync(devices)
         start = time.perf_counter()
         last = None
         for _ in range(steps):
             images, labels = next(it)
-            last = train_step(model, optimizer, images, labels, **kw)
+            last = step_fn(model, images, labels)
         float(last)  # wait for the last step
         _sync(devices)
         return steps * b / (time.perf_counter() - start)
@@ -825,6 +915,7 @@ def benchmark(config: TrainConfig, *, warmup: int = 3, steps: int = 10) -> dict[
         "batch_size": b,
         "bf16": config.bf16,
         "channels_last": config.channels_last,
+        "cuda_graph": uses_cuda_graph(config, devices, info),
         "warmup_steps": warmup,
         "timed_steps": steps,
         "synthetic_images_per_s": synthetic_ips,
