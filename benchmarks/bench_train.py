@@ -90,8 +90,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 128 cuda, 16 cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                   help="eager steps instead of one CUDA graph per step (the trainer's default)")
+    p.add_argument(
+        "--no-cuda-graph",
+        dest="cuda_graph",
+        action="store_false",
+        help="eager steps instead of one CUDA graph per step (the trainer's default)",
+    )
     p.add_argument("--threads", type=int, default=None, help="DALI threads (default: CPU count, at most 16)")
     p.add_argument("--prefetch", type=int, default=3, help="batches the pipeline prepares ahead")
     p.add_argument("--roi-decode", action="store_true", help="decode only the crop window")

@@ -578,7 +578,11 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
         model = AlexNet(num_classes=10, devices=[dev]).to(memory_format=torch.channels_last).train()
         opt = create_optimizer(model, 0.01, 0.9, 5e-4)
         torch.cuda.manual_seed(123)
-        step = GraphedTrainStep(model, opt, **kw) if graphed else (lambda x, y: train_step(model, opt, x, y, **kw))
+        step = (
+            GraphedTrainStep(model, opt, **kw)
+            if graphed
+            else (lambda x, y, model=model, opt=opt: train_step(model, opt, x, y, **kw))
+        )
         losses = []
         for i, (x, y) in enumerate(batches):
             if i == 6:
