@@ -391,6 +391,31 @@ def test_gpu_ten_patch_and_float16(data):
     assert (gpu.float().cpu() - cpu).abs().mean() < 1.0
 
 
+@pytest.mark.gpu
+def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
+    """The CUDA-graph capture happens while DALI's threads decode the next batches (a "global"
+    capture fails then: found on the H100); two GPU pipelines take turns over the records."""
+    from alexnet.trainer.model import AlexNet
+    from alexnet.trainer.optim import create_optimizer
+    from alexnet.trainer.train import GraphedTrainStep
+
+    dev = torch.device("cuda:0")
+    cfg = LoaderConfig(batch_size=4, num_threads=2, device="cuda:0", pipelines=2, prefetch=3, with_draws=True, seed=2)
+    loader = create_loader(data, "train", cfg)
+    model = AlexNet(num_classes=N_CLASSES, devices=[dev]).train()
+    step = GraphedTrainStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), bf16=True, channels_last=False,
+                            output_device=dev, eager_steps=1)  # fmt: skip
+    losses, seen = [], []
+    for _ in range(2):
+        for images, labels, draws in loader:
+            assert images.is_cuda and labels.is_cuda
+            losses.append(float(step(images, labels)))
+            seen.extend(int(i) for i in draws["index"])
+    assert step.captures == 1 and len(losses) == 2 * len(loader) == 12
+    assert all(np.isfinite(losses))
+    assert sorted(seen[: len(seen) // 2]) == list(range(N_TRAIN))  # 24 records = 2 parts x 3 batches of 4
+
+
 def test_preview_val_centre_crops_in_key_order(data, tmp_path):
     out = tmp_path / "v.npz"
     r = CliRunner().invoke(prep, ["preview", "--data-dir", str(data), "--split", "val", "--n", "4", "--out", str(out)])
