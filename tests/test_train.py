@@ -318,6 +318,7 @@ def test_run_directory_contents(uninterrupted):
     run, summary = uninterrupted
     cfg = TrainConfig.load(run / "config.json")
     assert cfg.num_classes == 4 and cfg.max_steps == STEPS and cfg.gpus == "cpu"
+    assert cfg.pipelines == 1  # "auto" resolved and recorded: 1 on the CPU (2 on a GPU)
     v = json.loads((run / "versions.json").read_text())
     assert {"alexnet", "torch", "dali", "pil", "python", "git_revision"} <= v.keys()
     lines = _lines(run)

@@ -506,7 +506,10 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             f"{run_dir} already holds a run (checkpoints/last.pt): add --resume to continue it, "
             "or choose another --run-dir"
         )
-    config = config.replace(run_dir=str(run_dir), gpus=gpus, num_classes=num_classes)
+    # Pipelines per replica, recorded in config.json so that a resume rebuilds the same loaders:
+    # auto is 2 on a GPU, 1 on the CPU; a run saved before the option existed had 1.
+    pipelines = config.pipelines or (1 if config.resume or devices[0].type != "cuda" else 2)
+    config = config.replace(run_dir=str(run_dir), gpus=gpus, num_classes=num_classes, pipelines=pipelines)
     if devices[0].type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest algorithms for the fixed 224x224 shapes
     _say(
