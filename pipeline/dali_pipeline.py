@@ -72,6 +72,14 @@ class PipelineSpec:
     decoder: str = "auto"  # "auto": "mixed" on a GPU, "cpu" without; "cpu" on a GPU decodes on the host
 
 
+def graph_signature(spec: PipelineSpec) -> str:
+    """What decides the DALI operator graph beyond the recipe: a DALI checkpoint restores only into
+    a pipeline with the same graph (``decoder``, ``roi_decode``, the device, the output dtype)."""
+    gpu = spec.device_id is not None
+    decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
+    return f"{'gpu' if gpu else 'cpu'}/{decoder}/{'roi' if spec.roi_decode else 'whole'}/{spec.dtype}"
+
+
 def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
     """s_i of the lighting shift ``eigvec @ (alpha * s)`` on the 0-255 scale (docs/DEVIATIONS.md A2)."""
     eigval = np.asarray(eigval, dtype=np.float64)
@@ -99,7 +107,9 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
     gpu = spec.device_id is not None
     decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
     if decoder not in ("mixed", "cpu") or (decoder == "mixed" and not gpu):
-        raise A.AlexnetError(f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)")
+        raise A.AlexnetError(
+            f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)"
+        )
     out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}[spec.dtype]
     eigvec = np.asarray(stats.eigvec, dtype=np.float64)
     scale = lighting_scale_values(stats.eigval, spec.lighting_scale)
@@ -134,6 +144,7 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
 
         def on_device(images):  # host-decoded images go to the GPU as uint8, before any float work
             return images.gpu() if gpu and decoder == "cpu" else images
+
         labels = fn.cast(labels, dtype=types.INT64)
         if gpu:  # delivered on the GPU by DALI: a host-to-device copy in the loader would wait for the GPU
             labels = labels.gpu()

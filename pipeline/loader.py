@@ -27,7 +27,20 @@ import numpy as np
 
 from . import artifacts as A
 from . import constants as C
-from .dali_pipeline import READER_NAME, PipelineSpec, create_pipeline, record_positions, shard_size, spec_paths
+from .dali_pipeline import (
+    READER_NAME,
+    PipelineSpec,
+    create_pipeline,
+    graph_signature,
+    record_positions,
+    shard_size,
+    spec_paths,
+)
+
+
+class LoaderStateMismatch(A.AlexnetError):
+    """A saved loader state whose DALI checkpoints cannot restore into this loader's pipelines
+    (another decoder, region decoding, device or dtype); the caller may restart the epoch instead."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +144,8 @@ class DaliLoader:
     def __len__(self) -> int:
         """Batches per epoch: train drops the last partial batch, val keeps it (every record once).
 
-        Ranks may differ by one batch (their parts differ by <= 1 record); the trainer takes the
-        smallest train length over the replicas.
+        Ranks may differ by up to ``pipelines`` batches (their parts differ by <= 1 record per
+        pipeline); the trainer takes the smallest train length over the replicas.
         """
         return sum(self._yielded(n) for n in self.part_records)
 
@@ -233,6 +246,7 @@ class DaliLoader:
             "batch_size": int(self.cfg.batch_size),
             "shard": [int(self.cfg.shard_id), int(self.cfg.num_shards)],
             "pipelines": len(self.specs),
+            "graph": graph_signature(self.specs[0]),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -243,6 +257,11 @@ class DaliLoader:
             )
         if list(state.get("shard", [])) != [self.cfg.shard_id, self.cfg.num_shards]:
             raise A.AlexnetError("loader state was saved with another data-parallel layout")
+        mine = graph_signature(self.specs[0])
+        if state.get("graph", mine) != mine:  # states written before the signature existed: trusted
+            raise LoaderStateMismatch(
+                f"loader state was saved by pipelines of another form ({state['graph']}, this loader: {mine})"
+            )
         # States written before there could be several pipelines hold one "dali_checkpoint".
         cps = state["dali_checkpoints"] if "dali_checkpoints" in state else [state.get("dali_checkpoint")]
         if len(cps) != len(self.specs):

@@ -322,6 +322,21 @@ def test_save_restore_with_two_pipelines_continues_identically(data):
         create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4)).load_state_dict(state)
 
 
+def test_state_of_another_pipeline_form_is_refused_with_its_own_error(data):
+    """A DALI checkpoint restores only into the same operator graph: region decoding changes it."""
+    from alexnet.pipeline.loader import LoaderStateMismatch
+
+    loader = create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4))
+    next(iter(loader))
+    state = loader.state_dict()
+    assert state["graph"] == "cpu/cpu/whole/float32"
+    other = create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4, roi_decode=True))
+    with pytest.raises(LoaderStateMismatch, match="another form"):
+        other.load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "graph"}  # states from before the signature: trusted
+    create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4)).load_state_dict(old)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_outputs_round_the_float32_batch(data, dtype):
     def first(dt):

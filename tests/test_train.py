@@ -294,6 +294,27 @@ def killed_and_resumed(train_data, tmp_path_factory):
     return run, summary, killed_ck
 
 
+def test_resume_with_region_decoding_restarts_the_epoch(train_data, tmp_path, capsys):
+    """--roi-decode changes DALI's graph, so the killed run's pipeline position cannot be restored:
+    the resumed run says so, restarts the epoch and finishes."""
+    from alexnet.trainer.train import train
+
+    class Killed(Exception):
+        pass
+
+    def crash(step, epoch, labels):
+        if step == KILL_AT:
+            raise Killed
+
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(_cfg(train_data, run, checkpoint_every_steps=3), on_step=crash)
+    summary = train(_cfg(train_data, run, resume=True, roi_decode=True))
+    err = capsys.readouterr()
+    assert "another form" in err.out + err.err and "epoch 1 restarts from its beginning" in err.out + err.err
+    assert summary["steps"] == STEPS and summary["stop_reason"] == "max_steps"
+
+
 def _lines(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 

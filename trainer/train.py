@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.artifacts import AlexnetError, atomic_write_bytes, atomic_write_json, read_manifest
+from alexnet.pipeline.loader import LoaderStateMismatch
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
@@ -231,6 +232,9 @@ def train_step(model, optimizer, images, labels, *, bf16: bool, channels_last: b
     return loss.detach()
 
 
+GRAPH_EAGER_STEPS = 3  # eager steps before a CUDA-graph capture (cuDNN's search, optimiser state)
+
+
 class GraphedTrainStep:
     """``train_step`` replayed as one CUDA graph: forward, loss, backward and the §5 update.
 
@@ -242,20 +246,24 @@ class GraphedTrainStep:
     The first ``eager_steps`` steps run eagerly (cuDNN's algorithm search and the optimiser's
     velocities happen there); the step is then captured with the batch copied into static input
     buffers and replayed from then on. The update bakes the learning rate into its kernels, so a
-    change of lr (a /10 drop) captures the step again. The kernels are the eager step's: same
-    arithmetic, same dropout draws (the CUDA generator advances per replay as per eager step).
-    CUDA only, one device, no DDP (checked by the caller); every batch must have the same shape.
+    change of lr (a /10 drop) captures the step again; a batch of another shape (not in training,
+    which drops partial batches) starts the eager warm-up again before its own capture. The kernels
+    are the eager step's: same arithmetic, same dropout draws (the CUDA generator advances per
+    replay as per eager step). CUDA only, one device, no DDP (:func:`uses_cuda_graph`).
     """
 
-    def __init__(self, model, optimizer, *, bf16: bool, channels_last: bool, output_device, eager_steps: int = 3):
+    def __init__(
+        self, model, optimizer, *, bf16: bool, channels_last: bool, output_device, eager_steps: int = GRAPH_EAGER_STEPS
+    ):
         self.model, self.optimizer = model, optimizer
         self.kw = {"bf16": bf16, "channels_last": channels_last, "output_device": output_device}
         self.channels_last = channels_last
         self.eager_steps = eager_steps
-        self.steps = 0
         self.captures = 0
         self.graph = None
-        self._key = None
+        self._shape: tuple | None = None  # batch shape being warmed up or captured
+        self._eager_left = 0
+        self._hyper_captured = None
         self._x = self._y = self._loss = None
 
     def _hyper(self) -> tuple:
@@ -272,12 +280,14 @@ class GraphedTrainStep:
         # capture, and fail themselves); only this thread's calls are checked.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._loss = train_step(self.model, self.optimizer, self._x, self._y, **self.kw)
-        self.graph, self._key = graph, (self._hyper(), tuple(images.shape))
+        self.graph, self._hyper_captured = graph, self._hyper()
         self.captures += 1
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self.steps += 1
-        if self.steps <= self.eager_steps:
+        if tuple(images.shape) != self._shape:  # first call, or a new shape: warm up eagerly first
+            self._shape, self._eager_left, self.graph = tuple(images.shape), self.eager_steps, None
+        if self._eager_left > 0:
+            self._eager_left -= 1
             # Eager warm-up on a side stream (as capture requires), ordered with the caller's stream.
             caller = torch.cuda.current_stream(images.device)
             side = torch.cuda.Stream(images.device)
@@ -288,7 +298,7 @@ class GraphedTrainStep:
             images.record_stream(side)
             loss.record_stream(caller)  # its memory came from the side stream's pool
             return loss
-        if self.graph is None or self._key != (self._hyper(), tuple(images.shape)):
+        if self.graph is None or self._hyper_captured != self._hyper():
             self._capture(images, labels)
         self._x.copy_(images)
         self._y.copy_(labels.reshape(-1))
@@ -544,18 +554,20 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         state.best_top1_err = ck.get("best_top1_err")
         state.last_eval = dict(ck.get("last_eval") or {})
         state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
+        restart = ""  # why the pipeline's position cannot continue (the epoch restarts instead)
         if int(ck["world_size"]) == info.world_size:
             mine = ck["ranks"][info.rank]
             ckpt_io.set_rng_state(mine["rng"])
-            train_loader.load_state_dict(mine["loader"])
+            try:
+                train_loader.load_state_dict(mine["loader"])
+            except LoaderStateMismatch as e:  # e.g. resumed with --roi-decode or on another device
+                restart = f"{e}"
         else:
             # Different replica count: the loader positions do not transfer (see distributed.py).
+            restart = f"checkpoint written by {ck['world_size']} replica(s), resuming with {info.world_size}"
+        if restart:
             _seed_everything(_replica_seed(config.seed, info.rank, state.step))
-            _say(
-                info,
-                f"note: checkpoint written by {ck['world_size']} replica(s), resuming with {info.world_size}: "
-                f"epoch {state.epoch + 1} restarts from its beginning with the new sharding",
-            )
+            _say(info, f"note: {restart}: epoch {state.epoch + 1} restarts from its beginning")
             state.batch_in_epoch = 0
         _say(info, f"resumed {last_path} at step {state.step} (epoch {state.epoch}, +{state.batch_in_epoch} batches)")
 
@@ -692,7 +704,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             epoch_steps0 = state.step
             for images, labels in train_loader:
                 if state.batch_in_epoch >= steps_this_epoch:
-                    continue  # a replica with one batch more than the others drains it (DDP needs equal counts)
+                    continue  # a replica with more batches than the others drains them (DDP needs equal counts)
                 loss = step_fn(ddp_model, images, labels)
                 loss_sum += loss
                 loss_steps += 1
@@ -886,6 +898,8 @@ def benchmark(config: TrainConfig, *, warmup: int = 3, steps: int = 10) -> dict[
     optimizer = create_optimizer(model, config.lr, config.momentum, config.weight_decay)
     b = config.batch_size
     step_fn = make_step(model, optimizer, config, devices, info)
+    if uses_cuda_graph(config, devices, info):
+        warmup = max(warmup, GRAPH_EAGER_STEPS + 2)  # the eager steps and the capture stay out of the timing
 
     def timed(batches) -> float:
         it = iter(batches)
