@@ -72,12 +72,22 @@ class PipelineSpec:
     decoder: str = "auto"  # "auto": "mixed" on a GPU, "cpu" without; "cpu" on a GPU decodes on the host
 
 
+def resolved_decoder(spec: PipelineSpec) -> str:
+    """The decoder's DALI backend: ``"mixed"`` (nvJPEG) or ``"cpu"``; "auto" picks by device."""
+    gpu = spec.device_id is not None
+    decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
+    if decoder not in ("mixed", "cpu") or (decoder == "mixed" and not gpu):
+        raise A.AlexnetError(
+            f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)"
+        )
+    return decoder
+
+
 def graph_signature(spec: PipelineSpec) -> str:
     """What decides the DALI operator graph beyond the recipe: a DALI checkpoint restores only into
     a pipeline with the same graph (``decoder``, ``roi_decode``, the device, the output dtype)."""
-    gpu = spec.device_id is not None
-    decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
-    return f"{'gpu' if gpu else 'cpu'}/{decoder}/{'roi' if spec.roi_decode else 'whole'}/{spec.dtype}"
+    device = "gpu" if spec.device_id is not None else "cpu"
+    return f"{device}/{resolved_decoder(spec)}/{'roi' if spec.roi_decode else 'whole'}/{spec.dtype}"
 
 
 def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
@@ -105,11 +115,7 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None
-    decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
-    if decoder not in ("mixed", "cpu") or (decoder == "mixed" and not gpu):
-        raise A.AlexnetError(
-            f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)"
-        )
+    decoder = resolved_decoder(spec)
     out_dtype = {"float32": types.FLOAT, "float16": types.FLOAT16}[spec.dtype]
     eigvec = np.asarray(stats.eigvec, dtype=np.float64)
     scale = lighting_scale_values(stats.eigval, spec.lighting_scale)

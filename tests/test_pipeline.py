@@ -333,6 +333,8 @@ def test_state_of_another_pipeline_form_is_refused_with_its_own_error(data):
     other = create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4, roi_decode=True))
     with pytest.raises(LoaderStateMismatch, match="another form"):
         other.load_state_dict(state)
+    with pytest.raises(A.AlexnetError, match="not possible here"):  # nvJPEG without a GPU: said at once
+        create_loader(data, "train", LoaderConfig(batch_size=4, decoder="mixed"))
     old = {k: v for k, v in state.items() if k != "graph"}  # states from before the signature: trusted
     create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4)).load_state_dict(old)
 
