@@ -179,6 +179,11 @@ def _replica_seed(seed: int, rank: int, step: int = 0) -> int:
 # --------------------------------------------------------------------------- loaders
 
 
+def auto_pipelines(device: torch.device) -> int:
+    """``--pipelines 0``: 2 per GPU (one pipeline cannot feed an H100), 1 on the CPU."""
+    return 2 if device.type == "cuda" else 1
+
+
 def create_loader_for(
     config: TrainConfig,
     split: str,
@@ -207,7 +212,7 @@ def create_loader_for(
         hw_decoder_load=config.hw_decoder_load,
         roi_decode=config.roi_decode,
         decoder=config.decoder,
-        pipelines=config.pipelines or (2 if device.type == "cuda" else 1),
+        pipelines=config.pipelines or auto_pipelines(device),
     )
     return create_loader(Path(config.data_dir), split, cfg)
 
@@ -518,7 +523,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         )
     # Pipelines per replica, recorded in config.json so that a resume rebuilds the same loaders:
     # auto is 2 on a GPU, 1 on the CPU; a run saved before the option existed had 1.
-    pipelines = config.pipelines or (1 if config.resume or devices[0].type != "cuda" else 2)
+    pipelines = config.pipelines or (1 if config.resume else auto_pipelines(devices[0]))
     config = config.replace(run_dir=str(run_dir), gpus=gpus, num_classes=num_classes, pipelines=pipelines)
     if devices[0].type == "cuda":
         torch.backends.cudnn.benchmark = True  # fastest algorithms for the fixed 224x224 shapes
