@@ -27,17 +27,24 @@ DEFAULT_LIGHTING_SCALE = "sqrt"
 # §4.1 Test time: four corners and centre, each with its reflection.
 TEN_CROP = 10
 
-# §3.3 Local response normalisation, exactly as the paper writes it.
+# §3.3 Local response normalisation: the paper's constants.
 LRN_K = 2.0
 LRN_SIZE = 5
 LRN_ALPHA = 1e-4
 LRN_BETA = 0.75
+# How alpha is applied (docs/DEVIATIONS.md N6):
+#   "authors": alpha / n inside the sum, as the authors' code ran it (cuda-convnet's layer.py divides
+#              the configured scale by the size), default; equals torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2);
+#   "paper-text": alpha as the paper's formula writes it (five times stronger).
+LRN_FORMS = ("authors", "paper-text")
+DEFAULT_LRN = "authors"
 
 # §3.4 Overlapping pooling.
 POOL_KERNEL = 3
 POOL_STRIDE = 2
 
-# §4.2 Dropout.
+# §4.2 Dropout: zero each output with probability 0.5 while training (no rescaling); at test time
+# use all neurons and multiply their outputs by 0.5 (the authors' cuda-convnet2 "dropout2" layer).
 DROPOUT_P = 0.5
 
 # §5 Details of learning.

@@ -180,6 +180,13 @@ def _parse_epochs(_ctx, _param, value):
     show_default=True,
     help="§4.1 PCA lighting convention (see docs/DEVIATIONS.md).",
 )
+@click.option(
+    "--lrn",
+    type=click.Choice(C.LRN_FORMS),
+    default=C.DEFAULT_LRN,
+    show_default=True,
+    help="§3.3 response normalisation: 'authors' (alpha/5, as their code ran it) or 'paper-text' (alpha as written).",
+)
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast (speed; not the paper's arithmetic).")
 @click.option("--channels-last", is_flag=True, help="NHWC memory format for the convolutions.")
 @click.option(

@@ -81,6 +81,7 @@ class TrainConfig:
     decoder: str = "auto"  # JPEG decoding: "auto" (nvJPEG "mixed" on a GPU), "mixed", or "cpu" (host threads)
     mean: str = "image"  # subtract the per-pixel mean image (§2) or the per-channel mean
     lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # §4.1 PCA lighting convention (see constants.py)
+    lrn: str = C.DEFAULT_LRN  # §3.3 response normalisation: "authors" (alpha / n) or "paper-text"
     # --- speed options (not the paper's arithmetic)
     bf16: bool = False  # bfloat16 autocast for forward and loss
     channels_last: bool = False  # NHWC memory format for conv layers
@@ -119,6 +120,8 @@ class TrainConfig:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}")
         if self.mean not in MEAN_MODES:
             problems.append(f"mean must be one of {', '.join(MEAN_MODES)}")
+        if self.lrn not in C.LRN_FORMS:
+            problems.append(f"lrn must be one of {', '.join(C.LRN_FORMS)}")
         if self.lighting_scale not in C.LIGHTING_SCALES:
             problems.append(f"lighting_scale must be one of {', '.join(C.LIGHTING_SCALES)}")
         if self.epochs == 0 and self.max_steps == 0:

@@ -55,6 +55,7 @@ __all__ = [
     "ColumnConv2d",
     "ColumnLinear",
     "LocalResponseNorm",
+    "PaperDropout",
     "count_parameters",
     "parse_gpus",
 ]
@@ -134,11 +135,13 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class LocalResponseNorm(nn.Module):
-    """§3.3 response normalisation exactly as the paper writes it.
+    """§3.3 response normalisation.
 
     b[i] = a[i] / (k + alpha * sum_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a[j]^2) ** beta
 
-    with alpha NOT divided by n (unlike ``torch.nn.LocalResponseNorm`` and Caffe). Takes (N, C, H, W).
+    ``alpha`` is used as given: the network passes 1e-4 / 5 for the authors' form (``lrn="authors"``,
+    what their code computed, equal to ``torch.nn.LocalResponseNorm(5, 1e-4, 0.75, 2)``) and 1e-4 for
+    the paper's literal text (``lrn="paper-text"``). Takes (N, C, H, W).
     ``group_size``: the channels are normalised in independent blocks of this many maps (one block per
     column; the sum never crosses a block boundary); None means one block of all C maps.
 
@@ -181,6 +184,34 @@ class LocalResponseNorm(nn.Module):
         band = self._band(x.shape[1], x.device, squares.dtype)
         window_sum = F.conv2d(squares, band)
         return x * (self.k + self.alpha * window_sum).pow(-self.beta)
+
+
+def lrn_alpha(form: str) -> float:
+    """The alpha inside the sum for an LRN form (``C.LRN_FORMS``; docs/DEVIATIONS.md N6)."""
+    if form not in C.LRN_FORMS:
+        raise AlexnetError(f"lrn {form!r}: expected one of {', '.join(C.LRN_FORMS)}")
+    return C.LRN_ALPHA / C.LRN_SIZE if form == "authors" else C.LRN_ALPHA
+
+
+class PaperDropout(nn.Module):
+    """§4.2 dropout as the paper and the authors' code ran it (cuda-convnet2's ``dropout2`` layer).
+
+    Training: each output is set to zero with probability ``p`` and the rest pass unchanged.
+    Evaluation: every output, multiplied by ``1 - p``. Inverted dropout (``nn.Dropout``) computes the
+    same test-time function but scales the kept outputs by 2 while training, which makes the inputs
+    of fc7 and fc8 twice as large and their weights' effective learning rate four times the paper's
+    (docs/DEVIATIONS.md N4). The mask comes from torch's dropout kernel: 2 * 0.5 is exact.
+    """
+
+    def __init__(self, p: float = C.DROPOUT_P) -> None:
+        super().__init__()
+        self.p = p
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training) * (1.0 - self.p)
 
 
 def _gather(xs: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -303,12 +334,16 @@ class AlexNet(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = C.NUM_CLASSES, devices: DeviceLike | Sequence[DeviceLike] | None = None
+        self,
+        num_classes: int = C.NUM_CLASSES,
+        devices: DeviceLike | Sequence[DeviceLike] | None = None,
+        lrn: str = C.DEFAULT_LRN,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise AlexnetError(f"num_classes must be a positive integer, got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes, self.lrn = num_classes, lrn
+        alpha = lrn_alpha(lrn)
         self._devices = _resolve_devices(devices)
         cols = self._devices if self.split else self._devices * COLUMNS
         first = self._devices[0]
@@ -316,10 +351,10 @@ class AlexNet(nn.Module):
         self.conv1 = ColumnConv2d(
             3, CONV1_KERNELS, 11, stride=4, padding=CONV1_PADDING, own_column=False, column_devices=cols
         )
-        self.norm1 = LocalResponseNorm(group_size=CONV1_KERNELS // COLUMNS)
+        self.norm1 = LocalResponseNorm(alpha=alpha, group_size=CONV1_KERNELS // COLUMNS)
         self.pool1 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
         self.conv2 = ColumnConv2d(CONV1_KERNELS, CONV2_KERNELS, 5, padding=2, own_column=True, column_devices=cols)
-        self.norm2 = LocalResponseNorm(group_size=CONV2_KERNELS // COLUMNS)
+        self.norm2 = LocalResponseNorm(alpha=alpha, group_size=CONV2_KERNELS // COLUMNS)
         self.pool2 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
         # conv3 is where the columns first exchange maps (§3.2).
         self.conv3 = ColumnConv2d(CONV2_KERNELS, CONV3_KERNELS, 3, padding=1, own_column=False, column_devices=cols)
@@ -327,9 +362,9 @@ class AlexNet(nn.Module):
         self.conv5 = ColumnConv2d(CONV4_KERNELS, CONV5_KERNELS, 3, padding=1, own_column=True, column_devices=cols)
         self.pool5 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
         self.fc6 = ColumnLinear(CONV5_KERNELS * POOL5_SIZE * POOL5_SIZE, FC_NEURONS, column_devices=cols)
-        self.drop6 = nn.Dropout(C.DROPOUT_P)  # §4.2
+        self.drop6 = PaperDropout()  # §4.2
         self.fc7 = ColumnLinear(FC_NEURONS, FC_NEURONS, column_devices=cols)
-        self.drop7 = nn.Dropout(C.DROPOUT_P)
+        self.drop7 = PaperDropout()
         self.fc8 = nn.Linear(FC_NEURONS, num_classes, device="meta").to_empty(device=first)
         self.reset_parameters()
 
@@ -354,7 +389,7 @@ class AlexNet(nn.Module):
 
     def extra_repr(self) -> str:
         form = "split" if self.split else "grouped"
-        return f"num_classes={self.num_classes}, devices={[str(d) for d in self._devices]} ({form})"
+        return f"num_classes={self.num_classes}, lrn={self.lrn}, devices={[str(d) for d in self._devices]} ({form})"
 
     # ---- init
 
@@ -448,11 +483,14 @@ class AlexNet(nn.Module):
 
     @classmethod
     def from_state_dict(
-        cls, state_dict: dict[str, Tensor], devices: DeviceLike | Sequence[DeviceLike] | None = None
+        cls,
+        state_dict: dict[str, Tensor],
+        devices: DeviceLike | Sequence[DeviceLike] | None = None,
+        lrn: str = C.DEFAULT_LRN,
     ) -> AlexNet:
         """A network placed on ``devices`` holding ``state_dict``'s weights (class count from fc8)."""
         if "fc8.weight" not in state_dict:
             raise AlexnetError("state dict does not fit the 2012 network: missing fc8.weight")
-        model = cls(num_classes=int(state_dict["fc8.weight"].shape[0]), devices=devices)
+        model = cls(num_classes=int(state_dict["fc8.weight"].shape[0]), devices=devices, lrn=lrn)
         model.load_state_dict(state_dict)
         return model

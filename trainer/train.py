@@ -536,7 +536,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
 
     # §5 init: seeded, identical on every replica (DDP also broadcasts rank 0's weights).
     _seed_everything(config.seed)
-    model = AlexNet(num_classes=num_classes, devices=devices)
+    model = AlexNet(num_classes=num_classes, devices=devices, lrn=config.lrn)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if info.rank:
@@ -843,7 +843,8 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path, *, ten_crop: bool
         if "val" not in manifest.splits:
             raise AlexnetError(f"the dataset at {config.data_dir} has no val split")
         ck = ckpt_io.load_checkpoint(checkpoint)
-        model = AlexNet.from_state_dict(ck["model"], devices=devices)
+        lrn = (ck.get("config") or {}).get("lrn", C.DEFAULT_LRN)  # the form the checkpoint was trained with
+        model = AlexNet.from_state_dict(ck["model"], devices=devices, lrn=lrn)
         if model.num_classes != len(manifest.classes):
             raise AlexnetError(
                 f"{checkpoint} was trained on {model.num_classes} classes, the dataset has {len(manifest.classes)}"
@@ -894,7 +895,7 @@ def benchmark(config: TrainConfig, *, warmup: int = 3, steps: int = 10) -> dict[
     manifest = read_manifest(Path(config.data_dir))
     num_classes = len(manifest.classes)
     _seed_everything(config.seed)
-    model = AlexNet(num_classes=num_classes, devices=devices)
+    model = AlexNet(num_classes=num_classes, devices=devices, lrn=config.lrn)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if devices[0].type == "cuda":
