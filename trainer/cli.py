@@ -198,6 +198,22 @@ def _parse_epochs(_ctx, _param, value):
 @click.option("--eval-every-epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--log-every-steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option(
+    "--stall-intervals",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="Warn once when the logged loss stays within --stall-band x ln(classes) of ln(classes) this many "
+    "times in a row (0: off; docs/TRAINING.md).",
+)
+@click.option("--stall-band", type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option(
+    "--explode-factor",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    help="Warn once when a logged loss exceeds this multiple of the first (0: off).",
+)
+@click.option(
     "--checkpoint-minutes",
     type=click.FloatRange(min=0),
     default=30.0,

@@ -37,6 +37,9 @@ RESUME_MUTABLE = frozenset(
         "checkpoint_every_steps",
         "keep_epochs",
         "log_every_steps",
+        "stall_intervals",
+        "stall_band",
+        "explode_factor",
         "num_threads",
         "prefetch",
         "hw_decoder_load",
@@ -89,6 +92,9 @@ class TrainConfig:
     # --- evaluation, logging, checkpoints
     eval_every_epochs: int = 1  # centre-crop validation every N epochs (drives the plateau schedule)
     log_every_steps: int = 10  # metrics.jsonl train line (and non-finite loss check) every N steps
+    stall_intervals: int = 50  # warn once when the logged loss sits near ln(classes) this many times in a row; 0 = off
+    stall_band: float = 0.05  # "near": within this fraction of ln(classes)
+    explode_factor: float = 3.0  # warn once when a logged loss exceeds this multiple of the first; 0 = off
     checkpoint_minutes: float = 30.0  # also write checkpoints/last.pt every N minutes; 0 = only per epoch
     checkpoint_every_steps: int = 0  # also every N steps; 0 = off
     keep_epochs: int = 0  # keep only the newest N epoch-XXXX.pt (best.pt and last.pt stay); 0 = keep all
@@ -98,7 +104,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("epochs", "max_steps", "plateau_patience", "lr_drops", "num_threads", "num_classes", "pipelines"):
+        for name in ("epochs", "max_steps", "plateau_patience", "lr_drops", "num_threads", "num_classes", "pipelines",
+                     "stall_intervals", "stall_band", "explode_factor"):  # fmt: skip
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0")
         for name in ("batch_size", "eval_every_epochs", "log_every_steps"):

@@ -69,6 +69,7 @@ RANDOM_KERNEL_COLOURFULNESS = math.sqrt(2 / 3)  # expected score of i.i.d. Gauss
 class Metrics:
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)  # the trainer's stalled/exploding warnings
 
 
 def _is_eval(rec: dict[str, Any]) -> bool:
@@ -93,7 +94,10 @@ def read_metrics(path: Path) -> Metrics:
                 raise AlexnetError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise AlexnetError(f"{path}:{lineno}: expected a JSON object")
-            (m.evals if _is_eval(rec) else m.train).append(rec)
+            if rec.get("kind") == "alert":
+                m.alerts.append(rec)
+            else:
+                (m.evals if _is_eval(rec) else m.train).append(rec)
     if not m.train and not m.evals:
         raise AlexnetError(f"{path} has no metrics lines yet")
     return m
@@ -540,6 +544,8 @@ def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: 
         v = _find_key(config, key)
         if v is not None:
             lines.append(f"- {key}: {v}")
+    for alert in metrics.alerts:
+        lines.append(f"- step {alert.get('step')}: {alert.get('message')}")
     lines += ["", "## Figures", ""]
     captions = {
         "curves": "Training curves: loss, error, learning rate",

@@ -50,6 +50,8 @@ from alexnet.pipeline.loader import LoaderStateMismatch
 from . import checkpoint as ckpt_io
 from . import distributed as D
 from .config import CONFIG_FILE, TrainConfig
+from .health import LossWatch, layer_norms
+from .model import LEARNED_LAYERS
 from .optim import create_optimizer, set_lr
 from .schedule import create_schedule
 
@@ -425,6 +427,11 @@ class MetricsLog:
             if rec.get("kind") == "train":
                 for key in ("loss", "lr", "images_per_s"):
                     self.tb.add_scalar(f"train/{key}", rec[key], step)
+                for group in ("weight_norm", "grad_norm"):
+                    for layer, value in rec.get(group, {}).items():
+                        self.tb.add_scalar(f"{group}/{layer}", value, step)
+            elif rec.get("kind") == "alert":
+                self.tb.add_text(f"alert/{rec['alert']}", rec["message"], step)
             else:
                 tag = f"{rec.get('split', 'val')}{'_ten_crop' if rec.get('ten_crop') else ''}"
                 for key in ("top1_err", "top5_err"):
@@ -546,6 +553,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     train_loader = create_loader_for(config, "train", devices[0], info)
     val_loader = None
     state = _State()
+    watch = LossWatch(num_classes, config.stall_intervals, config.stall_band, config.explode_factor)
 
     if config.resume:
         ck = ckpt_io.load_checkpoint(last_path)
@@ -559,6 +567,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         state.best_top1_err = ck.get("best_top1_err")
         state.last_eval = dict(ck.get("last_eval") or {})
         state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
+        watch.load_state_dict(ck.get("loss_watch") or {})
         restart = ""  # why the pipeline's position cannot continue (the epoch restarts instead)
         if int(ck["world_size"]) == info.world_size:
             mine = ck["ranks"][info.rank]
@@ -608,6 +617,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             "best_top1_err": state.best_top1_err,
             "last_eval": state.last_eval,
             "elapsed_s": state.elapsed_before + time.monotonic() - t0,
+            "loss_watch": watch.state_dict(),
             "reason": reason,
         }
         if epoch_end:
@@ -631,6 +641,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     last_good_step = state.step
 
     epoch_len = [1]  # steps in the current epoch (set per epoch)
+    bar = None
 
     def check_and_log(bar) -> tuple[bool, bool]:
         """At a log point: loss mean, rate, and the collective stop/checkpoint decisions."""
@@ -659,9 +670,12 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             {
                 "kind": "train", "step": state.step, "epoch": state.epoch,
                 "epoch_progress": round(state.batch_in_epoch / epoch_len[0], 4), "loss": mean_loss, "lr": schedule.lr,
-                "images_per_s": round(rate, 2),
+                "images_per_s": round(rate, 2), **(layer_norms(model, LEARNED_LAYERS) if info.is_main else {}),
             }
         )  # fmt: skip
+        for alert in watch.observe(state.step, mean_loss):
+            _say(info, alert["message"])
+            metrics.write(alert)
         if bar is not None:
             bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{mean_loss:.4f}", "lr": f"{schedule.lr:g}"})
         loss_sum = torch.zeros((), device=model.output_device)
@@ -700,11 +714,16 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                     f"the training split has fewer records per replica than one batch of {batch_global // info.world_size}"
                 )
             epoch_len[0] = steps_this_epoch
-            bar = tqdm(
-                total=steps_this_epoch, initial=state.batch_in_epoch, unit="batch", dynamic_ncols=True,
-                desc=f"epoch {state.epoch + 1}" + (f"/{config.epochs}" if config.epochs else ""),
-                disable=not (config.progress and info.is_main), file=sys.stderr,
-            )  # fmt: skip
+            if bar is None or not config.max_steps:
+                # With --max-steps one bar spans the run (its ETA is the run's); else one bar per epoch.
+                total, done = (
+                    (config.max_steps, state.step) if config.max_steps else (steps_this_epoch, state.batch_in_epoch)
+                )
+                bar = tqdm(
+                    total=total, initial=done, unit="step", dynamic_ncols=True,
+                    desc="steps" if config.max_steps else f"epoch {state.epoch + 1}" + (f"/{config.epochs}" if config.epochs else ""),
+                    disable=not (config.progress and info.is_main), file=sys.stderr,
+                )  # fmt: skip
             epoch_t0 = time.monotonic()
             epoch_steps0 = state.step
             for images, labels in train_loader:
@@ -733,7 +752,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                 if time_up or max_steps_reached():
                     stop_reason = "time_limit" if time_up else "max_steps"
                     break
-            bar.close()
+            if not config.max_steps or stop_reason:
+                bar.close()
             state.train_seconds += time.monotonic() - epoch_t0
             state.images += (state.step - epoch_steps0) * batch_global
             if stop_reason:
@@ -789,6 +809,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                 pass
         raise
     finally:
+        if bar is not None:
+            bar.close()  # the run-wide bar (closing twice is harmless)
         metrics.close()
 
     if on_end is not None:
