@@ -8,14 +8,15 @@ DEMO_DIR ?= demo
 
 .PHONY: install demo test lint bench clean
 
-# torch first, pinned, so pip takes the local CPU build instead of the multi-GB CUDA wheels;
-# then the package (pillow-simd compiled from source; setup.py compiles pca-stats' C kernel in place),
-# then a check that pillow-simd is the active PIL.
-$(BIN)/.installed: setup.cfg setup.py pyproject.toml tools/_moments.c
+# Exact versions from constraints.txt. torch first, so pip takes the local CPU build instead of the
+# multi-GB CUDA wheels; then the package with the CUDA 13 DALI build (CPU-only mode here; pillow-simd
+# compiled from source; setup.py compiles pca-stats' C kernel in place), then a check that
+# pillow-simd is the active PIL.
+$(BIN)/.installed: setup.cfg setup.py pyproject.toml constraints.txt tools/_moments.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet --no-binary pillow-simd -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt torch
+	$(BIN)/pip install --quiet -c constraints.txt --no-binary pillow-simd -e '.[cuda13,dev]'
 	$(BIN)/python -m alexnet.tools.pil --require-simd
 	touch $@
 

@@ -91,11 +91,14 @@ def versions_report(prog: str) -> str:
         lines.append(f"PIL: {pil_summary()}")
     except ImportError:
         lines.append("PIL: not installed")
-    for dist in ("torch", "nvidia-dali-cuda130", "lmdb", "numpy"):
+    from . import dali
+
+    for dist in ("torch", "lmdb", "numpy"):
         try:
             lines.append(f"{dist}: {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             lines.append(f"{dist}: not installed")
+    lines.append(f"DALI: {dali.installed()}")
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from . import artifacts as A
 from . import constants as C
+from . import dali
 
 READER_NAME = "Reader"
 # §4.1 ten patches: (crop_pos_x, crop_pos_y) in [0, 1] of the free range, then each mirrored.
@@ -112,6 +113,7 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
 
     ``checkpoint`` (from ``Pipeline.checkpoint()``) restores reader positions and RNG states.
     """
+    dali.require()  # one line naming the extra to install, instead of an ImportError
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = spec.device_id is not None

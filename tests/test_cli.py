@@ -24,7 +24,7 @@ def test_prep_version_reports_pil():
     r = CliRunner().invoke(prep, ["--version"])
     assert r.exit_code == 0
     assert "PIL: pillow-simd" in r.output or "PIL: Pillow" in r.output
-    assert "torch:" in r.output and "nvidia-dali-cuda130:" in r.output
+    assert "torch:" in r.output and "DALI: nvidia-dali-cuda130 " in r.output
 
 
 def test_pillow_simd_is_the_active_pil():

@@ -44,6 +44,17 @@ def _requirement(name: str) -> str:
     raise AssertionError(f"{name} not in setup.cfg install_requires")
 
 
+def _constraints() -> dict[str, str]:
+    """constraints.txt: name -> exact version."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[name] = version
+    return pins
+
+
 def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v.split(".post")[0])[:3])
 
@@ -104,7 +115,8 @@ def test_dockerfile_is_multi_stage_on_a_cuda13_base():
     assert re.fullmatch(r"nvidia/cuda:13\.0\.\d+-runtime-ubuntu24\.04", base), base
     # The CUDA builds it installs match the base's CUDA 13.0.
     assert args["TORCH_INDEX_URL"].rstrip("/").endswith("/whl/cu130")
-    assert '"nvidia-dali-cuda130==${DALI_VERSION}"' in text
+    assert args["DALI_EXTRA"] == "cuda13"
+    assert '".[${DALI_EXTRA}]"' in text and "-c /src/constraints.txt" in text
     # Compilers and headers only in the build stage; the venv copied into the runtime stage.
     build, runtime = text.split("AS runtime", 1)
     for pkg in ("build-essential", "libjpeg-turbo8-dev", "zlib1g-dev"):
@@ -115,10 +127,11 @@ def test_dockerfile_is_multi_stage_on_a_cuda13_base():
 
 def test_dockerfile_versions_agree_with_setup_cfg():
     args = _dockerfile_args()
-    assert _requirement("torch") == f"=={args['TORCH_VERSION']}"
-    assert _satisfies(args["DALI_VERSION"], _requirement("nvidia-dali-cuda130"))
-    assert _satisfies(args["PILLOW_SIMD_VERSION"], _requirement("pillow-simd"))
-    assert args["PILLOW_SIMD_VERSION"].endswith(".post0")  # the pillow-simd form, not plain Pillow
+    pins = _constraints()
+    assert pins["torch"] == args["TORCH_VERSION"]  # the image's CUDA torch is the release make and CI pin
+    assert _satisfies(args["TORCH_VERSION"], _requirement("torch"))
+    assert _satisfies(pins["pillow-simd"], _requirement("pillow-simd"))
+    assert pins["pillow-simd"].endswith(".post0")  # the pillow-simd form, not plain Pillow
     # Every version ARG is an exact pin.
     for name, value in args.items():
         if name.endswith("_VERSION"):
@@ -134,7 +147,7 @@ def test_dockerfile_installs_the_package_with_both_clis_non_root():
     for folder in folders:
         assert f"COPY {folder} ./{folder}" in build
     # Non-editable install, compiled pillow-simd, and a check that it is the active PIL.
-    assert re.search(r"pip install [^\n]*--no-binary pillow-simd \.\s", build)
+    assert re.search(r"pip install [^\n]*--no-binary pillow-simd \"\.\[\$\{DALI_EXTRA\}\]\"\s", build)
     assert "pip install -e" not in text and "--editable" not in text
     assert "--require-simd" in build and "--require-simd" in runtime
     # setup.py (the compiled moments kernel) is in the build context and the kernel is checked.
@@ -277,3 +290,32 @@ def test_dockerignore_keeps_the_context_small_but_complete():
     for name in names:
         assert (ROOT / name).exists(), name
         assert not _ignored(name, patterns), f"{name} is copied but excluded by .dockerignore"
+
+
+def test_package_metadata_respects_the_host_torch_and_offers_both_dali_builds():
+    """install_requires states ranges (no exact torch pin that would replace a host's CUDA torch);
+    DALI comes per CUDA major through extras; exact versions live only in constraints.txt."""
+    torch_spec = _requirement("torch")
+    assert "==" not in torch_spec
+    for tested in ("2.11.0", "2.13.0"):  # the releases the figures and the suite ran with
+        assert _satisfies(tested, torch_spec), (tested, torch_spec)
+    requires = _setup_cfg()["options"]["install_requires"]
+    assert "nvidia-dali" not in requires  # only through the extras
+    extras = _setup_cfg()["options.extras_require"]
+    assert "nvidia-dali-cuda130" in extras["cuda13"] and "nvidia-dali-cuda120" in extras["cuda12"]
+    pins = _constraints()
+    assert {"torch", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "pillow-simd"} <= set(pins)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and "[cuda13" in makefile
+
+
+def test_missing_dali_is_one_line_naming_the_extra(tmp_path):
+    """With DALI not importable, building a pipeline fails with AlexnetError naming both extras."""
+    code = (
+        "import sys; sys.modules['nvidia'] = None\n"  # makes 'import nvidia.dali' fail
+        "from alexnet.pipeline import dali\n"
+        "from alexnet.pipeline.artifacts import AlexnetError\n"
+        "try:\n    dali.require()\nexcept AlexnetError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.count("\n") == 1 and "alexnet[cuda13]" in out and "alexnet[cuda12]" in out

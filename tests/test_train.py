@@ -64,6 +64,34 @@ def test_weight_decay_on_weights_not_biases():
     torch.testing.assert_close(layer.bias.detach(), b0)
 
 
+def test_training_step_uses_the_batch_mean_gradient():
+    """§5 / cuda-convnet: the weight gradient is the mean over the batch (the sum scaled by 1/N). One real
+    training step at lr 1, no momentum or decay, moves every weight by minus the mean of the examples'
+    own gradients; the network in float64 and eval mode, so no dropout draw differs."""
+    from alexnet.trainer.model import AlexNet
+    from alexnet.trainer.train import train_step
+
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=4).double().eval()
+    x = torch.randn(3, 3, C.CROP_SIZE, C.CROP_SIZE, dtype=torch.float64) * 50
+    y = torch.tensor([0, 2, 3])
+    per_example = []
+    for i in range(3):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        per_example.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = PaperSGD(model.parameters(), lr=1.0, momentum=0.0)
+    train_step(model, opt, x, y, bf16=False, channels_last=False, output_device=torch.device("cpu"))
+    for n, p in model.named_parameters():
+        mean_grad = sum(g[n] for g in per_example) / 3
+        # train_step computes the loss from float32 logits: agreement to float32's softmax round-off,
+        # far closer than the sum (3x) would be.
+        torch.testing.assert_close(
+            before[n] - p.detach(), mean_grad, rtol=1e-3, atol=1e-3 * mean_grad.abs().max().item()
+        )
+
+
 # --------------------------------------------------------------------------- schedules
 
 

@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F
 
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import dali
 from alexnet.pipeline.artifacts import AlexnetError, atomic_write_bytes, atomic_write_json, read_manifest
 from alexnet.pipeline.loader import LoaderStateMismatch
 
@@ -147,7 +148,7 @@ def versions() -> dict[str, Any]:
         "alexnet": package_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
-        "dali": dist_version("nvidia-dali-cuda130"),
+        "dali": dali.installed(),
         "pil": pil,
         "numpy": dist_version("numpy"),
         "python": platform.python_version(),
