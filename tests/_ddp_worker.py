@@ -5,10 +5,13 @@
 Trains with ``alexnet.trainer.train.train`` and writes, per replica, ``labels-rank{r}.json`` (the
 labels of every batch it trained on, with step and epoch) and ``weights-rank{r}.pt`` (its network's
 state dict at the end). With KILL_AT_STEP, every replica raises at that step (a simulated crash).
+With ``TERM_AT=STEP`` in the environment, replica 1 alone sends itself a real SIGTERM at that step
+(a scheduler's preemption reaching one process); ``summary-rank{r}.json`` holds train()'s summary.
 """
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,11 +29,14 @@ def main() -> None:
     config = TrainConfig.from_dict(json.loads(Path(sys.argv[1]).read_text()))
     out = Path(sys.argv[2])
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    term_at = int(os.environ.get("TERM_AT", "0"))
     rank = int(os.environ["RANK"])
     seen = []
 
     def on_step(step, epoch, labels):
         seen.append({"step": step, "epoch": epoch, "labels": labels.reshape(-1).tolist()})
+        if step == term_at and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
         if step == kill_at:
             (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
             raise Killed(f"simulated crash at step {step}")
@@ -38,8 +44,9 @@ def main() -> None:
     def on_end(model):
         torch.save(model.state_dict(), out / f"weights-rank{rank}.pt")
 
-    train(config, on_step=on_step, on_end=on_end)
+    summary = train(config, on_step=on_step, on_end=on_end)
     (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
+    (out / f"summary-rank{rank}.json").write_text(json.dumps(summary))
 
 
 if __name__ == "__main__":

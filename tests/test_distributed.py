@@ -37,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: TrainConfig, out: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+def _launch(config: TrainConfig, out: Path, kill_at: int = 0, term_at: int = 0) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config-in.json"
     cfg_path.write_text(json.dumps(config.to_dict()))
@@ -48,7 +48,7 @@ def _launch(config: TrainConfig, out: Path, kill_at: int = 0) -> subprocess.Comp
     ]  # fmt: skip
     if kill_at:
         args.append(str(kill_at))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TERM_AT": str(term_at)}
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -121,6 +121,24 @@ def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_pa
     assert r.returncode != 0
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ck["step"], ck["batch_in_epoch"]) == (3, 1)
+    r = _launch(_config(ddp_data, run, resume=True), tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]
+    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninterrupted, tmp_path):
+    """A real SIGTERM to replica 1 alone at step 3 (mid-epoch): both replicas stop at the same step
+    with one consistent checkpoint holding both loader positions; --resume ends bitwise equal."""
+    run = tmp_path / "run"
+    r = _launch(_config(ddp_data, run), tmp_path, term_at=3)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # the worker returns; the CLI exits 143
+    summaries = [json.loads((tmp_path / f"summary-rank{k}.json").read_text()) for k in range(WORLD)]
+    assert [(s["stop_reason"], s["steps"]) for s in summaries] == [("signal", 3)] * WORLD
+    ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ck["step"], ck["batch_in_epoch"], len(ck["ranks"]), ck["reason"]) == (3, 1, WORLD, "signal")
     r = _launch(_config(ddp_data, run, resume=True), tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]

@@ -363,6 +363,78 @@ def test_killed_and_resumed_equals_uninterrupted(uninterrupted, killed_and_resum
     assert la == lb and len(la) == STEPS
 
 
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(train_data, uninterrupted, tmp_path):
+    """A real SIGTERM to this process at step 2 (mid-epoch): the run finishes that step, writes last.pt
+    with the loader's position and stops; --resume then ends bitwise where the uninterrupted run did."""
+    import signal
+
+    from alexnet.trainer.train import train
+
+    def term(step, epoch, labels):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    run = tmp_path / "run"
+    first = train(_cfg(train_data, run), on_step=term)
+    assert (first["stop_reason"], first["signal"], first["steps"]) == ("signal", "SIGTERM", 2)
+    ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ck["step"], ck["batch_in_epoch"], ck["reason"]) == (2, 2, "signal")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored after the run
+    train(_cfg(train_data, run, resume=True))
+    a = ckpt_io.load_checkpoint(uninterrupted[0] / "checkpoints" / "last.pt")["model"]
+    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_sigterm_from_outside_checkpoints_and_exits_143(train_data, tmp_path):
+    """alexnet-train as its own process, SIGTERM sent from outside once it has trained a step: status
+    143 (128 + 15), and the checkpoint holds the last step it logged."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "alexnet.trainer.cli", "--data-dir", str(train_data), "--run-dir", str(run),
+            "--gpus", "cpu", "--batch-size", "4", "--epochs", "0", "--max-steps", "1000", "--lr", "0.001",
+            "--log-every-steps", "1", "--threads", "1", "--no-progress", "--checkpoint-minutes", "0"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out + err
+    assert "SIGTERM received" in err and "Traceback" not in err
+    ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
+    logged = [x["step"] for x in _lines(run) if x["kind"] == "train"]
+    assert ck["step"] == logged[-1] >= 1 and ck["reason"] == "signal"
+
+
+def test_cli_resume_without_a_checkpoint_starts_the_run(train_data, tmp_path):
+    """A requeued job always passes --resume: before any checkpoint exists it starts the run, saying so."""
+    from alexnet.trainer.cli import main
+
+    run = tmp_path / "run"
+    base = ["--data-dir", str(train_data), "--run-dir", str(run), "--gpus", "cpu", "--no-progress",
+            "--batch-size", "4", "--epochs", "0", "--max-steps", "2", "--threads", "1", "--resume"]  # fmt: skip
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code == 0, r.output
+    assert "nothing to resume" in r.output and "starting the run" in r.output
+    assert ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    r = CliRunner().invoke(main, [*base[:-4], "4", "--threads", "1", "--resume"])  # now it resumes
+    assert r.exit_code == 0 and "resumed" in r.output
+    assert ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+
+
+def test_default_retention_keeps_three_epoch_checkpoints():
+    assert TrainConfig().keep_epochs == 3
+
+
 def test_run_directory_contents(uninterrupted):
     run, summary = uninterrupted
     cfg = TrainConfig.load(run / "config.json")

@@ -16,6 +16,7 @@ from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import LazyGroup, data_dir_option, version_option
 
 from .config import CONFIG_FILE, MEAN_MODES, SCHEDULES, TrainConfig, merge_for_resume
+from .stop import exit_status
 
 COMMANDS = {"report": "alexnet.trainer.report:report_command"}
 
@@ -230,7 +231,7 @@ def _parse_epochs(_ctx, _param, value):
 @click.option(
     "--keep-epochs",
     type=click.IntRange(min=0),
-    default=0,
+    default=3,
     show_default=True,
     help="Keep only the newest N epoch-XXXX.pt checkpoints (about 0.5 GB each at 1000 classes); best.pt and last.pt "
     "always stay (0: keep all).",
@@ -308,10 +309,15 @@ def main(ctx: click.Context, **opts) -> None:
 
     if config.resume:
         run_dir = Path(config.run_dir) if config.run_dir else _newest_run()
-        saved = TrainConfig.load(run_dir / CONFIG_FILE)
-        config = merge_for_resume(saved, {**given, "run_dir": str(run_dir)})
+        if (run_dir / CONFIG_FILE).exists():  # else nothing was saved yet: train() starts the run
+            saved = TrainConfig.load(run_dir / CONFIG_FILE)
+            config = merge_for_resume(saved, {**given, "run_dir": str(run_dir)})
     s = T.train(config)
     _print_summary(s)
+    if s["stop_reason"] == "signal":  # trainer/stop.py: 128 + the signal's number
+        name = s["signal"] or "SIGTERM"  # a replica stopped by another replica's signal
+        click.echo(f"stopped by {name}: continue with the same command and --resume")
+        raise SystemExit(exit_status(name))
 
 
 def _build_config(ctx: click.Context, opts: dict) -> tuple[TrainConfig, dict]:

@@ -97,7 +97,7 @@ class TrainConfig:
     explode_factor: float = 3.0  # warn once when a logged loss exceeds this multiple of the first; 0 = off
     checkpoint_minutes: float = 30.0  # also write checkpoints/last.pt every N minutes; 0 = only per epoch
     checkpoint_every_steps: int = 0  # also every N steps; 0 = off
-    keep_epochs: int = 0  # keep only the newest N epoch-XXXX.pt (best.pt and last.pt stay); 0 = keep all
+    keep_epochs: int = 3  # keep only the newest N epoch-XXXX.pt (best.pt and last.pt stay); 0 = keep all
     resume: bool = False  # continue from RUN_DIR/checkpoints/last.pt
     progress: bool = True  # tqdm progress bar on stderr
     num_classes: int = 0  # filled from the dataset manifest at start (0 = not yet resolved)

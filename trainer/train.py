@@ -55,6 +55,7 @@ from .health import LossWatch, layer_norms
 from .model import LEARNED_LAYERS
 from .optim import create_optimizer, set_lr
 from .schedule import create_schedule
+from .stop import StopSignals
 
 METRICS_FILE = "metrics.jsonl"
 VERSIONS_FILE = "versions.json"
@@ -500,12 +501,13 @@ def train(config: TrainConfig, *, on_step=None, on_end=None) -> dict[str, Any]:
     t0 = time.monotonic()
     info, gpus, devices, device_note = _start_replica(config)
     try:
-        return _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm)
+        with StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
+            return _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm, signals)
     finally:
         D.destroy_process_group()
 
 
-def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm) -> dict[str, Any]:
+def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNet, tqdm, signals) -> dict[str, Any]:
     coll_device = _collective_device(devices[0])
     if config.batch_size % info.world_size:
         raise AlexnetError(
@@ -522,8 +524,10 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     run_dir = Path(D.broadcast_object(str(run_dir), info))
     ckpt_dir = run_dir / ckpt_io.CHECKPOINT_DIR
     last_path = ckpt_dir / ckpt_io.LAST
-    if config.resume and not last_path.exists():
-        raise AlexnetError(f"nothing to resume: {last_path} does not exist (run without --resume to start)")
+    fresh_after_resume = config.resume and not last_path.exists()
+    if fresh_after_resume:  # a requeued job that always passes --resume, preempted before its first checkpoint
+        _say(info, f"nothing to resume at {last_path}: starting the run")
+        config = config.replace(resume=False)
     if not config.resume and last_path.exists():
         raise AlexnetError(
             f"{run_dir} already holds a run (checkpoints/last.pt): add --resume to continue it, "
@@ -594,7 +598,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / CONFIG_FILE)
         atomic_write_json(run_dir / VERSIONS_FILE, versions())
-        if config.resume:
+        if config.resume or fresh_after_resume:  # drop lines written after the checkpoint (or with none)
             _truncate_metrics(run_dir / METRICS_FILE, state.step)
     metrics = MetricsLog(run_dir, info.is_main, t0, state.elapsed_before,
                          resume_step=state.step if config.resume else None)  # fmt: skip
@@ -644,8 +648,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     epoch_len = [1]  # steps in the current epoch (set per epoch)
     bar = None
 
-    def check_and_log(bar) -> tuple[bool, bool]:
-        """At a log point: loss mean, rate, and the collective stop/checkpoint decisions."""
+    def check_and_log(bar) -> tuple[bool, bool, bool]:
+        """At a log point: loss mean, rate, and the collective checkpoint/time-limit/signal decisions."""
         nonlocal loss_sum, loss_steps, last_log_time, last_log_step, last_loss, last_ckpt_time, last_good_step
         mean_loss = (loss_sum / max(loss_steps, 1)).item()
         now = time.monotonic()
@@ -653,6 +657,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             0.0 if math.isfinite(mean_loss) else 1.0,
             1.0 if config.checkpoint_minutes and now - last_ckpt_time >= 60 * config.checkpoint_minutes else 0.0,
             1.0 if config.time_limit_minutes and now - t0 >= 60 * config.time_limit_minutes else 0.0,
+            1.0 if signals.received else 0.0,  # one replica's signal stops them all at this step
         ]
         if info.enabled:
             t = torch.tensor(flags, device=coll_device)
@@ -682,7 +687,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         loss_sum = torch.zeros((), device=model.output_device)
         loss_steps = 0
         last_log_time, last_log_step = now, state.step
-        return bool(flags[1]), bool(flags[2])
+        return bool(flags[1]), bool(flags[2]), bool(flags[3])
 
     def flush_pending() -> None:
         """Before a checkpoint: make sure no non-finite loss happened since the last log point."""
@@ -738,9 +743,11 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                 bar.update(1)
                 if on_step is not None:
                     on_step(state.step, state.epoch, labels)
-                want_ckpt = time_up = False
+                want_ckpt = time_up = stopped = False
                 if state.step % config.log_every_steps == 0:
-                    want_ckpt, time_up = check_and_log(bar)
+                    want_ckpt, time_up, stopped = check_and_log(bar)
+                elif not info.enabled:
+                    stopped = signals.received is not None  # one process: stop after this step
                 if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
                     want_ckpt = True
                 at_epoch_end = state.batch_in_epoch >= steps_this_epoch
@@ -750,8 +757,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                     flush_pending()
                     save("periodic")
                     mark_saved()
-                if time_up or max_steps_reached():
-                    stop_reason = "time_limit" if time_up else "max_steps"
+                if time_up or stopped or max_steps_reached():
+                    stop_reason = "time_limit" if time_up else "signal" if stopped else "max_steps"
                     break
             if not config.max_steps or stop_reason:
                 bar.close()
@@ -795,20 +802,13 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                 )
             save("epoch", epoch_end=True, is_best=is_best)
             mark_saved()
-            # time limit at an epoch boundary: agreed collectively
+            # time limit or a signal at an epoch boundary: agreed collectively
             if config.time_limit_minutes and D.any_flag(
                 time.monotonic() - t0 >= 60 * config.time_limit_minutes, info, coll_device
             ):
                 stop_reason = "time_limit"
-    except KeyboardInterrupt:
-        if not info.enabled and state.step > last_good_step:
-            try:
-                flush_pending()
-                save("interrupted")
-                _say(info, f"\ninterrupted: saved {last_path} at step {state.step}")
-            except NonFiniteLoss:
-                pass
-        raise
+            elif D.any_flag(signals.received is not None, info, coll_device):
+                stop_reason = "signal"
     finally:
         if bar is not None:
             bar.close()  # the run-wide bar (closing twice is harmless)
@@ -821,6 +821,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         "gpus": gpus,
         "world_size": info.world_size,
         "stop_reason": stop_reason,
+        "signal": signals.received,  # the signal this process received, when stop_reason is "signal"
         "steps": state.step,
         "epochs_completed": state.epoch,
         "final_loss": last_loss,

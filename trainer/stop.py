@@ -1,0 +1,61 @@
+"""Preemption: SIGTERM, SIGUSR1 and Ctrl-C stop a run after its current step, with a checkpoint.
+
+Schedulers send SIGTERM before they kill a job (SLURM can also send SIGUSR1 ahead of a time limit,
+``--signal=USR1@120``); torchrun forwards both, and Ctrl-C reaches every process of the group. The
+first signal only sets a flag. The trainer then finishes the step in flight, and:
+
+* in one process, stops after that step;
+* with several replicas, stops at the next log point (every ``--log-every-steps``), where the
+  replicas already agree on stopping: one replica's signal stops them all at the same step.
+
+It writes ``checkpoints/last.pt`` (model, optimiser, schedule, every replica's loader position) and
+exits with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C).
+Running the same command with ``--resume`` continues exactly. A second signal exits at once with the
+same status; checkpoints are written atomically, so the previous good one is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def exit_status(name: str) -> int:
+    """The documented exit status of a run stopped by signal ``name`` ("SIGTERM", ...)."""
+    return 128 + int(signal.Signals[name])
+
+
+class StopSignals:
+    """Context manager: while active, the first of ``SIGNALS`` sets :attr:`received` (its name)."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            sys.stderr.write(f"\n{name} again: exiting now; the last checkpoint written is kept\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.received = name
+        sys.stderr.write(
+            f"\n{name} received: stopping after the current step with a checkpoint "
+            "(a second signal exits at once)\n"
+        )
+        sys.stderr.flush()
