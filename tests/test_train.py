@@ -246,6 +246,54 @@ def test_replica_gpus(spec, local_rank, local_world, cuda, want):
     assert replica_gpus(spec, info, cuda) == want
 
 
+@pytest.mark.parametrize(
+    ("local_world", "cuda", "message"),
+    [(4, 2, "4 replicas on this node but only 2 GPU"), (2, 0, "no GPU visible")],
+)
+def test_auto_gpus_never_falls_back_to_the_cpu_silently(local_world, cuda, message):
+    info = DistInfo(rank=1, world_size=local_world, local_rank=1, local_world_size=local_world)
+    with pytest.raises(AlexnetError, match=message):
+        replica_gpus("auto", info, cuda)
+    assert replica_gpus("cpu", info, cuda) == "cpu"  # explicit --gpus cpu still trains there
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, DistInfo()),
+        ({"WORLD_SIZE": "1"}, DistInfo()),
+        # torchrun
+        ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, DistInfo(5, 8, 1, 4)),
+        # srun, 2 nodes x 4 tasks: without the SLURM variables rank 5 would look like local replica 5 of 8
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "4"},
+         DistInfo(5, 8, 1, 4)),
+        # srun without --ntasks-per-node: SLURM_TASKS_PER_NODE at this node's index
+        ({"SLURM_NTASKS": "7", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4,3",
+          "SLURM_NODEID": "1"}, DistInfo(5, 7, 1, 3)),
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
+          "SLURM_NODEID": "1"}, DistInfo(5, 8, 1, 4)),
+        # torchrun's WORLD_SIZE/RANK beside SLURM's local variables
+        ({"WORLD_SIZE": "8", "RANK": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS_PER_NODE": "4"}, DistInfo(6, 8, 2, 4)),
+        # mpirun (Open MPI)
+        ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+          "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, DistInfo(3, 4, 1, 2)),
+    ],
+)  # fmt: skip
+def test_launcher_environments(env, want):
+    from alexnet.trainer.distributed import dist_info_from_env
+
+    assert dist_info_from_env(env) == want
+
+
+def test_launcher_without_local_rank_is_one_line():
+    from alexnet.trainer.distributed import dist_info_from_env
+
+    with pytest.raises(AlexnetError, match="no LOCAL_RANK, LOCAL_WORLD_SIZE: launch with torchrun, or set"):
+        dist_info_from_env({"WORLD_SIZE": "8", "RANK": "5"})
+    with pytest.raises(AlexnetError, match="SLURM_NTASKS=4 .* no LOCAL_WORLD_SIZE"):
+        dist_info_from_env({"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -9,13 +9,21 @@ Several nodes (run on every node; node 0's address as the rendezvous endpoint)::
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint node0:29500 \\
         --rdzv-id alexnet-run1 -m alexnet.trainer.cli --gpus 0,1 --run-dir /shared/runs/run1
 
+Other launchers: under ``srun`` or ``mpirun`` the replica's rank, local rank and local count come
+from SLURM's (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS_PER_NODE`` or
+``SLURM_TASKS_PER_NODE``) or Open MPI's (``OMPI_COMM_WORLD_*``) variables when torchrun's are absent;
+``MASTER_ADDR`` and ``MASTER_PORT`` must be exported. A launch where they cannot be found stops
+with one line saying what to set.
+
 Semantics (documented in the README and the report):
 
 * **Devices.** ``--gpus`` names the devices of ONE replica, counted from that replica's offset
   ``LOCAL_RANK x len(gpus)``: with ``--gpus 0,1`` local replica 0 uses GPUs 0,1, replica 1 uses
   2,3, ... (so 4 replicas need 8 GPUs per node). ``--gpus 0`` gives each replica one GPU. The
   default (``auto``) takes 2 GPUs per replica when the node has at least 2 per local replica,
-  else 1, else the CPU. Backend: NCCL when the replica is on GPUs, gloo on the CPU.
+  else 1; it stops with one line when there are fewer GPUs than local replicas, and trains on
+  the CPU only in a single process without GPUs (several CPU replicas need ``--gpus cpu``).
+  Backend: NCCL when the replica is on GPUs, gloo on the CPU.
 * **Batch and learning rate.** ``--batch-size`` is the GLOBAL batch: each of W replicas takes
   ``batch_size / W`` images per step (it must divide). DDP averages the gradients over
   replicas, and each replica's loss is the mean over its images, so one step follows the
@@ -36,6 +44,7 @@ Semantics (documented in the README and the report):
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -62,27 +71,93 @@ class DistInfo:
         return self.rank == 0
 
 
+# Launchers other than torchrun name the local rank and count their own way (srun, mpirun).
+LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "SLURM_NTASKS_PER_NODE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+)
+RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def _first_int(env, names: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in names:
+        if env.get(name, "").strip():
+            try:
+                return name, int(env[name])
+            except ValueError:
+                raise AlexnetError(f"bad launcher environment: {name}={env[name]!r} is not an integer") from None
+    return None
+
+
+def _slurm_tasks_on_this_node(env) -> tuple[str, int] | None:
+    """SLURM_TASKS_PER_NODE ("4(x2)" or "4,3,2(x3)") at this node's index SLURM_NODEID (always set by srun)."""
+    text, node = env.get("SLURM_TASKS_PER_NODE", ""), env.get("SLURM_NODEID", "0")
+    counts: list[int] = []
+    for part in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return ("SLURM_TASKS_PER_NODE", counts[int(node)]) if node.isdigit() and int(node) < len(counts) else None
+
+
 def dist_info_from_env(env: dict[str, str] | None = None) -> DistInfo:
-    """Replica coordinates from torchrun's environment (a single replica when absent)."""
+    """Replica coordinates from the launcher's environment: torchrun's variables, else SLURM's or
+    Open MPI's (``srun``, ``mpirun``); a single replica when none is set.
+
+    A multi-process launch whose local rank or local count cannot be found stops with one line
+    saying what to set: guessing them would put two replicas on one GPU.
+    """
     env = os.environ if env is None else env
-    try:
-        world = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
-        local = int(env.get("LOCAL_RANK", str(rank)))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
-    except ValueError as e:
-        raise AlexnetError(f"bad torchrun environment: {e}") from None
-    return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
+    world = _first_int(env, WORLD_VARS)
+    if world is None or world[1] <= 1:
+        return DistInfo()
+    rank, local = _first_int(env, RANK_VARS), _first_int(env, LOCAL_RANK_VARS)
+    local_world = _first_int(env, LOCAL_SIZE_VARS) or _slurm_tasks_on_this_node(env)
+    if rank is None or local is None or local_world is None:
+        missing = [
+            n for n, v in (("RANK", rank), ("LOCAL_RANK", local), ("LOCAL_WORLD_SIZE", local_world)) if v is None
+        ]
+        raise AlexnetError(
+            f"{world[0]}={world[1]} (several processes) but no {', '.join(missing)}: launch with torchrun, or "
+            "set RANK, LOCAL_RANK and LOCAL_WORLD_SIZE (plus MASTER_ADDR and MASTER_PORT) for each process"
+        )
+    if env is os.environ:  # torch.distributed's env:// rendezvous reads RANK, WORLD_SIZE and MASTER_*
+        os.environ.setdefault("RANK", str(rank[1]))
+        os.environ.setdefault("WORLD_SIZE", str(world[1]))
+        if not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+            raise AlexnetError(
+                "several processes but MASTER_ADDR or MASTER_PORT is not set: launch with torchrun, or export "
+                "MASTER_ADDR (the first node's address) and MASTER_PORT (a free port) for every process"
+            )
+    return DistInfo(rank=rank[1], world_size=world[1], local_rank=local[1], local_world_size=local_world[1])
 
 
 def replica_gpus(spec: str, info: DistInfo, cuda_count: int) -> str:
     """The ``--gpus`` value of this replica: ``auto`` resolved, then offset by its local rank.
 
-    ``cuda_count`` is passed in (not read here) so the rule is testable on a CPU machine.
+    ``auto`` never falls back to the CPU when GPUs are visible, nor trains several replicas on the
+    CPU: those need ``--gpus cpu`` given explicitly. ``cuda_count`` is passed in (not read here) so
+    the rule is testable on a CPU machine.
     """
     spec = spec.strip().lower()
     if spec == "auto":
-        per_replica = cuda_count // max(info.local_world_size, 1)
+        local = max(info.local_world_size, 1)
+        per_replica = cuda_count // local
+        if cuda_count and not per_replica:
+            raise AlexnetError(
+                f"--gpus auto: {local} replicas on this node but only {cuda_count} GPU(s) visible; launch at most "
+                f"{cuda_count} per node, or give --gpus cpu to train on the CPU"
+            )
+        if not cuda_count and info.enabled:
+            raise AlexnetError(
+                f"--gpus auto: {info.world_size} processes but no GPU visible (check CUDA_VISIBLE_DEVICES); "
+                "give --gpus cpu to train the replicas on the CPU"
+            )
         spec = "0,1" if per_replica >= 2 else "0" if per_replica == 1 else "cpu"
     if spec == "cpu" or info.local_rank == 0:
         return spec
