@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench image-test clean
 
 # Exact versions from constraints.txt. torch first, so pip takes the local CPU build instead of the
 # multi-GB CUDA wheels; then the package with the CUDA 13 DALI build (CPU-only mode here; pillow-simd
@@ -28,6 +28,10 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# docker/Dockerfile's CPU variant built with podman and the main path run inside it (root; ~10-20 min).
+image-test:
+	docker/build_and_test.sh
 
 lint: install
 	$(BIN)/ruff check .

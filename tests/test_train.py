@@ -479,6 +479,21 @@ def test_cli_resume_without_a_checkpoint_starts_the_run(train_data, tmp_path):
     assert ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
 
 
+def test_alerts_reach_the_console_and_metrics(train_data, tmp_path, capsys):
+    """The trainer wires LossWatch in: a band wide enough that any loss is 'near chance' (2 intervals)
+    and a factor low enough that any rise counts as 'exploding' raise one line each, once."""
+    from alexnet.trainer.train import train
+
+    run = tmp_path / "run"
+    train(_cfg(train_data, run, max_steps=4, stall_intervals=2, stall_band=10.0, explode_factor=1e-9))
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert text.count("warning: the training loss has stayed within") == 1
+    assert text.count("its first logged value") == 1 and "docs/TRAINING.md#a-stalled-run" in text
+    alerts = [(x["alert"], x["step"]) for x in _lines(run) if x["kind"] == "alert"]
+    assert alerts == [("exploding", 1), ("stalled", 2)]
+
+
 def test_default_retention_keeps_three_epoch_checkpoints():
     assert TrainConfig().keep_epochs == 3
 
@@ -493,7 +508,10 @@ def test_run_directory_contents(uninterrupted):
     lines = _lines(run)
     train_lines = [x for x in lines if x["kind"] == "train"]
     evals = [x for x in lines if x["kind"] == "eval"]
-    assert {"step", "epoch", "loss", "lr", "images_per_s"} <= train_lines[0].keys()
+    assert {"step", "epoch", "loss", "lr", "images_per_s", "weight_norm", "grad_norm"} <= train_lines[0].keys()
+    from alexnet.trainer.model import LEARNED_LAYERS
+
+    assert list(train_lines[0]["weight_norm"]) == list(train_lines[0]["grad_norm"]) == list(LEARNED_LAYERS)
     assert [x["step"] for x in train_lines] == list(range(1, STEPS + 1))
     assert len(evals) == 1 and evals[0]["epoch"] == 1 and evals[0]["step"] == 4 and evals[0]["ten_crop"] is False
     assert evals[0]["images"] == 8 and 0 <= evals[0]["top5_err"] <= evals[0]["top1_err"] <= 1
