@@ -5,13 +5,14 @@ momentum 0.9, weight decay 5e-4 on the weights, the §5 init, the plateau schedu
 paper ran it. Two runs side by side, identical but for the response normalisation:
 ``--lrn authors`` (the default, alpha / 5 as the authors' code computed it) and ``--lrn paper-text``.
 
-The sample is the demo's (``make-sample --classes 10 --train-per-class 100 --val-per-class 20``,
-with ImageNet's awkward files), built with the real tools. Each run logs the loss every step and
-evaluates the centre crop at every epoch end (7 steps). The script prints the curves in numbers and
+The sample is drawn by ``make-sample`` (10 classes, with ImageNet's awkward files) and built with the
+real tools: by default 500 training and 50 validation images per class; ``--train-per-class 100
+--val-per-class 20`` is the demo's sample. Each run logs the loss every step and
+evaluates the centre crop at every epoch end. The script prints the curves in numbers and
 writes ``recipe_check.png`` (loss and val error of both runs) and ``recipe_check.json``.
 
     .venv/bin/python benchmarks/recipe_check.py                 # 120 steps each, about 30 min on 2 cores
-    .venv/bin/python benchmarks/recipe_check.py --steps 40      # shorter
+    .venv/bin/python benchmarks/recipe_check.py --train-per-class 100 --val-per-class 20 --out demo_sample.png
 
 Interrupted, it resumes: the same command continues each run from its last checkpoint.
 """
@@ -30,7 +31,6 @@ import click
 from alexnet.trainer.plots import Axes, Series, hstack, line_plot
 
 ROOT = Path(__file__).resolve().parent
-SAMPLE_ARGS = ("--classes", "10", "--train-per-class", "100", "--val-per-class", "20", "--awkward")
 FORMS = ("authors", "paper-text")
 COLOURS = {"authors": (0, 114, 178), "paper-text": (213, 94, 0)}
 
@@ -45,10 +45,11 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> None:
     subprocess.run(args, check=True, env={**os.environ, **(env or {})})
 
 
-def build_sample(work: Path) -> Path:
+def build_sample(work: Path, train_per_class: int, val_per_class: int) -> Path:
     sample, data = work / "sample", work / "data"
     if not (sample / "sample_info.json").exists():
-        _run([_bin("alexnet-prep"), "make-sample", str(sample), *SAMPLE_ARGS])
+        _run([_bin("alexnet-prep"), "make-sample", str(sample), "--classes", "10", "--awkward",
+              "--train-per-class", str(train_per_class), "--val-per-class", str(val_per_class)])  # fmt: skip
     if not (data / "stats.json").exists():
         _run([_bin("alexnet-prep"), "build-lmdb", str(sample), "--data-dir", str(data)])
         _run([_bin("alexnet-prep"), "pca-stats", "--data-dir", str(data)])
@@ -108,12 +109,15 @@ def figure(results: dict[str, dict], out: Path, num_classes: int) -> None:
               default=Path.home() / ".cache" / "alexnet" / "recipe-check", show_default=True,
               help="Sample, dataset and runs (reused and resumed).")  # fmt: skip
 @click.option("--steps", type=click.IntRange(min=1), default=120, show_default=True, help="Optimiser steps per run.")
+@click.option("--train-per-class", type=click.IntRange(min=13), default=500, show_default=True)
+@click.option("--val-per-class", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "recipe_check.png",
               show_default=True)  # fmt: skip
-def main(work: Path, steps: int, threads: int, out: Path) -> None:
+def main(work: Path, steps: int, train_per_class: int, val_per_class: int, threads: int, out: Path) -> None:
     """Train the paper's recipe from scratch on the CPU with both LRN forms and print the curves."""
-    data = build_sample(work)
+    work = work / f"sample-{train_per_class}-{val_per_class}"
+    data = build_sample(work, train_per_class, val_per_class)
     results = {}
     for lrn in FORMS:
         run = work / f"run-{lrn}-{steps}"

