@@ -226,6 +226,7 @@ class SplitInfo:
 class Manifest:
     classes: list[str]
     splits: dict[str, SplitInfo]
+    class_names: list[str] = field(default_factory=list)  # readable names beside classes; [] if the source had none
     build: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, str]] = field(default_factory=list)
@@ -260,6 +261,7 @@ class Manifest:
         return cls(
             classes=list(d["classes"]),
             splits=splits,
+            class_names=list(d.get("class_names", [])),
             build=dict(d.get("build", {})),
             source=dict(d.get("source", {})),
             rejected=list(d.get("rejected", [])),

@@ -51,7 +51,7 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import data_dir_option
-from alexnet.tools.layouts import VAL_LAYOUTS
+from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
 
 # Decode at reduced DCT scale only while the decoded shorter side stays >= this many times
 # RESIZE_SHORTER; the final antialiased resize then still reduces by >= 2x, which keeps the
@@ -442,7 +442,8 @@ def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
 
     Tasks are made only when dispatched, so at most a few shards' file lists exist at a time.
     """
-    manifest = A.Manifest(classes=source.classes, splits={}, complete=False)
+    names = read_class_names(source.root, source.classes)
+    manifest = A.Manifest(classes=source.classes, splits={}, class_names=names, complete=False)
     plans: list[ShardPlan] = []
     orders, labels = {}, {}
     for name, split in source.splits.items():

@@ -76,6 +76,25 @@ class DatasetSource:
     notes: tuple[str, ...] = ()  # things worth telling the user (a split not found, labels without files)
 
 
+# Files that name the classes ("<wnid> <name>" per line), looked for at the source root.
+CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "synsets.txt")
+
+
+def read_class_names(src: Path, classes: list[str]) -> list[str]:
+    """Readable names aligned with ``classes`` from the first of ``CLASS_NAME_FILES`` at ``src``;
+    [] when there is none (a class missing from the file gets its wnid)."""
+    for name in CLASS_NAME_FILES:
+        path = Path(src) / name
+        if path.is_file():
+            names = {}
+            for line in path.read_text(errors="replace").splitlines():
+                wnid, _, text = line.strip().partition(" ")
+                if wnid:
+                    names[wnid] = text.strip() or wnid
+            return [names.get(w, w) for w in classes]
+    return []
+
+
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 

@@ -81,6 +81,15 @@ def class_wnids(num_classes: int) -> list[str]:
     return sorted(wnids)
 
 
+HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "purple", "magenta")
+
+
+def class_name(label: int, num_classes: int) -> str:
+    """A readable name for a class: its hue and shape ("orange square")."""
+    hue = label / num_classes
+    return f"{HUE_NAMES[round(hue * len(HUE_NAMES)) % len(HUE_NAMES)]} {SHAPES[label % len(SHAPES)]}"
+
+
 def _class_style(label: int, num_classes: int) -> tuple[np.ndarray, str]:
     hue = label / num_classes  # evenly spaced hues; neighbouring labels also differ in shape
     rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.9)) * 255.0
@@ -246,12 +255,15 @@ def make_sample(
         info.val_labels[name] = wnids[label]
         info.val_images += 1
 
+    # Class names as ImageNet's LOC_synset_mapping.txt gives them (build-lmdb records them).
+    (root / "LOC_synset_mapping.txt").write_text(
+        "".join(f"{w} {class_name(i, num_classes)}\n" for i, w in enumerate(wnids))
+    )
     names = list(info.val_labels)
     if val_format == "kaggle":
         lines = ["ImageId,PredictionString"]
         lines += [f"{Path(nm).stem},{info.val_labels[nm]} 10 10 100 100" for nm in names]
         (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
-        (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
     elif val_format == "devkit":
         # ILSVRC2012_IDs in a shuffled order, so that ID order != sorted-wnid order (as in the real devkit).
         id_order = np.random.default_rng([seed, 3]).permutation(num_classes)

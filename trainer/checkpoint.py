@@ -174,3 +174,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise AlexnetError(f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}")
     return ckpt
+
+
+def dataset_entry(manifest, mean_image) -> dict[str, Any]:
+    """A checkpoint's ``dataset`` entry: what inference needs besides the weights (classes, their
+    names, the mean image), so that predict and export work without the dataset."""
+    return {
+        "classes": list(manifest.classes),
+        "class_names": list(manifest.class_names),
+        "mean_image": torch.from_numpy(np.ascontiguousarray(mean_image, dtype=np.float32)),
+    }

@@ -18,7 +18,11 @@ from alexnet.pipeline.cli_common import LazyGroup, data_dir_option, version_opti
 from .config import CONFIG_FILE, MEAN_MODES, SCHEDULES, TrainConfig, merge_for_resume
 from .stop import exit_status
 
-COMMANDS = {"report": "alexnet.trainer.report:report_command"}
+COMMANDS = {
+    "report": "alexnet.trainer.report:report_command",
+    "predict": "alexnet.trainer.infer_cli:predict_command",
+    "export": "alexnet.trainer.infer_cli:export_command",
+}
 
 EPILOG = """\b
 Examples:
@@ -30,6 +34,8 @@ Examples:
   alexnet-train --eval-only --ten-crop --checkpoint runs/a/checkpoints/best.pt
   alexnet-train --benchmark --gpus 0 --bf16                    # images/s: synthetic vs pipeline
   alexnet-train report runs/a                                  # figures and report.md
+  alexnet-train predict --checkpoint runs/a/checkpoints/best.pt photo.jpg   # top-5 classes
+  alexnet-train export --checkpoint runs/a/checkpoints/best.pt --out alexnet.pt2
   torchrun --nproc-per-node 2 -m alexnet.trainer.cli --gpus 0,1   # 2 replicas x 2 GPUs (DDP)
 """
 

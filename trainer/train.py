@@ -45,7 +45,13 @@ import torch.nn.functional as F
 
 from alexnet.pipeline import constants as C
 from alexnet.pipeline import dali
-from alexnet.pipeline.artifacts import AlexnetError, atomic_write_bytes, atomic_write_json, read_manifest
+from alexnet.pipeline.artifacts import (
+    AlexnetError,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_manifest,
+    read_mean_image,
+)
 from alexnet.pipeline.loader import LoaderStateMismatch
 
 from . import checkpoint as ckpt_io
@@ -559,6 +565,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     val_loader = None
     state = _State()
     watch = LossWatch(num_classes, config.stall_intervals, config.stall_band, config.explode_factor)
+    inference_entry = ckpt_io.dataset_entry(manifest, read_mean_image(data_dir)) if info.is_main else None
 
     if config.resume:
         ck = ckpt_io.load_checkpoint(last_path)
@@ -623,6 +630,7 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
             "last_eval": state.last_eval,
             "elapsed_s": state.elapsed_before + time.monotonic() - t0,
             "loss_watch": watch.state_dict(),
+            "dataset": inference_entry,  # classes, names, mean image: predict and export need no --data-dir
             "reason": reason,
         }
         if epoch_end:

@@ -1,0 +1,187 @@
+"""predict and export on a real (tiny) trained run: numpy references, the evaluation's ten patches,
+the JSON output, bad inputs, and the exported file loaded by plain PyTorch in a clean process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.trainer import checkpoint as ckpt_io
+from alexnet.trainer.config import TrainConfig
+from alexnet.trainer.predict import load_predictor, patches, predict, stored_crop
+from alexnet.trainer.train import average_patch_softmax
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A dataset and a checkpoint after 3 training steps (the checkpoint carries classes and mean)."""
+    from _train_fixtures import write_dataset
+
+    from alexnet.trainer.train import train
+
+    base = tmp_path_factory.mktemp("predict")
+    data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=2)
+    cfg = TrainConfig(data_dir=str(data), run_dir=str(base / "run"), gpus="cpu", batch_size=4, epochs=0,
+                      max_steps=3, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0)  # fmt: skip
+    train(cfg)
+    return data, base / "run" / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def val_files(run, tmp_path_factory):
+    """Each val record's stored JPEG written to a file: {record position: path}."""
+    data, _ = run
+    out = tmp_path_factory.mktemp("val_files")
+    files = {}
+    for key, datum in A.iter_records(data, "val"):
+        position, _ = A.parse_key(key)
+        files[position] = out / f"{position}.jpg"
+        files[position].write_bytes(datum.data)
+    return files
+
+
+def _photo(path: Path, size=(300, 200), seed=0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path, quality=92)
+    return path
+
+
+def test_predict_is_the_models_forward_pass_on_the_papers_preprocessing(run, tmp_path):
+    data, ckpt = run
+    pred = load_predictor(ckpt, None, torch.device("cpu"))  # no --data-dir: the checkpoint carries it all
+    assert pred.classes == A.read_manifest(data).classes
+    np.testing.assert_array_equal(pred.mean_image, A.read_mean_image(data))
+    path = _photo(tmp_path / "a.jpg")
+    image = stored_crop(path)
+    assert image.shape == (256, 256, 3)
+    # numpy reference of the centre patch: (image - mean) at rows/columns 16..239, CHW
+    ref = (image - pred.mean_image)[16:240, 16:240].transpose(2, 0, 1)
+    np.testing.assert_array_equal(patches(image, pred.mean_image, False)[0], ref)
+    with torch.no_grad():
+        expected = torch.softmax(pred.model(torch.from_numpy(ref[None].copy())), dim=1)[0]
+    (rec,) = list(predict(pred, [path], ten_crop=False, batch_size=4))
+    assert [t["wnid"] for t in rec["top5"]] == [pred.classes[i] for i in expected.argsort(descending=True)[:4]]
+    for t in rec["top5"]:
+        assert t["prob"] == pytest.approx(expected[pred.classes.index(t["wnid"])].item(), abs=1e-6)
+
+
+def test_ten_crop_prediction_equals_the_evaluations_ten_patches(run, val_files):
+    """The evaluation pipeline's ten patches (DALI) of each val record against predict's ten patches of
+    the same stored JPEG: the same cuts in the same order (up to the two decoders' pixels), and the
+    same averaged softmax."""
+    from alexnet.pipeline.loader import LoaderConfig, create_loader
+
+    data, ckpt = run
+    pred = load_predictor(ckpt, None, torch.device("cpu"))
+    loader = create_loader(data, "val", LoaderConfig(batch_size=4, ten_crop=True, with_draws=True, num_threads=1))
+    seen = 0
+    for images, _labels, draws in loader:
+        with torch.no_grad():
+            eval_probs = average_patch_softmax(pred.model(images.flatten(0, 1)), C.TEN_CROP)
+        for row, position in enumerate(draws["index"].tolist()):
+            mine = patches(stored_crop(val_files[position]), pred.mean_image, True)
+            diff = np.abs(mine - images[row].numpy())
+            assert diff.mean() < 1.0, (position, diff.mean())  # a wrong cut or order is tens of levels off
+            (rec,) = list(predict(pred, [val_files[position]], ten_crop=True, batch_size=1))
+            for t in rec["top5"]:
+                assert t["prob"] == pytest.approx(eval_probs[row, pred.classes.index(t["wnid"])].item(), abs=2e-3)
+            seen += 1
+    assert seen == len(val_files) == 8
+
+
+def test_cli_json_lines_parse_and_bad_files_get_one_line_each(run, tmp_path):
+    from alexnet.trainer.cli import main
+
+    _, ckpt = run
+    good = _photo(tmp_path / "good.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    args = ["predict", "--checkpoint", str(ckpt), "--gpus", "cpu", "--json",
+            str(good), str(tmp_path / "notes.txt"), str(tmp_path / "missing.jpg")]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output  # some files failed; the others were predicted
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [Path(x["path"]).name for x in lines] == ["good.jpg", "notes.txt", "missing.jpg"]
+    assert len(lines[0]["top5"]) == 4 and abs(sum(t["prob"] for t in lines[0]["top5"]) - 1) < 1e-5
+    assert "not an image" in lines[1]["error"] and "cannot read" in lines[2]["error"]
+    r = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--gpus", "cpu", str(good)])
+    assert r.exit_code == 0 and "good.jpg" in r.output and "%" in r.output
+
+
+def test_checkpoint_with_another_class_count_is_one_line(run, tmp_path):
+    from alexnet.trainer.cli import main
+
+    _, ckpt = run
+    ck = ckpt_io.load_checkpoint(ckpt)
+    ck["dataset"]["classes"] = ck["dataset"]["classes"][:3]
+    bad = tmp_path / "bad.pt"
+    ckpt_io.save_checkpoint(bad, ck)
+    with pytest.raises(AlexnetError, match="4 output classes but its class list has 3"):
+        load_predictor(bad, None, torch.device("cpu"))
+    r = CliRunner().invoke(
+        main, ["predict", "--checkpoint", str(bad), "--gpus", "cpu", str(_photo(tmp_path / "x.jpg"))]
+    )
+    assert r.exit_code != 0 and "Traceback" not in r.output and "class list has 3" in r.output
+
+
+CLEAN_LOAD = r"""
+import sys
+root = sys.argv[1]
+sys.path = [p for p in sys.path if p not in ("", ".") and "__editable__" not in p
+            and not (p.startswith(root) and "site-packages" not in p)]
+sys.meta_path = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+sys.path_importer_cache.clear()
+try:
+    import alexnet  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("the project is importable: the check would prove nothing")
+import base64, io, json
+import numpy as np
+import torch
+extra = {"alexnet.json": ""}
+program = torch.export.load(sys.argv[2], extra_files=extra)
+meta = json.loads(extra["alexnet.json"])
+mean = np.load(io.BytesIO(base64.b64decode(meta["mean_image_npy_b64"])))
+batch = torch.load(sys.argv[3])
+out = program.module()(batch)
+torch.save({"probs": out, "classes": meta["classes"], "mean": torch.from_numpy(mean),
+            "crop": meta["crop_size"]}, sys.argv[4])
+"""
+
+
+def test_export_runs_in_plain_pytorch_without_the_package(run, tmp_path):
+    from alexnet.trainer.cli import main
+
+    _, ckpt = run
+    out = tmp_path / "alexnet.pt2"
+    r = CliRunner().invoke(main, ["export", "--checkpoint", str(ckpt), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    pred = load_predictor(ckpt, None, torch.device("cpu"))
+    batch = torch.randn(3, 3, C.CROP_SIZE, C.CROP_SIZE, generator=torch.Generator().manual_seed(0)) * 50
+    torch.save(batch, tmp_path / "batch.pt")
+    script = tmp_path / "load.py"
+    script.write_text(CLEAN_LOAD)
+    res = subprocess.run([sys.executable, str(script), str(ROOT), str(out), str(tmp_path / "batch.pt"),
+                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    got = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        expected = torch.softmax(pred.model(batch), dim=1)
+    torch.testing.assert_close(got["probs"], expected, rtol=0, atol=1e-5)
+    assert got["classes"] == pred.classes and got["crop"] == C.CROP_SIZE
+    np.testing.assert_array_equal(got["mean"].numpy(), pred.mean_image)

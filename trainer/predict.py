@@ -1,0 +1,134 @@
+"""The trained network on users' own photos: ``alexnet-train predict`` and the pieces ``export`` reuses.
+
+Preprocessing is the paper's (§2, §4.1): decode to RGB, shorter side 256 and the central 256x256
+patch (the builder's own resize, without its JPEG re-encoding), subtract the dataset's mean image,
+then the central 224x224 patch, or with ``ten_crop`` the ten patches of the evaluation (four
+corners and centre, each mirrored) whose softmax outputs are averaged.
+
+What a checkpoint needs besides its weights (class list, names, mean image) comes from the
+checkpoint when it carries them (its ``dataset`` entry, :func:`checkpoint.dataset_entry`) and else from
+``--data-dir``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alexnet.pipeline import artifacts as A
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.artifacts import AlexnetError
+
+from . import checkpoint as ckpt_io
+from .model import AlexNet
+from .train import average_patch_softmax
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_OFF = C.STORED_SIZE - C.CROP_SIZE  # 32
+# Top-left corners of the ten patches, in the order of the evaluation pipeline (TEN_CROP_ORDER):
+# top-left, top-right, bottom-left, bottom-right, centre; then the same five mirrored.
+PATCH_CORNERS = ((0, 0), (_OFF, 0), (0, _OFF), (_OFF, _OFF), (_OFF // 2, _OFF // 2))
+
+
+@dataclass
+class Predictor:
+    model: AlexNet
+    classes: list[str]
+    names: list[str]
+    mean_image: np.ndarray  # (256, 256, 3) float32, RGB, 0-255
+
+    def name(self, i: int) -> str:
+        return self.names[i] if self.names else self.classes[i]
+
+
+def load_predictor(checkpoint: Path, data_dir: Path | None, device: torch.device) -> Predictor:
+    """The checkpoint's network in eval mode with its classes and mean image; one line on a mismatch."""
+    ck = ckpt_io.load_checkpoint(checkpoint)
+    lrn = (ck.get("config") or {}).get("lrn", C.DEFAULT_LRN)
+    model = AlexNet.from_state_dict(ck["model"], devices=device, lrn=lrn).eval()
+    entry = ck.get("dataset")
+    if entry is None:
+        if data_dir is None or not (Path(data_dir) / A.MANIFEST_FILE).exists():
+            raise AlexnetError(f"{checkpoint} carries no class list or mean image: give --data-dir of its dataset")
+        manifest = A.read_manifest(Path(data_dir))
+        entry = ckpt_io.dataset_entry(manifest, A.read_mean_image(Path(data_dir)))
+    classes, names = list(entry["classes"]), list(entry.get("class_names") or [])
+    if len(classes) != model.num_classes:
+        raise AlexnetError(f"{checkpoint} has {model.num_classes} output classes but its class list has {len(classes)}")
+    mean = entry["mean_image"]
+    mean = mean.numpy() if isinstance(mean, torch.Tensor) else np.asarray(mean, dtype=np.float32)
+    return Predictor(model, classes, names, mean)
+
+
+def stored_crop(path: Path) -> np.ndarray:
+    """§2: an image file as the dataset stores it, (256, 256, 3) float32 RGB. Raises AlexnetError."""
+    from alexnet.tools.build_lmdb import Rejected, decode_image, resize_centre_crop
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise AlexnetError(f"cannot read: {e.strerror or e}") from None
+    try:
+        image = resize_centre_crop(decode_image(data))
+    except Rejected as e:
+        raise AlexnetError(str(e)) from None
+    return np.asarray(image, dtype=np.float32)
+
+
+def patches(image: np.ndarray, mean_image: np.ndarray, ten_crop: bool) -> np.ndarray:
+    """(P, 3, 224, 224) float32, mean subtracted: the centre patch, or the ten patches of §4.1."""
+    centred = image - mean_image
+    corners = PATCH_CORNERS if ten_crop else PATCH_CORNERS[-1:]
+    cuts = [centred[y : y + C.CROP_SIZE, x : x + C.CROP_SIZE] for x, y in corners]
+    if ten_crop:
+        cuts += [cut[:, ::-1] for cut in cuts]
+    return np.stack(cuts).transpose(0, 3, 1, 2).copy()
+
+
+@torch.no_grad()
+def probabilities(model: AlexNet, batch: np.ndarray, per_image: int) -> torch.Tensor:
+    """Softmax outputs [B, K] of a batch of patches [B * per_image, 3, 224, 224], averaged per image."""
+    logits = model(torch.from_numpy(batch))
+    return average_patch_softmax(logits, per_image).cpu()
+
+
+def image_files(inputs: list[Path]) -> list[Path]:
+    """Files given, and the image files under directories given (sorted, recursive)."""
+    out: list[Path] = []
+    for p in inputs:
+        if Path(p).is_dir():
+            out += sorted(f for f in Path(p).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(Path(p))
+    return out
+
+
+def predict(pred: Predictor, files: list[Path], *, ten_crop: bool, batch_size: int, progress=None):
+    """Yield one dict per file, in order: ``{"path", "top5": [{"wnid", "name", "prob"}]}`` or ``{"path", "error"}``."""
+    per_image = C.TEN_CROP if ten_crop else 1
+    k = min(5, len(pred.classes))
+    for start in range(0, len(files), batch_size):
+        chunk, ready, results = files[start : start + batch_size], [], {}
+        for path in chunk:
+            try:
+                ready.append((path, patches(stored_crop(path), pred.mean_image, ten_crop)))
+            except AlexnetError as e:
+                results[path] = {"path": str(path), "error": str(e)}
+        if ready:
+            probs = probabilities(pred.model, np.concatenate([p for _, p in ready]), per_image)
+            top = probs.topk(k, dim=1)
+            for (path, _), values, indices in zip(ready, top.values, top.indices, strict=True):
+                results[path] = {
+                    "path": str(path),
+                    "top5": [
+                        {"wnid": pred.classes[i], "name": pred.name(i), "prob": round(float(v), 6)}
+                        for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+                    ],
+                }
+        for path in chunk:
+            if progress is not None:
+                progress.update(1)
+            yield results[path]
