@@ -185,3 +185,36 @@ def test_export_runs_in_plain_pytorch_without_the_package(run, tmp_path):
     torch.testing.assert_close(got["probs"], expected, rtol=0, atol=1e-5)
     assert got["classes"] == pred.classes and got["crop"] == C.CROP_SIZE
     np.testing.assert_array_equal(got["mean"].numpy(), pred.mean_image)
+
+
+def test_nearest_neighbours_equal_a_numpy_brute_force():
+    from alexnet.trainer.figure4 import nearest
+
+    rng = np.random.default_rng(0)
+    pool, queries = rng.normal(size=(40, 16)), rng.normal(size=(5, 16))
+    d = ((queries[:, None, :] - pool[None, :, :]) ** 2).sum(-1)  # squared Euclidean, by hand
+    expected = np.argsort(d, axis=1, kind="stable")[:, :6]
+    got = nearest(torch.from_numpy(queries).float(), torch.from_numpy(pool).float()).numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_report_draws_both_figure4_panels_and_the_class_table(run, tmp_path):
+    from PIL import Image
+
+    from alexnet.trainer.figure4 import run_split
+    from alexnet.trainer.report import build_report
+
+    data, ckpt = run
+    res = build_report(ckpt.parent.parent, tmp_path / "report")
+    for name in ("figure4_predictions", "figure4_neighbours"):
+        with Image.open(res.images[name]) as im:
+            assert im.width > 300 and im.height > 150
+    f = res.figure4
+    assert f["val_images"] == 8 and f["train_searched"] == 16
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "figure4_neighbours.png" in md and "| class | name | images | top-1 error |" in md
+    # the table's errors are the centre-crop argmax errors of the same sample
+    pred = load_predictor(ckpt, None, torch.device("cpu"))
+    val = run_split(pred, data, "val", 1000)
+    wrong = (val.probs.argmax(1).numpy() != val.labels).mean()
+    assert np.isclose(sum(n * e for _, _, n, e in f["class_errors"]) / 8, wrong)

@@ -377,6 +377,7 @@ class ReportResult:
     training_time_s: float | None
     images_per_s: float | None
     notes: list[str]
+    figure4: dict | None = None  # trainer/figure4.py: panel paths, sample sizes, per-class errors
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -483,6 +484,9 @@ def build_report(
     else:
         notes.append("no preview sheet (alexnet-prep preview --out preview.npz writes one; pass --preview)")
 
+    figure4 = _figure4(ckpt_path if state is not None else None, config, out_dir, notes)
+    if figure4:
+        images["figure4_predictions"], images["figure4_neighbours"] = figure4["predictions"], figure4["neighbours"]
     ips = _finite(r.get("images_per_s") for r in metrics.train)
     result = ReportResult(
         out_dir=out_dir,
@@ -493,6 +497,7 @@ def build_report(
         training_time_s=training_time_s(metrics.train),
         images_per_s=statistics.median(ips) if ips else None,
         notes=notes,
+        figure4=figure4,
     )
     _write(out_dir / "report.md", render_markdown(result, run_dir, metrics, config).encode())
     return result
@@ -501,6 +506,34 @@ def build_report(
 def make_report(run_dir: Path, out_dir: Path | None = None, preview_png: Path | None = None) -> Path:
     """Write the report folder for ``run_dir``; returns the folder (``report.md`` inside)."""
     return build_report(run_dir, out_dir, preview_png).out_dir
+
+
+def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, notes: list[str]) -> dict | None:
+    """Figure 4's panels and the per-class table, when the checkpoint and its dataset are at hand."""
+    data_dir = _find_key(config, "data_dir")
+    if ckpt_path is None or not data_dir or not (Path(data_dir) / "manifest.json").exists():
+        notes.append("Figure 4 needs the run's checkpoint and its dataset (config.json's data_dir): left out")
+        return None
+    import torch
+
+    from .figure4 import make_figure4
+    from .predict import load_predictor
+
+    pred = load_predictor(ckpt_path, Path(data_dir), torch.device("cpu"))
+    return make_figure4(pred, Path(data_dir), out_dir)
+
+
+def _figure4_markdown(f: dict, rel) -> list[str]:
+    lines = ["## Figure 4 (§6.1) and per-class error", "",
+             f"![Figure 4, left: validation images with their top-5]({rel(f['predictions'])})", "",
+             f"![Figure 4, right: nearest training images in fc7 space]({rel(f['neighbours'])})", "",
+             f"Neighbours searched among the first {f['train_searched']} training records (a bounded sample, so "
+             f"that the report stays fast); per-class error on the first {f['val_images']} validation records, "
+             "centre crop. The ten worst classes:", "",
+             "| class | name | images | top-1 error |", "|---|---|---|---|"]  # fmt: skip
+    for wnid, name, n, err in f["class_errors"][:10]:
+        lines.append(f"| {wnid} | {name} | {n} | {_pct(err)} |")
+    return lines + [""]
 
 
 def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: dict[str, Any]) -> str:
@@ -546,7 +579,7 @@ def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: 
             lines.append(f"- {key}: {v}")
     for alert in metrics.alerts:
         lines.append(f"- step {alert.get('step')}: {alert.get('message')}")
-    lines += ["", "## Figures", ""]
+    lines += [""] + (_figure4_markdown(res.figure4, rel) if res.figure4 else []) + ["## Figures", ""]
     captions = {
         "curves": "Training curves: loss, error, learning rate",
         "loss": "Training loss",
@@ -554,6 +587,8 @@ def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: 
         "lr": "Learning rate",
         "conv1_kernels": "conv1 kernels, one block per column (paper Figure 3)",
         "preview": "Augmentation preview: the batch the network sees",
+        "figure4_predictions": "Figure 4, left: validation images with their top-5",
+        "figure4_neighbours": "Figure 4, right: nearest training images in fc7 space",
     }
     for key in ("curves", "conv1_kernels", "preview"):
         if key in res.images:
