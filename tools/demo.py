@@ -2,7 +2,7 @@
 
 Runs the same commands a user runs on ImageNet, in order, each printed before it runs:
 make-sample -> build-lmdb -> verify -> pca-stats -> preview -> alexnet-train (CPU) ->
-ten-patch evaluation -> report. Finishes in minutes on a 2-core machine.
+ten-patch evaluation -> report (with Figure 4) -> predict on two image files -> export. Finishes in minutes on a 2-core machine.
 
     python -m alexnet.tools.demo --out demo [--steps 49]
 """
@@ -79,6 +79,14 @@ def main(out: Path, steps: int, fresh: bool) -> None:
     _run([train, "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu", "--eval-only", "--ten-crop",
           "--threads", "1", "--checkpoint", str(run / "checkpoints" / "last.pt")], log, CPU_ENV)  # fmt: skip
     _run([train, "report", str(run), "--out", str(report), "--preview", str(out / "preview.png")], log)
+    firsts: dict[Path, Path] = {}  # the trained model on two image files of two classes
+    for f in sorted((sample / "val").rglob("*.JPEG")):
+        firsts.setdefault(f.parent, f)
+    examples = list(firsts.values())[:2]
+    _run([train, "predict", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--gpus", "cpu",
+          *map(str, examples)], log, CPU_ENV)  # fmt: skip
+    _run([train, "export", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", str(out / "alexnet.pt2")],
+         log, CPU_ENV)  # fmt: skip
 
     (out / "commands.txt").write_text("\n".join(log) + "\n")
     click.secho(f"\ndemo finished in {(time.monotonic() - t0) / 60:.1f} min", bold=True)
