@@ -114,6 +114,16 @@ def test_only_rank0_writes_and_checkpoint_records_both_replicas(uninterrupted):
     assert train_steps == sorted(set(train_steps))  # one writer: no duplicated lines
 
 
+def _resume_and_compare(ddp_data: Path, run: Path, uninterrupted: Path, out: Path) -> None:
+    """Resume ``run`` to the end; its final weights equal the uninterrupted run's, bitwise."""
+    r = _launch(_config(ddp_data, run, resume=True), out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]
+    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     # checkpoint every 3 steps; crash at step 4, before epoch 2's end: resume from mid-epoch step 3
@@ -121,12 +131,7 @@ def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_pa
     assert r.returncode != 0
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ck["step"], ck["batch_in_epoch"]) == (3, 1)
-    r = _launch(_config(ddp_data, run, resume=True), tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]
-    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)
 
 
 def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninterrupted, tmp_path):
@@ -139,9 +144,4 @@ def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninter
     assert [(s["stop_reason"], s["steps"]) for s in summaries] == [("signal", 3)] * WORLD
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ck["step"], ck["batch_in_epoch"], len(ck["ranks"]), ck["reason"]) == (3, 1, WORLD, "signal")
-    r = _launch(_config(ddp_data, run, resume=True), tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]
-    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)

