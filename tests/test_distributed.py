@@ -135,13 +135,15 @@ def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_pa
 
 
 def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninterrupted, tmp_path):
-    """A real SIGTERM to replica 1 alone at step 3 (mid-epoch): both replicas stop at the same step
-    with one consistent checkpoint holding both loader positions; --resume ends bitwise equal."""
+    """A real SIGTERM to replica 1 alone at step 3 (mid-epoch, between log points): replica 0 goes on
+    until the replicas next agree (the end of epoch 2 at step 4), both stop there with one consistent
+    checkpoint holding both loader positions, and --resume ends bitwise equal."""
     run = tmp_path / "run"
-    r = _launch(_config(ddp_data, run), tmp_path, term_at=3)
+    r = _launch(_config(ddp_data, run, log_every_steps=5), tmp_path, term_at=3)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]  # the worker returns; the CLI exits 143
     summaries = [json.loads((tmp_path / f"summary-rank{k}.json").read_text()) for k in range(WORLD)]
-    assert [(s["stop_reason"], s["steps"]) for s in summaries] == [("signal", 3)] * WORLD
+    assert [(s["stop_reason"], s["steps"]) for s in summaries] == [("signal", 4)] * WORLD
+    assert [s["signal"] for s in summaries] == [None, "SIGTERM"]  # only replica 1 received it
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (ck["step"], ck["batch_in_epoch"], len(ck["ranks"]), ck["reason"]) == (3, 1, WORLD, "signal")
+    assert (ck["step"], ck["batch_in_epoch"], len(ck["ranks"])) == (4, 0, WORLD)
     _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)

@@ -6,7 +6,7 @@ not of those kinds (numpy arrays, numpy scalars, bytes, tuples: the pipeline's p
 numpy/python RNG states) are encoded by :func:`to_safe` into tagged dicts of tensors and decoded
 back exactly by :func:`from_safe`.
 
-Layout (``FORMAT_VERSION`` 1)::
+Layout (``FORMAT_VERSION`` 2; format 1 was written before the paper's dropout and the LRN option)::
 
     format_version  int
     model           canonical state dict (any placement loads it)
@@ -39,7 +39,7 @@ import torch
 
 from alexnet.pipeline.artifacts import AlexnetError, atomic_write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -172,13 +172,22 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = from_safe(raw)
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
-        raise AlexnetError(f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}")
+        raise AlexnetError(
+            f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}"
+            + (" (format 1 was trained with inverted dropout: its network is another function)" if version == 1 else "")
+        )
     return ckpt
 
 
-def dataset_entry(manifest, mean_image) -> dict[str, Any]:
+def dataset_entry(manifest, mean_image, channel_mean=None) -> dict[str, Any]:
     """A checkpoint's ``dataset`` entry: what inference needs besides the weights (classes, their
-    names, the mean image), so that predict and export work without the dataset."""
+    names, the mean to subtract), so that predict and export work without the dataset.
+
+    ``channel_mean`` (RGB): a run trained with ``--mean channel`` subtracts it at every pixel, so the
+    entry's mean image is that colour everywhere.
+    """
+    if channel_mean is not None:
+        mean_image = np.broadcast_to(np.asarray(channel_mean, dtype=np.float32), np.shape(mean_image))
     return {
         "classes": list(manifest.classes),
         "class_names": list(manifest.class_names),

@@ -313,6 +313,11 @@ def main(ctx: click.Context, **opts) -> None:
                 )
         return
 
+    _fit(T, config, given)
+
+
+def _fit(T, config: TrainConfig, given: dict) -> None:
+    """Train (or resume) and exit with 128 + the signal's number when a signal stopped the run."""
     if config.resume:
         run_dir = Path(config.run_dir) if config.run_dir else _newest_run()
         if (run_dir / CONFIG_FILE).exists():  # else nothing was saved yet: train() starts the run
@@ -320,7 +325,7 @@ def main(ctx: click.Context, **opts) -> None:
             config = merge_for_resume(saved, {**given, "run_dir": str(run_dir)})
     s = T.train(config)
     _print_summary(s)
-    if s["stop_reason"] == "signal":  # trainer/stop.py: 128 + the signal's number
+    if s["stop_reason"] == "signal":  # trainer/stop.py
         name = s["signal"] or "SIGTERM"  # a replica stopped by another replica's signal
         click.echo(f"stopped by {name}: continue with the same command and --resume")
         raise SystemExit(exit_status(name))

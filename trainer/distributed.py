@@ -10,8 +10,8 @@ Several nodes (run on every node; node 0's address as the rendezvous endpoint)::
         --rdzv-id alexnet-run1 -m alexnet.trainer.cli --gpus 0,1 --run-dir /shared/runs/run1
 
 Other launchers: under ``srun`` or ``mpirun`` the replica's rank, local rank and local count come
-from SLURM's (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS_PER_NODE`` or
-``SLURM_TASKS_PER_NODE``) or Open MPI's (``OMPI_COMM_WORLD_*``) variables when torchrun's are absent;
+from SLURM's (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_STEP_NUM_TASKS``,
+``SLURM_STEP_TASKS_PER_NODE``) or Open MPI's (``OMPI_COMM_WORLD_*``) variables when torchrun's are absent;
 ``MASTER_ADDR`` and ``MASTER_PORT`` must be exported. A launch where they cannot be found stops
 with one line saying what to set.
 
@@ -73,14 +73,10 @@ class DistInfo:
 
 # Launchers other than torchrun name the local rank and count their own way (srun, mpirun).
 LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
-LOCAL_SIZE_VARS = (
-    "LOCAL_WORLD_SIZE",
-    "SLURM_NTASKS_PER_NODE",
-    "OMPI_COMM_WORLD_LOCAL_SIZE",
-    "MV2_COMM_WORLD_LOCAL_SIZE",
-)
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-WORLD_VARS = ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# SLURM step variables: srun sets them; the batch script of sbatch -n 4 has SLURM_NTASKS=4 but is one process.
+WORLD_VARS = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
 
 def _first_int(env, names: tuple[str, ...]) -> tuple[str, int] | None:
@@ -94,15 +90,15 @@ def _first_int(env, names: tuple[str, ...]) -> tuple[str, int] | None:
 
 
 def _slurm_tasks_on_this_node(env) -> tuple[str, int] | None:
-    """SLURM_TASKS_PER_NODE ("4(x2)" or "4,3,2(x3)") at this node's index SLURM_NODEID (always set by srun)."""
-    text, node = env.get("SLURM_TASKS_PER_NODE", ""), env.get("SLURM_NODEID", "0")
+    """SLURM_STEP_TASKS_PER_NODE ("4(x2)" or "4,3,2(x3)") at this node's index SLURM_NODEID (srun)."""
+    text, node = env.get("SLURM_STEP_TASKS_PER_NODE", ""), env.get("SLURM_NODEID", "0")
     counts: list[int] = []
     for part in filter(None, text.split(",")):
         m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
         if not m:
             return None
         counts += [int(m.group(1))] * int(m.group(2) or 1)
-    return ("SLURM_TASKS_PER_NODE", counts[int(node)]) if node.isdigit() and int(node) < len(counts) else None
+    return ("SLURM_STEP_TASKS_PER_NODE", counts[int(node)]) if node.isdigit() and int(node) < len(counts) else None
 
 
 def dist_info_from_env(env: dict[str, str] | None = None) -> DistInfo:

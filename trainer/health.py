@@ -39,14 +39,15 @@ def layer_norms(model: nn.Module, layers: tuple[str, ...]) -> dict[str, dict[str
     for layer, params in weights.items():
         w = torch.stack([p.detach().float().norm() ** 2 for p in params]).sum().sqrt()
         names.append(("weight_norm", layer))
-        values.append(w.cpu())
+        values.append(w)
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
             g = torch.stack([t.detach().float().norm() ** 2 for t in grads]).sum().sqrt()
             names.append(("grad_norm", layer))
-            values.append(g.cpu())
+            values.append(g)
     out: dict[str, dict[str, float]] = {"weight_norm": {}, "grad_norm": {}}
-    for (kind, layer), v in zip(names, torch.stack(values).tolist(), strict=True):
+    gathered = torch.stack([v.to(values[0].device) for v in values])  # one host copy below
+    for (kind, layer), v in zip(names, gathered.tolist(), strict=True):
         out[kind][layer] = v
     return out
 

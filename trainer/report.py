@@ -45,6 +45,7 @@ from typing import Any
 import click
 import numpy as np
 
+from alexnet.pipeline import artifacts as A
 from alexnet.pipeline.artifacts import AlexnetError
 
 from .plots import Axes, Series, font, hstack, line_plot, text_size
@@ -511,16 +512,24 @@ def make_report(run_dir: Path, out_dir: Path | None = None, preview_png: Path | 
 def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, notes: list[str]) -> dict | None:
     """Figure 4's panels and the per-class table, when the checkpoint and its dataset are at hand."""
     data_dir = _find_key(config, "data_dir")
-    if ckpt_path is None or not data_dir or not (Path(data_dir) / "manifest.json").exists():
-        notes.append("Figure 4 needs the run's checkpoint and its dataset (config.json's data_dir): left out")
+    try:
+        manifest = A.read_manifest(Path(data_dir)) if data_dir and ckpt_path is not None else None
+    except AlexnetError:
+        manifest = None
+    if manifest is None or not all(manifest.splits.get(s) and manifest.splits[s].num_records for s in ("train", "val")):
+        notes.append("Figure 4 needs the run's checkpoint and its dataset with train and val records: left out")
         return None
     import torch
 
     from .figure4 import make_figure4
     from .predict import load_predictor
 
-    pred = load_predictor(ckpt_path, Path(data_dir), torch.device("cpu"))
-    return make_figure4(pred, Path(data_dir), out_dir)
+    try:
+        pred = load_predictor(ckpt_path, Path(data_dir), torch.device("cpu"))
+        return make_figure4(pred, Path(data_dir), out_dir)
+    except AlexnetError as e:
+        notes.append(f"Figure 4 left out: {e}")
+        return None
 
 
 def _figure4_markdown(f: dict, rel) -> list[str]:

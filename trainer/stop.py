@@ -1,8 +1,10 @@
 """Preemption: SIGTERM, SIGUSR1 and Ctrl-C stop a run after its current step, with a checkpoint.
 
 Schedulers send SIGTERM before they kill a job (SLURM can also send SIGUSR1 ahead of a time limit,
-``--signal=USR1@120``); torchrun forwards both, and Ctrl-C reaches every process of the group. The
-first signal only sets a flag. The trainer then finishes the step in flight, and:
+``--signal=USR1@120``). torchrun forwards SIGTERM and SIGINT to its workers, and SIGUSR1 only when
+``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it (export ``SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1``); it
+kills its workers 30 s after forwarding. The first signal only sets a flag. The trainer then
+finishes the step in flight, and:
 
 * in one process, stops after that step;
 * with several replicas, stops at the next log point (every ``--log-every-steps``), where the
@@ -11,7 +13,9 @@ first signal only sets a flag. The trainer then finishes the step in flight, and
 It writes ``checkpoints/last.pt`` (model, optimiser, schedule, every replica's loader position) and
 exits with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C).
 Running the same command with ``--resume`` continues exactly. A second signal exits at once with the
-same status; checkpoints are written atomically, so the previous good one is kept.
+same status; checkpoints are written atomically, so the previous good one is kept. Signals within
+``REPEAT_WINDOW_S`` of the first count as one: a scheduler that signals every process of a job while
+srun or torchrun forwards the same signal delivers it twice within milliseconds.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import os
 import signal
 import sys
 import threading
+import time
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+REPEAT_WINDOW_S = 2.0
 
 
 def exit_status(name: str) -> int:
@@ -34,6 +40,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -50,12 +57,13 @@ class StopSignals:
     def _handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
+            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                return  # the same event delivered twice (scheduler and launcher)
             sys.stderr.write(f"\n{name} again: exiting now; the last checkpoint written is kept\n")
             sys.stderr.flush()
             os._exit(128 + signum)
-        self.received = name
+        self.received, self._first_at = name, time.monotonic()
         sys.stderr.write(
-            f"\n{name} received: stopping after the current step with a checkpoint "
-            "(a second signal exits at once)\n"
+            f"\n{name} received: stopping after the current step with a checkpoint (a second signal exits at once)\n"
         )
         sys.stderr.flush()

@@ -51,6 +51,7 @@ from alexnet.pipeline.artifacts import (
     atomic_write_json,
     read_manifest,
     read_mean_image,
+    read_stats,
 )
 from alexnet.pipeline.loader import LoaderStateMismatch
 
@@ -565,7 +566,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
     val_loader = None
     state = _State()
     watch = LossWatch(num_classes, config.stall_intervals, config.stall_band, config.explode_factor)
-    inference_entry = ckpt_io.dataset_entry(manifest, read_mean_image(data_dir)) if info.is_main else None
+    channel_mean = read_stats(data_dir).mean_rgb if config.mean == "channel" else None  # what the pipeline subtracts
+    inference_entry = ckpt_io.dataset_entry(manifest, read_mean_image(data_dir), channel_mean) if info.is_main else None
 
     if config.resume:
         ck = ckpt_io.load_checkpoint(last_path)
