@@ -12,7 +12,7 @@ Trains the network at the paper's defaults (batch 128, lr 0.01, momentum 0.9, we
 ``--dropout inverted`` swaps in torch's ``nn.Dropout`` (kept outputs x 2 while training), the form
 this project used before; ``--dropout paper`` is the model's own (the paper's and the authors').
 
-    .venv/bin/python benchmarks/recipe_probe.py --data-dir ~/.cache/alexnet/recipe-check/data --dropout inverted
+    .venv/bin/python benchmarks/recipe_probe.py --data-dir ~/.cache/alexnet/recipe-check/sample-100-20/data --dropout inverted
 """
 
 from __future__ import annotations
