@@ -21,16 +21,15 @@ import torch
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.dali_pipeline import MAX_OFFSET, TEN_CROP_POSITIONS
+from alexnet.tools.layouts import IMAGE_SUFFIXES
 
 from . import checkpoint as ckpt_io
 from .model import AlexNet
 from .train import average_patch_softmax
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-_OFF = C.STORED_SIZE - C.CROP_SIZE  # 32
-# Top-left corners of the ten patches, in the order of the evaluation pipeline (TEN_CROP_ORDER):
-# top-left, top-right, bottom-left, bottom-right, centre; then the same five mirrored.
-PATCH_CORNERS = ((0, 0), (_OFF, 0), (0, _OFF), (_OFF, _OFF), (_OFF // 2, _OFF // 2))
+# Top-left corners of the five patches, in the evaluation pipeline's order (then each mirrored).
+PATCH_CORNERS = tuple((round(px * MAX_OFFSET), round(py * MAX_OFFSET)) for px, py in TEN_CROP_POSITIONS)
 
 
 @dataclass
