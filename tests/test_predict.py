@@ -218,3 +218,38 @@ def test_report_draws_both_figure4_panels_and_the_class_table(run, tmp_path):
     val = run_split(pred, data, "val", 1000)
     wrong = (val.probs.argmax(1).numpy() != val.labels).mean()
     assert np.isclose(sum(n * e for _, _, n, e in f["class_errors"]) / 8, wrong)
+
+
+def test_a_run_trained_with_the_channel_mean_carries_it(run, tmp_path):
+    """--mean channel: the checkpoint's mean image is the per-channel mean everywhere, so predict and
+    export subtract what the training pipeline subtracted."""
+    from alexnet.trainer.train import train
+
+    data, _ = run
+    cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / "run"), gpus="cpu", batch_size=4, epochs=0,
+                      max_steps=1, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0, mean="channel")  # fmt: skip
+    train(cfg)
+    mean = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["dataset"]["mean_image"].numpy()
+    expected = np.broadcast_to(np.asarray(A.read_stats(data).mean_rgb, dtype=np.float32), (256, 256, 3))
+    np.testing.assert_array_equal(mean, expected)
+    assert not np.allclose(mean, A.read_mean_image(data))  # not the mean image
+
+
+def test_report_without_a_val_split_leaves_figure4_out_with_a_note(run, tmp_path):
+    import shutil
+
+    from alexnet.trainer.report import build_report
+
+    data, ckpt = run
+    train_only = tmp_path / "data"
+    shutil.copytree(data, train_only)
+    manifest = json.loads((train_only / "manifest.json").read_text())
+    del manifest["splits"]["val"]
+    (train_only / "manifest.json").write_text(json.dumps(manifest))
+    run_dir = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "data_dir": str(train_only)}))
+    res = build_report(run_dir, tmp_path / "report")
+    assert res.figure4 is None and "figure4_predictions" not in res.images
+    assert any("Figure 4" in n and "left out" in n for n in res.notes)

@@ -273,6 +273,14 @@ def test_auto_gpus_never_falls_back_to_the_cpu_silently(local_world, cuda, messa
         ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "4"}, DistInfo()),
         # torchrun's WORLD_SIZE/RANK beside SLURM's local variables
         ({"WORLD_SIZE": "8", "RANK": "6", "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, DistInfo(6, 8, 2, 4)),
+        # mpirun inside an sbatch script: the batch script's SLURM_PROCID (0 everywhere) must not win
+        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "OMPI_COMM_WORLD_SIZE": "4",
+          "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+         DistInfo(2, 4, 0, 2)),
+        # mpirun whose daemons srun started (2 nodes): the step has 2 tasks, Open MPI's world is 8
+        ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+          "SLURM_NODEID": "1", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5",
+          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, DistInfo(5, 8, 1, 4)),
         # mpirun (Open MPI)
         ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
           "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, DistInfo(3, 4, 1, 2)),

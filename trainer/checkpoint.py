@@ -174,7 +174,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise AlexnetError(
             f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}"
-            + (" (format 1 was trained with inverted dropout: its network is another function)" if version == 1 else "")
+            + (" (format 1 may predate the paper's dropout and the LRN option: train again)" if version == 1 else "")
         )
     return ckpt
 

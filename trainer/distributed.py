@@ -71,12 +71,17 @@ class DistInfo:
         return self.rank == 0
 
 
-# Launchers other than torchrun name the local rank and count their own way (srun, mpirun).
-LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
-LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
-RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
-# SLURM step variables: srun sets them; the batch script of sbatch -n 4 has SLURM_NTASKS=4 but is one process.
-WORLD_VARS = ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+# Each launcher's (world size, rank, local rank, local count) variables. The world size's variable
+# picks the launcher, and the other three come from the same one, so that values of two launchers
+# (mpirun inside an sbatch script, whose SLURM_PROCID is 0 for every process) never mix. Open MPI
+# and PMI come before SLURM: mpirun's daemons may be started by srun. SLURM's *step* variables are
+# set by srun only; a batch script (sbatch -n 4 has SLURM_NTASKS=4) is one process.
+LAUNCHERS = (
+    ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),  # torchrun, or set by hand
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_SIZE", "PMI_RANK", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),  # MPICH's hydra
+    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),  # srun
+)
 
 
 def _first_int(env, names: tuple[str, ...]) -> tuple[str, int] | None:
@@ -109,11 +114,15 @@ def dist_info_from_env(env: dict[str, str] | None = None) -> DistInfo:
     saying what to set: guessing them would put two replicas on one GPU.
     """
     env = os.environ if env is None else env
-    world = _first_int(env, WORLD_VARS)
+    launcher = next((names for names in LAUNCHERS if env.get(names[0], "").strip()), None)
+    world = _first_int(env, launcher[:1]) if launcher else None
     if world is None or world[1] <= 1:
         return DistInfo()
-    rank, local = _first_int(env, RANK_VARS), _first_int(env, LOCAL_RANK_VARS)
-    local_world = _first_int(env, LOCAL_SIZE_VARS) or _slurm_tasks_on_this_node(env)
+    rank, local = _first_int(env, launcher[1:2]), _first_int(env, launcher[2:3])
+    local_world = _slurm_tasks_on_this_node(env) if launcher[0].startswith("SLURM") else _first_int(env, launcher[3:])
+    if launcher[0] == "WORLD_SIZE":  # set by hand in an srun or mpirun script: the local pair from there
+        local = local or _first_int(env, ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"))
+        local_world = local_world or _first_int(env, ("OMPI_COMM_WORLD_LOCAL_SIZE",)) or _slurm_tasks_on_this_node(env)
     if rank is None or local is None or local_world is None:
         missing = [
             n for n, v in (("RANK", rank), ("LOCAL_RANK", local), ("LOCAL_WORLD_SIZE", local_world)) if v is None

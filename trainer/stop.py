@@ -2,13 +2,16 @@
 
 Schedulers send SIGTERM before they kill a job (SLURM can also send SIGUSR1 ahead of a time limit,
 ``--signal=USR1@120``). torchrun forwards SIGTERM and SIGINT to its workers, and SIGUSR1 only when
-``TORCHELASTIC_SIGNALS_TO_HANDLE`` lists it (export ``SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1``); it
-kills its workers 30 s after forwarding. The first signal only sets a flag. The trainer then
+started with ``--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1``; it kills its workers 30 s
+after forwarding (``--shutdown-timeout``). The first signal only sets a flag. The trainer then
 finishes the step in flight, and:
 
 * in one process, stops after that step;
-* with several replicas, stops at the next log point (every ``--log-every-steps``), where the
-  replicas already agree on stopping: one replica's signal stops them all at the same step.
+* with several replicas, stops at the next log point (every ``--log-every-steps``) or epoch end,
+  where the replicas already agree on stopping: one replica's signal stops them all at the same step.
+
+A signal during an epoch's last step or its evaluation takes effect after that evaluation and the
+epoch's checkpoint, so that the resumed run follows the same schedule.
 
 It writes ``checkpoints/last.pt`` (model, optimiser, schedule, every replica's loader position) and
 exits with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C).
@@ -57,8 +60,9 @@ class StopSignals:
     def _handle(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
-                return  # the same event delivered twice (scheduler and launcher)
+            if time.monotonic() - self._first_at < REPEAT_WINDOW_S:  # the same event delivered twice
+                sys.stderr.write(f"\n{name} within {REPEAT_WINDOW_S:g} s of the first: taken as the same signal\n")
+                return
             sys.stderr.write(f"\n{name} again: exiting now; the last checkpoint written is kept\n")
             sys.stderr.flush()
             os._exit(128 + signum)
