@@ -494,3 +494,9 @@ class AlexNet(nn.Module):
         model = cls(num_classes=int(state_dict["fc8.weight"].shape[0]), devices=devices, lrn=lrn)
         model.load_state_dict(state_dict)
         return model
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict, devices: DeviceLike | Sequence[DeviceLike] | None = None) -> AlexNet:
+        """The network of a loaded alexnet-train checkpoint, with the LRN form it was trained with."""
+        lrn = (ck.get("config") or {}).get("lrn", C.DEFAULT_LRN)
+        return cls.from_state_dict(ck["model"], devices=devices, lrn=lrn)

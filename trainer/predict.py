@@ -46,8 +46,7 @@ class Predictor:
 def load_predictor(checkpoint: Path, data_dir: Path | None, device: torch.device) -> Predictor:
     """The checkpoint's network in eval mode with its classes and mean image; one line on a mismatch."""
     ck = ckpt_io.load_checkpoint(checkpoint)
-    lrn = (ck.get("config") or {}).get("lrn", C.DEFAULT_LRN)
-    model = AlexNet.from_state_dict(ck["model"], devices=device, lrn=lrn).eval()
+    model = AlexNet.from_checkpoint(ck, devices=device).eval()
     entry = ck.get("dataset")
     if entry is None:
         if data_dir is None or not (Path(data_dir) / A.MANIFEST_FILE).exists():

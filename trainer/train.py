@@ -877,8 +877,7 @@ def evaluate_checkpoint(config: TrainConfig, checkpoint: Path, *, ten_crop: bool
         if "val" not in manifest.splits:
             raise AlexnetError(f"the dataset at {config.data_dir} has no val split")
         ck = ckpt_io.load_checkpoint(checkpoint)
-        lrn = (ck.get("config") or {}).get("lrn", C.DEFAULT_LRN)  # the form the checkpoint was trained with
-        model = AlexNet.from_state_dict(ck["model"], devices=devices, lrn=lrn)
+        model = AlexNet.from_checkpoint(ck, devices=devices)
         if model.num_classes != len(manifest.classes):
             raise AlexnetError(
                 f"{checkpoint} was trained on {model.num_classes} classes, the dataset has {len(manifest.classes)}"
