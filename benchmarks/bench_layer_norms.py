@@ -16,6 +16,7 @@ import click
 import torch
 
 from alexnet.pipeline import constants as C
+from alexnet.trainer import constants as TC
 from alexnet.trainer.health import layer_norms
 from alexnet.trainer.model import LEARNED_LAYERS, AlexNet
 from alexnet.trainer.optim import create_optimizer
@@ -32,15 +33,15 @@ def _timed(fn, repeat: int) -> float:
 
 
 @click.command()
-@click.option("--batch-size", type=int, default=C.BATCH_SIZE, show_default=True)
+@click.option("--batch-size", type=int, default=TC.BATCH_SIZE, show_default=True)
 @click.option("--repeat", type=int, default=5, show_default=True)
 @click.option("--log-every-steps", type=int, default=10, show_default=True)
 def main(batch_size: int, repeat: int, log_every_steps: int) -> None:
     torch.manual_seed(0)
     model = AlexNet().train()
-    optimizer = create_optimizer(model, C.BASE_LR, C.MOMENTUM, C.WEIGHT_DECAY)
+    optimizer = create_optimizer(model, TC.BASE_LR, TC.MOMENTUM, TC.WEIGHT_DECAY)
     x = torch.randn(batch_size, 3, C.CROP_SIZE, C.CROP_SIZE) * 50
-    y = torch.randint(0, C.NUM_CLASSES, (batch_size,))
+    y = torch.randint(0, TC.NUM_CLASSES, (batch_size,))
 
     def step():
         train_step(model, optimizer, x, y, bf16=False, channels_last=False, output_device=torch.device("cpu"))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.pipeline import constants as C
+from alexnet.trainer import constants as TC
 from alexnet.trainer.model import AlexNet, count_parameters
 
 
@@ -57,7 +58,7 @@ def _stepper(model: AlexNet, batch: int, bf16: bool, channels_last: bool):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch, 3, C.CROP_SIZE, C.CROP_SIZE, device=model.input_device).contiguous(memory_format=fmt)
     y = torch.randint(0, model.num_classes, (batch,), device=model.output_device)
-    opt = torch.optim.SGD(model.parameters(), lr=C.BASE_LR, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    opt = torch.optim.SGD(model.parameters(), lr=TC.BASE_LR, momentum=TC.MOMENTUM, weight_decay=TC.WEIGHT_DECAY)
     device_type = model.input_device.type
 
     def step() -> None:

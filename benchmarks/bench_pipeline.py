@@ -31,6 +31,7 @@ import torch
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.loader import LoaderConfig, create_loader
+from alexnet.trainer import constants as TC
 
 
 def synth_dataset(root: Path, n: int) -> Path:
@@ -135,7 +136,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path)
     ap.add_argument("--images", type=int, default=2000)
-    ap.add_argument("--batch-size", type=int, default=C.BATCH_SIZE)
+    ap.add_argument("--batch-size", type=int, default=TC.BATCH_SIZE)
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
     ap.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
     ap.add_argument("--rounds", type=int, default=3)

@@ -39,6 +39,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.trainer import constants as TC
 
 
 def photo_jpeg(i: int) -> bytes:
@@ -67,11 +68,11 @@ def synth(root: Path, records: int, distinct: int = 4096, shards: int = 4) -> Pa
         jpegs = pool.map(photo_jpeg, range(distinct), chunksize=64)
 
     def write(split: str, n: int, n_shards: int) -> A.SplitInfo:
-        records = [(f"s/{pos}.JPEG", jpegs[pos % distinct], pos % C.NUM_CLASSES) for pos in range(n)]
+        records = [(f"s/{pos}.JPEG", jpegs[pos % distinct], pos % TC.NUM_CLASSES) for pos in range(n)]
         return A.write_split(root, split, records, n_shards, seed=None, map_size=1 << 34)
 
     splits = {"train": write("train", records, shards), "val": write("val", 1000, 1)}
-    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(C.NUM_CLASSES)], splits=splits))
+    A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(TC.NUM_CLASSES)], splits=splits))
     mean_image = np.random.default_rng(1).uniform(100, 140, A.MEAN_IMAGE_SHAPE).astype(np.float32)
     stats = A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0],
                     eigvec=np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0].tolist(),
@@ -112,7 +113,7 @@ def decoded_records(data: Path, split: str, n: int, gpu: bool = False) -> np.nda
     from alexnet.pipeline.loader import LoaderConfig
 
     paths = [str(p) for p in A.read_manifest(data).shard_paths(data, split)]
-    hw = {"hw_decoder_load": LoaderConfig().hw_decoder_load} if gpu else {}
+    hw = {"hw_decoder_load": LoaderConfig(batch_size=n).hw_decoder_load} if gpu else {}
 
     @pipeline_def(batch_size=n, num_threads=2, device_id=0 if gpu else None)
     def pipe():
@@ -174,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path)
     ap.add_argument("--records", type=int, default=20480)
-    ap.add_argument("--batch-size", type=int, default=C.BATCH_SIZE)
+    ap.add_argument("--batch-size", type=int, default=TC.BATCH_SIZE)
     ap.add_argument("--threads", type=int, default=max(2, min(12, (os.cpu_count() or 4) - 2)))
     ap.add_argument("--batches", type=int, default=120, help="timed batches per stage")
     ap.add_argument("--skip-check", action="store_true", help="skip the GPU-vs-CPU correctness check")

@@ -33,6 +33,7 @@ import numpy as np
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.tools import pca_stats as P
+from alexnet.trainer import constants as TC
 
 DISTINCT_IMAGES = 512  # distinct JPEGs, cycled over the records (decode cost per record is what matters)
 
@@ -46,7 +47,7 @@ def _smooth_image(rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def synth_dataset(data_dir: Path, records: int, num_classes: int = C.NUM_CLASSES, val_records: int = 1000) -> Path:
+def synth_dataset(data_dir: Path, records: int, num_classes: int = TC.NUM_CLASSES, val_records: int = 1000) -> Path:
     """A contract dataset of ``records`` train and ``val_records`` val JPEG records (cached)."""
     from PIL import Image
 
@@ -115,7 +116,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU")
-    batch = args.batch_size or (C.BATCH_SIZE if cuda else 16)
+    batch = args.batch_size or (TC.BATCH_SIZE if cuda else 16)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     steps = args.steps or (50 if cuda else 5)
     records = args.records or (10_000 if cuda else 512)

@@ -24,9 +24,9 @@ import click
 import torch
 import torch.nn.functional as F
 
-from alexnet.pipeline import constants as C
 from alexnet.pipeline.artifacts import read_manifest
 from alexnet.pipeline.loader import LoaderConfig, create_loader
+from alexnet.trainer import constants as TC
 from alexnet.trainer.health import layer_norms
 from alexnet.trainer.model import LEARNED_LAYERS, AlexNet
 from alexnet.trainer.optim import create_optimizer
@@ -38,7 +38,7 @@ def build(num_classes: int, lrn: str, dropout: str) -> tuple[AlexNet, dict[str, 
     torch.manual_seed(0)
     model = AlexNet(num_classes=num_classes, lrn=lrn).train()
     if dropout == "inverted":
-        model.drop6, model.drop7 = torch.nn.Dropout(C.DROPOUT_P), torch.nn.Dropout(C.DROPOUT_P)
+        model.drop6, model.drop7 = torch.nn.Dropout(TC.DROPOUT_P), torch.nn.Dropout(TC.DROPOUT_P)
     seen: dict[str, torch.Tensor] = {}
 
     def keep(name):
@@ -73,15 +73,15 @@ def probe_step(model, optimizer, seen, images, labels) -> dict:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--steps", type=click.IntRange(min=1), default=12, show_default=True)
-@click.option("--lr", type=float, default=C.BASE_LR, show_default=True)
-@click.option("--lrn", type=click.Choice(C.LRN_FORMS), default=C.DEFAULT_LRN, show_default=True)
+@click.option("--lr", type=float, default=TC.BASE_LR, show_default=True)
+@click.option("--lrn", type=click.Choice(TC.LRN_FORMS), default=TC.DEFAULT_LRN, show_default=True)
 @click.option("--dropout", type=click.Choice(["paper", "inverted"]), default="paper", show_default=True)
 def main(data_dir: Path, steps: int, lr: float, lrn: str, dropout: str) -> None:
     """Per-step loss, fc8-input size, class-logit spread, dead ReLUs and gradient norms."""
     num_classes = len(read_manifest(data_dir).classes)
     model, seen = build(num_classes, lrn, dropout)
-    optimizer = create_optimizer(model, lr, C.MOMENTUM, C.WEIGHT_DECAY)
-    loader = create_loader(data_dir, "train", LoaderConfig(batch_size=C.BATCH_SIZE, num_threads=1))
+    optimizer = create_optimizer(model, lr, TC.MOMENTUM, TC.WEIGHT_DECAY)
+    loader = create_loader(data_dir, "train", LoaderConfig(batch_size=TC.BATCH_SIZE, num_threads=1))
     step = 0
     while step < steps:
         for images, labels in loader:

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import constants as C
+from .errors import ContractError
 
 SCHEMA_VERSION = 1
 
@@ -51,14 +52,6 @@ RECORD_CRC_FILE = "crc32.npy"
 SPLITS = ("train", "val")
 KEY_POSITION_DIGITS = 8
 MEAN_IMAGE_SHAPE = (C.STORED_SIZE, C.STORED_SIZE, 3)
-
-
-class AlexnetError(Exception):
-    """A user-facing failure: the CLIs print its message as one line and exit non-zero."""
-
-
-class ContractError(AlexnetError):
-    """A dataset directory that does not satisfy the contract."""
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:

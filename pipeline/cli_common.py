@@ -1,7 +1,7 @@
 """Pieces shared by the two command-line tools (``alexnet-prep`` and ``alexnet-train``).
 
 Commands stay thin: parse, build a config, call one function. User-facing
-failures raise :class:`~alexnet.pipeline.artifacts.AlexnetError` and become one
+failures raise :class:`~alexnet.pipeline.errors.AlexnetError` and become one
 line on stderr with exit status 1; Ctrl-C becomes exit 130 with a hint to resume.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from .artifacts import DATA_DIR_ENV, DEFAULT_DATA_DIR, AlexnetError
+from .artifacts import DATA_DIR_ENV, DEFAULT_DATA_DIR
+from .errors import AlexnetError
 
 
 def package_version() -> str:

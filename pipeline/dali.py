@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from .artifacts import AlexnetError
+from .errors import AlexnetError
 
 # extra -> distribution, newest CUDA first
 DISTRIBUTIONS = {"cuda13": "nvidia-dali-cuda130", "cuda12": "nvidia-dali-cuda120"}

@@ -35,6 +35,7 @@ import numpy as np
 from . import artifacts as A
 from . import constants as C
 from . import dali
+from .errors import AlexnetError, ContractError
 
 READER_NAME = "Reader"
 # §4.1 ten patches: (crop_pos_x, crop_pos_y) in [0, 1] of the free range, then each mirrored.
@@ -78,9 +79,7 @@ def resolved_decoder(spec: PipelineSpec) -> str:
     gpu = spec.device_id is not None
     decoder = spec.decoder if spec.decoder != "auto" else ("mixed" if gpu else "cpu")
     if decoder not in ("mixed", "cpu") or (decoder == "mixed" and not gpu):
-        raise A.AlexnetError(
-            f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)"
-        )
+        raise AlexnetError(f"decoder {spec.decoder!r} is not possible here (choose 'auto', 'cpu', or 'mixed' on a GPU)")
     return decoder
 
 
@@ -98,7 +97,7 @@ def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
         return np.sqrt(np.maximum(eigval, 0.0))
     if convention == "eigval01":  # fb.resnet.torch: 0-1-scale variances added to a 0-1 image, times 255
         return eigval / 255.0
-    raise A.AlexnetError(f"unknown lighting scale {convention!r}; choose one of {C.LIGHTING_SCALES}")
+    raise AlexnetError(f"unknown lighting scale {convention!r}; choose one of {C.LIGHTING_SCALES}")
 
 
 def draw_offsets():
@@ -226,7 +225,7 @@ def record_positions(source_info) -> np.ndarray:
         text = bytes(np.asarray(source_info.at(i))).decode()
         _, sep, key = text.rpartition(" at key ")
         if not sep:
-            raise A.ContractError(f"cannot find the record key in DALI's source info {text!r}")
+            raise ContractError(f"cannot find the record key in DALI's source info {text!r}")
         positions.append(A.parse_key(key.encode())[0])
     return np.array(positions, dtype=np.int64)
 
@@ -242,5 +241,5 @@ def spec_paths(data_dir: Path, manifest: A.Manifest, split: str) -> tuple[str, .
     paths = manifest.shard_paths(Path(data_dir), split)
     missing = [str(p) for p in paths if not (p / "data.mdb").exists()]
     if missing:
-        raise A.ContractError(f"{len(missing)} shard(s) of {split} missing, e.g. {missing[0]}")
+        raise ContractError(f"{len(missing)} shard(s) of {split} missing, e.g. {missing[0]}")
     return tuple(str(p) for p in paths)

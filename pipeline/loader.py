@@ -37,16 +37,17 @@ from .dali_pipeline import (
     shard_size,
     spec_paths,
 )
+from .errors import AlexnetError, ContractError
 
 
-class LoaderStateMismatch(A.AlexnetError):
+class LoaderStateMismatch(AlexnetError):
     """A saved loader state whose DALI checkpoints cannot restore into this loader's pipelines
     (another decoder, region decoding, device or dtype); the caller may restart the epoch instead."""
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    batch_size: int = C.BATCH_SIZE  # images per batch on this rank
+    batch_size: int  # images per batch on this rank (the run config gives §5's 128 over the replicas)
     num_threads: int = 2  # DALI CPU threads
     seed: int = 0
     shard_id: int = 0  # data-parallel rank
@@ -66,19 +67,19 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1 or self.pipelines < 1:
-            raise A.AlexnetError("batch_size, num_threads, prefetch and pipelines must be >= 1")
+            raise AlexnetError("batch_size, num_threads, prefetch and pipelines must be >= 1")
         if not 0 <= self.shard_id < self.num_shards:
-            raise A.AlexnetError(f"shard_id {self.shard_id} is not in [0, {self.num_shards})")
+            raise AlexnetError(f"shard_id {self.shard_id} is not in [0, {self.num_shards})")
         if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise A.AlexnetError(f"dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
+            raise AlexnetError(f"dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise A.AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
+            raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
         if self.decoder not in ("auto", "mixed", "cpu"):
-            raise A.AlexnetError(f"decoder must be 'auto', 'mixed' or 'cpu', not {self.decoder!r}")
+            raise AlexnetError(f"decoder must be 'auto', 'mixed' or 'cpu', not {self.decoder!r}")
         if self.mean not in ("image", "channel"):
-            raise A.AlexnetError(f"mean must be 'image' or 'channel', not {self.mean!r}")
+            raise AlexnetError(f"mean must be 'image' or 'channel', not {self.mean!r}")
         if self.lighting_scale not in C.LIGHTING_SCALES:
-            raise A.AlexnetError(f"lighting_scale must be one of {C.LIGHTING_SCALES}")
+            raise AlexnetError(f"lighting_scale must be one of {C.LIGHTING_SCALES}")
 
 
 def device_id_for(device: str) -> int | None:
@@ -88,7 +89,7 @@ def device_id_for(device: str) -> int | None:
     if device.startswith("cuda"):
         _, _, index = device.partition(":")
         return int(index or 0)
-    raise A.AlexnetError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
+    raise AlexnetError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
 
 
 class DaliLoader:
@@ -102,7 +103,7 @@ class DaliLoader:
         self.num_classes = len(manifest.classes)
         self.is_training = split == "train"
         if cfg.ten_crop and self.is_training:
-            raise A.AlexnetError("ten_crop is for the validation split")
+            raise AlexnetError("ten_crop is for the validation split")
         self.mean_image = A.read_mean_image(self.data_dir)
         self.stats = A.read_stats(self.data_dir)
         total = manifest.splits[split].num_records if split in manifest.splits else 0
@@ -126,7 +127,7 @@ class DaliLoader:
         self.part_records = [shard_size(total, spec.shard_id, spec.num_shards) for spec in self.specs]
         self.num_records = sum(self.part_records)
         if min(self.part_records) < 1:
-            raise A.AlexnetError(
+            raise AlexnetError(
                 f"the {split} split has too few records for rank {cfg.shard_id} of {cfg.num_shards}"
                 + (f" with {k} pipelines each" if k > 1 else "")
             )
@@ -161,7 +162,7 @@ class DaliLoader:
             pipe.build()
             meta = pipe.reader_meta(READER_NAME)
             if meta["epoch_size"] != self.num_records_split:
-                raise A.ContractError(
+                raise ContractError(
                     f"the {self.split} shards hold {meta['epoch_size']} records, the manifest says "
                     f"{self.num_records_split}; run `alexnet-prep verify`"
                 )
@@ -251,12 +252,12 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("split") != self.split or int(state.get("batch_size", -1)) != self.cfg.batch_size:
-            raise A.AlexnetError(
+            raise AlexnetError(
                 f"loader state is for split {state.get('split')!r} at batch size {state.get('batch_size')}, "
                 f"not {self.split!r} at {self.cfg.batch_size}"
             )
         if list(state.get("shard", [])) != [self.cfg.shard_id, self.cfg.num_shards]:
-            raise A.AlexnetError("loader state was saved with another data-parallel layout")
+            raise AlexnetError("loader state was saved with another data-parallel layout")
         if state.get("graph", self.graph) != self.graph:  # states from before the signature: trusted
             raise LoaderStateMismatch(
                 f"loader state was saved by pipelines of another form ({state['graph']}, this loader: {self.graph})"
@@ -264,7 +265,7 @@ class DaliLoader:
         # States written before there could be several pipelines hold one "dali_checkpoint".
         cps = state["dali_checkpoints"] if "dali_checkpoints" in state else [state.get("dali_checkpoint")]
         if len(cps) != len(self.specs):
-            raise A.AlexnetError(
+            raise AlexnetError(
                 f"loader state was saved with {len(cps)} pipeline(s) per rank, this loader has {len(self.specs)}"
             )
         self._checkpoints = [cp.encode("latin-1") if isinstance(cp, str) else cp for cp in cps]
@@ -276,7 +277,7 @@ class DaliLoader:
 def create_loader(data_dir: Path, split: str, cfg: LoaderConfig) -> DaliLoader:
     """The loader for one split and one rank (see LoaderConfig)."""
     if split not in A.SPLITS:
-        raise A.AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
+        raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
     return DaliLoader(Path(data_dir), split, cfg)
 
 

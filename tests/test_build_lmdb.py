@@ -14,6 +14,7 @@ from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline.errors import ContractError
 from alexnet.tools import build_lmdb as B
 
 
@@ -296,7 +297,7 @@ def test_killed_build_resumes_to_the_same_records(src, built, tmp_path, kill_aft
     partial = sum(len(v) for v in all_records(data).values())
     clean = all_records(built)
     assert 0 < partial < sum(len(v) for v in clean.values())
-    with pytest.raises(A.ContractError, match="half-built"):
+    with pytest.raises(ContractError, match="half-built"):
         A.read_manifest(data)
     r = _build_subprocess(src, data)
     assert r.returncode == 0, r.stderr

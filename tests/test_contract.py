@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
+from alexnet.pipeline.errors import ContractError
 
 
 def _jpeg(arr: np.ndarray, quality: int = 95) -> bytes:
@@ -34,7 +35,7 @@ def test_datum_decodes_protobuf_field_order_independently():
 
 def test_datum_rejects_truncated():
     enc = A.Datum(data=b"x" * 50, label=1, height=1, width=1).encode()
-    with pytest.raises(A.ContractError):
+    with pytest.raises(ContractError):
         A.Datum.decode(enc[:20])
 
 
@@ -45,7 +46,7 @@ def test_keys():
     # Keys sort by position: lexicographic order of the zero-padded prefix.
     keys = [A.make_key(p, "a") for p in (10, 2, 100, 1)]
     assert sorted(keys) == [A.make_key(p, "a") for p in (1, 2, 10, 100)]
-    with pytest.raises(A.ContractError):
+    with pytest.raises(ContractError):
         A.parse_key(b"12_x")
 
 
@@ -92,7 +93,7 @@ def test_manifest_schema_version_checked(tmp_path):
     d = json.loads((tmp_path / A.MANIFEST_FILE).read_text())
     d["schema_version"] = 99
     (tmp_path / A.MANIFEST_FILE).write_text(json.dumps(d))
-    with pytest.raises(A.ContractError, match="schema version 99"):
+    with pytest.raises(ContractError, match="schema version 99"):
         A.read_manifest(tmp_path)
 
 
@@ -100,13 +101,13 @@ def test_half_built_manifest_refused(tmp_path):
     m = _manifest()
     m.complete = False
     A.write_manifest(tmp_path, m)
-    with pytest.raises(A.ContractError, match="half-built"):
+    with pytest.raises(ContractError, match="half-built"):
         A.read_manifest(tmp_path)
     assert A.read_manifest(tmp_path, require_complete=False).complete is False
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(A.ContractError, match="no dataset"):
+    with pytest.raises(ContractError, match="no dataset"):
         A.read_manifest(tmp_path / "nope")
 
 
@@ -121,7 +122,7 @@ def test_stats_round_trip(tmp_path):
     assert A.read_stats(tmp_path) == s
     back = A.read_mean_image(tmp_path)
     assert back.dtype == np.float32 and np.array_equal(back, mean_image)
-    with pytest.raises(A.ContractError):
+    with pytest.raises(ContractError):
         A.write_stats(tmp_path, s, mean_image[:10])
 
 

@@ -314,7 +314,7 @@ def test_missing_dali_is_one_line_naming_the_extra(tmp_path):
     code = (
         "import sys; sys.modules['nvidia'] = None\n"  # makes 'import nvidia.dali' fail
         "from alexnet.pipeline import dali\n"
-        "from alexnet.pipeline.artifacts import AlexnetError\n"
+        "from alexnet.pipeline.errors import AlexnetError\n"
         "try:\n    dali.require()\nexcept AlexnetError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from _build_lmdb_fixtures import run_prep
 
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import layouts as L
 from alexnet.tools.sample import DEVKIT_DIR, make_sample
 

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
+from alexnet.trainer import constants as TC
 from alexnet.trainer.model import AlexNet, LocalResponseNorm, PaperDropout, count_parameters, parse_gpus
 
 CPU = torch.device("cpu")
@@ -41,19 +42,19 @@ def _round_trip(obj):
 # --------------------------------------------------------------------------- reference implementations
 
 
-def lrn_numpy(a: np.ndarray, block: int | None = None, alpha: float = C.LRN_ALPHA) -> np.ndarray:
+def lrn_numpy(a: np.ndarray, block: int | None = None, alpha: float = TC.LRN_ALPHA) -> np.ndarray:
     """§3.3 written as a loop, float64; the sum stays within blocks of ``block`` maps (one column).
     ``alpha`` as the paper's text writes it by default."""
     a = a.astype(np.float64)
     n_maps = a.shape[1]
     block = block or n_maps
-    half = C.LRN_SIZE // 2
+    half = TC.LRN_SIZE // 2
     b = np.empty_like(a)
     for start in range(0, n_maps, block):
         for i in range(block):
             lo, hi = max(0, i - half), min(block - 1, i + half)
             s = sum(a[:, start + j] ** 2 for j in range(lo, hi + 1))
-            b[:, start + i] = a[:, start + i] / (C.LRN_K + alpha * s) ** C.LRN_BETA
+            b[:, start + i] = a[:, start + i] / (TC.LRN_K + alpha * s) ** TC.LRN_BETA
     return b
 
 
@@ -63,7 +64,7 @@ def reference_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
     dropout (outputs x 0.5)."""
 
     def lrn(t, block):
-        norm = torch.nn.LocalResponseNorm(C.LRN_SIZE, C.LRN_ALPHA, C.LRN_BETA, C.LRN_K)
+        norm = torch.nn.LocalResponseNorm(TC.LRN_SIZE, TC.LRN_ALPHA, TC.LRN_BETA, TC.LRN_K)
         return torch.cat([norm(part) for part in t.split(block, dim=1)], dim=1)
 
     def pool(t):
@@ -85,7 +86,7 @@ def reference_forward(sd: dict, x: torch.Tensor) -> torch.Tensor:
 
 def test_parameter_count_and_canonical_layout():
     model = AlexNet()
-    assert count_parameters(model) == C.PARAMETER_COUNT_1000
+    assert count_parameters(model) == TC.PARAMETER_COUNT_1000
     conv = sum(p.numel() for n, p in model.named_parameters() if n.startswith("conv"))
     assert conv == 2_334_080  # ALEXNET.md: conv 2,334,080; fc 58,631,144
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -141,7 +142,7 @@ def test_lrn_matches_numpy_formula(channels, block):
     a = rng.normal(0.0, 40.0, size=(2, channels, 5, 4))
     out = LocalResponseNorm(group_size=block)(torch.from_numpy(a)).numpy()
     np.testing.assert_allclose(out, lrn_numpy(a, block), rtol=1e-12, atol=0)
-    assert not np.allclose(out, a / C.LRN_K**C.LRN_BETA, rtol=1e-3)  # the neighbours really count
+    assert not np.allclose(out, a / TC.LRN_K**TC.LRN_BETA, rtol=1e-3)  # the neighbours really count
 
 
 @pytest.mark.parametrize("name", ["norm1", "norm2"])
@@ -175,7 +176,7 @@ def test_lrn_module_uses_alpha_as_given():
     x = torch.randn(2, 16, 3, 3, dtype=torch.float64) * 50
     ours = LocalResponseNorm()(x)
     # torch's module divides alpha by n: giving it n * alpha is the formula with alpha as written.
-    torch_form = torch.nn.LocalResponseNorm(C.LRN_SIZE, C.LRN_SIZE * C.LRN_ALPHA, C.LRN_BETA, C.LRN_K)(x)
+    torch_form = torch.nn.LocalResponseNorm(TC.LRN_SIZE, TC.LRN_SIZE * TC.LRN_ALPHA, TC.LRN_BETA, TC.LRN_K)(x)
     torch.testing.assert_close(ours, torch_form, rtol=1e-12, atol=0)
 
 
@@ -224,7 +225,8 @@ def test_forms_agree_in_training_steps(images):
     images = images.double()
     models = [_model(seed=5).double(), _model(seed=5, devices=["cpu", "cpu"]).double()]
     opts = [
-        torch.optim.SGD(m.parameters(), lr=C.BASE_LR, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY) for m in models
+        torch.optim.SGD(m.parameters(), lr=TC.BASE_LR, momentum=TC.MOMENTUM, weight_decay=TC.WEIGHT_DECAY)
+        for m in models
     ]
     losses = []
     for model, opt in zip(models, opts, strict=True):
@@ -241,7 +243,9 @@ def test_forms_agree_in_training_steps(images):
     # Resume the split form's optimiser in a fresh grouped model: the next step matches.
     resumed = AlexNet(num_classes=10).double()  # float64 before loading, so nothing is rounded
     resumed.load_state_dict(models[1].state_dict())
-    resumed_opt = torch.optim.SGD(resumed.parameters(), lr=C.BASE_LR, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    resumed_opt = torch.optim.SGD(
+        resumed.parameters(), lr=TC.BASE_LR, momentum=TC.MOMENTUM, weight_decay=TC.WEIGHT_DECAY
+    )
     resumed_opt.load_state_dict(_round_trip(opts[1].state_dict()))  # a copy, as from a checkpoint file
     for model, opt in [(models[1], opts[1]), (resumed, resumed_opt)]:
         opt.zero_grad()
@@ -289,11 +293,11 @@ def test_init_statistics(grouped):
         layer, kind = key.split(".")
         if kind == "weight":
             assert value.mean().item() == pytest.approx(0.0, abs=5e-4), key
-            assert value.std().item() == pytest.approx(C.INIT_WEIGHT_STD, rel=0.03), key
+            assert value.std().item() == pytest.approx(TC.INIT_WEIGHT_STD, rel=0.03), key
         else:
-            expected = 1.0 if layer in C.INIT_BIAS_ONE_LAYERS else 0.0
+            expected = 1.0 if layer in TC.INIT_BIAS_ONE_LAYERS else 0.0
             assert torch.all(value == expected), key
-    assert {"conv2", "conv4", "conv5", "fc6", "fc7"} == set(C.INIT_BIAS_ONE_LAYERS)
+    assert {"conv2", "conv4", "conv5", "fc6", "fc7"} == set(TC.INIT_BIAS_ONE_LAYERS)
 
 
 def test_same_seed_same_weights_and_output_in_any_placement(grouped, images):
@@ -321,7 +325,7 @@ def test_dropout_only_in_training(grouped, images):
     with torch.no_grad():
         c, d = grouped(images), grouped(images)
     assert not torch.equal(c, d)
-    assert grouped.drop6.p == grouped.drop7.p == C.DROPOUT_P
+    assert grouped.drop6.p == grouped.drop7.p == TC.DROPOUT_P
     grouped.eval()
 
 

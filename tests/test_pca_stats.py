@@ -19,6 +19,7 @@ from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import pca_stats as P
 from alexnet.tools.cli import main as prep_main
 
@@ -416,5 +417,5 @@ def test_run_tasks_runs_each_task_once_and_returns_one_state_per_worker():
                                          (_die_on_three, "a worker process died (exit code 3)"),
                                          (_interrupted_on_three, "a worker process stopped without its results")])  # fmt: skip
 def test_run_tasks_reports_a_failing_or_dying_worker(fn, message):
-    with pytest.raises(A.AlexnetError, match=re.escape(message)):
+    with pytest.raises(AlexnetError, match=re.escape(message)):
         P.run_tasks(list(range(8)), 2, fn, list)

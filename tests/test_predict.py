@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer.config import TrainConfig
 from alexnet.trainer.predict import load_predictor, patches, predict, stored_crop

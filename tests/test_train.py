@@ -14,8 +14,9 @@ import torch
 from click.testing import CliRunner
 
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import checkpoint as ckpt_io
+from alexnet.trainer import constants as TC
 from alexnet.trainer.config import TrainConfig, merge_for_resume
 from alexnet.trainer.distributed import DistInfo, replica_gpus
 from alexnet.trainer.optim import PaperSGD, create_optimizer
@@ -32,19 +33,19 @@ def test_paper_sgd_matches_numpy_reference_across_an_lr_drop():
     grads = [rng.normal(size=(5, 3)) for _ in range(6)]
     lrs = [0.01, 0.01, 0.01, 0.001, 0.001, 0.001]  # a /10 drop midway: where the paper's form differs from torch's
     p = torch.nn.Parameter(torch.tensor(w0))
-    opt = PaperSGD([p], lr=0.01, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    opt = PaperSGD([p], lr=0.01, momentum=TC.MOMENTUM, weight_decay=TC.WEIGHT_DECAY)
     w, v = w0.copy(), np.zeros_like(w0)
     for g, lr in zip(grads, lrs, strict=True):
         for group in opt.param_groups:
             group["lr"] = lr
         p.grad = torch.tensor(g)
         opt.step()
-        v = C.MOMENTUM * v - C.WEIGHT_DECAY * lr * w - lr * g
+        v = TC.MOMENTUM * v - TC.WEIGHT_DECAY * lr * w - lr * g
         w = w + v
     np.testing.assert_allclose(p.detach().numpy(), w, rtol=1e-12, atol=1e-15)
     # and it is NOT torch's SGD after the drop (lr outside the velocity)
     q = torch.nn.Parameter(torch.tensor(w0))
-    sgd = torch.optim.SGD([q], lr=0.01, momentum=C.MOMENTUM, weight_decay=C.WEIGHT_DECAY)
+    sgd = torch.optim.SGD([q], lr=0.01, momentum=TC.MOMENTUM, weight_decay=TC.WEIGHT_DECAY)
     for g, lr in zip(grads, lrs, strict=True):
         for group in sgd.param_groups:
             group["lr"] = lr
@@ -100,7 +101,7 @@ def test_plateau_schedule_divides_three_times_then_stops():
     errs = [0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
     events = [s.observe(e) for e in errs]
     assert events == [None, None, None, "drop", None, None, "drop", None, "drop", None, "done", None]
-    assert s.lr == pytest.approx(1e-5) and s.drops == C.LR_DROPS and s.done
+    assert s.lr == pytest.approx(1e-5) and s.drops == TC.LR_DROPS and s.done
     # state round trip through plain values
     t = PlateauSchedule(0.01, patience=2)
     t.load_state_dict(json.loads(json.dumps(s.state_dict())))
@@ -325,7 +326,7 @@ def test_cli_missing_dataset_is_one_line(tmp_path):
 
 
 def test_math_sanity():
-    assert math.isclose(C.BASE_LR * C.LR_DROP_FACTOR**C.LR_DROPS, 1e-5)
+    assert math.isclose(TC.BASE_LR * TC.LR_DROP_FACTOR**TC.LR_DROPS, 1e-5)
 
 
 # --------------------------------------------------------------------------- real runs (DALI CPU-only, LMDB)

@@ -49,8 +49,8 @@ import click
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
 
 # Decode at reduced DCT scale only while the decoded shorter side stays >= this many times

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_LAYOUTS = ("class-folders", "kaggle-csv", "devkit", "list")

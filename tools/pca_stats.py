@@ -61,8 +61,8 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import data_dir_option, package_version
+from alexnet.pipeline.errors import AlexnetError
 
 try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
     from alexnet.tools import _moments as _kernel

@@ -11,6 +11,7 @@ import numpy as np
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.errors import AlexnetError
 
 
 def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, mean: str = "image",
@@ -21,7 +22,7 @@ def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, mean: str = 
     cfg = preview_config(LoaderConfig(batch_size=n, num_threads=2, seed=seed, mean=mean, lighting_scale=lighting_scale))
     loader = create_loader(data_dir, split, cfg)
     if loader.num_records < n:
-        raise A.AlexnetError(f"the {split} split has {loader.num_records} records, fewer than --n {n}")
+        raise AlexnetError(f"the {split} split has {loader.num_records} records, fewer than --n {n}")
     first = next(iter(loader))
     out = {"images": first[0].numpy().astype(np.float32), "labels": first[1].numpy().astype(np.int64)}
     draws = first[2]
@@ -139,7 +140,7 @@ Examples:
 @data_dir_option
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--batches", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=C.BATCH_SIZE, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per pipeline batch.")
 @click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="DALI CPU threads per pipeline.")
 @click.option(
     "--pipelines",
@@ -156,7 +157,7 @@ def bench_pipeline_command(
         import torch
 
         if not torch.cuda.is_available():
-            raise A.AlexnetError("--device gpu: no CUDA GPU is visible")
+            raise AlexnetError("--device gpu: no CUDA GPU is visible")
     pipelines = pipelines or (3 if device == "gpu" else 1)
     rate = bench_pipeline(data_dir, dev, batches, batch_size, threads, pipelines=pipelines)
     click.echo(

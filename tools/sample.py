@@ -298,7 +298,7 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, val_format, awkward, seed) -> None:
     """Write the built-in sample: a small ImageNet-layout tree of learnable, procedurally drawn images."""
-    from alexnet.pipeline.artifacts import AlexnetError
+    from alexnet.pipeline.errors import AlexnetError
 
     if out.exists() and any(out.iterdir()):
         raise AlexnetError(f"{out} exists and is not empty; choose a new directory")

@@ -18,8 +18,8 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.errors import AlexnetError, ContractError
 
 MAX_LISTED = 20  # problems printed one per line; the rest are counted
 
@@ -51,7 +51,7 @@ def _check_record(where: str, value: bytes, crc: int | None, num_classes: int, p
         # still decode: say what else is wrong with it
     try:
         d = A.Datum.decode(value)
-    except A.ContractError as e:
+    except ContractError as e:
         problems.append(f"{where}: not a Datum ({e})")
         return
     if (d.channels, d.height, d.width) != (3, C.STORED_SIZE, C.STORED_SIZE) or not d.encoded:
@@ -106,7 +106,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
                     continue
                 try:
                     crcs = A.read_record_crcs(path)
-                except A.ContractError as e:
+                except ContractError as e:
                     problems.append(f"{sh.path}: {e}")
                     crcs = None
                 env = A.open_shard(path)
@@ -122,7 +122,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
                             key = bytes(key)
                             try:
                                 pos, rel = A.parse_key(key)
-                            except A.ContractError as e:
+                            except ContractError as e:
                                 problems.append(f"{sh.path}: {e}")
                                 pos, rel = -1, key.decode(errors="replace")
                             where = f"{sh.path} {key.decode(errors='replace')}"

@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.pipeline.artifacts import AlexnetError, atomic_write_bytes
+from alexnet.pipeline.artifacts import atomic_write_bytes
+from alexnet.pipeline.errors import AlexnetError
 
 FORMAT_VERSION = 2
 CHECKPOINT_DIR = "checkpoints"

@@ -12,9 +12,10 @@ from pathlib import Path
 import click
 
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import LazyGroup, data_dir_option, version_option
+from alexnet.pipeline.errors import AlexnetError
 
+from . import constants as TC
 from .config import CONFIG_FILE, MEAN_MODES, SCHEDULES, TrainConfig, merge_for_resume
 from .stop import exit_status
 
@@ -87,7 +88,7 @@ def _parse_epochs(_ctx, _param, value):
 @click.option(
     "--epochs",
     type=click.IntRange(min=0),
-    default=C.EPOCHS,
+    default=TC.EPOCHS,
     show_default=True,
     help="Passes over the training set (0: no epoch limit, use --max-steps).",
 )
@@ -108,14 +109,14 @@ def _parse_epochs(_ctx, _param, value):
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
-    default=C.BATCH_SIZE,
+    default=TC.BATCH_SIZE,
     show_default=True,
     help="Global batch (§5: 128), split evenly over torchrun replicas.",
 )
-@click.option("--lr", type=float, default=C.BASE_LR, show_default=True, help="Initial learning rate (§5).")
-@click.option("--momentum", type=float, default=C.MOMENTUM, show_default=True)
+@click.option("--lr", type=float, default=TC.BASE_LR, show_default=True, help="Initial learning rate (§5).")
+@click.option("--momentum", type=float, default=TC.MOMENTUM, show_default=True)
 @click.option(
-    "--weight-decay", type=float, default=C.WEIGHT_DECAY, show_default=True, help="On weights; biases are not decayed."
+    "--weight-decay", type=float, default=TC.WEIGHT_DECAY, show_default=True, help="On weights; biases are not decayed."
 )
 @click.option(
     "--schedule",
@@ -189,8 +190,8 @@ def _parse_epochs(_ctx, _param, value):
 )
 @click.option(
     "--lrn",
-    type=click.Choice(C.LRN_FORMS),
-    default=C.DEFAULT_LRN,
+    type=click.Choice(TC.LRN_FORMS),
+    default=TC.DEFAULT_LRN,
     show_default=True,
     help="§3.3 response normalisation: 'authors' (alpha/5, as their code ran it) or 'paper-text' (alpha as written).",
 )

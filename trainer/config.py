@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
+
+from . import constants as TC
 
 SCHEDULES = ("plateau", "step")
 MEAN_MODES = ("image", "channel")
@@ -59,17 +61,17 @@ class TrainConfig:
     run_dir: str = ""  # run directory; "" = runs/<UTC timestamp>, chosen at start
     gpus: str = "auto"  # "cpu", "0" (both columns on one GPU), "0,1" (one column per GPU); "auto" = by count
     # --- how long
-    epochs: int = C.EPOCHS  # passes over the training set (§5: "roughly 90 cycles")
+    epochs: int = TC.EPOCHS  # passes over the training set (§5: "roughly 90 cycles")
     max_steps: int = 0  # optimiser steps; 0 = no limit (stops at whichever of epochs/max_steps comes first)
     time_limit_minutes: float = 0.0  # wall-clock budget, minutes; 0 = none (checkpoints, exits 0, resumable)
     # --- §5 recipe
-    batch_size: int = C.BATCH_SIZE  # GLOBAL images per step (split evenly across torchrun replicas)
-    lr: float = C.BASE_LR  # epsilon, inside the velocity (paper's update)
-    momentum: float = C.MOMENTUM
-    weight_decay: float = C.WEIGHT_DECAY  # on weights (conv and fc kernels); biases are not decayed
+    batch_size: int = TC.BATCH_SIZE  # GLOBAL images per step (split evenly across torchrun replicas)
+    lr: float = TC.BASE_LR  # epsilon, inside the velocity (paper's update)
+    momentum: float = TC.MOMENTUM
+    weight_decay: float = TC.WEIGHT_DECAY  # on weights (conv and fc kernels); biases are not decayed
     schedule: str = "plateau"  # "plateau": /10 when val top-1 stops improving; "step": /10 at step_epochs
-    lr_drop_factor: float = C.LR_DROP_FACTOR
-    lr_drops: int = C.LR_DROPS  # §5: the rate was divided three times before termination
+    lr_drop_factor: float = TC.LR_DROP_FACTOR
+    lr_drops: int = TC.LR_DROPS  # §5: the rate was divided three times before termination
     plateau_patience: int = 3  # epochs without improvement before a drop (a choice; the paper gives none)
     plateau_min_delta: float = 1e-3  # improvement in val top-1 error (fraction) that counts
     step_epochs: tuple[int, ...] = (30, 60, 80)  # "step" schedule: epochs at which lr drops (a choice)
@@ -84,7 +86,7 @@ class TrainConfig:
     decoder: str = "auto"  # JPEG decoding: "auto" (nvJPEG "mixed" on a GPU), "mixed", or "cpu" (host threads)
     mean: str = "image"  # subtract the per-pixel mean image (§2) or the per-channel mean
     lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # §4.1 PCA lighting convention (see constants.py)
-    lrn: str = C.DEFAULT_LRN  # §3.3 response normalisation: "authors" (alpha / n) or "paper-text"
+    lrn: str = TC.DEFAULT_LRN  # §3.3 response normalisation: "authors" (alpha / n) or "paper-text"
     # --- speed options (not the paper's arithmetic)
     bf16: bool = False  # bfloat16 autocast for forward and loss
     channels_last: bool = False  # NHWC memory format for conv layers
@@ -127,8 +129,8 @@ class TrainConfig:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}")
         if self.mean not in MEAN_MODES:
             problems.append(f"mean must be one of {', '.join(MEAN_MODES)}")
-        if self.lrn not in C.LRN_FORMS:
-            problems.append(f"lrn must be one of {', '.join(C.LRN_FORMS)}")
+        if self.lrn not in TC.LRN_FORMS:
+            problems.append(f"lrn must be one of {', '.join(TC.LRN_FORMS)}")
         if self.lighting_scale not in C.LIGHTING_SCALES:
             problems.append(f"lighting_scale must be one of {', '.join(C.LIGHTING_SCALES)}")
         if self.epochs == 0 and self.max_steps == 0:

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.errors import AlexnetError
 
 PREDICT_EPILOG = """\b
 Examples:

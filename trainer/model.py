@@ -47,8 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
+
+from . import constants as TC
 
 __all__ = [
     "AlexNet",
@@ -151,10 +152,10 @@ class LocalResponseNorm(nn.Module):
 
     def __init__(
         self,
-        size: int = C.LRN_SIZE,
-        alpha: float = C.LRN_ALPHA,
-        beta: float = C.LRN_BETA,
-        k: float = C.LRN_K,
+        size: int = TC.LRN_SIZE,
+        alpha: float = TC.LRN_ALPHA,
+        beta: float = TC.LRN_BETA,
+        k: float = TC.LRN_K,
         group_size: int | None = None,
     ) -> None:
         super().__init__()
@@ -187,10 +188,10 @@ class LocalResponseNorm(nn.Module):
 
 
 def lrn_alpha(form: str) -> float:
-    """The alpha inside the sum for an LRN form (``C.LRN_FORMS``; docs/DEVIATIONS.md N6)."""
-    if form not in C.LRN_FORMS:
-        raise AlexnetError(f"lrn {form!r}: expected one of {', '.join(C.LRN_FORMS)}")
-    return C.LRN_ALPHA / C.LRN_SIZE if form == "authors" else C.LRN_ALPHA
+    """The alpha inside the sum for an LRN form (``TC.LRN_FORMS``; docs/DEVIATIONS.md N6)."""
+    if form not in TC.LRN_FORMS:
+        raise AlexnetError(f"lrn {form!r}: expected one of {', '.join(TC.LRN_FORMS)}")
+    return TC.LRN_ALPHA / TC.LRN_SIZE if form == "authors" else TC.LRN_ALPHA
 
 
 class PaperDropout(nn.Module):
@@ -203,7 +204,7 @@ class PaperDropout(nn.Module):
     (docs/DEVIATIONS.md N4). The mask comes from torch's dropout kernel: 2 * 0.5 is exact.
     """
 
-    def __init__(self, p: float = C.DROPOUT_P) -> None:
+    def __init__(self, p: float = TC.DROPOUT_P) -> None:
         super().__init__()
         self.p = p
 
@@ -335,9 +336,9 @@ class AlexNet(nn.Module):
 
     def __init__(
         self,
-        num_classes: int = C.NUM_CLASSES,
+        num_classes: int = TC.NUM_CLASSES,
         devices: DeviceLike | Sequence[DeviceLike] | None = None,
-        lrn: str = C.DEFAULT_LRN,
+        lrn: str = TC.DEFAULT_LRN,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -352,15 +353,15 @@ class AlexNet(nn.Module):
             3, CONV1_KERNELS, 11, stride=4, padding=CONV1_PADDING, own_column=False, column_devices=cols
         )
         self.norm1 = LocalResponseNorm(alpha=alpha, group_size=CONV1_KERNELS // COLUMNS)
-        self.pool1 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
+        self.pool1 = nn.MaxPool2d(TC.POOL_KERNEL, TC.POOL_STRIDE)
         self.conv2 = ColumnConv2d(CONV1_KERNELS, CONV2_KERNELS, 5, padding=2, own_column=True, column_devices=cols)
         self.norm2 = LocalResponseNorm(alpha=alpha, group_size=CONV2_KERNELS // COLUMNS)
-        self.pool2 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
+        self.pool2 = nn.MaxPool2d(TC.POOL_KERNEL, TC.POOL_STRIDE)
         # conv3 is where the columns first exchange maps (§3.2).
         self.conv3 = ColumnConv2d(CONV2_KERNELS, CONV3_KERNELS, 3, padding=1, own_column=False, column_devices=cols)
         self.conv4 = ColumnConv2d(CONV3_KERNELS, CONV4_KERNELS, 3, padding=1, own_column=True, column_devices=cols)
         self.conv5 = ColumnConv2d(CONV4_KERNELS, CONV5_KERNELS, 3, padding=1, own_column=True, column_devices=cols)
-        self.pool5 = nn.MaxPool2d(C.POOL_KERNEL, C.POOL_STRIDE)
+        self.pool5 = nn.MaxPool2d(TC.POOL_KERNEL, TC.POOL_STRIDE)
         self.fc6 = ColumnLinear(CONV5_KERNELS * POOL5_SIZE * POOL5_SIZE, FC_NEURONS, column_devices=cols)
         self.drop6 = PaperDropout()  # §4.2
         self.fc7 = ColumnLinear(FC_NEURONS, FC_NEURONS, column_devices=cols)
@@ -403,14 +404,14 @@ class AlexNet(nn.Module):
         """
         for name in LEARNED_LAYERS:
             layer = getattr(self, name)
-            bias = 1.0 if name in C.INIT_BIAS_ONE_LAYERS else 0.0
+            bias = 1.0 if name in TC.INIT_BIAS_ONE_LAYERS else 0.0
             if isinstance(layer, _ColumnLayer):
-                weight = torch.empty(layer.canonical_weight_shape).normal_(0.0, C.INIT_WEIGHT_STD, generator=generator)
+                weight = torch.empty(layer.canonical_weight_shape).normal_(0.0, TC.INIT_WEIGHT_STD, generator=generator)
                 for column, half in zip(layer.columns, weight.chunk(COLUMNS), strict=True):
                     column.weight.copy_(half)
                     column.bias.fill_(bias)
             else:
-                weight = torch.empty(layer.weight.shape).normal_(0.0, C.INIT_WEIGHT_STD, generator=generator)
+                weight = torch.empty(layer.weight.shape).normal_(0.0, TC.INIT_WEIGHT_STD, generator=generator)
                 layer.weight.copy_(weight)
                 layer.bias.fill_(bias)
 
@@ -486,7 +487,7 @@ class AlexNet(nn.Module):
         cls,
         state_dict: dict[str, Tensor],
         devices: DeviceLike | Sequence[DeviceLike] | None = None,
-        lrn: str = C.DEFAULT_LRN,
+        lrn: str = TC.DEFAULT_LRN,
     ) -> AlexNet:
         """A network placed on ``devices`` holding ``state_dict``'s weights (class count from fc8)."""
         if "fc8.weight" not in state_dict:
@@ -498,5 +499,5 @@ class AlexNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, ck: dict, devices: DeviceLike | Sequence[DeviceLike] | None = None) -> AlexNet:
         """The network of a loaded alexnet-train checkpoint, with the LRN form it was trained with."""
-        lrn = (ck.get("config") or {}).get("lrn", C.DEFAULT_LRN)
+        lrn = (ck.get("config") or {}).get("lrn", TC.DEFAULT_LRN)
         return cls.from_state_dict(ck["model"], devices=devices, lrn=lrn)

@@ -20,8 +20,8 @@ import torch
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.artifacts import AlexnetError
 from alexnet.pipeline.dali_pipeline import MAX_OFFSET, TEN_CROP_POSITIONS
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools.layouts import IMAGE_SUFFIXES
 
 from . import checkpoint as ckpt_io

@@ -46,7 +46,7 @@ import click
 import numpy as np
 
 from alexnet.pipeline import artifacts as A
-from alexnet.pipeline.artifacts import AlexnetError
+from alexnet.pipeline.errors import AlexnetError
 
 from .plots import Axes, Series, font, hstack, line_plot, text_size
 

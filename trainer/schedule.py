@@ -19,16 +19,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from alexnet.pipeline import constants as C
+from . import constants as TC
 
 
 class PlateauSchedule:
     def __init__(
         self,
-        base_lr: float = C.BASE_LR,
+        base_lr: float = TC.BASE_LR,
         *,
-        factor: float = C.LR_DROP_FACTOR,
-        max_drops: int = C.LR_DROPS,
+        factor: float = TC.LR_DROP_FACTOR,
+        max_drops: int = TC.LR_DROPS,
         patience: int = 3,
         min_delta: float = 1e-3,
         stop_after_last: bool = True,
@@ -84,11 +84,11 @@ class PlateauSchedule:
 class StepSchedule:
     def __init__(
         self,
-        base_lr: float = C.BASE_LR,
+        base_lr: float = TC.BASE_LR,
         *,
         milestones: Sequence[int] = (30, 60, 80),
-        factor: float = C.LR_DROP_FACTOR,
-        max_drops: int = C.LR_DROPS,
+        factor: float = TC.LR_DROP_FACTOR,
+        max_drops: int = TC.LR_DROPS,
     ) -> None:
         self.base_lr, self.factor = base_lr, factor
         self.milestones = sorted(int(m) for m in milestones)[:max_drops]
