@@ -21,7 +21,7 @@ its own partial train batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,28 @@ from .errors import AlexnetError, ContractError
 class LoaderStateMismatch(AlexnetError):
     """A saved loader state whose DALI checkpoints cannot restore into this loader's pipelines
     (another decoder, region decoding, device or dtype); the caller may restart the epoch instead."""
+
+
+def _opt(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The pipeline's settings, each default written once (the run config's ``data`` section)."""
+
+    num_threads: int = _opt(4, "DALI CPU threads per replica.", min=1, aliases=("--threads", "--workers"))
+    prefetch: int = _opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
+    hw_decoder_load: float = _opt(0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0)
+    pipelines: int = _opt(0, "DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU).", min=0)
+    decoder: str = _opt("auto", "JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes on the host.", choices=("auto", "mixed", "cpu"))
+    roi_decode: bool = _opt(False, "Decode only the 224 crop window when training (same pixels).")
+    mean: str = _opt("image", "Subtract the mean image (§2) or the per-channel mean.", choices=("image", "channel"))
+    lighting_scale: str = _opt(C.DEFAULT_LIGHTING_SCALE, "§4.1 PCA lighting convention (docs/DEVIATIONS.md A2).", choices=C.LIGHTING_SCALES)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools.layouts import IMAGE_SUFFIXES
 
 from . import checkpoint as ckpt_io
+from .evaluate import average_patch_softmax
 from .model import AlexNet
-from .train import average_patch_softmax
 
 # Top-left corners of the five patches, in the evaluation pipeline's order (then each mirrored).
 PATCH_CORNERS = tuple((round(px * MAX_OFFSET), round(py * MAX_OFFSET)) for px, py in TEN_CROP_POSITIONS)
