@@ -14,6 +14,7 @@ from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import images as IMG
 from alexnet.pipeline.errors import ContractError
 from alexnet.tools import build_lmdb as B
 
@@ -58,7 +59,7 @@ def _photo(w, h, seed=0):
      ((4000, 3000), (341, 256)), ((1000, 256), (1000, 256))],
 )  # fmt: skip
 def test_centre_crop_box(size, resized):
-    got, box = B.centre_crop_box(*size)
+    got, box = IMG.centre_crop_box(*size)
     assert got == resized and min(got) == C.RESIZE_SHORTER
     left, top = (resized[0] - C.STORED_SIZE) // 2, (resized[1] - C.STORED_SIZE) // 2
     sx, sy = size[0] / resized[0], size[1] / resized[1]
@@ -78,9 +79,9 @@ def test_centre_crop_geometry_on_a_ramp(w, h):
     src[..., 0] = xs[None, :]
     src[..., 1] = ys[:, None]
     im = Image.fromarray(np.round(src).astype(np.uint8))
-    out = np.asarray(B.resize_centre_crop(im)).astype(np.float64)
+    out = np.asarray(IMG.resize_centre_crop(im)).astype(np.float64)
     assert out.shape == (C.STORED_SIZE, C.STORED_SIZE, 3)
-    (new_w, new_h), _ = B.centre_crop_box(w, h)
+    (new_w, new_h), _ = IMG.centre_crop_box(w, h)
     left, top = (new_w - 256) // 2, (new_h - 256) // 2
     x_src = (left + np.arange(256) + 0.5) * w / new_w - 0.5
     y_src = (top + np.arange(256) + 0.5) * h / new_h - 0.5
@@ -95,11 +96,11 @@ def test_centre_crop_geometry_on_a_ramp(w, h):
 def test_box_resize_equals_resize_then_crop(w, h):
     """Computing only the central window is the same as the straightforward resize-all-then-crop."""
     im = Image.fromarray(_photo(w, h, seed=w))
-    (new_w, new_h), _ = B.centre_crop_box(w, h)
+    (new_w, new_h), _ = IMG.centre_crop_box(w, h)
     full = np.asarray(im.resize((new_w, new_h), Image.Resampling.BILINEAR)).astype(int)
     left, top = (new_w - 256) // 2, (new_h - 256) // 2
     ref = full[top : top + 256, left : left + 256]
-    got = np.asarray(B.resize_centre_crop(im)).astype(int)
+    got = np.asarray(IMG.resize_centre_crop(im)).astype(int)
     assert np.abs(got - ref).max() <= 1
 
 
@@ -107,14 +108,14 @@ def test_draft_within_tolerance():
     """DCT-scaled decoding of big JPEGs stays within DRAFT_TOLERANCE of the full decode (mean abs, grey levels)."""
     for w, h in [(2048, 1536), (1100, 1600)]:
         data = _jpeg(_photo(w, h, seed=h), quality=90)
-        drafted = B.decode_image(data, draft=True)
-        assert min(drafted.size) >= B.DRAFT_MIN_FACTOR * C.RESIZE_SHORTER
+        drafted = IMG.decode_image(data, draft=True)
+        assert min(drafted.size) >= IMG.DRAFT_MIN_FACTOR * C.RESIZE_SHORTER
         assert drafted.size[0] < w  # the decoder really did scale
-        a = np.asarray(B.resize_centre_crop(drafted)).astype(float)
-        b = np.asarray(B.resize_centre_crop(B.decode_image(data, draft=False))).astype(float)
-        assert np.abs(a - b).mean() < B.DRAFT_TOLERANCE
+        a = np.asarray(IMG.resize_centre_crop(drafted)).astype(float)
+        b = np.asarray(IMG.resize_centre_crop(IMG.decode_image(data, draft=False))).astype(float)
+        assert np.abs(a - b).mean() < IMG.DRAFT_TOLERANCE
     # No draft when it would go below DRAFT_MIN_FACTOR x 256 (typical 500x375 images).
-    assert B.decode_image(_jpeg(_photo(1000, 700)), draft=True).size == (1000, 700)
+    assert IMG.decode_image(_jpeg(_photo(1000, 700)), draft=True).size == (1000, 700)
 
 
 # --------------------------------------------------------------------------- awkward files
@@ -141,7 +142,7 @@ def test_awkward_files_kept_or_rejected(src, built):
         im = Image.open(io.BytesIO(raw))
         im.load()
         ref_im = im.convert("RGB")
-        (nw, nh), _ = B.centre_crop_box(*ref_im.size)
+        (nw, nh), _ = IMG.centre_crop_box(*ref_im.size)
         full = np.asarray(ref_im.resize((nw, nh), Image.Resampling.BILINEAR)).astype(float)
         left, top = (nw - 256) // 2, (nh - 256) // 2
         ref = full[top : top + 256, left : left + 256]
@@ -170,13 +171,13 @@ def test_awkward_files_kept_or_rejected(src, built):
 
 
 def test_undecodable_and_not_an_image():
-    with pytest.raises(B.Rejected, match="zero-byte"):
+    with pytest.raises(IMG.Rejected, match="zero-byte"):
         B.prepare_image(b"")
-    with pytest.raises(B.Rejected, match="not an image"):
+    with pytest.raises(IMG.Rejected, match="not an image"):
         B.prepare_image(b"this is a text file, not a JPEG" * 10)
     good = _jpeg(_photo(300, 200))
     broken = good[:200] + bytes(len(good) - 200)  # header intact, entropy data zeroed
-    with pytest.raises(B.Rejected):
+    with pytest.raises(IMG.Rejected):
         B.prepare_image(broken[: len(good) // 2])
     out = _decode(B.prepare_image(good, quality=95))
     assert out.shape == (256, 256, 3)

@@ -4,22 +4,10 @@
 cropped out the central 256x256 patch". Nothing else: no warping to a square (Caffe's
 ``convert_imageset --resize_height/width`` does that; it is not the paper).
 
-Image processing (``prepare_image``):
-
-- decode with PIL (pillow-simd); for JPEGs at least ``DRAFT_MIN_FACTOR`` x 2 times larger than
-  needed, decode at 1/2, 1/4 or 1/8 scale with libjpeg's DCT scaling (``Image.draft``), never
-  below ``DRAFT_MIN_FACTOR`` x 256 on the shorter side, so the final resize still reduces by at least 2x.
-  Measured against the full decode (``tests/test_build_lmdb.py::test_draft_within_tolerance``):
-  mean absolute difference below ``DRAFT_TOLERANCE`` grey levels;
-- convert every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG) to RGB;
-- EXIF orientation is ignored: pixels are stored as coded, as the ImageNet reference loaders
-  (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do, so records
-  match what every published ImageNet result was trained on;
-- resample with PIL's antialiased bilinear filter (``RESAMPLE``), the filter of torchvision's
-  ImageNet reference ``Resize(256)``; the paper names none. Smaller images are upscaled;
-- only the central 256x256 window is computed: ``resize(..., box=...)`` maps the crop back to
-  source coordinates, identical (to float rounding) to resizing the whole image and cropping;
-- encode as JPEG, quality 95 by default (the authors' own preparation), 4:2:0 chroma.
+Image processing (``prepare_image``): ``pipeline/images.py`` decodes the source file to RGB (draft
+decoding for large JPEGs, EXIF orientation ignored) and computes the central 256x256 window of the
+shorter-side-256 rescale; the result is encoded as JPEG, quality 95 by default (the authors' own
+preparation), 4:2:0 chroma.
 
 Parallelism and resumability: each shard is written by one worker process, in key order, in
 transactions of ``commit_every`` records. After a kill at any moment the same command finds each
@@ -40,7 +28,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +36,11 @@ import click
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import images
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
 
-# Decode at reduced DCT scale only while the decoded shorter side stays >= this many times
-# RESIZE_SHORTER; the final antialiased resize then still reduces by >= 2x, which keeps the
-# result within DRAFT_TOLERANCE of a full decode (measured in tests/test_build_lmdb.py).
-DRAFT_MIN_FACTOR = 2
-DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
-RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
 DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill can lose and memory per worker
 IMAGES_PER_SHARD = 10_000  # default shard size
@@ -74,71 +56,12 @@ _OUTPUT_OPTIONS = (
 )  # fmt: skip
 
 
-class Rejected(Exception):
-    """A source file that cannot become a record; the message is the reason."""
-
-
 # --------------------------------------------------------------------------- one image
-
-
-def _resample():
-    from PIL import Image
-
-    return Image.Resampling.BILINEAR
-
-
-def centre_crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
-    """The resized size (shorter side 256) and the central 256x256 window in source coordinates."""
-    if width <= height:
-        new_w, new_h = C.RESIZE_SHORTER, max(C.RESIZE_SHORTER, round(height * C.RESIZE_SHORTER / width))
-    else:
-        new_w, new_h = max(C.RESIZE_SHORTER, round(width * C.RESIZE_SHORTER / height)), C.RESIZE_SHORTER
-    left, top = (new_w - C.STORED_SIZE) // 2, (new_h - C.STORED_SIZE) // 2
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + C.STORED_SIZE) * sx, (top + C.STORED_SIZE) * sy)
-    return (new_w, new_h), box
-
-
-def resize_centre_crop(im, resample=None):
-    """§2: shorter side -> 256, central 256x256 patch, computed in one resampling pass."""
-    _, box = centre_crop_box(*im.size)
-    return im.resize((C.STORED_SIZE, C.STORED_SIZE), resample if resample is not None else _resample(), box=box)
-
-
-def decode_image(data: bytes, *, draft: bool = True):
-    """Bytes -> RGB PIL image (draft-decoded when much larger than needed). Raises ``Rejected``."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise Rejected("zero-byte file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
-            im = Image.open(io.BytesIO(data))
-            if draft and im.format == "JPEG":
-                w, h = im.size
-                need = DRAFT_MIN_FACTOR * C.RESIZE_SHORTER / min(w, h)
-                if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
-                    im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-    except UnidentifiedImageError:
-        raise Rejected("not an image (format not recognised)") from None
-    except Image.DecompressionBombError as e:
-        raise Rejected(f"too large ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        text = str(e)
-        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
-        raise Rejected(f"{reason} ({text})" if text else reason) from None
-    if min(im.size) < 1:
-        raise Rejected("empty image")
-    return im
 
 
 def prepare_image(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True) -> bytes:
     """Source file bytes -> JPEG bytes of the stored 256x256 RGB centre crop."""
-    out = resize_centre_crop(decode_image(data, draft=draft))
+    out = images.resize_centre_crop(images.decode_image(data, draft=draft))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -345,7 +268,7 @@ def build_shard(task: ShardTask) -> ShardResult:
                 continue
             try:
                 jpeg = prepare_image(_read_source(task.source_root, rel), quality=task.quality)
-            except Rejected as e:
+            except images.Rejected as e:
                 rejected.append((rel, str(e)))
                 _report(1)
                 continue
@@ -399,14 +322,13 @@ def _git_revision() -> str:
 
 def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
     from alexnet.pipeline.cli_common import package_version
-    from alexnet.tools.pil import pil_summary
 
     return {
         "resize_shorter": C.RESIZE_SHORTER,
         "stored_size": C.STORED_SIZE,
         "jpeg_quality": cfg.jpeg_quality,
-        "resample": RESAMPLE_NAME,
-        "draft_min_factor": DRAFT_MIN_FACTOR,
+        "resample": images.RESAMPLE_NAME,
+        "draft_min_factor": images.DRAFT_MIN_FACTOR,
         "exif_orientation": "ignored",
         "seed": cfg.seed,
         "num_shards": shards,
@@ -414,7 +336,7 @@ def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
         "layouts": {n: s.layout for n, s in source.splits.items()},
         "source_digests": {n: s.digest() for n, s in source.splits.items()},
         "classes": len(source.classes),
-        "pil": pil_summary(),
+        "pil": images.pil_summary(),
         "alexnet_version": package_version(),
         "git_revision": _git_revision(),
     }

@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.pipeline.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_LAYOUTS = ("class-folders", "kaggle-csv", "devkit", "list")
 TRAIN_CANDIDATES = ("train", "ILSVRC/Data/CLS-LOC/train")
 VAL_CANDIDATES = ("val", "ILSVRC/Data/CLS-LOC/val")

@@ -342,7 +342,7 @@ def moments_impl() -> str:
 
 def decoder_name() -> str:
     try:
-        from alexnet.tools.pil import pil_summary
+        from alexnet.pipeline.images import pil_summary
 
         return f"PIL {pil_summary()}"
     except ImportError:  # pragma: no cover - PIL is a dependency
