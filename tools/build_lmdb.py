@@ -46,9 +46,6 @@ DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill c
 IMAGES_PER_SHARD = 10_000  # default shard size
 MAX_SMALL_SHARDS = 16  # small datasets still get up to 16 shards (>= 256 images each), so 16 cores have work
 MIN_SHARD_IMAGES = 256
-KILL_AFTER_ENV = "ALEXNET_BUILD_KILL_AFTER_COMMITS"  # test hook: SIGKILL the whole build after K commits
-PAUSE_AFTER_ENV = "ALEXNET_BUILD_PAUSE_AFTER_COMMITS"  # test hook: a worker stops after K commits ...
-PAUSED_MARKER = ".test-worker-paused"  # ... and writes its pid here in the dataset directory
 # Options that decide the bytes written: a build resumes only when all of these are unchanged.
 _OUTPUT_OPTIONS = (
     "resize_shorter", "stored_size", "jpeg_quality", "resample", "draft_min_factor", "exif_orientation",
@@ -133,7 +130,6 @@ class ShardResult:
 # --------------------------------------------------------------------------- worker
 
 _conn = None  # this worker's end of its pipe to the main process
-_commits_done = 0
 
 
 def _worker_main(conn) -> None:
@@ -184,21 +180,6 @@ def _report(n: int, flush: bool = False) -> None:
     if _conn is not None and _unreported and (flush or _unreported >= PROGRESS_EVERY):
         _conn.send(("progress", _unreported))
         _unreported = 0
-
-
-def _after_commit(task: ShardTask) -> None:
-    global _commits_done
-    _commits_done += 1
-    limit = os.environ.get(KILL_AFTER_ENV)
-    if limit and _commits_done >= int(limit):
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # test hook: as if `kill -9` hit the whole build now
-    pause = os.environ.get(PAUSE_AFTER_ENV)
-    if pause and _commits_done == int(pause):  # test hook: hold here until killed
-        marker = Path(task.path).parents[1] / PAUSED_MARKER
-        tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
-        tmp.write_text(str(os.getpid()))
-        os.replace(tmp, marker)  # atomic: every worker pauses here, and a reader never sees a half-written pid
-        time.sleep(3600)
 
 
 def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
@@ -290,10 +271,8 @@ def build_shard(task: ShardTask) -> ShardResult:
             if len(batch) >= task.commit_every:
                 _commit(env, batch)
                 batch = []
-                _after_commit(task)
         if batch:
             _commit(env, batch)
-            _after_commit(task)
         entries = env.stat()["entries"]
         if entries != len(crcs):
             raise AlexnetError(f"shard {task.path}: {entries} records but {len(crcs)} checksums (internal error)")
