@@ -197,9 +197,13 @@ def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def _read_source(root: str, rel: str) -> bytes:
-    with open(os.path.join(root, rel), "rb") as f:
-        return f.read()
+def _stored_jpeg(root: str, rel: str, quality: int) -> bytes:
+    """A source file as the JPEG to store; ``images.Rejected`` with the reason when it cannot be one."""
+    try:
+        with open(os.path.join(root, rel), "rb") as f:
+            return prepare_image(f.read(), quality=quality)
+    except OSError as e:  # unreadable source file (permissions, I/O error)
+        raise images.Rejected(f"unreadable ({e.strerror or e})") from None
 
 
 def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
@@ -248,13 +252,9 @@ def build_shard(task: ShardTask) -> ShardResult:
             if pos in present:
                 continue
             try:
-                jpeg = prepare_image(_read_source(task.source_root, rel), quality=task.quality)
+                jpeg = _stored_jpeg(task.source_root, rel, task.quality)
             except images.Rejected as e:
                 rejected.append((rel, str(e)))
-                _report(1)
-                continue
-            except OSError as e:  # unreadable source file (permissions, I/O error)
-                rejected.append((rel, f"unreadable ({e.strerror or e})"))
                 _report(1)
                 continue
             if pos < last:  # a gap before the last committed key was a rejected file; it decodes now
@@ -408,7 +408,6 @@ def _human_bytes(n: float) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
-    return f"{n:.1f} TB"
 
 
 class _Workers:
@@ -624,30 +623,17 @@ Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continu
 """
 
 
+def _count_option(name: str, help: str):
+    """A count where 0 lets the builder choose (from the machine or the dataset)."""
+    return click.option(name, type=click.IntRange(0), default=0, show_default=True, help=help)
+
+
 @click.command("build-lmdb", epilog=EPILOG)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @data_dir_option
-@click.option(
-    "--workers",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Worker processes (each writes one shard at a time); 0: all cores.",
-)
-@click.option(
-    "--train-shards",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help=f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).",
-)
-@click.option(
-    "--val-shards",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Validation shards; 0: from the size, as for train (16 for ImageNet).",
-)
+@_count_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
+@_count_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
+@_count_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
 @click.option(
     "--jpeg-quality",
     type=click.IntRange(1, 100),
