@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -496,12 +497,6 @@ def _raise_interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
     t0 = time.monotonic()
@@ -509,7 +504,8 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     pool = _Workers(workers)
     _git_revision()  # forks git now, while this process is small (before the file listing)
     # SIGTERM (a scheduler, `kill`) stops the build like Ctrl-C: workers killed, resumable.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
         manifest, results, state = _build(cfg, pool)
     except BaseException:
