@@ -30,6 +30,7 @@ the paper's column one becomes largely colour-agnostic, column two colour-specif
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -175,7 +176,7 @@ def chance_errors(num_classes: int | None) -> dict[int, float]:
     return {k: 1 - k / num_classes for k in (1, 5) if num_classes and (k == 1 or num_classes > k)}
 
 
-def _fraction(v: Any, scale: float = 1.0) -> float | None:
+def _fraction(v: Any, scale: float) -> float | None:
     return None if v is None else float(v) / scale
 
 
@@ -281,11 +282,8 @@ def _error_figure(evals: list[dict[str, Any]], num_classes: int | None):
 
 
 def kernel_grid(weights: np.ndarray, scores: np.ndarray | None = None):
-    """Figure 3's layout: one block per column (kernels 0..n/2-1, n/2..n-1), 8 kernels per row.
-
-    Each kernel is min-max normalised over all three channels together (so its colours keep their
-    relative strength) and upscaled with nearest neighbour.
-    """
+    """Figure 3's layout: one block per column, 8 kernels per row, each min-max normalised over its three
+    channels together (so its colours keep their relative strength) and upscaled with nearest neighbour."""
     w = np.asarray(weights, dtype=np.float64)
     n, _, kh, kw = w.shape
     half = n // 2
@@ -333,8 +331,6 @@ class ReportResult:
     rows: list[EvalRow]
     num_classes: int | None
     column_scores: tuple[float, float] | None
-    training_time_s: float | None
-    images_per_s: float | None
     notes: list[str]
     figure4: dict | None = None  # trainer/figure4.py: panel paths, sample sizes, per-class errors
 
@@ -349,8 +345,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _save_png(img, path: Path) -> Path:
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return _write(path, buf.getvalue())
@@ -374,6 +368,7 @@ def build_report(
     preview_png: Path | None = None,
     checkpoint: Path | None = None,
 ) -> ReportResult:
+    """Write the report folder for ``run_dir`` (``report.md`` and the figures); returns what it wrote."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlexnetError(f"run directory {run_dir} does not exist")
@@ -401,17 +396,9 @@ def build_report(
     figure4 = _figure4(ckpt_path if state is not None else None, config, out_dir, notes)
     if figure4:
         images["figure4_predictions"], images["figure4_neighbours"] = figure4["predictions"], figure4["neighbours"]
-    ips = _finite(r.get("images_per_s") for r in metrics.train)
-    result = ReportResult(out_dir=out_dir, images=images, rows=eval_rows(metrics.evals), num_classes=num_classes,
-                          column_scores=column_scores, training_time_s=training_time_s(metrics.train),
-                          images_per_s=statistics.median(ips) if ips else None, notes=notes, figure4=figure4)  # fmt: skip
+    result = ReportResult(out_dir, images, eval_rows(metrics.evals), num_classes, column_scores, notes, figure4)
     _write(out_dir / "report.md", render_markdown(result, run_dir, metrics, config).encode())
     return result
-
-
-def make_report(run_dir: Path, out_dir: Path | None = None, preview_png: Path | None = None) -> Path:
-    """Write the report folder for ``run_dir``; returns the folder (``report.md`` inside)."""
-    return build_report(run_dir, out_dir, preview_png).out_dir
 
 
 def _read_checkpoint(path: Path, given: bool, notes: list[str]) -> dict[str, Any] | None:
@@ -500,7 +487,7 @@ CAPTIONS = {
 def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: dict[str, Any]) -> str:
     lines = [f"# Training report: `{run_dir.resolve().name}`", "", f"Run directory: `{run_dir}`", ""]
     lines += _accuracy_markdown(res.rows, res.num_classes)
-    lines += _training_markdown(res, metrics, config)
+    lines += _training_markdown(metrics, config)
     lines += _figure4_markdown(res.figure4, res.out_dir) if res.figure4 else []
     lines += _figures_markdown(res.images, res.out_dir)
     lines += _colourfulness_markdown(*res.column_scores) if res.column_scores is not None else []
@@ -532,15 +519,14 @@ def _accuracy_markdown(rows: list[EvalRow], num_classes: int | None) -> list[str
     return lines + ["", "Paper (ILSVRC-2012 val, one CNN, ten patches): 40.7% top-1, 18.2% top-5 error.", ""]
 
 
-def _training_markdown(res: ReportResult, metrics: Metrics, config: dict[str, Any]) -> list[str]:
+def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
     tr = metrics.train
     steps = [r["step"] for r in tr if r.get("step") is not None]
-    epochs, losses, lrs = (_finite(r.get(key) for r in tr) for key in ("epoch", "loss", "lr"))
-    ips = "–" if res.images_per_s is None else f"{res.images_per_s:,.1f}"
+    epochs, losses, lrs, ips = (_finite(r.get(key) for r in tr) for key in ("epoch", "loss", "lr", "images_per_s"))
     lines = ["## Training", "",
              f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}",
-             f"- training time: {_duration(res.training_time_s)}",
-             f"- images/s (median of logged intervals): {ips}"]  # fmt: skip
+             f"- training time: {_duration(training_time_s(tr))}",
+             f"- images/s (median of logged intervals): {f'{statistics.median(ips):,.1f}' if ips else '–'}"]  # fmt: skip
     if losses:
         lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     if lrs:
