@@ -121,19 +121,6 @@ def _find_key(obj: Any, key: str) -> Any:
     return None
 
 
-def load_state_dict(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
-    if not isinstance(ckpt, dict):
-        raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
-    return next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
-
-
 def conv1_weights(state: dict[str, Any]) -> np.ndarray:
     """conv1's kernels as float64 [N, 3, kh, kw], column one first (§3.2)."""
     keys = sorted(k for k, v in state.items() if k.endswith("conv1.weight") and getattr(v, "ndim", 0) == 4)
@@ -402,13 +389,23 @@ def build_report(
 
 
 def _read_checkpoint(path: Path, given: bool, notes: list[str]) -> dict[str, Any] | None:
-    """The checkpoint's state dict; a missing default one is a note, a missing ``--checkpoint`` an error."""
-    if path.is_file():
-        return load_state_dict(path)
-    if given:
-        raise AlexnetError(f"checkpoint {path} does not exist")
-    notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
-    return None
+    """The state dict under "model" (or "state_dict", or the whole file); a missing default checkpoint is
+    a note, a missing ``--checkpoint`` an error."""
+    if not path.is_file():
+        if given:
+            raise AlexnetError(f"checkpoint {path} does not exist")
+        notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
+    return next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
 
 
 def _write_curves(metrics: Metrics, num_classes: int | None, out_dir: Path) -> dict[str, Path]:
