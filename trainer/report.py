@@ -509,8 +509,9 @@ def _accuracy_markdown(rows: list[EvalRow], num_classes: int | None) -> list[str
         test = "ten patches (§4.1)" if r.ten_crop else "centre crop"
         lines.append(f"| {r.split} | {test} | {_pct(r.final_top1)} | {_pct(r.final_top5)} | {r.final_epoch} "
                      f"| {_pct(r.best_top1)} | {_pct(r.best_top5)} | {r.best_epoch} |")  # fmt: skip
-    chance, c = chance_errors(num_classes), num_classes
+    chance = chance_errors(num_classes)
     if chance:
+        c = num_classes
         top5 = f", top-5 error 1 − 5/{c} = {_pct(chance[5])}" if 5 in chance else ""
         lines += ["", f"Chance level with {c} classes: top-1 error 1 − 1/{c} = {_pct(chance[1])}{top5}."]
     return lines + ["", "Paper (ILSVRC-2012 val, one CNN, ten patches): 40.7% top-1, 18.2% top-5 error.", ""]
@@ -520,10 +521,11 @@ def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
     tr = metrics.train
     steps = [r["step"] for r in tr if r.get("step") is not None]
     epochs, losses, lrs, ips = (_finite(r.get(key) for r in tr) for key in ("epoch", "loss", "lr", "images_per_s"))
+    ips_text = f"{statistics.median(ips):,.1f}" if ips else "–"
     lines = ["## Training", "",
              f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}",
              f"- training time: {_duration(training_time_s(tr))}",
-             f"- images/s (median of logged intervals): {f'{statistics.median(ips):,.1f}' if ips else '–'}"]  # fmt: skip
+             f"- images/s (median of logged intervals): {ips_text}"]  # fmt: skip
     if losses:
         lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     if lrs:
