@@ -60,7 +60,7 @@ def versions() -> dict[str, Any]:
             return "not installed"
 
     try:
-        from alexnet.tools.pil import pil_summary
+        from alexnet.pipeline.images import pil_summary
 
         pil = pil_summary()
     except ImportError:
