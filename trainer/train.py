@@ -46,14 +46,13 @@ import torch.nn.functional as F
 from alexnet.pipeline import constants as C
 from alexnet.pipeline import dali
 from alexnet.pipeline.artifacts import (
-    AlexnetError,
     atomic_write_bytes,
     atomic_write_json,
     read_manifest,
     read_mean_image,
     read_stats,
 )
-from alexnet.pipeline.loader import LoaderStateMismatch
+from alexnet.pipeline.errors import AlexnetError
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
@@ -204,28 +203,21 @@ def create_loader_for(
     ten_crop: bool = False,
     batch_size: int | None = None,
 ):
-    """The pipeline's loader for this replica: its shard of ``split``, batches on ``device``."""
-    from alexnet.pipeline.loader import LoaderConfig, create_loader
+    """The pipeline's loader for this replica: its share of ``split``, batches on ``device``."""
+    from alexnet.pipeline.loader import DataConfig, create_loader
 
     per_replica = batch_size if batch_size is not None else config.batch_size // info.world_size
-    cfg = LoaderConfig(
-        batch_size=per_replica,
-        num_threads=config.num_threads,
-        seed=config.seed,
-        shard_id=info.rank,
-        num_shards=info.world_size,
-        device=str(device) if device.type == "cuda" else "cpu",
-        dtype="float32",  # bf16 autocast casts inside the model; fp16 input would lose bits first
-        mean=config.mean,
+    data = DataConfig(
+        num_threads=config.num_threads, prefetch=config.prefetch, hw_decoder_load=config.hw_decoder_load,
+        pipelines=config.pipelines, decoder=config.decoder, roi_decode=config.roi_decode, mean=config.mean,
         lighting_scale=config.lighting_scale,
+    )  # fmt: skip
+    return create_loader(
+        Path(config.data_dir), split, data, batch_size=per_replica, seed=config.seed, rank=info.rank,
+        world=info.world_size, device=str(device) if device.type == "cuda" else "cpu",
+        dtype="float32",  # bf16 autocast casts inside the model; fp16 input would lose bits first
         ten_crop=ten_crop,
-        prefetch=config.prefetch,
-        hw_decoder_load=config.hw_decoder_load,
-        roi_decode=config.roi_decode,
-        decoder=config.decoder,
-        pipelines=config.pipelines or auto_pipelines(device),
-    )
-    return create_loader(Path(config.data_dir), split, cfg)
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- step and evaluation
@@ -582,20 +574,15 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
         state.last_eval = dict(ck.get("last_eval") or {})
         state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
         watch.load_state_dict(ck.get("loss_watch") or {})
-        restart = ""  # why the pipeline's position cannot continue (the epoch restarts instead)
+        # The loader's position (epoch, records consumed, seed) is the same on every replica and
+        # continues the epoch's permutation with any replica count; dropout RNGs are per replica.
+        train_loader.load_state_dict(ck["ranks"][0]["loader"])
         if int(ck["world_size"]) == info.world_size:
-            mine = ck["ranks"][info.rank]
-            ckpt_io.set_rng_state(mine["rng"])
-            try:
-                train_loader.load_state_dict(mine["loader"])
-            except LoaderStateMismatch as e:  # e.g. resumed with --roi-decode or on another device
-                restart = f"{e}"
+            ckpt_io.set_rng_state(ck["ranks"][info.rank]["rng"])
         else:
-            # Different replica count: the loader positions do not transfer (see distributed.py).
-            restart = f"checkpoint written by {ck['world_size']} replica(s), resuming with {info.world_size}"
-        if restart:
             _seed_everything(_replica_seed(config.seed, info.rank, state.step))
-            _say(info, f"note: {restart}: epoch {state.epoch + 1} restarts from its beginning")
+        if train_loader.note:  # the buffer shuffle, or a state of an older version: the epoch restarts
+            _say(info, f"note: {train_loader.note}")
             state.batch_in_epoch = 0
         _say(info, f"resumed {last_path} at step {state.step} (epoch {state.epoch}, +{state.batch_in_epoch} batches)")
 
@@ -724,7 +711,8 @@ def _train(config, info, gpus, devices, device_note, t0, on_step, on_end, AlexNe
                 stop_reason = "max_steps"
                 break
             set_lr(optimizer, schedule.start_epoch(state.epoch))
-            steps_this_epoch = D.all_reduce_min_int(len(train_loader), info, coll_device)
+            # len(loader): the batches left from the loader's position (all of them at an epoch's start).
+            steps_this_epoch = state.batch_in_epoch + D.all_reduce_min_int(len(train_loader), info, coll_device)
             if steps_this_epoch < 1:
                 raise AlexnetError(
                     f"the training split has fewer records per replica than one batch of {batch_global // info.world_size}"
