@@ -17,7 +17,7 @@ $(BIN)/.installed: setup.cfg setup.py pyproject.toml constraints.txt tools/_mome
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet -c constraints.txt torch
 	$(BIN)/pip install --quiet -c constraints.txt --no-binary pillow-simd -e '.[cuda13,dev]'
-	$(BIN)/python -m alexnet.tools.pil --require-simd
+	$(BIN)/python -m alexnet.pipeline.images --require-simd
 	touch $@
 
 install: $(BIN)/.installed

@@ -297,8 +297,8 @@ def same_pixels(baseline_dir: Path, built: Path, n: int = 100) -> float:
               help="Where the generated JPEG tree lives (cached). Default: ~/.cache/alexnet/bench-build-lmdb.")  # fmt: skip
 def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     """Single-process Pillow loop vs build-lmdb (default workers): images/s, ratio, peak memory."""
+    from alexnet.pipeline.images import pil_summary
     from alexnet.tools.build_lmdb import default_workers
-    from alexnet.tools.pil import pil_summary
 
     tree = tree or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet" / "bench-build-lmdb"
     make_tree(tree, images, classes)

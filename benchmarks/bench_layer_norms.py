@@ -20,7 +20,7 @@ from alexnet.trainer import constants as TC
 from alexnet.trainer.health import layer_norms
 from alexnet.trainer.model import LEARNED_LAYERS, AlexNet
 from alexnet.trainer.optim import create_optimizer
-from alexnet.trainer.train import train_step
+from alexnet.trainer.step import train_step
 
 
 def _timed(fn, repeat: int) -> float:

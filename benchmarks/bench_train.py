@@ -110,8 +110,9 @@ def main() -> None:
 
     import torch
 
+    from alexnet.trainer.bench import benchmark
     from alexnet.trainer.config import TrainConfig
-    from alexnet.trainer.train import benchmark, versions
+    from alexnet.trainer.rundir import versions
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -125,7 +126,7 @@ def main() -> None:
         data_dir = synth_dataset(args.cache / f"synthetic-{records}", records)
     else:
         data_dir = args.data_dir
-    config = TrainConfig(
+    config = TrainConfig.create(
         data_dir=str(data_dir),
         gpus=args.gpus or ("0" if cuda else "cpu"),
         batch_size=batch,

@@ -159,8 +159,8 @@ def main():
         )
 
     if "C" in parts:
+        from alexnet.trainer.bench import benchmark
         from alexnet.trainer.config import TrainConfig
-        from alexnet.trainer.train import benchmark
 
         say("C: training bf16 channels_last batch 128, synthetic vs pipeline")
         variants = [
@@ -173,7 +173,7 @@ def main():
         ]
         for v in variants:
             try:
-                cfg = TrainConfig(
+                cfg = TrainConfig.create(
                     data_dir=str(data),
                     gpus="0",
                     batch_size=B,
@@ -219,7 +219,7 @@ def part_d(data):
     from alexnet.pipeline.loader import LoaderConfig, create_loader
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import create_optimizer
-    from alexnet.trainer.train import train_step
+    from alexnet.trainer.step import train_step
 
     say("D: where the training feed loses time (bf16, channels_last, batch 128, th 8, hw 0.9)")
     dev = torch.device("cuda:0")
@@ -307,7 +307,7 @@ def part_e(data):
     from alexnet.pipeline.loader import LoaderConfig, create_loader
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import create_optimizer
-    from alexnet.trainer.train import train_step
+    from alexnet.trainer.step import train_step
 
     say("E: default-stream syncs? side stream, decoder preallocation (bf16, channels_last, batch 128)")
     dev = torch.device("cuda:0")
@@ -394,7 +394,7 @@ def part_f(data, f2_only=False):
     from alexnet.pipeline.loader import LoaderConfig, create_loader
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import create_optimizer, set_lr
-    from alexnet.trainer.train import GraphedTrainStep, train_step
+    from alexnet.trainer.step import GraphedStep, train_step
 
     dev = torch.device("cuda:0")
     torch.backends.cudnn.benchmark = True
@@ -419,7 +419,7 @@ def part_f(data, f2_only=False):
     for graphed in () if f2_only else (False, True):
         m, o = fresh()
         torch.cuda.manual_seed(123)
-        step = GraphedTrainStep(m, o, **kw) if graphed else (lambda x, y, m=m, o=o: train_step(m, o, x, y, **kw))
+        step = GraphedStep(m, o, **kw) if graphed else (lambda x, y, m=m, o=o: train_step(m, o, x, y, **kw))
         losses = []
         for i, (x, y) in enumerate(batches):
             if i == 8:
@@ -464,7 +464,7 @@ def part_f(data, f2_only=False):
 
     for graphed in (False, True):
         m, o = fresh()
-        step = GraphedTrainStep(m, o, **kw) if graphed else (lambda x, y, m=m, o=o: train_step(m, o, x, y, **kw))  # noqa: B023
+        step = GraphedStep(m, o, **kw) if graphed else (lambda x, y, m=m, o=o: train_step(m, o, x, y, **kw))  # noqa: B023
 
         def run(name, it, steps=150, warm=10, step=step, graphed=graphed):
             for _ in range(warm):
@@ -495,7 +495,7 @@ def part_g(data, paths, short=False):
     from alexnet.pipeline.dali_pipeline import SHUFFLE_BUFFER, PipelineSpec, create_pipeline
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import create_optimizer
-    from alexnet.trainer.train import GraphedTrainStep
+    from alexnet.trainer.step import GraphedStep
 
     dev = torch.device("cuda:0")
     torch.backends.cudnn.benchmark = True
@@ -504,7 +504,7 @@ def part_g(data, paths, short=False):
     m = AlexNet(num_classes=1000, devices=[dev]).to(memory_format=torch.channels_last)
     m.train()
     o = create_optimizer(m, 0.01, 0.9, 5e-4)
-    step = GraphedTrainStep(m, o, **kw)
+    step = GraphedStep(m, o, **kw)
     x0 = torch.randn(B, 3, 224, 224, device=dev) * 50
     y0 = torch.randint(0, 1000, (B,), device=dev)
     stats, mean_image = A.read_stats(data), A.read_mean_image(data)
@@ -594,7 +594,7 @@ def part_i(data, paths):
     from alexnet.pipeline.dali_pipeline import PipelineSpec, create_pipeline
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import create_optimizer
-    from alexnet.trainer.train import GraphedTrainStep
+    from alexnet.trainer.step import GraphedStep
 
     dev = torch.device("cuda:0")
     torch.backends.cudnn.benchmark = True
@@ -603,7 +603,7 @@ def part_i(data, paths):
     m = AlexNet(num_classes=1000, devices=[dev]).to(memory_format=torch.channels_last)
     m.train()
     o = create_optimizer(m, 0.01, 0.9, 5e-4)
-    step = GraphedTrainStep(m, o, **kw)
+    step = GraphedStep(m, o, **kw)
     x0 = torch.randn(B, 3, 224, 224, device=dev) * 50
     y0 = torch.randint(0, 1000, (B,), device=dev)
     stats, mean_image = A.read_stats(data), A.read_mean_image(data)

@@ -87,7 +87,7 @@ def versions_report(prog: str) -> str:
     """``--version`` text: this package, the active PIL, and the other key libraries."""
     lines = [f"{prog} {package_version()}"]
     try:
-        from alexnet.tools.pil import pil_summary
+        from .images import pil_summary
 
         lines.append(f"PIL: {pil_summary()}")
     except ImportError:
@@ -109,7 +109,7 @@ def version_option(prog: str):
             return
         click.echo(versions_report(prog))
         try:
-            from alexnet.tools.pil import pil_info
+            from .images import pil_info
 
             if not pil_info()["simd"]:
                 click.echo("warning: plain Pillow has shadowed pillow-simd (see README, 'pillow-simd')", err=True)

@@ -31,7 +31,7 @@ the epoch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,32 +45,45 @@ from .errors import AlexnetError
 SHUFFLES = ("global", "buffer")
 
 
+def _opt(default, help, **extra):
+    """A field whose metadata carries its meaning and unit (the trainer's command-line help) and its
+    checks (``min``, ``choices``)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """The user's data-loading settings, each default written once here (the run config embeds it)."""
+    """The user's data-loading settings, each default written once here (the run config's ``data`` section)."""
 
-    num_threads: int = 4  # DALI CPU threads per pipeline (decoding on the CPU, host work on a GPU)
-    prefetch: int = 3  # batches each pipeline prepares ahead (3 keeps an H100 fed, benchmarks/RESULTS.md)
-    hw_decoder_load: float = 0.9  # GPU: share of JPEGs for the hardware decoder (0.9 measured best on an H100)
-    pipelines: int = 0  # DALI pipelines per replica, taken in turn; 0 = auto (2 on a GPU, 1 on the CPU)
-    decoder: str = "auto"  # "auto" (GPU: "mixed", nvJPEG; CPU: "cpu"), "mixed", or "cpu" (host decoding)
-    roi_decode: bool = False  # train: decode only the crop window (same result; faster on some GPUs)
-    mean: str = "image"  # §2: "image" (per-pixel mean image) | "channel" (per-channel mean)
-    lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # §4.1 PCA lighting scale: "sqrt" | "eigval01"
-    # "global": a fresh permutation of the split every epoch (random reads); "buffer": the sequential
-    # caffe reader through a 4096-record shuffle buffer, for data beyond page cache (README, DEVIATIONS A4).
-    shuffle: str = "global"
+    num_threads: int = _opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads", "--workers"))
+    prefetch: int = _opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
+    hw_decoder_load: float = _opt(
+        0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0
+    )
+    pipelines: int = _opt(
+        0, "DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU; buffer shuffle: 1).", min=0
+    )
+    decoder: str = _opt(
+        "auto",
+        "JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes on the host.",
+        choices=("auto", "mixed", "cpu"),
+    )
+    roi_decode: bool = _opt(False, "Decode only the 224 crop window when training (same pixels).")
+    mean: str = _opt("image", "Subtract the mean image (§2) or the per-channel mean.", choices=("image", "channel"))
+    lighting_scale: str = _opt(
+        C.DEFAULT_LIGHTING_SCALE, "§4.1 PCA lighting convention (docs/DEVIATIONS.md A2).", choices=C.LIGHTING_SCALES
+    )
+    shuffle: str = _opt("global", "global: a fresh permutation of the split every epoch (random reads); buffer: the sequential "
+                        "reader through a 4,096-record shuffle buffer, for data beyond page cache (README).", choices=SHUFFLES)  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.num_threads < 1 or self.prefetch < 1 or self.pipelines < 0:
-            raise AlexnetError("num_threads and prefetch must be >= 1, pipelines >= 0 (0: auto)")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if ("min" in meta and value < meta["min"]) or ("choices" in meta and value not in meta["choices"]):
+                allowed = ", ".join(meta["choices"]) if "choices" in meta else f">= {meta['min']}"
+                raise AlexnetError(f"data setting {f.name} must be {allowed}, not {value!r}")
+        if self.hw_decoder_load > 1.0:
             raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
-        choices = {"decoder": ("auto", "mixed", "cpu"), "mean": ("image", "channel"),
-                   "lighting_scale": C.LIGHTING_SCALES, "shuffle": SHUFFLES}  # fmt: skip
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise AlexnetError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
 
     def resolved_pipelines(self, device: str) -> int:
         """Pipelines per replica on ``device``: auto is 2 on a GPU (one cannot feed an H100), 1 on the
@@ -163,7 +176,6 @@ class DaliLoader:
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.dtype, self.with_draws = device, dtype, with_draws
         manifest = A.read_manifest(self.data_dir)
-        self.num_classes = len(manifest.classes)
         self.mean_image = A.read_mean_image(self.data_dir)
         self.stats = A.read_stats(self.data_dir)
         self.index = O.SplitIndex(self.data_dir, split, manifest)

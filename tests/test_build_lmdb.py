@@ -14,6 +14,7 @@ from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import images as IMG
 from alexnet.pipeline.errors import ContractError
 from alexnet.tools import build_lmdb as B
 
@@ -58,7 +59,7 @@ def _photo(w, h, seed=0):
      ((4000, 3000), (341, 256)), ((1000, 256), (1000, 256))],
 )  # fmt: skip
 def test_centre_crop_box(size, resized):
-    got, box = B.centre_crop_box(*size)
+    got, box = IMG.centre_crop_box(*size)
     assert got == resized and min(got) == C.RESIZE_SHORTER
     left, top = (resized[0] - C.STORED_SIZE) // 2, (resized[1] - C.STORED_SIZE) // 2
     sx, sy = size[0] / resized[0], size[1] / resized[1]
@@ -78,9 +79,9 @@ def test_centre_crop_geometry_on_a_ramp(w, h):
     src[..., 0] = xs[None, :]
     src[..., 1] = ys[:, None]
     im = Image.fromarray(np.round(src).astype(np.uint8))
-    out = np.asarray(B.resize_centre_crop(im)).astype(np.float64)
+    out = np.asarray(IMG.resize_centre_crop(im)).astype(np.float64)
     assert out.shape == (C.STORED_SIZE, C.STORED_SIZE, 3)
-    (new_w, new_h), _ = B.centre_crop_box(w, h)
+    (new_w, new_h), _ = IMG.centre_crop_box(w, h)
     left, top = (new_w - 256) // 2, (new_h - 256) // 2
     x_src = (left + np.arange(256) + 0.5) * w / new_w - 0.5
     y_src = (top + np.arange(256) + 0.5) * h / new_h - 0.5
@@ -95,11 +96,11 @@ def test_centre_crop_geometry_on_a_ramp(w, h):
 def test_box_resize_equals_resize_then_crop(w, h):
     """Computing only the central window is the same as the straightforward resize-all-then-crop."""
     im = Image.fromarray(_photo(w, h, seed=w))
-    (new_w, new_h), _ = B.centre_crop_box(w, h)
+    (new_w, new_h), _ = IMG.centre_crop_box(w, h)
     full = np.asarray(im.resize((new_w, new_h), Image.Resampling.BILINEAR)).astype(int)
     left, top = (new_w - 256) // 2, (new_h - 256) // 2
     ref = full[top : top + 256, left : left + 256]
-    got = np.asarray(B.resize_centre_crop(im)).astype(int)
+    got = np.asarray(IMG.resize_centre_crop(im)).astype(int)
     assert np.abs(got - ref).max() <= 1
 
 
@@ -107,14 +108,14 @@ def test_draft_within_tolerance():
     """DCT-scaled decoding of big JPEGs stays within DRAFT_TOLERANCE of the full decode (mean abs, grey levels)."""
     for w, h in [(2048, 1536), (1100, 1600)]:
         data = _jpeg(_photo(w, h, seed=h), quality=90)
-        drafted = B.decode_image(data, draft=True)
-        assert min(drafted.size) >= B.DRAFT_MIN_FACTOR * C.RESIZE_SHORTER
+        drafted = IMG.decode_image(data, draft=True)
+        assert min(drafted.size) >= IMG.DRAFT_MIN_FACTOR * C.RESIZE_SHORTER
         assert drafted.size[0] < w  # the decoder really did scale
-        a = np.asarray(B.resize_centre_crop(drafted)).astype(float)
-        b = np.asarray(B.resize_centre_crop(B.decode_image(data, draft=False))).astype(float)
-        assert np.abs(a - b).mean() < B.DRAFT_TOLERANCE
+        a = np.asarray(IMG.resize_centre_crop(drafted)).astype(float)
+        b = np.asarray(IMG.resize_centre_crop(IMG.decode_image(data, draft=False))).astype(float)
+        assert np.abs(a - b).mean() < IMG.DRAFT_TOLERANCE
     # No draft when it would go below DRAFT_MIN_FACTOR x 256 (typical 500x375 images).
-    assert B.decode_image(_jpeg(_photo(1000, 700)), draft=True).size == (1000, 700)
+    assert IMG.decode_image(_jpeg(_photo(1000, 700)), draft=True).size == (1000, 700)
 
 
 # --------------------------------------------------------------------------- awkward files
@@ -141,7 +142,7 @@ def test_awkward_files_kept_or_rejected(src, built):
         im = Image.open(io.BytesIO(raw))
         im.load()
         ref_im = im.convert("RGB")
-        (nw, nh), _ = B.centre_crop_box(*ref_im.size)
+        (nw, nh), _ = IMG.centre_crop_box(*ref_im.size)
         full = np.asarray(ref_im.resize((nw, nh), Image.Resampling.BILINEAR)).astype(float)
         left, top = (nw - 256) // 2, (nh - 256) // 2
         ref = full[top : top + 256, left : left + 256]
@@ -170,13 +171,13 @@ def test_awkward_files_kept_or_rejected(src, built):
 
 
 def test_undecodable_and_not_an_image():
-    with pytest.raises(B.Rejected, match="zero-byte"):
+    with pytest.raises(IMG.Rejected, match="zero-byte"):
         B.prepare_image(b"")
-    with pytest.raises(B.Rejected, match="not an image"):
+    with pytest.raises(IMG.Rejected, match="not an image"):
         B.prepare_image(b"this is a text file, not a JPEG" * 10)
     good = _jpeg(_photo(300, 200))
     broken = good[:200] + bytes(len(good) - 200)  # header intact, entropy data zeroed
-    with pytest.raises(B.Rejected):
+    with pytest.raises(IMG.Rejected):
         B.prepare_image(broken[: len(good) // 2])
     out = _decode(B.prepare_image(good, quality=95))
     assert out.shape == (256, 256, 3)
@@ -278,49 +279,113 @@ def test_rerun_is_a_noop(src, built, tmp_path):
     assert "images/s" in r.output and "rejected 2 source files" in r.output
 
 
-def _build_subprocess(src, data, extra_env=None, extra_args=()):
-    env = {**os.environ, **(extra_env or {})}
-    cmd = [sys.executable, "-m", "alexnet.tools.cli", "build-lmdb", str(src), "--data-dir", str(data),
-           "--workers", "2", "--commit-every", "2", *BUILD_ARGS, *extra_args]  # fmt: skip
-    # Own session: the kill hook SIGKILLs the whole process group (parent and workers) at once.
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, start_new_session=True)
+# A build slow enough to be stopped part-way from outside: the sample plus large PNGs (no draft
+# decoding for them, ~80 ms each), hard links of one file. Interrupted builds run with
+# --commit-every 2, so records are committed from the first images on.
+SLOW_IMAGES = 32
+BUILD_CMD = [sys.executable, "-m", "alexnet.tools.cli", "build-lmdb"]
+INTERRUPTED_ARGS = ["--workers", "2", "--commit-every", "2", *BUILD_ARGS]
 
 
-@pytest.mark.parametrize("kill_after", [1, 5])
-def test_killed_build_resumes_to_the_same_records(src, built, tmp_path, kill_after):
+@pytest.fixture(scope="session")
+def slow_src(src, tmp_path_factory):
+    from alexnet.tools.sample import draw_image
+
+    root = tmp_path_factory.getbasetemp() / "build_lmdb_slow"
+    shutil.copytree(src, root)
+    big = root / "big.png"
+    Image.fromarray(draw_image(0, 4, np.random.default_rng(0), size=(2400, 1800))).save(big, compress_level=1)
+    wnids = sample_info(root)["classes"]
+    for k in range(SLOW_IMAGES):
+        os.link(big, root / "train" / wnids[k % len(wnids)] / f"slow_{k}.png")
+    big.unlink()
+    return root
+
+
+@pytest.fixture(scope="session")
+def slow_built(slow_src, tmp_path_factory):
+    data = tmp_path_factory.getbasetemp() / "build_lmdb_slow_clean"
+    r = run_prep(["build-lmdb", str(slow_src), "--data-dir", str(data), "--workers", "2", *BUILD_ARGS])
+    assert r.exit_code == 0, r.output
+    return data
+
+
+def _build(src, data):
+    """The interrupted builds' command, run to its end."""
+    cmd = [*BUILD_CMD, str(src), "--data-dir", str(data), *INTERRUPTED_ARGS]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def _committed(data) -> int:
+    """Records committed so far in the shards of a build in progress (read through LMDB's lock, as a reader)."""
+    import lmdb
+
+    n = 0
+    for lock in data.glob("*/*/lock.mdb"):
+        try:
+            with lmdb.open(str(lock.parent), readonly=True, lock=True, subdir=True) as env:
+                n += env.stat()["entries"]
+        except lmdb.Error:  # the writer is creating it
+            pass
+    return n
+
+
+def _start_build(src, data, at_least: int):
+    """Start the build in its own session and return it once ``at_least`` records are committed, still running."""
+    import time
+
+    proc = subprocess.Popen([*BUILD_CMD, str(src), "--data-dir", str(data), *INTERRUPTED_ARGS],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and _committed(data) < at_least:
+        time.sleep(0.01)
+    if proc.poll() is not None or time.monotonic() >= deadline:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"the build was not stopped part-way: {proc.communicate()}")
+    return proc
+
+
+def _kill_build(src, data, at_least: int) -> None:
+    """kill -9 of the whole build (main process and workers at once) after ``at_least`` committed records."""
+    proc = _start_build(src, data, at_least)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("at_least", [2, 10])
+def test_killed_build_resumes_to_the_same_records(slow_src, slow_built, tmp_path, at_least):
     """kill -9 of the whole build part-way, then the same command: equal to a clean build, record for record."""
     data = tmp_path / "d"
-    r = _build_subprocess(src, data, {B.KILL_AFTER_ENV: str(kill_after)})
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    _kill_build(slow_src, data, at_least)
     m = A.read_manifest(data, require_complete=False)
     assert not m.complete
     partial = sum(len(v) for v in all_records(data).values())
-    clean = all_records(built)
-    assert 0 < partial < sum(len(v) for v in clean.values())
+    clean = all_records(slow_built)
+    assert at_least <= partial < sum(len(v) for v in clean.values())
     with pytest.raises(ContractError, match="half-built"):
         A.read_manifest(data)
-    r = _build_subprocess(src, data)
+    r = _build(slow_src, data)
     assert r.returncode == 0, r.stderr
     assert "after resuming" in r.stdout
     assert all_records(data) == clean  # every key and value, in order: no duplicate, none lost
-    m, mc = A.read_manifest(data), A.read_manifest(built)
+    m, mc = A.read_manifest(data), A.read_manifest(slow_built)
     assert m.splits == mc.splits and m.rejected == mc.rejected
-    assert (data / A.REJECTED_FILE).read_text() == (built / A.REJECTED_FILE).read_text()
+    assert (data / A.REJECTED_FILE).read_text() == (slow_built / A.REJECTED_FILE).read_text()
     for split in m.splits:
-        for a, b in zip(m.shard_paths(data, split), mc.shard_paths(built, split), strict=True):
+        for a, b in zip(m.shard_paths(data, split), mc.shard_paths(slow_built, split), strict=True):
             assert np.array_equal(A.read_record_crcs(a), A.read_record_crcs(b))
 
 
-def test_resume_with_other_options_refused(src, tmp_path):
+def test_resume_with_other_options_refused(slow_src, tmp_path):
     data = tmp_path / "d"
-    r = _build_subprocess(src, data, {B.KILL_AFTER_ENV: "1"})
-    assert r.returncode == -signal.SIGKILL
-    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS, "--seed", "4"])
+    _kill_build(slow_src, data, 2)
+    r = run_prep(["build-lmdb", str(slow_src), "--data-dir", str(data), *BUILD_ARGS, "--seed", "4"])
     assert r.exit_code == 1 and "refusing to resume" in r.output and "seed: 3 -> 4" in r.output
     m = A.read_manifest(data, require_complete=False)
     m.build["pil"] = "pillow-simd 0.0.post0 (older)"
     A.write_manifest(data, m)
-    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS])
+    r = run_prep(["build-lmdb", str(slow_src), "--data-dir", str(data), *BUILD_ARGS])
     assert r.exit_code == 1 and "refusing to resume" in r.output and "pil:" in r.output
 
 
@@ -339,23 +404,6 @@ def test_default_shard_count():
     assert B.default_num_shards(3000) == 11
     assert B.default_num_shards(C.IMAGENET_VAL_IMAGES) == 16
     assert B.default_num_shards(C.IMAGENET_TRAIN_IMAGES) == 129
-
-
-def _start_paused_build(src, data):
-    """A build whose first worker commit holds it in place; returns (process, worker pid)."""
-    import time
-
-    env = {**os.environ, B.PAUSE_AFTER_ENV: "1"}
-    cmd = [sys.executable, "-m", "alexnet.tools.cli", "build-lmdb", str(src), "--data-dir", str(data),
-           "--workers", "2", "--commit-every", "2", *BUILD_ARGS]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    marker = data / B.PAUSED_MARKER
-    deadline = time.monotonic() + 120
-    while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert marker.exists(), proc.communicate()
-    return proc, int(marker.read_text())
 
 
 def _tree_of_session(sid):
@@ -390,27 +438,28 @@ def _gone(pid, timeout=10.0):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc are Linux-only")
-def test_sigterm_stops_cleanly_and_kill9_of_the_parent_takes_the_workers(src, built, tmp_path):
+def test_sigterm_stops_cleanly_and_kill9_of_the_parent_takes_the_workers(slow_src, slow_built, tmp_path):
     data = tmp_path / "d"
     # SIGTERM (a scheduler's stop): exit 130 with the resume hint, workers terminated.
-    proc, worker = _start_paused_build(src, data)
+    proc = _start_build(slow_src, data, 2)
+    workers = [pid for pid in _tree_of_session(proc.pid) if pid != proc.pid]
+    assert len(workers) == 2
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
-    assert _gone(worker)
+    assert all(_gone(w) for w in workers)
     # kill -9 of the main process alone: the workers die with it (no orphan keeps writing a shard).
-    (data / B.PAUSED_MARKER).unlink()
-    proc, worker = _start_paused_build(src, data)
+    proc = _start_build(slow_src, data, _committed(data) + 2)
+    workers = [pid for pid in _tree_of_session(proc.pid) if pid != proc.pid]
     proc.kill()
     proc.wait(timeout=60)  # not communicate(): an orphaned worker would hold the pipes open
-    orphaned = not _gone(worker)
-    if orphaned:  # clean up before failing: the paused worker would sleep for an hour
+    orphaned = not all(_gone(w) for w in workers)
+    if orphaned:  # clean up before failing
         for pid in _tree_of_session(proc.pid):
             os.kill(pid, signal.SIGKILL)
     proc.stdout.close()
     proc.stderr.close()
     assert not orphaned, "worker outlived its parent"
-    (data / B.PAUSED_MARKER).unlink()
-    r = _build_subprocess(src, data)
+    r = _build(slow_src, data)
     assert r.returncode == 0, r.stderr
-    assert all_records(data) == all_records(built)
+    assert all_records(data) == all_records(slow_built)

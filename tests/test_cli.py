@@ -6,8 +6,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from alexnet.pipeline.images import pil_info
 from alexnet.tools.cli import main as prep
-from alexnet.tools.pil import pil_info
 
 BIN = Path(sys.executable).parent
 
@@ -48,7 +48,7 @@ def test_console_scripts_installed_and_fast_errors(tmp_path):
 
 
 def test_prep_warns_when_plain_pillow_shadows_simd(monkeypatch):
-    import alexnet.tools.pil as pil
+    import alexnet.pipeline.images as pil
 
     monkeypatch.setattr(pil, "pil_info", lambda: {"version": "12.0.0", "simd": False, "libjpeg": "x", "name": "Pillow"})
     r = CliRunner().invoke(prep, ["make-sample", "--help"])

@@ -66,7 +66,7 @@ def _config(data: Path, run_dir: Path, **kw) -> TrainConfig:
         lr=1e-3, log_every_steps=1, num_threads=1, progress=False, checkpoint_minutes=0.0,
     )  # fmt: skip
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.create(**base)
 
 
 @pytest.fixture(scope="module")

@@ -450,13 +450,13 @@ def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
     capture fails then: found on the H100); two GPU pipelines take turns over the records."""
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import create_optimizer
-    from alexnet.trainer.train import GraphedTrainStep
+    from alexnet.trainer.step import GraphedStep
 
     dev = torch.device("cuda:0")
     loader = _loader(data, "train", 4, num_threads=2, device="cuda:0", pipelines=2, prefetch=3, with_draws=True, seed=2)
     model = AlexNet(num_classes=N_CLASSES, devices=[dev]).train()
-    step = GraphedTrainStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), bf16=True, channels_last=False,
-                            output_device=dev, eager_steps=1)  # fmt: skip
+    step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), bf16=True, channels_last=False,
+                            eager_steps=1)  # fmt: skip
     losses, seen = [], []
     for _ in range(2):
         for images, labels, draws in loader:

@@ -18,8 +18,8 @@ from alexnet.pipeline import constants as C
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer.config import TrainConfig
+from alexnet.trainer.evaluate import average_patch_softmax
 from alexnet.trainer.predict import load_predictor, patches, predict, stored_crop
-from alexnet.trainer.train import average_patch_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("predict")
     data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=2)
-    cfg = TrainConfig(data_dir=str(data), run_dir=str(base / "run"), gpus="cpu", batch_size=4, epochs=0,
+    cfg = TrainConfig.create(data_dir=str(data), run_dir=str(base / "run"), gpus="cpu", batch_size=4, epochs=0,
                       max_steps=3, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0)  # fmt: skip
     train(cfg)
     return data, base / "run" / "checkpoints" / "last.pt"
@@ -226,7 +226,7 @@ def test_a_run_trained_with_the_channel_mean_carries_it(run, tmp_path):
     from alexnet.trainer.train import train
 
     data, _ = run
-    cfg = TrainConfig(data_dir=str(data), run_dir=str(tmp_path / "run"), gpus="cpu", batch_size=4, epochs=0,
+    cfg = TrainConfig.create(data_dir=str(data), run_dir=str(tmp_path / "run"), gpus="cpu", batch_size=4, epochs=0,
                       max_steps=1, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0, mean="channel")  # fmt: skip
     train(cfg)
     mean = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["dataset"]["mean_image"].numpy()

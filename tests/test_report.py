@@ -19,7 +19,7 @@ from PIL import Image
 
 from alexnet.pipeline.cli_common import Group
 from alexnet.trainer import plots, report
-from alexnet.trainer.report import colourfulness, make_report, report_command
+from alexnet.trainer.report import build_report, colourfulness, report_command
 
 NUM_CLASSES = 10
 
@@ -87,7 +87,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def made(run_dir):
-    return make_report(run_dir)
+    return build_report(run_dir).out_dir
 
 
 def _cli():
@@ -226,7 +226,7 @@ def test_eval_rows_final_and_best():
 
 def test_missing_checkpoint_still_reports(tmp_path):
     run = write_run(tmp_path / "run", with_checkpoint=False, preview=False)
-    out = make_report(run, tmp_path / "out")
+    out = build_report(run, tmp_path / "out").out_dir
     assert (out / "curves.png").is_file() and (out / "report.md").is_file()
     assert not (out / "conv1_kernels.png").exists()
     md = (out / "report.md").read_text()

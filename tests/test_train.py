@@ -19,9 +19,9 @@ from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer import constants as TC
 from alexnet.trainer.config import TrainConfig, merge_for_resume
 from alexnet.trainer.distributed import DistInfo, replica_gpus
+from alexnet.trainer.evaluate import average_patch_softmax, topk_correct
 from alexnet.trainer.optim import PaperSGD, create_optimizer
 from alexnet.trainer.schedule import PlateauSchedule, StepSchedule
-from alexnet.trainer.train import average_patch_softmax, topk_correct
 
 # --------------------------------------------------------------------------- §5 update rule
 
@@ -70,7 +70,7 @@ def test_training_step_uses_the_batch_mean_gradient():
     training step at lr 1, no momentum or decay, moves every weight by minus the mean of the examples'
     own gradients; the network in float64 and eval mode, so no dropout draw differs."""
     from alexnet.trainer.model import AlexNet
-    from alexnet.trainer.train import train_step
+    from alexnet.trainer.step import train_step
 
     torch.manual_seed(0)
     model = AlexNet(num_classes=4).double().eval()
@@ -125,28 +125,38 @@ def test_step_schedule():
 
 def test_config_defaults_are_the_papers():
     c = TrainConfig()
-    assert (c.batch_size, c.lr, c.momentum, c.weight_decay, c.lr_drops, c.epochs) == (128, 0.01, 0.9, 5e-4, 3, 90)
+    o = c.optim
+    assert (o.batch_size, o.lr, o.momentum, o.weight_decay, o.lr_drops, c.run.epochs) == (128, 0.01, 0.9, 5e-4, 3, 90)
 
 
 def test_config_json_round_trip_and_loud_failures(tmp_path):
-    c = TrainConfig(batch_size=32, step_epochs=(5, 9), bf16=True)
+    c = TrainConfig.create(batch_size=32, step_epochs=(5, 9), bf16=True)
     c.save(tmp_path / "config.json")
     assert TrainConfig.load(tmp_path / "config.json") == c
     d = c.to_dict()
-    with pytest.raises(AlexnetError, match="unknown key"):
-        TrainConfig.from_dict({**d, "learning_rate": 0.1})
+    assert set(d) == {"run", "data", "model", "optim"}
+
+    def changed(section, **kw):
+        return {**d, section: {**d[section], **kw}}
+
+    with pytest.raises(AlexnetError, match="unknown key.*learning_rate.*optim"):
+        TrainConfig.from_dict(changed("optim", learning_rate=0.1))
+    with pytest.raises(AlexnetError, match="unknown section"):
+        TrainConfig.from_dict({**d, "extra": {}})
     with pytest.raises(AlexnetError, match="batch_size.*wrong type"):
-        TrainConfig.from_dict({**d, "batch_size": "32"})
+        TrainConfig.from_dict(changed("optim", batch_size="32"))
     with pytest.raises(AlexnetError, match="bf16.*wrong type"):
-        TrainConfig.from_dict({**d, "bf16": 1})
+        TrainConfig.from_dict(changed("model", bf16=1))
     with pytest.raises(AlexnetError, match="schedule must be"):
-        TrainConfig.from_dict({**d, "schedule": "cosine"})
-    assert TrainConfig.from_dict({**d, "lr": 1}).lr == 1.0  # an int is a fine float
+        TrainConfig.from_dict(changed("optim", schedule="cosine"))
+    with pytest.raises(AlexnetError, match="unknown config field"):
+        c.replace(learning_rate=0.1)
+    assert TrainConfig.from_dict(changed("optim", lr=1)).optim.lr == 1.0  # an int is a fine float
 
 
 def test_resume_refuses_a_changed_recipe():
-    saved = TrainConfig(batch_size=32)
-    assert merge_for_resume(saved, {"max_steps": 9, "gpus": "cpu"}).max_steps == 9
+    saved = TrainConfig.create(batch_size=32)
+    assert merge_for_resume(saved, {"max_steps": 9, "gpus": "cpu"}).run.max_steps == 9
     with pytest.raises(AlexnetError, match="lr"):
         merge_for_resume(saved, {"lr": 0.1})
 
@@ -310,7 +320,9 @@ def test_cli_help_and_version():
 
     r = CliRunner().invoke(main, ["--help"])
     assert r.exit_code == 0, r.output
-    assert "Examples:" in r.output and "--eval-only" in r.output and "torchrun" in r.output
+    assert "Examples:" in r.output and "alexnet-train eval" in r.output and "torchrun" in r.output
+    for command in ("eval", "bench", "report", "predict", "export"):
+        assert command in r.output
     r = CliRunner().invoke(main, ["--version"])
     assert r.exit_code == 0 and "torch" in r.output
 
@@ -347,7 +359,7 @@ def train_data(tmp_path_factory):
 
 
 def _cfg(data, run_dir, **kw) -> TrainConfig:
-    return TrainConfig(data_dir=str(data), run_dir=str(run_dir), **{**RUN_KW, "max_steps": STEPS, **kw})
+    return TrainConfig.create(data_dir=str(data), run_dir=str(run_dir), **{**RUN_KW, "max_steps": STEPS, **kw})
 
 
 @pytest.fixture(scope="session")
@@ -510,14 +522,14 @@ def test_alerts_reach_the_console_and_metrics(train_data, tmp_path, capsys):
 
 
 def test_default_retention_keeps_three_epoch_checkpoints():
-    assert TrainConfig().keep_epochs == 3
+    assert TrainConfig().run.keep_epochs == 3
 
 
 def test_run_directory_contents(uninterrupted):
     run, summary = uninterrupted
     cfg = TrainConfig.load(run / "config.json")
-    assert cfg.num_classes == 4 and cfg.max_steps == STEPS and cfg.gpus == "cpu"
-    assert cfg.pipelines == 1  # "auto" resolved and recorded: 1 on the CPU (2 on a GPU)
+    assert cfg.run.num_classes == 4 and cfg.run.max_steps == STEPS and cfg.run.gpus == "cpu"
+    assert cfg.data.pipelines == 1  # "auto" resolved and recorded: 1 on the CPU (2 on a GPU)
     v = json.loads((run / "versions.json").read_text())
     assert {"alexnet", "torch", "dali", "pil", "python", "git_revision"} <= v.keys()
     lines = _lines(run)
@@ -547,7 +559,8 @@ def test_short_run_lowers_the_loss(train_data, tmp_path):
     import torch.nn.functional as F
 
     from alexnet.trainer.model import AlexNet
-    from alexnet.trainer.train import create_loader_for, train
+    from alexnet.trainer.replica import create_loader_for, resolve_replica
+    from alexnet.trainer.train import train
 
     cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=12, batch_size=8, lr=1e-3, keep_epochs=2,
                schedule="step", step_epochs=(100,))  # fmt: skip
@@ -555,12 +568,12 @@ def test_short_run_lowers_the_loss(train_data, tmp_path):
     train(cfg, on_end=trained.append)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["best.pt", "epoch-0011.pt", "epoch-0012.pt", "last.pt"]  # --keep-epochs 2
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     fresh = AlexNet(num_classes=4)  # the same seeded initialisation the run started from
 
     def held_out_loss(model):
         model.eval()
-        loader = create_loader_for(cfg, "val", torch.device("cpu"), DistInfo(), batch_size=8)
+        loader = create_loader_for(cfg, "val", resolve_replica("cpu", DistInfo()), batch_size=8)
         with torch.no_grad():
             return float(np.mean([F.cross_entropy(model(x), y.reshape(-1).long()).item() for x, y in loader]))
 
@@ -592,8 +605,8 @@ def test_eval_only_ten_crop_cli_prints_and_logs_both(uninterrupted, train_data, 
     ck.write_bytes((run / "checkpoints" / "last.pt").read_bytes())
     r = CliRunner().invoke(
         main,
-        ["--data-dir", str(train_data), "--run-dir", str(tmp_path / "eval"), "--gpus", "cpu", "--batch-size", "4",
-         "--threads", "1", "--no-progress", "--eval-only", "--ten-crop", "--checkpoint", str(ck)],
+        ["eval", "--data-dir", str(train_data), "--run-dir", str(tmp_path / "eval"), "--gpus", "cpu", "--batch-size", "4",
+         "--threads", "1", "--no-progress", "--ten-crop", "--checkpoint", str(ck)],
     )  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "centre crop" in r.output and "ten patches" in r.output
@@ -604,15 +617,16 @@ def test_eval_only_ten_crop_cli_prints_and_logs_both(uninterrupted, train_data, 
 
 def test_evaluate_ten_crop_matches_a_direct_computation(uninterrupted, train_data):
     """evaluate(ten_crop=True) against the same batches scored by hand (numpy softmax average)."""
+    from alexnet.trainer.evaluate import evaluate
     from alexnet.trainer.model import AlexNet
-    from alexnet.trainer.train import create_loader_for, evaluate
+    from alexnet.trainer.replica import create_loader_for, resolve_replica
 
     run, _ = uninterrupted
     model = AlexNet.from_state_dict(ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"])
     cfg = _cfg(train_data, run)
     from alexnet.trainer.distributed import DistInfo
 
-    loader = create_loader_for(cfg, "val", torch.device("cpu"), DistInfo(), ten_crop=True, batch_size=3)
+    loader = create_loader_for(cfg, "val", resolve_replica("cpu", DistInfo()), ten_crop=True, batch_size=3)
     res = evaluate(model, loader, ten_crop=True)
     model.eval()
     correct1 = correct5 = n = 0
@@ -642,27 +656,51 @@ def test_cli_refuses_to_overwrite_or_change_a_run(uninterrupted, train_data):
     assert r.exit_code == 1 and "lr" in r.output and "Traceback" not in r.output
 
 
-def test_cli_benchmark_prints_both_rates_and_ratio(train_data):
+def test_cli_bench_prints_both_rates_and_ratio(train_data):
     from alexnet.trainer.cli import main
 
-    r = CliRunner().invoke(
-        main,
-        [
-            "--data-dir",
-            str(train_data),
-            "--gpus",
-            "cpu",
-            "--batch-size",
-            "2",
-            "--threads",
-            "1",
-            "--benchmark",
-            "--benchmark-steps",
-            "2",
-        ],
-    )
+    args = ["--data-dir", str(train_data), "--gpus", "cpu", "--batch-size", "2", "--threads", "1"]
+    r = CliRunner().invoke(main, ["bench", *args, "--steps", "2"])
     assert r.exit_code == 0, r.output
     assert "synthetic batches" in r.output and "pipeline batches" in r.output and "ratio" in r.output
+    r = CliRunner().invoke(main, [*args, "--benchmark"])  # the old mode flag names its command
+    assert r.exit_code == 2 and "alexnet-train bench" in r.output
+
+
+def test_cli_options_are_the_config_fields():
+    """Every config field has its option, with the dataclass default, and no option lacks a field."""
+    from dataclasses import fields
+
+    from alexnet.trainer.cli import eval_command, main
+    from alexnet.trainer.config import SECTIONS
+
+    for command, extra in ((main, {"config_file", "eval_only", "benchmark", "version"}),
+                           (eval_command, {"config_file", "checkpoint", "ten_crop"})):  # fmt: skip
+        options = {p.name: p for p in command.params}
+        names = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
+        assert set(options) - extra == names
+        defaults = TrainConfig().flat()
+        for name in names:
+            default = options[name].default
+            assert default == (",".join(map(str, defaults[name])) if name == "step_epochs" else defaults[name]), name
+
+
+def test_cli_config_file_reruns_a_run_with_fields_overridden(tmp_path, monkeypatch):
+    """--config RUN/config.json starts from the saved tree; typed options override single fields."""
+    from alexnet.trainer import cli
+
+    saved = TrainConfig.create(lr=0.005, batch_size=64, lrn="paper-text", num_threads=2, run_dir="runs/a")
+    saved.save(tmp_path / "config.json")
+    seen = []
+
+    def fake_train(config):  # records the config instead of training (the CLI's job ends at building it)
+        seen.append(config)
+        raise SystemExit(0)
+
+    monkeypatch.setattr("alexnet.trainer.train.train", fake_train)
+    r = CliRunner().invoke(cli.main, ["--config", str(tmp_path / "config.json"), "--run-dir", "runs/b", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert seen == [saved.replace(run_dir="runs/b", seed=3)]
 
 
 def test_report_subcommand_is_registered():
@@ -719,7 +757,7 @@ def test_tensorboard_has_the_metrics_scalars_and_a_resume_purges_the_killed_tail
 def test_metrics_log_resume_purges_the_killed_runs_later_tensorboard_events(tmp_path):
     import time
 
-    from alexnet.trainer.train import MetricsLog
+    from alexnet.trainer.rundir import MetricsLog
 
     def log(resume_step, steps, loss):
         m = MetricsLog(tmp_path, True, time.monotonic(), resume_step=resume_step)
@@ -748,16 +786,15 @@ def test_prune_epoch_checkpoints_keeps_the_newest_and_linked_files(tmp_path):
 
 
 def test_cuda_graph_applies_only_to_one_cuda_device_in_one_process():
-    from alexnet.trainer.train import uses_cuda_graph
+    from alexnet.trainer.step import uses_cuda_graph
 
-    one = DistInfo()
-    cfg = TrainConfig()
-    assert cfg.cuda_graph  # the default: graphs wherever they apply
-    assert uses_cuda_graph(cfg, [torch.device("cuda:0")], one)
-    assert not uses_cuda_graph(cfg, [torch.device("cpu")], one)
-    assert not uses_cuda_graph(cfg, [torch.device("cuda:0"), torch.device("cuda:1")], one)
-    assert not uses_cuda_graph(cfg, [torch.device("cuda:0")], DistInfo(world_size=2))
-    assert not uses_cuda_graph(cfg.replace(cuda_graph=False), [torch.device("cuda:0")], one)
+    on = TrainConfig().model.cuda_graph
+    assert on  # the default: graphs wherever they apply
+    assert uses_cuda_graph(on, [torch.device("cuda:0")], 1)
+    assert not uses_cuda_graph(on, [torch.device("cpu")], 1)
+    assert not uses_cuda_graph(on, [torch.device("cuda:0"), torch.device("cuda:1")], 1)
+    assert not uses_cuda_graph(on, [torch.device("cuda:0")], 2)
+    assert not uses_cuda_graph(False, [torch.device("cuda:0")], 1)
     # Set before any CUDA context: DALI's streams must not share hardware queues with training.
     assert int(os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]) >= 16
 
@@ -767,7 +804,7 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
     """The CUDA-graph step runs the eager step's kernels: same losses, weights and RNG state."""
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.optim import set_lr
-    from alexnet.trainer.train import GraphedTrainStep, train_step
+    from alexnet.trainer.step import GraphedStep, train_step
 
     dev = torch.device("cuda:0")
     torch.backends.cudnn.benchmark = False
@@ -775,7 +812,7 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
     g = torch.Generator(device=dev).manual_seed(5)
     batches = [(torch.randn(16, 3, 224, 224, device=dev, generator=g) * 50,
                 torch.randint(0, 10, (16,), device=dev, generator=g)) for _ in range(8)]  # fmt: skip
-    kw = {"bf16": True, "channels_last": True, "output_device": dev}
+    kw = {"bf16": True, "channels_last": True}
     results = []
     for graphed in (False, True):
         torch.manual_seed(0)
@@ -783,9 +820,9 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
         opt = create_optimizer(model, 0.01, 0.9, 5e-4)
         torch.cuda.manual_seed(123)
         step = (
-            GraphedTrainStep(model, opt, **kw)
+            GraphedStep(model, opt, **kw)
             if graphed
-            else (lambda x, y, model=model, opt=opt: train_step(model, opt, x, y, **kw))
+            else (lambda x, y, model=model, opt=opt: train_step(model, opt, x, y, output_device=dev, **kw))
         )
         losses = []
         for i, (x, y) in enumerate(batches):

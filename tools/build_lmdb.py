@@ -4,22 +4,10 @@
 cropped out the central 256x256 patch". Nothing else: no warping to a square (Caffe's
 ``convert_imageset --resize_height/width`` does that; it is not the paper).
 
-Image processing (``prepare_image``):
-
-- decode with PIL (pillow-simd); for JPEGs at least ``DRAFT_MIN_FACTOR`` x 2 times larger than
-  needed, decode at 1/2, 1/4 or 1/8 scale with libjpeg's DCT scaling (``Image.draft``), never
-  below ``DRAFT_MIN_FACTOR`` x 256 on the shorter side, so the final resize still reduces by at least 2x.
-  Measured against the full decode (``tests/test_build_lmdb.py::test_draft_within_tolerance``):
-  mean absolute difference below ``DRAFT_TOLERANCE`` grey levels;
-- convert every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG) to RGB;
-- EXIF orientation is ignored: pixels are stored as coded, as the ImageNet reference loaders
-  (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do, so records
-  match what every published ImageNet result was trained on;
-- resample with PIL's antialiased bilinear filter (``RESAMPLE``), the filter of torchvision's
-  ImageNet reference ``Resize(256)``; the paper names none. Smaller images are upscaled;
-- only the central 256x256 window is computed: ``resize(..., box=...)`` maps the crop back to
-  source coordinates, identical (to float rounding) to resizing the whole image and cropping;
-- encode as JPEG, quality 95 by default (the authors' own preparation), 4:2:0 chroma.
+Image processing (``prepare_image``): ``pipeline/images.py`` decodes the source file to RGB (draft
+decoding for large JPEGs, EXIF orientation ignored) and computes the central 256x256 window of the
+shorter-side-256 rescale; the result is encoded as JPEG, quality 95 by default (the authors' own
+preparation), 4:2:0 chroma.
 
 Parallelism and resumability: each shard is written by one worker process, in key order, in
 transactions of ``commit_every`` records. After a kill at any moment the same command finds each
@@ -39,8 +27,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,24 +37,16 @@ import click
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import images
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
 
-# Decode at reduced DCT scale only while the decoded shorter side stays >= this many times
-# RESIZE_SHORTER; the final antialiased resize then still reduces by >= 2x, which keeps the
-# result within DRAFT_TOLERANCE of a full decode (measured in tests/test_build_lmdb.py).
-DRAFT_MIN_FACTOR = 2
-DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
-RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
 DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill can lose and memory per worker
 IMAGES_PER_SHARD = 10_000  # default shard size
 MAX_SMALL_SHARDS = 16  # small datasets still get up to 16 shards (>= 256 images each), so 16 cores have work
 MIN_SHARD_IMAGES = 256
-KILL_AFTER_ENV = "ALEXNET_BUILD_KILL_AFTER_COMMITS"  # test hook: SIGKILL the whole build after K commits
-PAUSE_AFTER_ENV = "ALEXNET_BUILD_PAUSE_AFTER_COMMITS"  # test hook: a worker stops after K commits ...
-PAUSED_MARKER = ".test-worker-paused"  # ... and writes its pid here in the dataset directory
 # Options that decide the bytes written: a build resumes only when all of these are unchanged.
 _OUTPUT_OPTIONS = (
     "resize_shorter", "stored_size", "jpeg_quality", "resample", "draft_min_factor", "exif_orientation",
@@ -74,71 +54,12 @@ _OUTPUT_OPTIONS = (
 )  # fmt: skip
 
 
-class Rejected(Exception):
-    """A source file that cannot become a record; the message is the reason."""
-
-
 # --------------------------------------------------------------------------- one image
-
-
-def _resample():
-    from PIL import Image
-
-    return Image.Resampling.BILINEAR
-
-
-def centre_crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
-    """The resized size (shorter side 256) and the central 256x256 window in source coordinates."""
-    if width <= height:
-        new_w, new_h = C.RESIZE_SHORTER, max(C.RESIZE_SHORTER, round(height * C.RESIZE_SHORTER / width))
-    else:
-        new_w, new_h = max(C.RESIZE_SHORTER, round(width * C.RESIZE_SHORTER / height)), C.RESIZE_SHORTER
-    left, top = (new_w - C.STORED_SIZE) // 2, (new_h - C.STORED_SIZE) // 2
-    sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + C.STORED_SIZE) * sx, (top + C.STORED_SIZE) * sy)
-    return (new_w, new_h), box
-
-
-def resize_centre_crop(im, resample=None):
-    """§2: shorter side -> 256, central 256x256 patch, computed in one resampling pass."""
-    _, box = centre_crop_box(*im.size)
-    return im.resize((C.STORED_SIZE, C.STORED_SIZE), resample if resample is not None else _resample(), box=box)
-
-
-def decode_image(data: bytes, *, draft: bool = True):
-    """Bytes -> RGB PIL image (draft-decoded when much larger than needed). Raises ``Rejected``."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise Rejected("zero-byte file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
-            im = Image.open(io.BytesIO(data))
-            if draft and im.format == "JPEG":
-                w, h = im.size
-                need = DRAFT_MIN_FACTOR * C.RESIZE_SHORTER / min(w, h)
-                if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
-                    im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
-            im.load()
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-    except UnidentifiedImageError:
-        raise Rejected("not an image (format not recognised)") from None
-    except Image.DecompressionBombError as e:
-        raise Rejected(f"too large ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        text = str(e)
-        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
-        raise Rejected(f"{reason} ({text})" if text else reason) from None
-    if min(im.size) < 1:
-        raise Rejected("empty image")
-    return im
 
 
 def prepare_image(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True) -> bytes:
     """Source file bytes -> JPEG bytes of the stored 256x256 RGB centre crop."""
-    out = resize_centre_crop(decode_image(data, draft=draft))
+    out = images.resize_centre_crop(images.decode_image(data, draft=draft))
     buf = io.BytesIO()
     out.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
@@ -210,7 +131,6 @@ class ShardResult:
 # --------------------------------------------------------------------------- worker
 
 _conn = None  # this worker's end of its pipe to the main process
-_commits_done = 0
 
 
 def _worker_main(conn) -> None:
@@ -263,21 +183,6 @@ def _report(n: int, flush: bool = False) -> None:
         _unreported = 0
 
 
-def _after_commit(task: ShardTask) -> None:
-    global _commits_done
-    _commits_done += 1
-    limit = os.environ.get(KILL_AFTER_ENV)
-    if limit and _commits_done >= int(limit):
-        os.killpg(os.getpgrp(), signal.SIGKILL)  # test hook: as if `kill -9` hit the whole build now
-    pause = os.environ.get(PAUSE_AFTER_ENV)
-    if pause and _commits_done == int(pause):  # test hook: hold here until killed
-        marker = Path(task.path).parents[1] / PAUSED_MARKER
-        tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
-        tmp.write_text(str(os.getpid()))
-        os.replace(tmp, marker)  # atomic: every worker pauses here, and a reader never sees a half-written pid
-        time.sleep(3600)
-
-
 def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
     """Write a batch of ascending keys in one transaction; grow the map instead of failing."""
     import lmdb
@@ -293,9 +198,13 @@ def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def _read_source(root: str, rel: str) -> bytes:
-    with open(os.path.join(root, rel), "rb") as f:
-        return f.read()
+def _stored_jpeg(root: str, rel: str, quality: int) -> bytes:
+    """A source file as the JPEG to store; ``images.Rejected`` with the reason when it cannot be one."""
+    try:
+        with open(os.path.join(root, rel), "rb") as f:
+            return prepare_image(f.read(), quality=quality)
+    except OSError as e:  # unreadable source file (permissions, I/O error)
+        raise images.Rejected(f"unreadable ({e.strerror or e})") from None
 
 
 def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
@@ -344,13 +253,9 @@ def build_shard(task: ShardTask) -> ShardResult:
             if pos in present:
                 continue
             try:
-                jpeg = prepare_image(_read_source(task.source_root, rel), quality=task.quality)
-            except Rejected as e:
+                jpeg = _stored_jpeg(task.source_root, rel, task.quality)
+            except images.Rejected as e:
                 rejected.append((rel, str(e)))
-                _report(1)
-                continue
-            except OSError as e:  # unreadable source file (permissions, I/O error)
-                rejected.append((rel, f"unreadable ({e.strerror or e})"))
                 _report(1)
                 continue
             if pos < last:  # a gap before the last committed key was a rejected file; it decodes now
@@ -367,10 +272,8 @@ def build_shard(task: ShardTask) -> ShardResult:
             if len(batch) >= task.commit_every:
                 _commit(env, batch)
                 batch = []
-                _after_commit(task)
         if batch:
             _commit(env, batch)
-            _after_commit(task)
         entries = env.stat()["entries"]
         if entries != len(crcs):
             raise AlexnetError(f"shard {task.path}: {entries} records but {len(crcs)} checksums (internal error)")
@@ -399,14 +302,13 @@ def _git_revision() -> str:
 
 def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
     from alexnet.pipeline.cli_common import package_version
-    from alexnet.tools.pil import pil_summary
 
     return {
         "resize_shorter": C.RESIZE_SHORTER,
         "stored_size": C.STORED_SIZE,
         "jpeg_quality": cfg.jpeg_quality,
-        "resample": RESAMPLE_NAME,
-        "draft_min_factor": DRAFT_MIN_FACTOR,
+        "resample": images.RESAMPLE_NAME,
+        "draft_min_factor": images.DRAFT_MIN_FACTOR,
         "exif_orientation": "ignored",
         "seed": cfg.seed,
         "num_shards": shards,
@@ -414,7 +316,7 @@ def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
         "layouts": {n: s.layout for n, s in source.splits.items()},
         "source_digests": {n: s.digest() for n, s in source.splits.items()},
         "classes": len(source.classes),
-        "pil": pil_summary(),
+        "pil": images.pil_summary(),
         "alexnet_version": package_version(),
         "git_revision": _git_revision(),
     }
@@ -507,7 +409,6 @@ def _human_bytes(n: float) -> str:
         if n < 1000 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
-    return f"{n:.1f} TB"
 
 
 class _Workers:
@@ -596,12 +497,6 @@ def _raise_interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
     t0 = time.monotonic()
@@ -609,7 +504,8 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     pool = _Workers(workers)
     _git_revision()  # forks git now, while this process is small (before the file listing)
     # SIGTERM (a scheduler, `kill`) stops the build like Ctrl-C: workers killed, resumable.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
     try:
         manifest, results, state = _build(cfg, pool)
     except BaseException:
@@ -723,30 +619,17 @@ Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continu
 """
 
 
+def _count_option(name: str, help: str):
+    """A count where 0 lets the builder choose (from the machine or the dataset)."""
+    return click.option(name, type=click.IntRange(0), default=0, show_default=True, help=help)
+
+
 @click.command("build-lmdb", epilog=EPILOG)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @data_dir_option
-@click.option(
-    "--workers",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Worker processes (each writes one shard at a time); 0: all cores.",
-)
-@click.option(
-    "--train-shards",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help=f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).",
-)
-@click.option(
-    "--val-shards",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Validation shards; 0: from the size, as for train (16 for ImageNet).",
-)
+@_count_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
+@_count_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
+@_count_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
 @click.option(
     "--jpeg-quality",
     type=click.IntRange(1, 100),

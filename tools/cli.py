@@ -34,7 +34,7 @@ Examples:
 @version_option("alexnet-prep")
 def main() -> None:
     """Prepare ImageNet for AlexNet: LMDB shards of shorter-side-256 centre crops, the mean image and RGB PCA."""
-    from alexnet.tools.pil import pil_info
+    from alexnet.pipeline.images import pil_info
 
     info = pil_info()
     if not info["simd"]:  # decoding and resizing run on PIL: say so before a long job starts

@@ -76,7 +76,7 @@ def main(out: Path, steps: int, fresh: bool) -> None:
     if (run / "checkpoints" / "last.pt").exists():
         train_args.append("--resume")
     _run(train_args, log, CPU_ENV)
-    _run([train, "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu", "--eval-only", "--ten-crop",
+    _run([train, "eval", "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu", "--ten-crop",
           "--threads", "1", "--checkpoint", str(run / "checkpoints" / "last.pt")], log, CPU_ENV)  # fmt: skip
     _run([train, "report", str(run), "--out", str(report), "--preview", str(out / "preview.png")], log)
     firsts: dict[Path, Path] = {}  # the trained model on two image files of two classes

@@ -26,14 +26,14 @@ import csv
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.pipeline.images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VAL_LAYOUTS = ("class-folders", "kaggle-csv", "devkit", "list")
 TRAIN_CANDIDATES = ("train", "ILSVRC/Data/CLS-LOC/train")
 VAL_CANDIDATES = ("val", "ILSVRC/Data/CLS-LOC/val")
@@ -217,33 +217,25 @@ def _layout_of_label_file(path: Path) -> str:
     return "list"
 
 
-def _flat_val(
-    src: Path, split_dir: Path, layout: str, label_file: Path | None, names: list[str], notes: list[str]
-) -> tuple[list[str], list[str], str]:
-    """Labels for a flat validation folder: ``(relpaths, wnids-or-labels, label file used)``."""
-    if label_file is None:
-        wanted = {"kaggle-csv": (KAGGLE_CSV,), "devkit": (DEVKIT_GROUND_TRUTH,), "list": LIST_FILES}
-        for candidate in [layout] if layout != "auto" else ["kaggle-csv", "devkit", "list"]:
-            label_file = _find_file(src, split_dir, wanted[candidate])
-            if label_file is not None:
-                layout = candidate
-                break
-        else:
-            raise AlexnetError(
-                f"{split_dir} holds {len(names)} images without class folders and no label file was found "
-                f"(looked for {KAGGLE_CSV}, {DEVKIT_GROUND_TRUTH} + {DEVKIT_META}, or {' / '.join(LIST_FILES)} "
-                "in SRC, its devkit folder and beside val/); pass --val-labels FILE"
-            )
-    elif layout == "auto":
-        layout = _layout_of_label_file(label_file)
-    if not label_file.is_file():
-        raise AlexnetError(f"label file not found: {label_file}")
+def _find_label_file(src: Path, split_dir: Path, layout: str, num_images: int) -> tuple[str, Path]:
+    """The first label file of ``layout`` (or, for "auto", of any flat layout) where the distributions put it."""
+    wanted = {"kaggle-csv": (KAGGLE_CSV,), "devkit": (DEVKIT_GROUND_TRUTH,), "list": LIST_FILES}
+    for candidate in [layout] if layout != "auto" else ["kaggle-csv", "devkit", "list"]:
+        label_file = _find_file(src, split_dir, wanted[candidate])
+        if label_file is not None:
+            return candidate, label_file
+    raise AlexnetError(
+        f"{split_dir} holds {num_images} images without class folders and no label file was found "
+        f"(looked for {KAGGLE_CSV}, {DEVKIT_GROUND_TRUTH} + {DEVKIT_META}, or {' / '.join(LIST_FILES)} "
+        "in SRC, its devkit folder and beside val/); pass --val-labels FILE"
+    )
 
+
+def _label_table(src: Path, split_dir: Path, layout: str, label_file: Path, names: list[str]) -> tuple[dict, list]:
+    """``(label table, each file's key into it)`` from a flat layout's label file."""
     if layout == "kaggle-csv":
-        by_stem = _read_kaggle_csv(label_file)
-        keys = [Path(n).stem for n in names]
-        table = by_stem
-    elif layout == "devkit":
+        return _read_kaggle_csv(label_file), [Path(n).stem for n in names]
+    if layout == "devkit":
         meta = label_file.parent / DEVKIT_META
         if not meta.is_file():
             meta = _find_file(src, split_dir, (DEVKIT_META,))
@@ -251,12 +243,21 @@ def _flat_val(
             raise AlexnetError(
                 f"{label_file} needs the devkit's {DEVKIT_META} beside it to map ILSVRC2012_IDs to wnids"
             )
-        by_number = _read_devkit(label_file, meta)
-        keys = [_number(n) for n in names]
-        table = by_number
-    else:
-        table = _read_list(label_file)
-        keys = names
+        return _read_devkit(label_file, meta), [_number(n) for n in names]
+    return _read_list(label_file), names
+
+
+def _flat_val(
+    src: Path, split_dir: Path, layout: str, label_file: Path | None, names: list[str], notes: list[str]
+) -> SplitSource:
+    """A flat validation folder, labelled from its label file (found when not given)."""
+    if label_file is None:
+        layout, label_file = _find_label_file(src, split_dir, layout, len(names))
+    elif layout == "auto":
+        layout = _layout_of_label_file(label_file)
+    if not label_file.is_file():
+        raise AlexnetError(f"label file not found: {label_file}")
+    table, keys = _label_table(src, split_dir, layout, label_file, names)
     missing = [n for n, k in zip(names, keys, strict=True) if k not in table]
     if missing:
         raise AlexnetError(
@@ -265,14 +266,63 @@ def _flat_val(
         )
     if len(table) > len(names):
         notes.append(f"{label_file.name} labels {len(table)} files, {len(names)} are present in {split_dir}")
-    return names, [table[k] for k in keys], str(label_file)
+    return SplitSource("val", split_dir, layout, tuple(names), tuple(table[k] for k in keys), str(label_file))
 
 
-def _split_dir(src: Path, candidates: tuple[str, ...]) -> Path | None:
+def _split_dir(name: str, src: Path, candidates: tuple[str, ...], notes: list[str]) -> Path | None:
     for rel in candidates:
         if (src / rel).is_dir():
             return src / rel
+    notes.append(f"no {name} split (looked for {' and '.join(candidates)} under {src})")
     return None
+
+
+def _class_folder_split(name: str, split_dir: Path) -> SplitSource:
+    rel, wn = _scan_class_folders(split_dir)
+    if not rel:
+        raise AlexnetError(f"{split_dir} holds no images in class folders (<wnid>/*.JPEG)")
+    return SplitSource(name, split_dir, "class-folders", tuple(rel), tuple(wn))
+
+
+def _val_split(src: Path, val_dir: Path, layout: str, label_file: Path | None, notes: list[str]) -> SplitSource:
+    """Class folders (when forced, or found and no flat images) or flat images with a label file."""
+    flat = _flat_images(val_dir)
+    if layout == "class-folders" or (layout == "auto" and not flat and _has_class_dirs(val_dir)):
+        return _class_folder_split("val", val_dir)
+    if not flat:
+        raise AlexnetError(f"{val_dir} holds no images")
+    return _flat_val(src, val_dir, layout, label_file, flat, notes)
+
+
+def _resolve_integer_labels(found: dict[str, SplitSource]) -> dict[str, SplitSource]:
+    """Integer labels (Caffe's val.txt) as wnids: they index the sorted wnids of the class-folder splits."""
+    folder_classes = sorted(
+        {w for s in found.values() if s.layout == "class-folders" for w in s.wnids if not w.isdigit()}
+    )
+    out = {}
+    for name, split in found.items():
+        if any(w.isdigit() for w in split.wnids):
+            if not folder_classes:
+                raise AlexnetError(
+                    f"{split.label_file} gives integer labels but there is no class-folder split to name the classes"
+                )
+            for r, w in zip(split.relpaths, split.wnids, strict=True):
+                if w.isdigit() and int(w) >= len(folder_classes):
+                    raise AlexnetError(f"{split.label_file}: label {w} of {r} is outside 0..{len(folder_classes) - 1}")
+            wnids = tuple(folder_classes[int(w)] if w.isdigit() else w for w in split.wnids)
+            split = replace(split, wnids=wnids)
+        out[name] = split
+    return out
+
+
+def _check_every_class_present(splits: dict[str, SplitSource], classes: list[str], allow: bool, notes: list[str]):
+    for name, s in splits.items():
+        absent = sorted(set(classes) - set(s.wnids))
+        if absent:
+            msg = f"{len(absent)} of {len(classes)} classes have no {name} images (first: {', '.join(absent[:5])})"
+            if not allow:
+                raise AlexnetError(msg + "; pass --allow-missing-classes to build anyway")
+            notes.append(msg)
 
 
 def detect_source(
@@ -290,74 +340,15 @@ def detect_source(
     if val_layout != "auto" and val_layout not in VAL_LAYOUTS:
         raise AlexnetError(f"unknown validation layout {val_layout!r} (choose from auto, {', '.join(VAL_LAYOUTS)})")
     notes: list[str] = []
-    found: dict[str, tuple[Path, str, list[str], list[str], str]] = {}
-
-    if "train" in splits:
-        train_dir = _split_dir(src, TRAIN_CANDIDATES)
-        if train_dir is None:
-            notes.append(f"no train split (looked for {' and '.join(TRAIN_CANDIDATES)} under {src})")
-        else:
-            rel, wn = _scan_class_folders(train_dir)
-            if not rel:
-                raise AlexnetError(f"{train_dir} holds no images in class folders (<wnid>/*.JPEG)")
-            found["train"] = (train_dir, "class-folders", rel, wn, "")
-
-    if "val" in splits:
-        val_dir = _split_dir(src, VAL_CANDIDATES)
-        if val_dir is None:
-            notes.append(f"no val split (looked for {' and '.join(VAL_CANDIDATES)} under {src})")
-        else:
-            flat = _flat_images(val_dir)
-            folders = val_layout == "class-folders" or (val_layout == "auto" and not flat and _has_class_dirs(val_dir))
-            if folders:
-                rel, wn = _scan_class_folders(val_dir)
-                if not rel:
-                    raise AlexnetError(f"{val_dir} holds no images in class folders (<wnid>/*.JPEG)")
-                found["val"] = (val_dir, "class-folders", rel, wn, "")
-            else:
-                if not flat:
-                    raise AlexnetError(f"{val_dir} holds no images")
-                layout = val_layout
-                rel, wn, used = _flat_val(src, val_dir, layout, val_labels, flat, notes)
-                found["val"] = (
-                    val_dir,
-                    layout if layout != "auto" else _layout_of_label_file(Path(used)),
-                    rel,
-                    wn,
-                    used,
-                )
-
+    found: dict[str, SplitSource] = {}
+    if "train" in splits and (train_dir := _split_dir("train", src, TRAIN_CANDIDATES, notes)):
+        found["train"] = _class_folder_split("train", train_dir)
+    if "val" in splits and (val_dir := _split_dir("val", src, VAL_CANDIDATES, notes)):
+        found["val"] = _val_split(src, val_dir, val_layout, val_labels, notes)
     if not found:
         raise AlexnetError(f"no ImageNet splits under {src}: " + "; ".join(notes))
-
-    # Classes: the sorted wnids named by the splits. Integer labels (Caffe's val.txt) index the
-    # sorted wnids of the class-folder splits, so those are resolved afterwards.
-    wnid_sets = {name: {w for w in v[3] if not w.isdigit()} for name, v in found.items()}
-    splits_out: dict[str, SplitSource] = {}
-    for name, (root, layout, rel, wn, used) in found.items():
-        if any(w.isdigit() for w in wn):
-            folder_classes = sorted(set().union(*(wnid_sets[n] for n, v in found.items() if v[1] == "class-folders")))
-            if not folder_classes:
-                raise AlexnetError(
-                    f"{used} gives integer labels but there is no class-folder split to name the classes"
-                )
-            resolved = []
-            for r, w in zip(rel, wn, strict=True):
-                if w.isdigit():
-                    if int(w) >= len(folder_classes):
-                        raise AlexnetError(f"{used}: label {w} of {r} is outside 0..{len(folder_classes) - 1}")
-                    w = folder_classes[int(w)]
-                resolved.append(w)
-            wn = resolved
-        splits_out[name] = SplitSource(name, root, layout, tuple(rel), tuple(wn), used)
-    classes = sorted({w for s in splits_out.values() for w in s.wnids})
-
-    if len(splits_out) > 1:
-        for name, s in splits_out.items():
-            absent = sorted(set(classes) - set(s.wnids))
-            if absent:
-                msg = f"{len(absent)} of {len(classes)} classes have no {name} images (first: {', '.join(absent[:5])})"
-                if not allow_missing_classes:
-                    raise AlexnetError(msg + "; pass --allow-missing-classes to build anyway")
-                notes.append(msg)
-    return DatasetSource(root=src, classes=classes, splits=splits_out, notes=tuple(notes))
+    found = _resolve_integer_labels(found)
+    classes = sorted({w for s in found.values() for w in s.wnids})
+    if len(found) > 1:
+        _check_every_class_present(found, classes, allow_missing_classes, notes)
+    return DatasetSource(root=src, classes=classes, splits=found, notes=tuple(notes))

@@ -50,7 +50,6 @@ from __future__ import annotations
 import io
 import math
 import multiprocessing
-import os
 import queue
 import sys
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.tools.build_lmdb import default_workers
 
 try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
     from alexnet.tools import _moments as _kernel
@@ -124,12 +124,17 @@ def _gram_exact(images: np.ndarray) -> np.ndarray:
         for k in range(3):
             np.einsum("ij,ij->j", views[0], views[k], out=col)  # multiply and sum down the rows, one pass
             sums[k] += col
-    sq, s1, s2 = sums
+    return _gram_of_columns(*sums)
+
+
+def _gram_of_columns(sq: np.ndarray, p1: np.ndarray, p2: np.ndarray) -> np.ndarray:
+    """The 3x3 int64 ``sum x x^T`` from per-column sums of interleaved R G B values: squares, products
+    with the next value and with the one after (a value's channel is its column modulo 3)."""
     out = np.empty((3, 3), dtype=np.int64)
     out[0, 0], out[1, 1], out[2, 2] = int(sq[0::3].sum()), int(sq[1::3].sum()), int(sq[2::3].sum())
-    out[0, 1] = out[1, 0] = int(s1[0::3].sum())  # R*G
-    out[1, 2] = out[2, 1] = int(s1[1::3].sum())  # G*B
-    out[0, 2] = out[2, 0] = int(s2[0::3].sum())  # R*B
+    out[0, 1] = out[1, 0] = int(p1[0::3].sum())  # R*G
+    out[1, 2] = out[2, 1] = int(p1[1::3].sum())  # G*B
+    out[0, 2] = out[2, 0] = int(p2[0::3].sum())  # R*B
     return out
 
 
@@ -216,15 +221,10 @@ class PixelMoments:
         if n == 0:
             return
         if self.use_kernel:
-            pix, cols = self._pix, self._cols.astype(np.int64)
+            pix = self._pix
             self._image_sum += pix
             s = [int(v) for v in _channel_sums(pix)]
-            sq, p1, p2 = cols
-            s2 = np.empty((3, 3), dtype=np.int64)
-            s2[0, 0], s2[1, 1], s2[2, 2] = sq[0::3].sum(), sq[1::3].sum(), sq[2::3].sum()
-            s2[0, 1] = s2[1, 0] = p1[0::3].sum()  # R*G
-            s2[1, 2] = s2[2, 1] = p1[1::3].sum()  # G*B
-            s2[0, 2] = s2[2, 0] = p2[0::3].sum()  # R*B
+            s2 = _gram_of_columns(*self._cols.astype(np.int64))
             pix.fill(0)
             self._cols.fill(0)
         else:
@@ -341,12 +341,9 @@ def moments_impl() -> str:
 
 
 def decoder_name() -> str:
-    try:
-        from alexnet.tools.pil import pil_summary
+    from alexnet.pipeline.images import pil_summary
 
-        return f"PIL {pil_summary()}"
-    except ImportError:  # pragma: no cover - PIL is a dependency
-        return "PIL"
+    return f"PIL {pil_summary()}"
 
 
 def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> tuple[int, list[str]]:
@@ -435,13 +432,6 @@ def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple
         "seed": cfg.seed if cfg.sample and cfg.sample < total else None,
     }
     return tasks, source
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 def _worker(task_fn, make_state, tasks, results) -> None:

@@ -151,28 +151,23 @@ def _jpeg_bytes(arr: np.ndarray, quality: int = 90, mode: str | None = None, exi
 def _awkward_bytes(kind: str, label: int, num_classes: int, rng: np.random.Generator) -> bytes:
     from PIL import Image
 
-    if kind == "cmyk":
-        return _jpeg_bytes(draw_image(label, num_classes, rng), mode="CMYK")
+    if kind not in AWKWARD_KINDS:
+        raise ValueError(f"unknown awkward kind {kind!r}")
+    if kind == "zero_byte":
+        return b""
+    image = draw_image(label, num_classes, rng, size={"tiny": (31, 23), "very_large": (4000, 3000)}.get(kind))
     if kind == "png_named_jpeg":
         buf = io.BytesIO()
-        Image.fromarray(draw_image(label, num_classes, rng)).save(buf, format="PNG")
+        Image.fromarray(image).save(buf, format="PNG")
         return buf.getvalue()
-    if kind == "grayscale":
-        return _jpeg_bytes(draw_image(label, num_classes, rng), mode="L")
-    if kind == "tiny":
-        return _jpeg_bytes(draw_image(label, num_classes, rng, size=(31, 23)))
-    if kind == "very_large":
-        return _jpeg_bytes(draw_image(label, num_classes, rng, size=(4000, 3000)), quality=85)
     if kind == "exif_rotated":
         exif = Image.Exif()
         exif[0x0112] = 6  # Orientation: rotate 90 CW to display
-        return _jpeg_bytes(draw_image(label, num_classes, rng), exif=exif)
-    if kind == "truncated":
-        data = _jpeg_bytes(draw_image(label, num_classes, rng))
-        return data[: len(data) // 3]
-    if kind == "zero_byte":
-        return b""
-    raise ValueError(f"unknown awkward kind {kind!r}")
+        return _jpeg_bytes(image, exif=exif)
+    data = _jpeg_bytes(
+        image, quality=85 if kind == "very_large" else 90, mode={"cmyk": "CMYK", "grayscale": "L"}.get(kind)
+    )
+    return data[: len(data) // 3] if kind == "truncated" else data
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -219,66 +214,84 @@ def make_sample(
     if val_format not in VAL_FORMATS:
         raise ValueError(f"val_format must be one of {VAL_FORMATS}")
     root = Path(root)
-    wnids = class_wnids(num_classes)
     base = Path(KAGGLE_DATA) if val_format == "kaggle" else Path(".")
-    train_dir, val_dir = base / "train", base / "val"
     info = SampleInfo(
-        root=str(root), classes=wnids, val_format=val_format, train_dir=train_dir.as_posix(),
-        val_dir=val_dir.as_posix(), train_images=0, val_images=0, seed=seed,
+        root=str(root), classes=class_wnids(num_classes), val_format=val_format, train_dir=(base / "train").as_posix(),
+        val_dir=(base / "val").as_posix(), train_images=0, val_images=0, seed=seed,
     )  # fmt: skip
-
-    for label, wnid in enumerate(wnids):
-        for n in range(train_per_class):
-            rng = np.random.default_rng([seed, 0, label, n])
-            _write(root / train_dir / wnid / f"{wnid}_{n}.JPEG", _jpeg_bytes(draw_image(label, num_classes, rng)))
-            info.train_images += 1
-
+    _write_train(info, train_per_class)
     if awkward:
-        for k, (kind, kept) in enumerate(AWKWARD_KINDS.items()):
-            label = k % num_classes
-            wnid = wnids[label]
-            rel = train_dir / wnid / f"{wnid}_{90000 + k}.JPEG"
-            _write(root / rel, _awkward_bytes(kind, label, num_classes, np.random.default_rng([seed, 2, k])))
-            info.awkward[kind] = rel.as_posix()
-            info.train_images += 1
-            if not kept:
-                info.rejected.append(rel.as_posix())
-
-    # Validation: interleave classes as the real set does, then write in the chosen format.
-    order = np.random.default_rng([seed, 1]).permutation(num_classes * val_per_class)
-    val_items = [(int(i) % num_classes, int(i) // num_classes) for i in order]
-    for number, (label, n) in enumerate(val_items, start=1):
-        rng = np.random.default_rng([seed, 1, label, n])
-        name = f"ILSVRC2012_val_{number:08d}.JPEG"
-        sub = Path(wnids[label]) / name if val_format == "folders" else Path(name)
-        _write(root / val_dir / sub, _jpeg_bytes(draw_image(label, num_classes, rng)))
-        info.val_labels[name] = wnids[label]
-        info.val_images += 1
-
+        _write_awkward(info)
+    _write_val(info, val_per_class)
     # Class names as ImageNet's LOC_synset_mapping.txt gives them (build-lmdb records them).
     (root / "LOC_synset_mapping.txt").write_text(
-        "".join(f"{w} {class_name(i, num_classes)}\n" for i, w in enumerate(wnids))
+        "".join(f"{w} {class_name(i, num_classes)}\n" for i, w in enumerate(info.classes))
     )
-    names = list(info.val_labels)
-    if val_format == "kaggle":
-        lines = ["ImageId,PredictionString"]
-        lines += [f"{Path(nm).stem},{info.val_labels[nm]} 10 10 100 100" for nm in names]
-        (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
-    elif val_format == "devkit":
-        # ILSVRC2012_IDs in a shuffled order, so that ID order != sorted-wnid order (as in the real devkit).
-        id_order = np.random.default_rng([seed, 3]).permutation(num_classes)
-        if num_classes > 1 and np.all(id_order == np.arange(num_classes)):
-            id_order = np.roll(id_order, 1)
-        ids = {w: int(id_order[i]) + 1 for i, w in enumerate(wnids)}
-        gt = "".join(f"{ids[info.val_labels[nm]]}\n" for nm in names)
-        (root / DEVKIT_DIR).mkdir(parents=True, exist_ok=True)
-        (root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt").write_text(gt)
-        _write_meta_mat(root / DEVKIT_DIR / "meta.mat", wnids, ids)
-    elif val_format == "list":
-        (root / "val_list.txt").write_text("".join(f"{nm} {info.val_labels[nm]}\n" for nm in names))
-
+    _write_val_labels(info)
     (root / INFO_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
     return info
+
+
+def _write_train(info: SampleInfo, per_class: int) -> None:
+    num_classes = len(info.classes)
+    for label, wnid in enumerate(info.classes):
+        for n in range(per_class):
+            rng = np.random.default_rng([info.seed, 0, label, n])
+            path = Path(info.root) / info.train_dir / wnid / f"{wnid}_{n}.JPEG"
+            _write(path, _jpeg_bytes(draw_image(label, num_classes, rng)))
+            info.train_images += 1
+
+
+def _write_awkward(info: SampleInfo) -> None:
+    """One train file of each of ``AWKWARD_KINDS``; those a builder must reject are listed in ``info.rejected``."""
+    num_classes = len(info.classes)
+    for k, (kind, kept) in enumerate(AWKWARD_KINDS.items()):
+        label = k % num_classes
+        wnid = info.classes[label]
+        rel = Path(info.train_dir) / wnid / f"{wnid}_{90000 + k}.JPEG"
+        _write(
+            Path(info.root) / rel, _awkward_bytes(kind, label, num_classes, np.random.default_rng([info.seed, 2, k]))
+        )
+        info.awkward[kind] = rel.as_posix()
+        info.train_images += 1
+        if not kept:
+            info.rejected.append(rel.as_posix())
+
+
+def _write_val(info: SampleInfo, per_class: int) -> None:
+    """Validation images, classes interleaved as in the real set; in class folders only for ``folders``."""
+    num_classes = len(info.classes)
+    order = np.random.default_rng([info.seed, 1]).permutation(num_classes * per_class)
+    for number, i in enumerate(order, start=1):
+        label, n = int(i) % num_classes, int(i) // num_classes
+        rng = np.random.default_rng([info.seed, 1, label, n])
+        name = f"ILSVRC2012_val_{number:08d}.JPEG"
+        sub = Path(info.classes[label]) / name if info.val_format == "folders" else Path(name)
+        _write(Path(info.root) / info.val_dir / sub, _jpeg_bytes(draw_image(label, num_classes, rng)))
+        info.val_labels[name] = info.classes[label]
+        info.val_images += 1
+
+
+def _write_val_labels(info: SampleInfo) -> None:
+    """The label file of a flat validation format (Kaggle's CSV, the devkit's ground truth, a list)."""
+    root, labels = Path(info.root), info.val_labels
+    if info.val_format == "kaggle":
+        lines = ["ImageId,PredictionString", *(f"{Path(nm).stem},{w} 10 10 100 100" for nm, w in labels.items())]
+        (root / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    elif info.val_format == "devkit":
+        # ILSVRC2012_IDs in a shuffled order, so that ID order != sorted-wnid order (as in the real devkit).
+        num_classes = len(info.classes)
+        id_order = np.random.default_rng([info.seed, 3]).permutation(num_classes)
+        if num_classes > 1 and np.all(id_order == np.arange(num_classes)):
+            id_order = np.roll(id_order, 1)
+        ids = {w: int(id_order[i]) + 1 for i, w in enumerate(info.classes)}
+        (root / DEVKIT_DIR).mkdir(parents=True, exist_ok=True)
+        (root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt").write_text(
+            "".join(f"{ids[w]}\n" for w in labels.values())
+        )
+        _write_meta_mat(root / DEVKIT_DIR / "meta.mat", info.classes, ids)
+    elif info.val_format == "list":
+        (root / "val_list.txt").write_text("".join(f"{nm} {w}\n" for nm, w in labels.items()))
 
 
 @click.command("make-sample", epilog="""\b

@@ -71,85 +71,108 @@ def _check_record(where: str, value: bytes, crc: int | None, num_classes: int, p
         problems.append(f"{where}: JPEG does not decode ({e})")
 
 
+@dataclass
+class _SplitScan:
+    """Where the walk over one split's records stands (key order across its shards)."""
+
+    chosen: set[int] | None  # record indices to decode and checksum; None: all
+    index: int = 0  # record index over the split
+    found: int = 0
+    last_pos: int = -1
+    seen: set[str] = field(default_factory=set)
+
+
 def verify(cfg: VerifyConfig) -> VerifyReport:
     from tqdm import tqdm
 
     manifest = A.read_manifest(cfg.data_dir)
     report = VerifyReport()
-    problems = report.problems
     num_classes = len(manifest.classes)
     if manifest.classes != sorted(manifest.classes) or len(set(manifest.classes)) != num_classes:
-        problems.append("manifest: classes are not sorted unique wnids (labels would not be the sorted-wnid index)")
+        report.problems.append(
+            "manifest: classes are not sorted unique wnids (labels would not be the sorted-wnid index)"
+        )
     rng = np.random.default_rng(cfg.seed)
     todo = sum(min(cfg.sample, s.num_records) if cfg.sample else s.num_records for s in manifest.splits.values())
     bar = tqdm(total=todo, unit="rec", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     try:
         for name, split in manifest.splits.items():
-            if split.num_records + split.rejected != split.source_count:
-                problems.append(f"{name}: {split.num_records} records + {split.rejected} rejected "
-                                f"!= {split.source_count} source files")  # fmt: skip
-            n_rejected = sum(1 for r in manifest.rejected if r.get("split") == name)
-            if n_rejected != split.rejected:
-                problems.append(f"{name}: manifest lists {n_rejected} rejected files, split says {split.rejected}")
+            _check_split_counts(name, split, manifest.rejected, report.problems)
             chosen = None
             if cfg.sample and cfg.sample < split.num_records:
                 chosen = set(rng.choice(split.num_records, size=cfg.sample, replace=False).tolist())
-            index = 0  # record index over the split, in key order
-            found = 0
-            seen: set[str] = set()
-            last_pos = -1
+            scan = _SplitScan(chosen)
             for sh in split.shards:
-                path = cfg.data_dir / sh.path
-                if not (path / "data.mdb").exists():
-                    problems.append(f"{sh.path}: shard missing")
-                    index += sh.num_records
-                    continue
-                try:
-                    crcs = A.read_record_crcs(path)
-                except ContractError as e:
-                    problems.append(f"{sh.path}: {e}")
-                    crcs = None
-                env = A.open_shard(path)
-                try:
-                    with env.begin(buffers=True) as txn:
-                        count = txn.stat()["entries"]
-                        if count != sh.num_records:
-                            problems.append(f"{sh.path}: {count} records, manifest says {sh.num_records}")
-                        if crcs is not None and len(crcs) != count:
-                            problems.append(f"{sh.path}: {len(crcs)} checksums for {count} records")
-                            crcs = None
-                        for i, (key, value) in enumerate(txn.cursor()):
-                            key = bytes(key)
-                            try:
-                                pos, rel = A.parse_key(key)
-                            except ContractError as e:
-                                problems.append(f"{sh.path}: {e}")
-                                pos, rel = -1, key.decode(errors="replace")
-                            where = f"{sh.path} {key.decode(errors='replace')}"
-                            if not sh.first_position <= pos < sh.stop_position:
-                                problems.append(f"{where}: position outside the shard's block "
-                                                f"[{sh.first_position}, {sh.stop_position})")  # fmt: skip
-                            if pos <= last_pos:
-                                problems.append(f"{where}: position not after the previous record's ({last_pos})")
-                            last_pos = max(last_pos, pos)
-                            if rel in seen:
-                                problems.append(f"{where}: source file {rel} stored twice")
-                            seen.add(rel)
-                            if chosen is None or index in chosen:
-                                crc = int(crcs[i]) if crcs is not None else None
-                                _check_record(where, bytes(value), crc, num_classes, problems)
-                                report.checked += 1
-                                bar.update(1)
-                            index += 1
-                            found += 1
-                finally:
-                    env.close()
-            report.records[name] = found
-            if found != split.num_records:
-                problems.append(f"{name}: {found} records in the shards, manifest says {split.num_records}")
+                _verify_shard(cfg.data_dir, sh, scan, num_classes, report, bar)
+            report.records[name] = scan.found
+            if scan.found != split.num_records:
+                report.problems.append(f"{name}: {scan.found} records in the shards, manifest says {split.num_records}")
     finally:
         bar.close()
     return report
+
+
+def _check_split_counts(name: str, split: A.SplitInfo, rejected: list[dict], problems: list[str]) -> None:
+    if split.num_records + split.rejected != split.source_count:
+        problems.append(f"{name}: {split.num_records} records + {split.rejected} rejected "
+                        f"!= {split.source_count} source files")  # fmt: skip
+    n_rejected = sum(1 for r in rejected if r.get("split") == name)
+    if n_rejected != split.rejected:
+        problems.append(f"{name}: manifest lists {n_rejected} rejected files, split says {split.rejected}")
+
+
+def _verify_shard(data_dir: Path, sh: A.ShardInfo, scan: _SplitScan, num_classes: int, report: VerifyReport, bar):
+    """One shard: its counts and checksum file, every key, and the chosen records' contents."""
+    problems = report.problems
+    path = data_dir / sh.path
+    if not (path / "data.mdb").exists():
+        problems.append(f"{sh.path}: shard missing")
+        scan.index += sh.num_records
+        return
+    try:
+        crcs = A.read_record_crcs(path)
+    except ContractError as e:
+        problems.append(f"{sh.path}: {e}")
+        crcs = None
+    env = A.open_shard(path)
+    try:
+        with env.begin(buffers=True) as txn:
+            count = txn.stat()["entries"]
+            if count != sh.num_records:
+                problems.append(f"{sh.path}: {count} records, manifest says {sh.num_records}")
+            if crcs is not None and len(crcs) != count:
+                problems.append(f"{sh.path}: {len(crcs)} checksums for {count} records")
+                crcs = None
+            for i, (key, value) in enumerate(txn.cursor()):
+                where = _check_key(sh, bytes(key), scan, problems)
+                if scan.chosen is None or scan.index in scan.chosen:
+                    crc = int(crcs[i]) if crcs is not None else None
+                    _check_record(where, bytes(value), crc, num_classes, problems)
+                    report.checked += 1
+                    bar.update(1)
+                scan.index += 1
+                scan.found += 1
+    finally:
+        env.close()
+
+
+def _check_key(sh: A.ShardInfo, key: bytes, scan: _SplitScan, problems: list[str]) -> str:
+    """Position inside the shard's block and after the previous record's, source file not seen before."""
+    try:
+        pos, rel = A.parse_key(key)
+    except ContractError as e:
+        problems.append(f"{sh.path}: {e}")
+        pos, rel = -1, key.decode(errors="replace")
+    where = f"{sh.path} {key.decode(errors='replace')}"
+    if not sh.first_position <= pos < sh.stop_position:
+        problems.append(f"{where}: position outside the shard's block [{sh.first_position}, {sh.stop_position})")
+    if pos <= scan.last_pos:
+        problems.append(f"{where}: position not after the previous record's ({scan.last_pos})")
+    scan.last_pos = max(scan.last_pos, pos)
+    if rel in scan.seen:
+        problems.append(f"{where}: source file {rel} stored twice")
+    scan.seen.add(rel)
+    return where
 
 
 EPILOG = """\b

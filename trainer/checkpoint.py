@@ -6,7 +6,7 @@ not of those kinds (numpy arrays, numpy scalars, bytes, tuples: the pipeline's p
 numpy/python RNG states) are encoded by :func:`to_safe` into tagged dicts of tensors and decoded
 back exactly by :func:`from_safe`.
 
-Layout (``FORMAT_VERSION`` 2; format 1 was written before the paper's dropout and the LRN option)::
+Layout (``FORMAT_VERSION`` 3)::
 
     format_version  int
     model           canonical state dict (any placement loads it)
@@ -29,8 +29,10 @@ be, so pruning an epoch file never removes their contents.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ import torch
 from alexnet.pipeline.artifacts import atomic_write_bytes
 from alexnet.pipeline.errors import AlexnetError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -50,6 +52,41 @@ _TAG = "__alexnet_safe__"
 
 def epoch_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.pt"
+
+
+class Checkpointer:
+    """Writes a run's checkpoints (main replica only): last.pt, epoch files, best.pt, pruning."""
+
+    def __init__(self, run_dir: Path, keep_epochs: int, enabled: bool = True):
+        self.dir = Path(run_dir) / CHECKPOINT_DIR
+        self.last = self.dir / LAST
+        self.keep_epochs, self.enabled = keep_epochs, enabled
+
+    def save(self, payload: dict[str, Any], *, epoch: int | None = None, is_best: bool = False) -> None:
+        """``last.pt``; at an epoch's end (``epoch`` given) the epoch file, with last.pt and best.pt linked to it."""
+        if not self.enabled:
+            return
+        if epoch is None:
+            save_checkpoint(self.last, payload)
+            return
+        epoch_path = self.dir / epoch_name(epoch)
+        save_checkpoint(epoch_path, payload)
+        link_or_copy(epoch_path, self.last)
+        if is_best:
+            link_or_copy(epoch_path, self.dir / BEST)
+        if self.keep_epochs:
+            prune_epoch_checkpoints(self.dir, self.keep_epochs)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same file as ``src`` atomically (hard link, else a copy), never half-written."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
@@ -173,10 +210,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     ckpt = from_safe(raw)
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
-        raise AlexnetError(
-            f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}"
-            + (" (format 1 may predate the paper's dropout and the LRN option: train again)" if version == 1 else "")
-        )
+        raise AlexnetError(f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}")
     return ckpt
 
 

@@ -1,22 +1,25 @@
-"""``alexnet-train``: train the 2012 network, evaluate a checkpoint, or measure throughput.
+"""``alexnet-train``: fit (the default), ``eval``, ``bench``, ``report``, ``predict``, ``export``.
 
-A thin click layer: parse, build a :class:`~alexnet.trainer.config.TrainConfig`, call one function
-in :mod:`alexnet.trainer.train`. ``alexnet-train report RUN_DIR`` is a lazily imported subcommand.
+A thin click layer: the training options are generated from the config tree (config.py), one per
+field, so their defaults and help are the dataclasses'. A command builds a
+:class:`~alexnet.trainer.config.TrainConfig` (the defaults, or ``--config FILE``, with the options
+typed on the command line over it) and calls one function.
 """
 
 from __future__ import annotations
 
 import math
+import typing
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
 
-from alexnet.pipeline import constants as C
-from alexnet.pipeline.cli_common import LazyGroup, data_dir_option, version_option
+from alexnet.pipeline.artifacts import DATA_DIR_ENV
+from alexnet.pipeline.cli_common import LazyGroup, version_option
 from alexnet.pipeline.errors import AlexnetError
 
-from . import constants as TC
-from .config import CONFIG_FILE, MEAN_MODES, SCHEDULES, TrainConfig, merge_for_resume
+from .config import CONFIG_FILE, SECTIONS, TrainConfig, merge_for_resume
 from .stop import exit_status
 
 COMMANDS = {
@@ -31,300 +34,101 @@ Examples:
   alexnet-train --gpus 0,1 --run-dir runs/a                    # one column per GPU (§3.2)
   alexnet-train --gpus 0 --bf16 --channels-last --run-dir runs/b
   alexnet-train --run-dir runs/a --resume                      # continue a killed run exactly
+  alexnet-train --config runs/a/config.json --run-dir runs/a2 --seed 1   # re-run a run, one field changed
   alexnet-train --gpus cpu --batch-size 32 --max-steps 200     # a short CPU run
-  alexnet-train --eval-only --ten-crop --checkpoint runs/a/checkpoints/best.pt
-  alexnet-train --benchmark --gpus 0 --bf16                    # images/s: synthetic vs pipeline
+  alexnet-train eval --ten-crop --checkpoint runs/a/checkpoints/best.pt
+  alexnet-train bench --gpus 0 --bf16                          # images/s: synthetic vs pipeline
   alexnet-train report runs/a                                  # figures and report.md
   alexnet-train predict --checkpoint runs/a/checkpoints/best.pt photo.jpg   # top-5 classes
   alexnet-train export --checkpoint runs/a/checkpoints/best.pt --out alexnet.pt2
   torchrun --nproc-per-node 2 -m alexnet.trainer.cli --gpus 0,1   # 2 replicas x 2 GPUs (DDP)
 """
-
-# CLI option name -> TrainConfig field (options not listed map to the same name).
-FIELD_OF = {"threads": "num_threads"}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-class _TrainGroup(LazyGroup):
-    """LazyGroup whose lazy subcommands may be absent without breaking training or --help."""
-
-    def get_command(self, ctx, name):
-        try:
-            return super().get_command(ctx, name)
-        except ImportError:
-            return None
-
-
-def _parse_epochs(_ctx, _param, value):
-    if value is None:
-        return None
+def _parse_ints(_ctx, _param, value):
+    if value is None or isinstance(value, tuple):
+        return value
     try:
-        out = tuple(int(v) for v in value.split(",") if v.strip())
+        return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter("expected comma-separated epoch numbers, e.g. 30,60,80") from None
-    return out
 
 
-@click.group(
-    cls=_TrainGroup,
-    lazy_commands=COMMANDS,
-    invoke_without_command=True,
-    epilog=EPILOG,
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-)
-@data_dir_option
-@click.option(
-    "--run-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Run directory [default: runs/<UTC timestamp>; with --resume: the newest run under runs/].",
-)
-@click.option(
-    "--gpus",
-    default="auto",
-    show_default=True,
-    help="'cpu', '0' (both columns on GPU 0), '0,1' (one column per GPU). auto: '0,1' with 2+ GPUs, "
-    "'0' with one, else cpu. Under torchrun: per replica, offset by LOCAL_RANK.",
-)
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=0),
-    default=TC.EPOCHS,
-    show_default=True,
-    help="Passes over the training set (0: no epoch limit, use --max-steps).",
-)
-@click.option(
-    "--max-steps",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Stop after this many optimiser steps (0: no limit).",
-)
-@click.option(
-    "--time-limit-minutes",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    help="Stop (with a checkpoint, exit 0, resumable) after this wall-clock time; 0: none.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=TC.BATCH_SIZE,
-    show_default=True,
-    help="Global batch (§5: 128), split evenly over torchrun replicas.",
-)
-@click.option("--lr", type=float, default=TC.BASE_LR, show_default=True, help="Initial learning rate (§5).")
-@click.option("--momentum", type=float, default=TC.MOMENTUM, show_default=True)
-@click.option(
-    "--weight-decay", type=float, default=TC.WEIGHT_DECAY, show_default=True, help="On weights; biases are not decayed."
-)
-@click.option(
-    "--schedule",
-    type=click.Choice(SCHEDULES),
-    default="plateau",
-    show_default=True,
-    help="plateau: /10 when val top-1 stops improving, 3 times (§5); step: /10 at --step-epochs.",
-)
-@click.option(
-    "--step-epochs",
-    callback=_parse_epochs,
-    default="30,60,80",
-    show_default=True,
-    help="Epochs at which the step schedule divides the rate by 10.",
-)
-@click.option(
-    "--plateau-patience",
-    type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="Evaluations without improvement before the plateau schedule divides the rate.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Init, dropout and pipeline randomness.")
-@click.option(
-    "--threads",
-    "--workers",
-    "threads",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="DALI CPU threads per replica.",
-)
-@click.option(
-    "--prefetch", type=click.IntRange(min=1), default=3, show_default=True, help="Batches the pipeline prepares ahead."
-)
-@click.option(
-    "--hw-decoder-load",
-    type=click.FloatRange(0.0, 1.0),
-    default=0.9,
-    show_default=True,
-    help="GPU: share of JPEGs sent to the hardware decoder (the rest decode on the GPU's cores).",
-)
-@click.option(
-    "--pipelines",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU); not changeable on --resume.",
-)
-@click.option(
-    "--decoder",
-    type=click.Choice(("auto", "mixed", "cpu")),
-    default="auto",
-    show_default=True,
-    help="JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes with the DALI threads on the host.",
-)
-@click.option("--roi-decode", is_flag=True, help="Decode only the 224 crop window when training (same pixels).")
-@click.option(
-    "--mean",
-    type=click.Choice(MEAN_MODES),
-    default="image",
-    show_default=True,
-    help="Subtract the mean image (§2) or the per-channel mean.",
-)
-@click.option(
-    "--lighting-scale",
-    type=click.Choice(C.LIGHTING_SCALES),
-    default=C.DEFAULT_LIGHTING_SCALE,
-    show_default=True,
-    help="§4.1 PCA lighting convention (see docs/DEVIATIONS.md).",
-)
-@click.option(
-    "--lrn",
-    type=click.Choice(TC.LRN_FORMS),
-    default=TC.DEFAULT_LRN,
-    show_default=True,
-    help="§3.3 response normalisation: 'authors' (alpha/5, as their code ran it) or 'paper-text' (alpha as written).",
-)
-@click.option("--bf16", is_flag=True, help="bfloat16 autocast (speed; not the paper's arithmetic).")
-@click.option("--channels-last", is_flag=True, help="NHWC memory format for the convolutions.")
-@click.option(
-    "--cuda-graph/--no-cuda-graph",
-    default=True,
-    show_default=True,
-    help="Replay each step as one CUDA graph (one GPU, no torchrun; else eager): no launch overhead.",
-)
-@click.option("--eval-every-epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--log-every-steps", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option(
-    "--stall-intervals",
-    type=click.IntRange(min=0),
-    default=50,
-    show_default=True,
-    help="Warn once when the logged loss stays within --stall-band x ln(classes) of ln(classes) this many "
-    "times in a row (0: off; docs/TRAINING.md).",
-)
-@click.option("--stall-band", type=click.FloatRange(min=0), default=0.05, show_default=True)
-@click.option(
-    "--explode-factor",
-    type=click.FloatRange(min=0),
-    default=3.0,
-    show_default=True,
-    help="Warn once when a logged loss exceeds this multiple of the first (0: off).",
-)
-@click.option(
-    "--checkpoint-minutes",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Write checkpoints/last.pt every N minutes too (0: only at epoch ends).",
-)
-@click.option(
-    "--checkpoint-every-steps",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Write checkpoints/last.pt every N steps too (0: off).",
-)
-@click.option(
-    "--keep-epochs",
-    type=click.IntRange(min=0),
-    default=3,
-    show_default=True,
-    help="Keep only the newest N epoch-XXXX.pt checkpoints (about 0.5 GB each at 1000 classes); best.pt and last.pt "
-    "always stay (0: keep all).",
-)
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from checkpoints/last.pt.")
-@click.option("--eval-only", is_flag=True, help="Evaluate --checkpoint on val (centre crop) and exit.")
-@click.option("--ten-crop", is_flag=True, help="With --eval-only: also the ten-patch test of §4.1.")
-@click.option(
-    "--checkpoint",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Checkpoint for --eval-only [default: RUN_DIR/checkpoints/last.pt].",
-)
-@click.option("--benchmark", is_flag=True, help="Print training images/s on synthetic and on pipeline batches.")
-@click.option(
-    "--benchmark-steps",
-    type=click.IntRange(min=1),
-    default=20,
-    show_default=True,
-    help="Timed steps per side of --benchmark (after 3 warm-up steps; 1 when fewer than 10).",
-)
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def _option(f, hint):
+    """The click option of config field ``f`` (annotation ``hint``), from its type, default and metadata."""
+    meta = f.metadata
+    flag = "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not MISSING else f.default_factory()
+    kw = {"default": default, "help": meta.get("help"), "show_default": bool(default != "")}
+    if hint is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
+    if "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif hint in (int, float) and "min" in meta:
+        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta["min"])
+    elif typing.get_origin(hint) is tuple:
+        kw.update(default=",".join(map(str, default)), callback=_parse_ints)
+    else:
+        kw["type"] = hint
+    if f.name == "data_dir":
+        kw.update(envvar=DATA_DIR_ENV, show_envvar=True)
+    return click.option(flag, *meta.get("aliases", ()), f.name, **kw)
+
+
+def config_options(command):
+    """One option per config field (all sections), in the sections' order."""
+    for cls in reversed(SECTIONS.values()):
+        hints = typing.get_type_hints(cls)
+        for f in reversed(fields(cls)):
+            if f.metadata.get("cli", True):
+                command = _option(f, hints[f.name])(command)
+    return click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        help="Start from this config.json (a run's), then apply the options given here.",
+    )(command)  # fmt: skip
+
+
+def build_config(ctx: click.Context, opts: dict) -> tuple[TrainConfig, dict]:
+    """The config (defaults or ``--config``, then the typed options), and the typed options."""
+    from click.core import ParameterSource
+
+    config_file = opts.pop("config_file", None)
+    given = {}
+    for name, value in opts.items():
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            given[name] = str(value) if isinstance(value, Path) else value
+    base = TrainConfig.load(config_file) if config_file else TrainConfig()
+    return base.replace(**{k: v for k, v in given.items() if k != "resume"}), given
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, invoke_without_command=True, epilog=EPILOG,
+             context_settings=CONTEXT)  # fmt: skip
+@config_options
+@click.option("--eval-only", is_flag=True, hidden=True)
+@click.option("--benchmark", is_flag=True, hidden=True)
 @version_option("alexnet-train")
 @click.pass_context
-def main(ctx: click.Context, **opts) -> None:
+def main(ctx: click.Context, eval_only: bool, benchmark: bool, **opts) -> None:
     """Train the 2012 two-column AlexNet on an LMDB dataset with the paper's recipe (§5).
 
-    Writes RUN_DIR/config.json, versions.json, metrics.jsonl, tensorboard/ and checkpoints/ (last.pt, epoch-XXXX.pt,
-    best.pt). A NaN or infinite loss stops the run with exit status 1 and keeps the last good checkpoint.
+    Writes RUN_DIR/config.json, versions.json, metrics.jsonl, tensorboard/ and checkpoints/ (last.pt,
+    epoch-XXXX.pt, best.pt). A NaN or infinite loss stops the run with exit status 1 and keeps the last
+    good checkpoint. Other commands: eval, bench, report, predict, export (alexnet-train COMMAND --help).
     """
+    if eval_only or benchmark:
+        raise click.UsageError(
+            f"--{'eval-only' if eval_only else 'benchmark'} is now a command: alexnet-train "
+            f"{'eval' if eval_only else 'bench'} [OPTIONS]"
+        )
     if ctx.invoked_subcommand is not None:
         return
-    from . import train as T
+    from .train import train
 
-    eval_only, ten_crop, checkpoint, bench = (
-        opts.pop("eval_only"),
-        opts.pop("ten_crop"),
-        opts.pop("checkpoint"),
-        opts.pop("benchmark"),
-    )
-    bench_steps = opts.pop("benchmark_steps")
-    if ten_crop and not eval_only:
-        raise click.UsageError("--ten-crop goes with --eval-only")
-    if eval_only and bench:
-        raise click.UsageError("--eval-only and --benchmark are separate modes; give one")
-    config, given = _build_config(ctx, opts)
-
-    if bench:
-        res = T.benchmark(config, warmup=3 if bench_steps >= 10 else 1, steps=bench_steps)
-        click.echo(res["device_note"], err=True)
-        click.echo(
-            f"training images/s at batch {res['batch_size']} ({'bf16' if res['bf16'] else 'fp32'}"
-            f"{', channels_last' if res['channels_last'] else ''}):\n"
-            f"  synthetic batches : {res['synthetic_images_per_s']:9.1f}\n"
-            f"  pipeline batches  : {res['pipeline_images_per_s']:9.1f}\n"
-            f"  ratio             : {res['ratio']:9.3f}  (goal >= 0.95: the pipeline keeps up)"
-        )
-        return
-
-    if eval_only:
-        if checkpoint is None:
-            if config.run_dir is None or not config.run_dir:
-                raise click.UsageError("--eval-only needs --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
-            checkpoint = Path(config.run_dir) / "checkpoints" / "last.pt"
-        res = T.evaluate_checkpoint(config, checkpoint, ten_crop=ten_crop)
-        click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
-        for key, label in (("centre_crop", "centre crop"), ("ten_crop", "ten patches (§4.1)")):
-            if key in res:
-                r = res[key]
-                click.echo(
-                    f"  {label:<19}: top-1 error {100 * r['top1_err']:6.2f}%  top-5 error {100 * r['top5_err']:6.2f}%"
-                    f"  ({r['images']} images)"
-                )
-        return
-
-    _fit(T, config, given)
-
-
-def _fit(T, config: TrainConfig, given: dict) -> None:
-    """Train (or resume) and exit with 128 + the signal's number when a signal stopped the run."""
-    if config.resume:
-        run_dir = Path(config.run_dir) if config.run_dir else _newest_run()
-        if (run_dir / CONFIG_FILE).exists():  # else nothing was saved yet: train() starts the run
-            saved = TrainConfig.load(run_dir / CONFIG_FILE)
-            config = merge_for_resume(saved, {**given, "run_dir": str(run_dir)})
-    s = T.train(config)
+    config, given = build_config(ctx, opts)
+    if opts["resume"]:
+        config = _resumed(config, given)
+    s = train(config)
     _print_summary(s)
     if s["stop_reason"] == "signal":  # trainer/stop.py
         name = s["signal"] or "SIGTERM"  # a replica stopped by another replica's signal
@@ -332,31 +136,62 @@ def _fit(T, config: TrainConfig, given: dict) -> None:
         raise SystemExit(exit_status(name))
 
 
-def _build_config(ctx: click.Context, opts: dict) -> tuple[TrainConfig, dict]:
-    """The config from every option, and the dict of options the user actually gave."""
-    from click.core import ParameterSource
+def _resumed(config: TrainConfig, given: dict) -> TrainConfig:
+    """The saved run's config with the typed options that may change on resume."""
+    run_dir = Path(config.run.run_dir) if config.run.run_dir else _newest_run()
+    if not (run_dir / CONFIG_FILE).exists():  # nothing saved yet: train() starts the run
+        return config.replace(run_dir=str(run_dir), resume=True)
+    saved = TrainConfig.load(run_dir / CONFIG_FILE)
+    return merge_for_resume(saved, {**{k: v for k, v in given.items() if k != "resume"}, "run_dir": str(run_dir)})
 
-    values = {}
-    given = {}
-    for name, value in opts.items():
-        if name == "no_progress":
-            field, value = "progress", not value
-        else:
-            field = FIELD_OF.get(name, name)
-        if isinstance(value, Path):
-            value = str(value)
-        if name == "run_dir" and value is None:
-            value = ""
-        values[field] = value
-        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
-            given[field] = value
-    values["step_epochs"] = values["step_epochs"] or ()
-    given.pop("resume", None)
-    return TrainConfig(**values), given
+
+@main.command("eval", context_settings=CONTEXT)
+@config_options
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint to evaluate [default: RUN_DIR/checkpoints/last.pt].")  # fmt: skip
+@click.option("--ten-crop", is_flag=True, help="Also the ten-patch test of §4.1.")
+@click.pass_context
+def eval_command(ctx: click.Context, checkpoint: Path | None, ten_crop: bool, **opts) -> None:
+    """Top-1 and top-5 error of a checkpoint on val: centre crop, and with --ten-crop the ten patches."""
+    from .evaluate import evaluate_checkpoint
+
+    config, _ = build_config(ctx, opts)
+    if checkpoint is None:
+        if not config.run.run_dir:
+            raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
+        checkpoint = Path(config.run.run_dir) / "checkpoints" / "last.pt"
+    res = evaluate_checkpoint(config, checkpoint, ten_crop=ten_crop)
+    click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
+    for key, label in (("centre_crop", "centre crop"), ("ten_crop", "ten patches (§4.1)")):
+        if key in res:
+            r = res[key]
+            click.echo(f"  {label:<19}: top-1 error {100 * r['top1_err']:6.2f}%  top-5 error "
+                       f"{100 * r['top5_err']:6.2f}%  ({r['images']} images)")  # fmt: skip
+
+
+@main.command("bench", context_settings=CONTEXT)
+@config_options
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed steps per side (after 3 warm-up steps; 1 when fewer than 10).")  # fmt: skip
+@click.pass_context
+def bench_command(ctx: click.Context, steps: int, **opts) -> None:
+    """Training images/s on synthetic batches and on the pipeline's batches (goal: ratio >= 0.95)."""
+    from .bench import benchmark
+
+    config, _ = build_config(ctx, opts)
+    res = benchmark(config, warmup=3 if steps >= 10 else 1, steps=steps)
+    click.echo(res["device_note"], err=True)
+    click.echo(
+        f"training images/s at batch {res['batch_size']} ({'bf16' if res['bf16'] else 'fp32'}"
+        f"{', channels_last' if res['channels_last'] else ''}):\n"
+        f"  synthetic batches : {res['synthetic_images_per_s']:9.1f}\n"
+        f"  pipeline batches  : {res['pipeline_images_per_s']:9.1f}\n"
+        f"  ratio             : {res['ratio']:9.3f}  (goal >= 0.95: the pipeline keeps up)"
+    )
 
 
 def _newest_run() -> Path:
-    from .train import RUNS_DIR
+    from .rundir import RUNS_DIR
 
     runs = sorted(p.parent.parent for p in RUNS_DIR.glob("*/checkpoints/last.pt"))
     if not runs:

@@ -189,21 +189,9 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """DistributedDataParallel around a replica (broadcasts rank 0's weights at construction).
-
-    ``device_ids`` stays None: the replica may span two GPUs (one per column) or be on the CPU,
-    the two cases DDP documents for multi-device and CPU modules.
-    """
-    if not info.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=None, output_device=None, broadcast_buffers=False)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+def collective_device(device: torch.device) -> torch.device:
+    """Where this replica's collectives run: gloo reduces CPU tensors, NCCL CUDA tensors."""
+    return device if device.type == "cuda" else torch.device("cpu")
 
 
 def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
@@ -240,15 +228,10 @@ def all_reduce_min_int(value: int, info: DistInfo, device: torch.device) -> int:
     return int(t.item())
 
 
-def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every replica if it is True on any (stop decisions must agree, or DDP hangs)."""
+def any_flags(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Each flag True on every replica if it is True on any (stop decisions must agree, or DDP hangs)."""
     if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()
+    return [v > 0 for v in t.tolist()]

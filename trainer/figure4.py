@@ -1,15 +1,11 @@
 """Figure 4 of the paper (§6.1), drawn for a run: predictions and nearest neighbours in fc7 space.
 
-* **Left panel** (``figure4_predictions.png``): validation images, each with its true label and a bar
-  chart of the network's top-5 (the true class's bar in orange).
-* **Right panel** (``figure4_neighbours.png``): query validation images, each followed by the six
-  training images whose last hidden layer (fc7 after its ReLU, 4096-d) is nearest in Euclidean
-  distance. The search covers a bounded sample, the first ``train_limit`` training records in key
-  order (a seeded shuffle, so a random sample), so that the report stays fast; its size is printed.
-* A per-class error table (centre crop, on the first ``val_limit`` validation records).
-
-Records are decoded from the dataset's LMDB shards with PIL and cut as the evaluation does (mean
-image subtracted, centre 224 patch); the network runs in eval mode on the CPU.
+``figure4_predictions.png``: validation images with their true label and the network's top-5 as bars
+(the true class's in orange). ``figure4_neighbours.png``: query validation images, each followed by
+the six training images nearest in fc7 (after its ReLU, Euclidean), searched among the first
+``train_limit`` training records (key order is a seeded shuffle, so a random sample). Also a per-class
+error table (centre crop, first ``val_limit`` validation records). Records are decoded with PIL and
+cut as evaluation does (mean image subtracted, centre 224 patch); the network runs on the CPU.
 """
 
 from __future__ import annotations

@@ -499,5 +499,5 @@ class AlexNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, ck: dict, devices: DeviceLike | Sequence[DeviceLike] | None = None) -> AlexNet:
         """The network of a loaded alexnet-train checkpoint, with the LRN form it was trained with."""
-        lrn = (ck.get("config") or {}).get("lrn", TC.DEFAULT_LRN)
+        lrn = ((ck.get("config") or {}).get("model") or {}).get("lrn", TC.DEFAULT_LRN)
         return cls.from_state_dict(ck["model"], devices=devices, lrn=lrn)

@@ -15,15 +15,7 @@ from functools import lru_cache
 from PIL import Image, ImageDraw, ImageFont
 
 # A colour-blind-safe cycle (Okabe-Ito).
-PALETTE = (
-    (0, 114, 178),
-    (213, 94, 0),
-    (0, 158, 115),
-    (204, 121, 167),
-    (230, 159, 0),
-    (86, 180, 233),
-    (0, 0, 0),
-)
+PALETTE = ((0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0))
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 GRID = (225, 225, 225)
@@ -75,9 +67,7 @@ def nice_ticks(lo: float, hi: float, target: int = 6) -> list[float]:
     raw = (hi - lo) / max(target - 1, 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks = []
-    t = first
+    ticks, t = [], math.ceil(lo / step - 1e-9) * step
     while t <= hi + step * 1e-9:
         ticks.append(0.0 if abs(t) < step * 1e-9 else t)
         t += step
@@ -100,14 +90,8 @@ def format_tick(v: float) -> str:
 
 
 def _finite_points(s: Series, logy: bool) -> list[tuple[float, float]]:
-    pts = []
-    for x, y in zip(s.xs, s.ys, strict=False):
-        if x is None or y is None:
-            continue
-        x, y = float(x), float(y)
-        if math.isfinite(x) and math.isfinite(y) and (y > 0 or not logy):
-            pts.append((x, y))
-    return pts
+    pts = [(float(x), float(y)) for x, y in zip(s.xs, s.ys, strict=False) if x is not None and y is not None]
+    return [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y) and (y > 0 or not logy)]
 
 
 def _vertical_text(text: str, fnt, color) -> Image.Image:
@@ -140,137 +124,151 @@ def _marker(draw, x: float, y: float, r: float, color, hollow: bool) -> None:
 
 def line_plot(series: Sequence[Series], axes: Axes) -> Image.Image:
     """Draw ``series`` on one set of axes; an empty plot says "no data" instead of failing."""
-    W, H = axes.size
-    img = Image.new("RGB", (W, H), BACKGROUND)
+    img = Image.new("RGB", axes.size, BACKGROUND)
     draw = ImageDraw.Draw(img)
-    f_title, f_label, f_tick = font(15), font(13), font(11)
-
-    # Plot area, leaving room for the title, tick labels and axis labels.
-    left, right, top, bottom = 74, W - 16, 34, H - 48
-    tw, _ = text_size(draw, axes.title, f_title)
-    draw.text(((W - tw) // 2, 8), axes.title, font=f_title, fill=INK)
-
-    pts = {id(s): _finite_points(s, axes.logy) for s in series}
-    all_pts = [p for ps in pts.values() for p in ps]
-    xs = [p[0] for p in all_pts]
-    ys = [p[1] for p in all_pts] + [y for y, _ in axes.hlines if y > 0 or not axes.logy]
-
-    draw.rectangle([left, top, right, bottom], outline=INK)
-    xw, _ = text_size(draw, axes.xlabel, f_label)
-    draw.text(((left + right - xw) // 2, H - 20), axes.xlabel, font=f_label, fill=INK)
-    ylab = _vertical_text(axes.ylabel, f_label, INK)
-    img.paste(ylab, (4, (top + bottom - ylab.height) // 2), ylab)
-    if not all_pts:
-        msg = "no data"
-        mw, mh = text_size(draw, msg, f_label)
-        draw.text(((left + right - mw) // 2, (top + bottom - mh) // 2), msg, font=f_label, fill=INK)
+    box = _draw_labels(img, draw, axes)
+    points = [_finite_points(s, axes.logy) for s in series]
+    if not any(points):
+        left, top, right, bottom = box
+        mw, mh = text_size(draw, "no data", font(13))
+        draw.text(((left + right - mw) // 2, (top + bottom - mh) // 2), "no data", font=font(13), fill=INK)
         return img
-
-    x0, x1 = min(xs), max(xs)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    elif any(s.markers for s in series):  # room for markers at the ends
-        pad = (x1 - x0) * 0.03
-        x0, x1 = x0 - pad, x1 + pad
-    if axes.ylim is not None:
-        y0, y1 = axes.ylim
-    else:
-        y0, y1 = min(ys), max(ys)
-    if axes.logy:
-        ly0, ly1 = math.floor(math.log10(y0)), math.ceil(math.log10(y1))
-        if ly1 == ly0:
-            ly1 += 1
-        yticks = [10.0**k for k in range(ly0, ly1 + 1)]
-
-        def ty(y: float) -> float:
-            return bottom - (math.log10(y) - ly0) / (ly1 - ly0) * (bottom - top)
-    else:
-        if y1 == y0:
-            y0, y1 = y0 - 0.5, y1 + 0.5
-        pad = (y1 - y0) * 0.05 if axes.ylim is None else 0.0
-        y0, y1 = y0 - pad, y1 + pad
-        yticks = [t for t in nice_ticks(y0, y1) if y0 <= t <= y1]
-
-        def ty(y: float) -> float:
-            return bottom - (y - y0) / (y1 - y0) * (bottom - top)
-
-    def tx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * (right - left)
-
-    # Grid and ticks.
-    for t in yticks:
-        py = ty(t)
-        draw.line([(left + 1, py), (right - 1, py)], fill=GRID)
-        draw.line([(left - 4, py), (left, py)], fill=INK)
-        label = format_tick(t)
-        lw, lh = text_size(draw, label, f_tick)
-        draw.text((left - 7 - lw, py - lh / 2 - 2), label, font=f_tick, fill=INK)
-    for t in nice_ticks(x0, x1):
-        if not x0 <= t <= x1:
-            continue
-        px = tx(t)
-        draw.line([(px, top + 1), (px, bottom - 1)], fill=GRID)
-        draw.line([(px, bottom), (px, bottom + 4)], fill=INK)
-        label = format_tick(t)
-        lw, _ = text_size(draw, label, f_tick)
-        draw.text((px - lw / 2, bottom + 6), label, font=f_tick, fill=INK)
-    draw.rectangle([left, top, right, bottom], outline=INK)
-
-    def clamp(p: tuple[float, float]) -> tuple[float, float]:
-        return (p[0], min(max(p[1], top), bottom))
-
-    for y, label in axes.hlines:
-        if axes.logy and y <= 0:
-            continue
-        py = min(max(ty(y), top), bottom)
-        _dashed_line(draw, (left, py), (right, py), (120, 120, 120), 1, dash=3)
-        lw, lh = text_size(draw, label, f_tick)
-        draw.text((left + 6, py - lh - 5), label, font=f_tick, fill=(90, 90, 90))
-
-    # Lines, then markers.
-    legend = []
-    for i, s in enumerate(series):
-        color = s.color or PALETTE[i % len(PALETTE)]
-        ps = [clamp((tx(x), ty(y))) for x, y in pts[id(s)]]
-        if len(ps) > 1:
-            if s.dashed:
-                for a, b in zip(ps, ps[1:], strict=False):
-                    _dashed_line(draw, a, b, color, s.width)
-            else:
-                draw.line(ps, fill=color, width=s.width, joint="curve")
-        marked = s.markers or len(ps) == 1
-        if marked:
-            r = s.width + 2
-            for px, py in ps:
-                _marker(draw, px, py, r, color, hollow=s.dashed)
-        if s.label:
-            legend.append((s.label, color, s.dashed, marked))
-
-    if legend:
-        rows = [text_size(draw, lab, f_tick) for lab, *_ in legend]
-        lw = max(w for w, _ in rows) + 34
-        lh = sum(max(h, 10) + 6 for _, h in rows) + 6
-        lx, ly = right - lw - 8, top + 8
-        draw.rectangle([lx, ly, lx + lw, ly + lh], fill=BACKGROUND, outline=(170, 170, 170))
-        y = ly + 5
-        for (label, color, dashed, marked), (_, h) in zip(legend, rows, strict=True):
-            mid = y + max(h, 10) / 2 + 1
-            if dashed:
-                _dashed_line(draw, (lx + 6, mid), (lx + 26, mid), color, 2, dash=4)
-            else:
-                draw.line([(lx + 6, mid), (lx + 26, mid)], fill=color, width=3)
-            if marked:
-                _marker(draw, lx + 16, mid, 4, color, hollow=dashed)
-            draw.text((lx + 30, y), label, font=f_tick, fill=INK)
-            y += max(h, 10) + 6
+    frame = _Frame(box, axes, points, any(s.markers for s in series))
+    _draw_grid(draw, frame)
+    _draw_hlines(draw, frame, axes)
+    _draw_legend(draw, frame, _draw_series(draw, frame, series, points))
     return img
 
 
-def hstack(images: Sequence[Image.Image], gap: int = 8, background=BACKGROUND) -> Image.Image:
+def _draw_labels(img: Image.Image, draw: ImageDraw.ImageDraw, axes: Axes) -> tuple[int, int, int, int]:
+    """Title, axis labels and the plot area's box; returns the box (left, top, right, bottom)."""
+    W, H = axes.size
+    left, top, right, bottom = 74, 34, W - 16, H - 48
+    tw, _ = text_size(draw, axes.title, font(15))
+    draw.text(((W - tw) // 2, 8), axes.title, font=font(15), fill=INK)
+    draw.rectangle([left, top, right, bottom], outline=INK)
+    xw, _ = text_size(draw, axes.xlabel, font(13))
+    draw.text(((left + right - xw) // 2, H - 20), axes.xlabel, font=font(13), fill=INK)
+    ylab = _vertical_text(axes.ylabel, font(13), INK)
+    img.paste(ylab, (4, (top + bottom - ylab.height) // 2), ylab)
+    return left, top, right, bottom
+
+
+class _Frame:
+    """The plot area's box in pixels and the data range it shows (on a log axis, y0 and y1 are exponents)."""
+
+    def __init__(self, box: tuple[int, int, int, int], axes: Axes, points: list[list[tuple[float, float]]],
+                 markers: bool) -> None:  # fmt: skip
+        self.left, self.top, self.right, self.bottom = box
+        self.logy = axes.logy
+        xs = [x for ps in points for x, _ in ps]
+        x0, x1 = min(xs), max(xs)
+        if x1 == x0:
+            x0, x1 = x0 - 1, x1 + 1
+        elif markers:  # room for markers at the ends
+            pad = (x1 - x0) * 0.03
+            x0, x1 = x0 - pad, x1 + pad
+        ys = [y for ps in points for _, y in ps] + [y for y, _ in axes.hlines if y > 0 or not axes.logy]
+        y0, y1 = axes.ylim if axes.ylim is not None else (min(ys), max(ys))
+        if axes.logy:
+            y0, y1 = math.floor(math.log10(y0)), math.ceil(math.log10(y1))
+            if y1 == y0:
+                y1 += 1
+            self.yticks = [10.0**k for k in range(y0, y1 + 1)]
+        else:
+            if y1 == y0:
+                y0, y1 = y0 - 0.5, y1 + 0.5
+            pad = (y1 - y0) * 0.05 if axes.ylim is None else 0.0
+            y0, y1 = y0 - pad, y1 + pad
+            self.yticks = [t for t in nice_ticks(y0, y1) if y0 <= t <= y1]
+        self.x0, self.x1, self.y0, self.y1 = x0, x1, y0, y1
+
+    def tx(self, x: float) -> float:
+        return self.left + (x - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
+
+    def ty(self, y: float) -> float:
+        v = math.log10(y) if self.logy else y
+        return self.bottom - (v - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
+
+    def clamp(self, py: float) -> float:
+        return min(max(py, self.top), self.bottom)
+
+
+def _draw_grid(draw: ImageDraw.ImageDraw, f: _Frame) -> None:
+    """Grid lines, ticks and tick labels on both axes, then the box again over the grid's ends."""
+    for t in f.yticks:
+        py = f.ty(t)
+        draw.line([(f.left + 1, py), (f.right - 1, py)], fill=GRID)
+        draw.line([(f.left - 4, py), (f.left, py)], fill=INK)
+        lw, lh = text_size(draw, format_tick(t), font(11))
+        draw.text((f.left - 7 - lw, py - lh / 2 - 2), format_tick(t), font=font(11), fill=INK)
+    for t in nice_ticks(f.x0, f.x1):
+        if not f.x0 <= t <= f.x1:
+            continue
+        px = f.tx(t)
+        draw.line([(px, f.top + 1), (px, f.bottom - 1)], fill=GRID)
+        draw.line([(px, f.bottom), (px, f.bottom + 4)], fill=INK)
+        lw, _ = text_size(draw, format_tick(t), font(11))
+        draw.text((px - lw / 2, f.bottom + 6), format_tick(t), font=font(11), fill=INK)
+    draw.rectangle([f.left, f.top, f.right, f.bottom], outline=INK)
+
+
+def _draw_hlines(draw: ImageDraw.ImageDraw, f: _Frame, axes: Axes) -> None:
+    """The dotted reference lines (chance levels), each labelled above its left end."""
+    for y, label in axes.hlines:
+        if axes.logy and y <= 0:
+            continue
+        py = f.clamp(f.ty(y))
+        _dashed_line(draw, (f.left, py), (f.right, py), (120, 120, 120), 1, dash=3)
+        _, lh = text_size(draw, label, font(11))
+        draw.text((f.left + 6, py - lh - 5), label, font=font(11), fill=(90, 90, 90))
+
+
+def _draw_series(draw, f: _Frame, series: Sequence[Series], points) -> list[tuple[str, tuple, bool, bool]]:
+    """Each series' line and markers (a lone point gets a marker); returns the legend's entries."""
+    legend = []
+    for i, (s, pts) in enumerate(zip(series, points, strict=True)):
+        color = s.color or PALETTE[i % len(PALETTE)]
+        ps = [(f.tx(x), f.clamp(f.ty(y))) for x, y in pts]
+        if len(ps) > 1 and s.dashed:
+            for a, b in zip(ps, ps[1:], strict=False):
+                _dashed_line(draw, a, b, color, s.width)
+        elif len(ps) > 1:
+            draw.line(ps, fill=color, width=s.width, joint="curve")
+        marked = s.markers or len(ps) == 1
+        if marked:
+            for px, py in ps:
+                _marker(draw, px, py, s.width + 2, color, hollow=s.dashed)
+        if s.label:
+            legend.append((s.label, color, s.dashed, marked))
+    return legend
+
+
+def _draw_legend(draw: ImageDraw.ImageDraw, f: _Frame, legend: list[tuple[str, tuple, bool, bool]]) -> None:
+    """A boxed legend in the top right corner: a line sample (and marker) per entry, then its label."""
+    if not legend:
+        return
+    heights = [max(text_size(draw, label, font(11))[1], 10) for label, *_ in legend]
+    lw = max(text_size(draw, label, font(11))[0] for label, *_ in legend) + 34
+    lx, ly = f.right - lw - 8, f.top + 8
+    draw.rectangle([lx, ly, lx + lw, ly + sum(h + 6 for h in heights) + 6], fill=BACKGROUND, outline=(170, 170, 170))
+    y = ly + 5
+    for (label, color, dashed, marked), h in zip(legend, heights, strict=True):
+        mid = y + h / 2 + 1
+        if dashed:
+            _dashed_line(draw, (lx + 6, mid), (lx + 26, mid), color, 2, dash=4)
+        else:
+            draw.line([(lx + 6, mid), (lx + 26, mid)], fill=color, width=3)
+        if marked:
+            _marker(draw, lx + 16, mid, 4, color, hollow=dashed)
+        draw.text((lx + 30, y), label, font=font(11), fill=INK)
+        y += h + 6
+
+
+def hstack(images: Sequence[Image.Image], gap: int = 8) -> Image.Image:
     """Images side by side, top-aligned."""
     w = sum(im.width for im in images) + gap * (len(images) - 1)
-    h = max(im.height for im in images)
-    out = Image.new("RGB", (w, h), background)
+    out = Image.new("RGB", (w, max(im.height for im in images)), BACKGROUND)
     x = 0
     for im in images:
         out.paste(im, (x, 0))

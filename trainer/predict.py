@@ -22,11 +22,11 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.dali_pipeline import MAX_OFFSET, TEN_CROP_POSITIONS
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.tools.layouts import IMAGE_SUFFIXES
+from alexnet.pipeline.images import IMAGE_SUFFIXES, Rejected, decode_image, resize_centre_crop
 
 from . import checkpoint as ckpt_io
+from .evaluate import average_patch_softmax
 from .model import AlexNet
-from .train import average_patch_softmax
 
 # Top-left corners of the five patches, in the evaluation pipeline's order (then each mirrored).
 PATCH_CORNERS = tuple((round(px * MAX_OFFSET), round(py * MAX_OFFSET)) for px, py in TEN_CROP_POSITIONS)
@@ -65,8 +65,6 @@ def load_predictor(checkpoint: Path, data_dir: Path | None, device: torch.device
 
 def stored_crop(path: Path) -> np.ndarray:
     """§2: an image file as the dataset stores it, (256, 256, 3) float32 RGB. Raises AlexnetError."""
-    from alexnet.tools.build_lmdb import Rejected, decode_image, resize_centre_crop
-
     try:
         data = Path(path).read_bytes()
     except OSError as e:

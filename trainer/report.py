@@ -12,29 +12,29 @@ Reads from a run directory:
     ``conv1.weight`` ([96, 3, 11, 11]: kernels 0-47 are column one, 48-95 column two, §3.2), or two
     such keys of 48 kernels each, one per column, taken in key order.
 
-Writes into the report folder (default ``RUN_DIR/report``): ``curves.png`` (the three panels side by
-side) and ``loss.png``, ``error.png``, ``lr.png``; ``conv1_kernels.png`` (Figure 3's layout, one
-block per column); ``colourfulness.json``; ``preview.png`` (a copy of the augmentation preview
-sheet, when there is one); and ``report.md``.
+Writes into the report folder (default ``RUN_DIR/report``): ``curves.png`` (``loss.png``, ``error.png``
+and ``lr.png`` side by side), ``conv1_kernels.png`` (Figure 3's layout), ``colourfulness.json``,
+``preview.png`` (a copy of the augmentation preview sheet, when there is one), Figure 4's two panels
+(when the run's dataset is at hand) and ``report.md``.
 
 Colourfulness of a conv1 kernel w (3 x 11 x 11, RGB), with g(y,x) = mean_c w(c,y,x) its grey part
 and w̄ the mean of all its values:
 
     colourfulness(w) = sqrt( Σ_c,y,x (w(c,y,x) − g(y,x))² / Σ_c,y,x (w(c,y,x) − w̄)² )
 
-the share (as an RMS ratio, 0..1) of the kernel's contrast that lies in colour differences rather
-than in luminance: 0 for a grey kernel (R = G = B), 1 for a purely colour-opponent one. The two sums
-split the kernel's energy into orthogonal grey and colour parts, so the ratio never exceeds 1.
-Random N(0, σ²) kernels (the §5 initialisation) score about sqrt(2/3) ≈ 0.82. A column's score is
-the mean over its kernels. On ImageNet the paper observes column one's kernels becoming largely
-colour-agnostic and column two's colour-specific (§3.2, Figure 3): column one should score lower.
+the share (an RMS ratio, 0..1; grey and colour parts are orthogonal) of the kernel's contrast that
+lies in colour differences: 0 for a grey kernel (R = G = B), 1 for a purely colour-opponent one,
+about sqrt(2/3) for random N(0, σ²) kernels (§5). A column's score is the mean over its kernels;
+the paper's column one becomes largely colour-agnostic, column two colour-specific (§3.2, Figure 3).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import pickle
 import shutil
 import statistics
 from collections.abc import Iterable
@@ -44,11 +44,12 @@ from typing import Any
 
 import click
 import numpy as np
+from PIL import Image, ImageDraw
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline.errors import AlexnetError
 
-from .plots import Axes, Series, font, hstack, line_plot, text_size
+from .plots import BACKGROUND, INK, PALETTE, Axes, Series, font, hstack, line_plot, text_size
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
@@ -61,9 +62,7 @@ KERNEL_UPSCALE = 4  # 11x11 kernels drawn 44x44, nearest neighbour
 RANDOM_KERNEL_COLOURFULNESS = math.sqrt(2 / 3)  # expected score of i.i.d. Gaussian kernels
 
 
-# --------------------------------------------------------------------------------------------
-# inputs
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------- inputs
 
 
 @dataclass
@@ -71,13 +70,6 @@ class Metrics:
     train: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)  # the trainer's stalled/exploding warnings
-
-
-def _is_eval(rec: dict[str, Any]) -> bool:
-    kind = rec.get("kind")
-    if kind is not None:
-        return kind == "eval"
-    return "top1_err" in rec or "split" in rec
 
 
 def read_metrics(path: Path) -> Metrics:
@@ -95,10 +87,10 @@ def read_metrics(path: Path) -> Metrics:
                 raise AlexnetError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
             if not isinstance(rec, dict):
                 raise AlexnetError(f"{path}:{lineno}: expected a JSON object")
-            if rec.get("kind") == "alert":
-                m.alerts.append(rec)
-            else:
-                (m.evals if _is_eval(rec) else m.train).append(rec)
+            kind = rec.get("kind")  # "train", "eval" or "alert"; without it, guessed from the keys
+            if kind is None:
+                kind = "eval" if "top1_err" in rec or "split" in rec else "train"
+            (m.alerts if kind == "alert" else m.evals if kind == "eval" else m.train).append(rec)
     if not m.train and not m.evals:
         raise AlexnetError(f"{path} has no metrics lines yet")
     return m
@@ -129,24 +121,6 @@ def _find_key(obj: Any, key: str) -> Any:
     return None
 
 
-def load_state_dict(path: Path) -> dict[str, Any]:
-    import pickle
-
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
-    if not isinstance(ckpt, dict):
-        raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
-
-
 def conv1_weights(state: dict[str, Any]) -> np.ndarray:
     """conv1's kernels as float64 [N, 3, kh, kw], column one first (§3.2)."""
     keys = sorted(k for k, v in state.items() if k.endswith("conv1.weight") and getattr(v, "ndim", 0) == 4)
@@ -160,15 +134,10 @@ def conv1_weights(state: dict[str, Any]) -> np.ndarray:
 
 
 def num_classes_from_state(state: dict[str, Any]) -> int | None:
-    keys = [k for k in state if k.endswith("fc8.weight")]
-    if keys:
-        return int(state[keys[0]].shape[0])
-    return None
+    return next((int(v.shape[0]) for k, v in state.items() if k.endswith("fc8.weight")), None)
 
 
-# --------------------------------------------------------------------------------------------
-# numbers
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------- numbers
 
 
 def colourfulness(kernels: np.ndarray) -> np.ndarray:
@@ -189,7 +158,12 @@ def error_scale(evals: list[dict[str, Any]]) -> float:
     return 100.0 if values and max(values) > 1.0 else 1.0
 
 
-def _fraction(v: Any, scale: float = 1.0) -> float | None:
+def chance_errors(num_classes: int | None) -> dict[int, float]:
+    """Top-k error of guessing: {1: 1 − 1/c, 5: 1 − 5/c (only when c > 5)}; empty without a class count."""
+    return {k: 1 - k / num_classes for k in (1, 5) if num_classes and (k == 1 or num_classes > k)}
+
+
+def _fraction(v: Any, scale: float) -> float | None:
     return None if v is None else float(v) / scale
 
 
@@ -217,19 +191,10 @@ def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
     for (split, ten), recs in groups.items():
         last = recs[-1]
         best = min(recs, key=lambda r: float(r["top1_err"]))
-        rows.append(
-            EvalRow(
-                split=split,
-                ten_crop=ten,
-                final_top1=_fraction(last["top1_err"], scale),
-                final_top5=_fraction(last.get("top5_err"), scale),
-                final_epoch=last.get("epoch"),
-                best_top1=_fraction(best["top1_err"], scale),
-                best_top5=_fraction(best.get("top5_err"), scale),
-                best_epoch=best.get("epoch"),
-                points=len(recs),
-            )
-        )
+        rows.append(EvalRow(split=split, ten_crop=ten, points=len(recs),
+                            final_top1=_fraction(last["top1_err"], scale), final_top5=_fraction(last.get("top5_err"), scale),
+                            final_epoch=last.get("epoch"), best_top1=_fraction(best["top1_err"], scale),
+                            best_top5=_fraction(best.get("top5_err"), scale), best_epoch=best.get("epoch")))  # fmt: skip
     rows.sort(key=lambda r: (r.split != "val", r.split, r.ten_crop))
     return rows
 
@@ -245,14 +210,7 @@ def training_time_s(train: list[dict[str, Any]]) -> float | None:
 
 
 def _finite(values: Iterable[Any]) -> list[float]:
-    out = []
-    for v in values:
-        if v is None:
-            continue
-        v = float(v)
-        if math.isfinite(v):
-            out.append(v)
-    return out
+    return [v for v in (float(x) for x in values if x is not None) if math.isfinite(v)]
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -266,66 +224,53 @@ def moving_average(values: list[float], window: int) -> list[float]:
     return list((c[hi] - c[lo]) / (hi - lo))
 
 
-# --------------------------------------------------------------------------------------------
-# figures
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------- figures
 
 
 def curve_figures(metrics: Metrics, num_classes: int | None) -> dict[str, Any]:
     """``{"loss": Image, "error": Image, "lr": Image}``."""
     tr = [r for r in metrics.train if r.get("step") is not None]
     steps = [r["step"] for r in tr]
-    losses = [r.get("loss") for r in tr]
+    lr = line_plot([Series("learning rate", steps, [r.get("lr") for r in tr], color=PALETTE[2])],
+                   Axes("Learning rate", "step", "learning rate (log scale)", logy=True))  # fmt: skip
+    return {"loss": _loss_figure(steps, [r.get("loss") for r in tr]), "error": _error_figure(metrics.evals, num_classes),
+            "lr": lr}  # fmt: skip
+
+
+def _loss_figure(steps: list[Any], losses: list[Any]):
+    """The logged loss, with a moving average over it once there are 10 finite points."""
     finite = [(s, v) for s, v in zip(steps, losses, strict=True) if v is not None and math.isfinite(float(v))]
-    loss_series = [Series("loss (logged)", steps, losses, color=(160, 190, 220), width=1)]
+    series = [Series("loss (logged)", steps, losses, color=(160, 190, 220), width=1)]
     if len(finite) >= 10:
         window = max(len(finite) // 20, 2)
         xs = [s for s, _ in finite]
-        loss_series.append(Series(f"moving average ({window})", xs, moving_average([v for _, v in finite], window)))
-    loss = line_plot(loss_series, Axes("Training loss", "step", "cross-entropy loss"))
+        series.append(Series(f"moving average ({window})", xs, moving_average([v for _, v in finite], window)))
+    return line_plot(series, Axes("Training loss", "step", "cross-entropy loss"))
 
-    err_series = []
-    scale = error_scale(metrics.evals)
-    split = "val" if any(r.get("split", "val") == "val" for r in metrics.evals) else None
-    if split is None and metrics.evals:
-        split = str(metrics.evals[0].get("split"))
+
+def _error_figure(evals: list[dict[str, Any]], num_classes: int | None):
+    """Top-1 and top-5 error per epoch on the val split (else the first split logged), with chance levels."""
+    scale = error_scale(evals)
+    splits = [str(r.get("split", "val")) for r in evals]
+    split = "val" if "val" in splits else (splits[0] if splits else None)
+    series = []
     for ten, tag, dashed in ((False, "centre", False), (True, "ten-patch", True)):
-        recs = [
-            r
-            for r in metrics.evals
-            if str(r.get("split", "val")) == split and bool(r.get("ten_crop", False)) == ten
-            and r.get("top1_err") is not None
-        ]  # fmt: skip
+        recs = [r for r, sp in zip(evals, splits, strict=True)
+                if sp == split and bool(r.get("ten_crop", False)) == ten and r.get("top1_err") is not None]  # fmt: skip
         if not recs:
             continue
         xs = [r.get("epoch", r.get("step")) for r in recs]
-        for name, key, colour in (("top-1", "top1_err", (0, 114, 178)), ("top-5", "top5_err", (213, 94, 0))):
+        for name, key, colour in (("top-1", "top1_err", PALETTE[0]), ("top-5", "top5_err", PALETTE[1])):
             ys = [None if r.get(key) is None else 100 * _fraction(r[key], scale) for r in recs]
-            err_series.append(Series(f"{name} {tag}", xs, ys, color=colour, markers=True, dashed=dashed))
-    hlines = []
-    if num_classes:
-        hlines.append((100 * (1 - 1 / num_classes), "chance top-1"))
-        if num_classes > 5:
-            hlines.append((100 * (1 - 5 / num_classes), "chance top-5"))
-    error = line_plot(
-        err_series,
-        Axes(f"{split or 'validation'} error", "epoch", "error (%)", ylim=(0.0, 100.0), hlines=tuple(hlines)),
-    )
-
-    lrs = [r.get("lr") for r in tr]
-    lr = line_plot([Series("learning rate", steps, lrs, color=(0, 158, 115))],
-                   Axes("Learning rate", "step", "learning rate (log scale)", logy=True))  # fmt: skip
-    return {"loss": loss, "error": error, "lr": lr}
+            series.append(Series(f"{name} {tag}", xs, ys, color=colour, markers=True, dashed=dashed))
+    hlines = tuple((100 * err, f"chance top-{k}") for k, err in chance_errors(num_classes).items())
+    axes = Axes(f"{split or 'validation'} error", "epoch", "error (%)", ylim=(0.0, 100.0), hlines=hlines)
+    return line_plot(series, axes)
 
 
 def kernel_grid(weights: np.ndarray, scores: np.ndarray | None = None):
-    """Figure 3's layout: one block per column (kernels 0..n/2-1, n/2..n-1), 8 kernels per row.
-
-    Each kernel is min-max normalised over all three channels together (so its colours keep their
-    relative strength) and upscaled with nearest neighbour.
-    """
-    from PIL import Image, ImageDraw
-
+    """Figure 3's layout: one block per column, 8 kernels per row, each min-max normalised over its three
+    channels together (so its colours keep their relative strength) and upscaled with nearest neighbour."""
     w = np.asarray(weights, dtype=np.float64)
     n, _, kh, kw = w.shape
     half = n // 2
@@ -342,16 +287,16 @@ def kernel_grid(weights: np.ndarray, scores: np.ndarray | None = None):
     margin, between, header = 12, 28, 44
     W = 2 * block_w + between + 2 * margin
     H = header + block_h + margin + 18
-    img = Image.new("RGB", (W, H), (255, 255, 255))
+    img = Image.new("RGB", (W, H), BACKGROUND)
     draw = ImageDraw.Draw(img)
     title = f"conv1: {n} kernels of {kh}x{kw}x3 (paper Figure 3: one block per column)"
-    draw.text((margin, 4), title, font=font(13), fill=(30, 30, 30))
+    draw.text((margin, 4), title, font=font(13), fill=INK)
     for c in range(2):
         x0 = margin + c * (block_w + between)
         label = f"column {c + 1} (kernels {c * half}-{(c + 1) * half - 1})"
         if scores is not None:
             label += f"   colourfulness {float(np.mean(scores[c * half : (c + 1) * half])):.3f}"
-        draw.text((x0, 24), label, font=font(12), fill=(30, 30, 30))
+        draw.text((x0, 24), label, font=font(12), fill=INK)
         draw.rectangle([x0 - 2, header - 2, x0 + block_w + 1, header + block_h + 1], fill=(60, 60, 60))
         for i in range(half):
             r, q = divmod(i, cols)
@@ -363,9 +308,7 @@ def kernel_grid(weights: np.ndarray, scores: np.ndarray | None = None):
     return img
 
 
-# --------------------------------------------------------------------------------------------
-# the report
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------- the report
 
 
 @dataclass
@@ -375,8 +318,6 @@ class ReportResult:
     rows: list[EvalRow]
     num_classes: int | None
     column_scores: tuple[float, float] | None
-    training_time_s: float | None
-    images_per_s: float | None
     notes: list[str]
     figure4: dict | None = None  # trainer/figure4.py: panel paths, sample sizes, per-class errors
 
@@ -391,8 +332,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def _save_png(img, path: Path) -> Path:
-    import io
-
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return _write(path, buf.getvalue())
@@ -416,6 +355,7 @@ def build_report(
     preview_png: Path | None = None,
     checkpoint: Path | None = None,
 ) -> ReportResult:
+    """Write the report folder for ``run_dir`` (``report.md`` and the figures); returns what it wrote."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AlexnetError(f"run directory {run_dir} does not exist")
@@ -426,87 +366,84 @@ def build_report(
         raise AlexnetError(f"preview sheet {preview_png} does not exist (alexnet-prep preview writes one)")
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-
-    # Checkpoint: conv1 kernels and, failing the config, the number of classes.
     ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
-    state = None
-    if ckpt_path.is_file():
-        state = load_state_dict(ckpt_path)
-    elif checkpoint is not None:
-        raise AlexnetError(f"checkpoint {ckpt_path} does not exist")
-    else:
-        notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
-
+    state = _read_checkpoint(ckpt_path, checkpoint is not None, notes)
     num_classes = _find_key(config, "num_classes")
     if num_classes is None and state is not None:
         num_classes = num_classes_from_state(state)
     num_classes = int(num_classes) if num_classes else None
 
-    images: dict[str, Path] = {}
-    figs = curve_figures(metrics, num_classes)
-    for name, img in figs.items():
-        images[name] = _save_png(img, out_dir / f"{name}.png")
-    images["curves"] = _save_png(hstack([figs["loss"], figs["error"], figs["lr"]]), out_dir / "curves.png")
-
+    images = _write_curves(metrics, num_classes, out_dir)
     column_scores = None
     if state is not None:
-        w = conv1_weights(state)
-        scores = colourfulness(w)
-        half = len(w) // 2
-        column_scores = (float(scores[:half].mean()), float(scores[half:].mean()))
-        images["conv1_kernels"] = _save_png(kernel_grid(w, scores), out_dir / "conv1_kernels.png")
-        _write(
-            out_dir / "colourfulness.json",
-            json.dumps(
-                {
-                    "formula": "sqrt(sum_cyx (w - mean_c w)^2 / sum_cyx (w - mean w)^2) per kernel; column = mean",
-                    "random_kernel_expectation": RANDOM_KERNEL_COLOURFULNESS,
-                    "checkpoint": str(ckpt_path),
-                    "columns": [
-                        {
-                            "column": c + 1,
-                            "kernels": [c * half, (c + 1) * half - 1],
-                            "mean": column_scores[c],
-                            "per_kernel": [round(float(v), 6) for v in scores[c * half : (c + 1) * half]],
-                        }
-                        for c in range(2)
-                    ],
-                },
-                indent=2,
-            ).encode(),
-        )
-
-    preview_src = Path(preview_png) if preview_png is not None else run_dir / PREVIEW_FILE
-    if preview_src.is_file():
-        dest = out_dir / PREVIEW_FILE
-        if preview_src.resolve() != dest.resolve():
-            shutil.copyfile(preview_src, dest)
-        images["preview"] = dest
-    else:
-        notes.append("no preview sheet (alexnet-prep preview --out preview.npz writes one; pass --preview)")
-
+        column_scores, images["conv1_kernels"] = _write_conv1(state, ckpt_path, out_dir)
+    preview = _copy_preview(Path(preview_png) if preview_png is not None else run_dir / PREVIEW_FILE, out_dir, notes)
+    if preview is not None:
+        images["preview"] = preview
     figure4 = _figure4(ckpt_path if state is not None else None, config, out_dir, notes)
     if figure4:
         images["figure4_predictions"], images["figure4_neighbours"] = figure4["predictions"], figure4["neighbours"]
-    ips = _finite(r.get("images_per_s") for r in metrics.train)
-    result = ReportResult(
-        out_dir=out_dir,
-        images=images,
-        rows=eval_rows(metrics.evals),
-        num_classes=num_classes,
-        column_scores=column_scores,
-        training_time_s=training_time_s(metrics.train),
-        images_per_s=statistics.median(ips) if ips else None,
-        notes=notes,
-        figure4=figure4,
-    )
+    result = ReportResult(out_dir, images, eval_rows(metrics.evals), num_classes, column_scores, notes, figure4)
     _write(out_dir / "report.md", render_markdown(result, run_dir, metrics, config).encode())
     return result
 
 
-def make_report(run_dir: Path, out_dir: Path | None = None, preview_png: Path | None = None) -> Path:
-    """Write the report folder for ``run_dir``; returns the folder (``report.md`` inside)."""
-    return build_report(run_dir, out_dir, preview_png).out_dir
+def _read_checkpoint(path: Path, given: bool, notes: list[str]) -> dict[str, Any] | None:
+    """The state dict under "model" (or "state_dict", or the whole file); a missing default checkpoint is
+    a note, a missing ``--checkpoint`` an error."""
+    if not path.is_file():
+        if given:
+            raise AlexnetError(f"checkpoint {path} does not exist")
+        notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
+        return None
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(ckpt, dict):
+        raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
+    return next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+
+
+def _write_curves(metrics: Metrics, num_classes: int | None, out_dir: Path) -> dict[str, Path]:
+    """loss.png, error.png, lr.png and the three side by side, curves.png."""
+    figs = curve_figures(metrics, num_classes)
+    images = {name: _save_png(img, out_dir / f"{name}.png") for name, img in figs.items()}
+    images["curves"] = _save_png(hstack([figs["loss"], figs["error"], figs["lr"]]), out_dir / "curves.png")
+    return images
+
+
+def _write_conv1(state: dict[str, Any], ckpt_path: Path, out_dir: Path) -> tuple[tuple[float, float], Path]:
+    """conv1_kernels.png and colourfulness.json; returns the columns' mean scores and the figure's path."""
+    w = conv1_weights(state)
+    scores = colourfulness(w)
+    half = len(w) // 2
+    columns = (scores[:half], scores[half:])
+    means = (float(columns[0].mean()), float(columns[1].mean()))
+    figure = _save_png(kernel_grid(w, scores), out_dir / "conv1_kernels.png")
+    doc = {
+        "formula": "sqrt(sum_cyx (w - mean_c w)^2 / sum_cyx (w - mean w)^2) per kernel; column = mean",
+        "random_kernel_expectation": RANDOM_KERNEL_COLOURFULNESS,
+        "checkpoint": str(ckpt_path),
+        "columns": [{"column": c + 1, "kernels": [c * half, (c + 1) * half - 1], "mean": means[c],
+                     "per_kernel": [round(float(v), 6) for v in columns[c]]} for c in range(2)],
+    }  # fmt: skip
+    _write(out_dir / "colourfulness.json", json.dumps(doc, indent=2).encode())
+    return means, figure
+
+
+def _copy_preview(src: Path, out_dir: Path, notes: list[str]) -> Path | None:
+    """The augmentation preview sheet copied into the report folder, or a note that there is none."""
+    if not src.is_file():
+        notes.append("no preview sheet (alexnet-prep preview --out preview.npz writes one; pass --preview)")
+        return None
+    dest = out_dir / PREVIEW_FILE
+    if src.resolve() != dest.resolve():
+        shutil.copyfile(src, dest)
+    return dest
 
 
 def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, notes: list[str]) -> dict | None:
@@ -532,106 +469,114 @@ def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, note
         return None
 
 
-def _figure4_markdown(f: dict, rel) -> list[str]:
-    lines = ["## Figure 4 (§6.1) and per-class error", "",
-             f"![Figure 4, left: validation images with their top-5]({rel(f['predictions'])})", "",
-             f"![Figure 4, right: nearest training images in fc7 space]({rel(f['neighbours'])})", "",
-             f"Neighbours searched among the first {f['train_searched']} training records (a bounded sample, so "
-             f"that the report stays fast); per-class error on the first {f['val_images']} validation records, "
-             "centre crop. The ten worst classes:", "",
-             "| class | name | images | top-1 error |", "|---|---|---|---|"]  # fmt: skip
-    for wnid, name, n, err in f["class_errors"][:10]:
-        lines.append(f"| {wnid} | {name} | {n} | {_pct(err)} |")
-    return lines + [""]
+CAPTIONS = {
+    "curves": "Training curves: loss, error, learning rate",
+    "loss": "Training loss",
+    "error": "Top-1 / top-5 error (centre crop solid, ten patches dashed; chance dotted)",
+    "lr": "Learning rate",
+    "conv1_kernels": "conv1 kernels, one block per column (paper Figure 3)",
+    "preview": "Augmentation preview: the batch the network sees",
+    "figure4_predictions": "Figure 4, left: validation images with their top-5",
+    "figure4_neighbours": "Figure 4, right: nearest training images in fc7 space",
+}
 
 
 def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: dict[str, Any]) -> str:
-    def rel(p: Path) -> str:
-        return p.relative_to(res.out_dir).as_posix() if p.is_relative_to(res.out_dir) else str(p)
-
     lines = [f"# Training report: `{run_dir.resolve().name}`", "", f"Run directory: `{run_dir}`", ""]
-    lines += ["## Accuracy", ""]
-    if res.rows:
-        lines += ["| split | test | final top-1 err | final top-5 err | at epoch | best top-1 err | best top-5 err | at epoch |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for r in res.rows:
-            test = "ten patches (§4.1)" if r.ten_crop else "centre crop"
-            lines.append(
-                f"| {r.split} | {test} | {_pct(r.final_top1)} | {_pct(r.final_top5)} | {r.final_epoch} "
-                f"| {_pct(r.best_top1)} | {_pct(r.best_top5)} | {r.best_epoch} |"
-            )
-    else:
-        lines.append("No evaluation lines in metrics.jsonl yet.")
-    if res.num_classes:
-        c = res.num_classes
-        top5 = f", top-5 error 1 − 5/{c} = {_pct(1 - 5 / c)}" if c > 5 else ""
-        lines += ["", f"Chance level with {c} classes: top-1 error 1 − 1/{c} = {_pct(1 - 1 / c)}{top5}."]
-    lines += ["", "Paper (ILSVRC-2012 val, one CNN, ten patches): 40.7% top-1, 18.2% top-5 error.", ""]
-
-    tr = metrics.train
-    lines += ["## Training", ""]
-    steps = [r["step"] for r in tr if r.get("step") is not None]
-    epochs = _finite(r.get("epoch") for r in tr)
-    losses = _finite(r.get("loss") for r in tr)
-    lrs = _finite(r.get("lr") for r in tr)
-    lines.append(f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}")
-    lines.append(f"- training time: {_duration(res.training_time_s)}")
-    ips = "–" if res.images_per_s is None else f"{res.images_per_s:,.1f}"
-    lines.append(f"- images/s (median of logged intervals): {ips}")
-    if losses:
-        lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
-    if lrs:
-        lines.append(f"- learning rate: first {lrs[0]:g}, last {lrs[-1]:g}")
-    for key in ("batch_size", "gpus", "device"):
-        v = _find_key(config, key)
-        if v is not None:
-            lines.append(f"- {key}: {v}")
-    for alert in metrics.alerts:
-        lines.append(f"- step {alert.get('step')}: {alert.get('message')}")
-    lines += [""] + (_figure4_markdown(res.figure4, rel) if res.figure4 else []) + ["## Figures", ""]
-    captions = {
-        "curves": "Training curves: loss, error, learning rate",
-        "loss": "Training loss",
-        "error": "Top-1 / top-5 error (centre crop solid, ten patches dashed; chance dotted)",
-        "lr": "Learning rate",
-        "conv1_kernels": "conv1 kernels, one block per column (paper Figure 3)",
-        "preview": "Augmentation preview: the batch the network sees",
-        "figure4_predictions": "Figure 4, left: validation images with their top-5",
-        "figure4_neighbours": "Figure 4, right: nearest training images in fc7 space",
-    }
-    for key in ("curves", "conv1_kernels", "preview"):
-        if key in res.images:
-            lines += [f"![{captions[key]}]({rel(res.images[key])})", ""]
-    lines.append("All images in this folder:")
-    lines.append("")
-    for key, p in res.images.items():
-        lines.append(f"- `{rel(p)}`: {captions[key]}")
-    lines.append("")
-    if res.column_scores is not None:
-        c1, c2 = res.column_scores
-        lines += [
-            "## conv1 colourfulness per column",
-            "",
-            "| column | kernels | colourfulness |",
-            "|---|---|---|",
-            f"| one | first half | {c1:.3f} |",
-            f"| two | second half | {c2:.3f} |",
-            "",
-            "Colourfulness of a kernel w (RGB): sqrt(Σ (w − grey)² / Σ (w − mean)²), where grey is the mean over",
-            "the three channels at each pixel: the share of the kernel's contrast in colour differences",
-            f"(0 = grey, 1 = purely colour-opponent; random initial kernels ≈ {RANDOM_KERNEL_COLOURFULNESS:.2f}).",
-            "On ImageNet the paper's column one becomes largely colour-agnostic and column two colour-specific",
-            "(§3.2, Figure 3), i.e. column one scores lower. Per-kernel values: `colourfulness.json`.",
-            "",
-        ]
+    lines += _accuracy_markdown(res.rows, res.num_classes)
+    lines += _training_markdown(metrics, config)
+    lines += _figure4_markdown(res.figure4, res.out_dir) if res.figure4 else []
+    lines += _figures_markdown(res.images, res.out_dir)
+    lines += _colourfulness_markdown(*res.column_scores) if res.column_scores is not None else []
     if res.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
+def _rel(path: Path, out_dir: Path) -> str:
+    """A link from report.md: relative inside the report folder, else the path as given."""
+    return path.relative_to(out_dir).as_posix() if path.is_relative_to(out_dir) else str(path)
+
+
+def _accuracy_markdown(rows: list[EvalRow], num_classes: int | None) -> list[str]:
+    lines = ["## Accuracy", ""]
+    if rows:
+        lines += ["| split | test | final top-1 err | final top-5 err | at epoch | best top-1 err | best top-5 err | at epoch |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    else:
+        lines.append("No evaluation lines in metrics.jsonl yet.")
+    for r in rows:
+        test = "ten patches (§4.1)" if r.ten_crop else "centre crop"
+        lines.append(f"| {r.split} | {test} | {_pct(r.final_top1)} | {_pct(r.final_top5)} | {r.final_epoch} "
+                     f"| {_pct(r.best_top1)} | {_pct(r.best_top5)} | {r.best_epoch} |")  # fmt: skip
+    chance = chance_errors(num_classes)
+    if chance:
+        c = num_classes
+        top5 = f", top-5 error 1 − 5/{c} = {_pct(chance[5])}" if 5 in chance else ""
+        lines += ["", f"Chance level with {c} classes: top-1 error 1 − 1/{c} = {_pct(chance[1])}{top5}."]
+    return lines + ["", "Paper (ILSVRC-2012 val, one CNN, ten patches): 40.7% top-1, 18.2% top-5 error.", ""]
+
+
+def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
+    tr = metrics.train
+    steps = [r["step"] for r in tr if r.get("step") is not None]
+    epochs, losses, lrs, ips = (_finite(r.get(key) for r in tr) for key in ("epoch", "loss", "lr", "images_per_s"))
+    ips_text = f"{statistics.median(ips):,.1f}" if ips else "–"
+    lines = ["## Training", "",
+             f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}",
+             f"- training time: {_duration(training_time_s(tr))}",
+             f"- images/s (median of logged intervals): {ips_text}"]  # fmt: skip
+    if losses:
+        lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
+    if lrs:
+        lines.append(f"- learning rate: first {lrs[0]:g}, last {lrs[-1]:g}")
+    for key in ("batch_size", "gpus", "device"):
+        if (v := _find_key(config, key)) is not None:
+            lines.append(f"- {key}: {v}")
+    return lines + [f"- step {a.get('step')}: {a.get('message')}" for a in metrics.alerts] + [""]
+
+
+def _figure4_markdown(f: dict, out_dir: Path) -> list[str]:
+    lines = ["## Figure 4 (§6.1) and per-class error", "",
+             f"![{CAPTIONS['figure4_predictions']}]({_rel(f['predictions'], out_dir)})", "",
+             f"![{CAPTIONS['figure4_neighbours']}]({_rel(f['neighbours'], out_dir)})", "",
+             f"Neighbours searched among the first {f['train_searched']} training records (a bounded sample, so "
+             f"that the report stays fast); per-class error on the first {f['val_images']} validation records, "
+             "centre crop. The ten worst classes:", "",
+             "| class | name | images | top-1 error |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {wnid} | {name} | {n} | {_pct(err)} |" for wnid, name, n, err in f["class_errors"][:10]]
+    return lines + [""]
+
+
+def _figures_markdown(images: dict[str, Path], out_dir: Path) -> list[str]:
+    """The main figures inline, then a list of every image in the folder."""
+    lines = ["## Figures", ""]
+    for key in ("curves", "conv1_kernels", "preview"):
+        if key in images:
+            lines += [f"![{CAPTIONS[key]}]({_rel(images[key], out_dir)})", ""]
+    lines += ["All images in this folder:", ""]
+    return lines + [f"- `{_rel(p, out_dir)}`: {CAPTIONS[key]}" for key, p in images.items()] + [""]
+
+
+def _colourfulness_markdown(c1: float, c2: float) -> list[str]:
+    return [
+        "## conv1 colourfulness per column",
+        "",
+        "| column | kernels | colourfulness |",
+        "|---|---|---|",
+        f"| one | first half | {c1:.3f} |",
+        f"| two | second half | {c2:.3f} |",
+        "",
+        "Colourfulness of a kernel w (RGB): sqrt(Σ (w − grey)² / Σ (w − mean)²), where grey is the mean over",
+        "the three channels at each pixel: the share of the kernel's contrast in colour differences",
+        f"(0 = grey, 1 = purely colour-opponent; random initial kernels ≈ {RANDOM_KERNEL_COLOURFULNESS:.2f}).",
+        "On ImageNet the paper's column one becomes largely colour-agnostic and column two colour-specific",
+        "(§3.2, Figure 3), i.e. column one scores lower. Per-kernel values: `colourfulness.json`.",
+        "",
+    ]
+
+
+# ---------------------------------------- CLI
 
 EPILOG = """\b
 Examples:
@@ -657,7 +602,7 @@ def report_command(run_dir: Path, out_dir: Path | None, preview_png: Path | None
         click.echo(f"{r.split} {test}: top-1 error {_pct(r.final_top1)}, top-5 error {_pct(r.final_top5)} "
                    f"(best top-1 {_pct(r.best_top1)} at epoch {r.best_epoch})")  # fmt: skip
     if res.num_classes:
-        click.echo(f"chance: top-1 error {_pct(1 - 1 / res.num_classes)} ({res.num_classes} classes)")
+        click.echo(f"chance: top-1 error {_pct(chance_errors(res.num_classes)[1])} ({res.num_classes} classes)")
     if res.column_scores is not None:
         click.echo(f"conv1 colourfulness: column one {res.column_scores[0]:.3f}, column two {res.column_scores[1]:.3f}")
     for note in res.notes:

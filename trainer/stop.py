@@ -1,4 +1,6 @@
-"""Preemption: SIGTERM, SIGUSR1 and Ctrl-C stop a run after its current step, with a checkpoint.
+"""When a run stops: :class:`StopPolicy` (limits, a non-finite loss) and preemption by signals.
+
+Preemption: SIGTERM, SIGUSR1 and Ctrl-C stop a run after its current step, with a checkpoint.
 
 Schedulers send SIGTERM before they kill a job (SLURM can also send SIGUSR1 ahead of a time limit,
 ``--signal=USR1@120``). torchrun forwards SIGTERM and SIGINT to its workers, and SIGUSR1 only when
@@ -23,11 +25,15 @@ srun or torchrun forwards the same signal delivers it twice within milliseconds.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+
+from alexnet.pipeline.errors import AlexnetError
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 REPEAT_WINDOW_S = 2.0
@@ -71,3 +77,73 @@ class StopSignals:
             f"\n{name} received: stopping after the current step with a checkpoint (a second signal exits at once)\n"
         )
         sys.stderr.flush()
+
+
+class NonFiniteLoss(AlexnetError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+@dataclass
+class StepDecision:
+    checkpoint: bool = False  # write checkpoints/last.pt now
+    stop: str = ""  # why the run stops after this step ("" = it goes on)
+
+
+class StopPolicy:
+    """When a run stops, and when it writes a periodic checkpoint: max steps, epochs, the schedule's
+    end, the time limit, a non-finite loss and the signals above.
+
+    Every decision that could differ between replicas (the clock, a signal seen by one of them) is
+    agreed collectively at a log point or an epoch end, so that all replicas stop at the same step.
+    """
+
+    def __init__(self, run, signals: StopSignals, info, device, t0: float, last_path, step: int):
+        self.run, self.signals, self.info, self.device, self.t0 = run, signals, info, device, t0
+        self.last_path = last_path  # checkpoints/last.pt, named when a non-finite loss stops the run
+        self.last_checkpoint, self.last_good_step = time.monotonic(), step
+
+    def before_epoch(self, epoch: int, step: int, schedule_done: bool) -> str:
+        if self.run.epochs and epoch >= self.run.epochs:
+            return "epochs"
+        return "schedule" if schedule_done else self.max_steps(step)
+
+    def max_steps(self, step: int) -> str:
+        return "max_steps" if self.run.max_steps and step >= self.run.max_steps else ""
+
+    def _time_up(self, now: float) -> bool:
+        return bool(self.run.time_limit_minutes) and now - self.t0 >= 60 * self.run.time_limit_minutes
+
+    def after_step(self, step: int, loss: float | None, since: int) -> StepDecision:
+        """After optimiser step ``step``. At a log point ``loss`` is the mean loss over steps
+        ``since + 1 .. step`` and the replicas agree on every flag; between log points it is None."""
+        now = time.monotonic()
+        flags = [False, False, False, self.signals.received is not None]
+        if loss is not None:
+            minutes = self.run.checkpoint_minutes
+            flags[:3] = [not math.isfinite(loss), bool(minutes) and now - self.last_checkpoint >= 60 * minutes,
+                         self._time_up(now)]  # fmt: skip
+            flags = self._agree(flags)
+        elif self.info.enabled:
+            flags[3] = False  # several replicas: a signal waits for the next point where they agree
+        if flags[0]:
+            kept = self.last_path if self.last_path.exists() else "(none written yet)"
+            raise NonFiniteLoss(
+                f"the loss became {loss} between steps {since + 1} and {step}; stopped. The last good checkpoint "
+                f"is kept: {kept} (step {self.last_good_step}). Lower --lr, or check the data."
+            )
+        every = self.run.checkpoint_every_steps
+        stop = "time_limit" if flags[2] else "signal" if flags[3] else self.max_steps(step)
+        return StepDecision(checkpoint=flags[1] or bool(every and step % every == 0), stop=stop)
+
+    def at_epoch_end(self) -> str:
+        """After the epoch's evaluation and checkpoint: the time limit or a signal, agreed."""
+        time_up, signalled = self._agree([self._time_up(time.monotonic()), self.signals.received is not None])
+        return "time_limit" if time_up else "signal" if signalled else ""
+
+    def saved(self, step: int) -> None:
+        self.last_checkpoint, self.last_good_step = time.monotonic(), step
+
+    def _agree(self, flags: list[bool]) -> list[bool]:
+        from . import distributed as D  # torch: imported when a run starts, not by the CLI's --help
+
+        return D.any_flags(flags, self.info, self.device)

@@ -1,0 +1,134 @@
+"""How an image file becomes a stored 256x256 record's pixels (§2), and which PIL does it.
+
+The builder (``alexnet-prep build-lmdb``) stores what these functions return, re-encoded as JPEG;
+``alexnet-train predict`` feeds users' photos through the same two steps, so a photo is
+preprocessed exactly as a training record was made.
+
+- ``decode_image``: decode with PIL (pillow-simd); for JPEGs at least ``DRAFT_MIN_FACTOR`` x 2
+  times larger than needed, decode at 1/2, 1/4 or 1/8 scale with libjpeg's DCT scaling
+  (``Image.draft``), never below ``DRAFT_MIN_FACTOR`` x 256 on the shorter side, so the final
+  resize still reduces by at least 2x. Measured against the full decode
+  (``tests/test_build_lmdb.py::test_draft_within_tolerance``): mean absolute difference below
+  ``DRAFT_TOLERANCE`` grey levels. Every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG)
+  becomes RGB. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
+  loaders (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do;
+- ``resize_centre_crop``: "rescale the image such that the shorter side was of length 256, and
+  then cropped out the central 256x256 patch", with PIL's antialiased bilinear filter
+  (``RESAMPLE_NAME``, torchvision's ImageNet ``Resize(256)``; the paper names none). Smaller images
+  are upscaled. Only the central window is computed: ``resize(..., box=...)`` maps the crop back
+  to source coordinates, identical (to float rounding) to resizing the whole image and cropping.
+
+PIL is imported only when used, so importing this module stays cheap.
+
+    python -m alexnet.pipeline.images [--require-simd]
+
+prints the active PIL; with ``--require-simd`` it fails when plain Pillow (installed later, it
+shadows pillow-simd: both install the same ``PIL`` package) is the active one.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import warnings
+
+from . import constants as C
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# Decode at reduced DCT scale only while the decoded shorter side stays >= this many times
+# RESIZE_SHORTER; the final antialiased resize then still reduces by >= 2x, which keeps the
+# result within DRAFT_TOLERANCE of a full decode (measured in tests/test_build_lmdb.py).
+DRAFT_MIN_FACTOR = 2
+DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
+RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
+
+
+class Rejected(Exception):
+    """A source file that cannot become a record; the message is the reason."""
+
+
+def centre_crop_box(width: int, height: int) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
+    """The resized size (shorter side 256) and the central 256x256 window in source coordinates."""
+    if width <= height:
+        new_w, new_h = C.RESIZE_SHORTER, max(C.RESIZE_SHORTER, round(height * C.RESIZE_SHORTER / width))
+    else:
+        new_w, new_h = max(C.RESIZE_SHORTER, round(width * C.RESIZE_SHORTER / height)), C.RESIZE_SHORTER
+    left, top = (new_w - C.STORED_SIZE) // 2, (new_h - C.STORED_SIZE) // 2
+    sx, sy = width / new_w, height / new_h
+    box = (left * sx, top * sy, (left + C.STORED_SIZE) * sx, (top + C.STORED_SIZE) * sy)
+    return (new_w, new_h), box
+
+
+def resize_centre_crop(im):
+    """§2: shorter side -> 256, central 256x256 patch, computed in one resampling pass."""
+    from PIL import Image
+
+    _, box = centre_crop_box(*im.size)
+    return im.resize((C.STORED_SIZE, C.STORED_SIZE), Image.Resampling.BILINEAR, box=box)
+
+
+def decode_image(data: bytes, *, draft: bool = True):
+    """Bytes -> RGB PIL image (draft-decoded when much larger than needed). Raises ``Rejected``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise Rejected("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
+            im = Image.open(io.BytesIO(data))
+            if draft and im.format == "JPEG":
+                w, h = im.size
+                need = DRAFT_MIN_FACTOR * C.RESIZE_SHORTER / min(w, h)
+                if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
+                    im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
+            im.load()
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+    except UnidentifiedImageError:
+        raise Rejected("not an image (format not recognised)") from None
+    except Image.DecompressionBombError as e:
+        raise Rejected(f"too large ({e})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        text = str(e)
+        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
+        raise Rejected(f"{reason} ({text})" if text else reason) from None
+    if min(im.size) < 1:
+        raise Rejected("empty image")
+    return im
+
+
+# --------------------------------------------------------------------------- which PIL
+
+
+def pil_info() -> dict[str, str | bool]:
+    """The active PIL: version, whether it is pillow-simd (versions like ``12.1.1.post0``), its libjpeg."""
+    import PIL
+    from PIL import features
+
+    version = PIL.__version__
+    simd = ".post" in version
+    try:
+        jpeg = features.version("jpg") or "unknown"
+    except Exception:  # pragma: no cover - very old Pillow
+        jpeg = "unknown"
+    return {"version": version, "simd": simd, "libjpeg": str(jpeg), "name": "pillow-simd" if simd else "Pillow"}
+
+
+def pil_summary() -> str:
+    info = pil_info()
+    return f"{info['name']} {info['version']} (libjpeg {info['libjpeg']})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    print(f"active PIL: {pil_summary()}")
+    if "--require-simd" in argv and not pil_info()["simd"]:
+        print("error: plain Pillow has shadowed pillow-simd (see README, 'pillow-simd')", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""This process's replica: its devices, its seeds, and the network and loaders built for it.
+
+Training (train.py), evaluation of a checkpoint (evaluate.py) and the benchmark (bench.py) all
+start here, so the model, the optimiser and the loaders are set up in one way only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# Hardware work queues per CUDA context (read when the context is created, so set before any CUDA
+# work). With the default 8, DALI's streams share queues with the training stream and each DALI
+# batch waits behind whole training steps: the pipeline then starves an H100 (benchmarks/
+# results_train.md: 8,000-9,000 img/s instead of 13,000). A value given by the user is kept.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
+import torch  # noqa: E402
+
+from . import distributed as D  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Replica:
+    info: D.DistInfo
+    gpus: str  # the resolved --gpus value
+    devices: tuple[torch.device, ...]  # one (both columns) or two (one per column)
+    note: str  # a line saying what was chosen
+
+    @property
+    def collective_device(self) -> torch.device:
+        return D.collective_device(self.devices[0])
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.devices[0].type == "cuda"
+
+    def say(self, msg: str) -> None:
+        from .rundir import say
+
+        say(self.info.is_main, msg)
+
+    def sync(self) -> None:
+        for d in self.devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+
+def resolve_replica(spec: str, info: D.DistInfo) -> Replica:
+    """This replica's ``--gpus`` value, its devices and a line saying what was chosen."""
+    from .model import parse_gpus
+
+    count = torch.cuda.device_count()
+    resolved = D.replica_gpus(spec, info, count)
+    devices = parse_gpus(resolved)
+    why = f" (auto: {count} CUDA device(s) visible)" if spec.strip().lower() == "auto" else ""
+    if devices[0].type == "cpu":
+        form = "CPU"
+    elif len(devices) == 2:
+        form = f"column one on GPU {devices[0].index}, column two on GPU {devices[1].index}"
+    else:
+        form = f"both columns on GPU {devices[0].index}"
+    return Replica(info, resolved, tuple(devices), f"--gpus {resolved}: {form}{why}")
+
+
+def start_replica(gpus: str) -> Replica:
+    """The replica of this process, its process group joined (close with ``D.destroy_process_group``)."""
+    replica = resolve_replica(gpus, D.dist_info_from_env())
+    D.init_process_group(replica.info, replica.on_gpu, replica.devices[0].index if replica.on_gpu else None)
+    if replica.on_gpu:
+        torch.backends.cudnn.benchmark = True  # fastest algorithms for the fixed 224x224 shapes
+    return replica
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def replica_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Rank 0 of any run draws the single-process stream; other replicas draw their own dropout masks;
+    a resume that cannot restore a replica's generators re-seeds it from (seed, rank, step)."""
+    return seed if rank == 0 and step == 0 else (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
+def build_model(config, replica: Replica, num_classes: int):
+    """§5 init, seeded and identical on every replica, in the config's form and memory format."""
+    from .model import AlexNet
+
+    seed_everything(config.run.seed)
+    model = AlexNet(num_classes=num_classes, devices=list(replica.devices), lrn=config.model.lrn)
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = False, batch_size: int | None = None):
+    """The pipeline's loader for this replica: its share of ``split``, batches on its first device."""
+    from alexnet.pipeline.loader import create_loader
+
+    info, device = replica.info, replica.devices[0]
+    return create_loader(
+        Path(config.run.data_dir), split, config.data,
+        batch_size=batch_size if batch_size is not None else config.optim.batch_size // info.world_size,
+        seed=config.run.seed, rank=info.rank, world=info.world_size,
+        device=str(device) if device.type == "cuda" else "cpu", ten_crop=ten_crop,
+    )  # fmt: skip
