@@ -192,7 +192,11 @@ Examples:
               help="The run's global batch (default: §5's 128); training drops the final partial one.")  # fmt: skip
 def order_command(data_dir: Path, split: str, epoch: int, replica: int, replicas: int, seed: int,
                   batch_size: int | None) -> None:  # fmt: skip
-    """Print the record positions one replica receives in one epoch, in order, one per line (nothing is decoded)."""
+    """Print the record positions one replica receives in one epoch, in order, one per line (nothing is decoded).
+
+    The order of the default global shuffle (the trainer's; val: key order). The buffer shuffle's
+    order is decided by DALI's reader as it reads, and has no such listing.
+    """
     from alexnet.pipeline.order import replica_order
     from alexnet.trainer.constants import BATCH_SIZE  # §5; a constants module that imports nothing
 
