@@ -1,22 +1,26 @@
-"""Train-pipeline throughput on the CPU: DALI (CPU-only mode) vs a plain torch DataLoader.
+"""Train-pipeline throughput on the CPU: the DALI loader (CPU-only mode), with the global shuffle
+(records read from LMDB by key in a fresh permutation every epoch, fed through external_source) and
+with the buffer shuffle (the sequential caffe reader), against a plain torch DataLoader.
 
-Both do the same per-image work over the same LMDB shards: read the Datum, decode the JPEG,
+All three do the same per-image work over the same LMDB shards: read the Datum, decode the JPEG,
 subtract the mean image at the crop offset, random 224 crop, flip, PCA lighting, NCHW float32.
 The baseline does it with PIL (the active PIL: pillow-simd here) and numpy in DataLoader workers.
-The two are measured alternately in one run; the script prints both rates and the ratio.
+The three are measured in turn in every round, in a rotating order; the script prints the rates and the ratios
+(targets: global / buffer >= 0.95, global / DataLoader >= 2.5).
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--data-dir DIR] [--images 2000] [--threads 2] [--rounds 3]
+    .venv/bin/python benchmarks/bench_pipeline.py [--data-dir DIR] [--images 6000] [--threads 2] [--rounds 6]
 
 Both rates and the CPU time per image (all threads and worker processes) are printed: the CPU
 time does not depend on what else runs on the machine, the rates do.
 
-Without --data-dir it writes (once, cached in ~/.cache/alexnet) 2000 realistic 256x256 JPEG
+Without --data-dir it writes (once, cached in ~/.cache/alexnet) 6000 realistic 256x256 JPEG
 records (quality 95) through the data contract.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import io
 import os
 import platform
@@ -30,7 +34,7 @@ import torch
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.loader import LoaderConfig, create_loader
+from alexnet.pipeline.loader import DataConfig, create_loader
 from alexnet.trainer import constants as TC
 
 
@@ -122,8 +126,10 @@ def rate_torch(data_dir: Path, batch: int, workers: int, batches: int) -> tuple[
     return out
 
 
-def rate_dali(data_dir: Path, batch: int, threads: int, batches: int) -> tuple[float, float]:
-    loader = create_loader(data_dir, "train", LoaderConfig(batch_size=batch, num_threads=threads, prefetch=2))
+def rate_dali(data_dir: Path, batch: int, threads: int, batches: int, shuffle: str) -> tuple[float, float]:
+    loader = create_loader(
+        data_dir, "train", DataConfig(num_threads=threads, prefetch=2, shuffle=shuffle), batch_size=batch
+    )
 
     def endless():
         while True:
@@ -132,36 +138,95 @@ def rate_dali(data_dir: Path, batch: int, threads: int, batches: int) -> tuple[f
     return measure(endless(), [os.getpid()], batch, batches)
 
 
+def evict(data_dir: Path) -> None:
+    """Drop the shards' pages from the page cache (written back first), as if the data were larger than RAM."""
+    for shard in A.read_manifest(data_dir).shard_paths(data_dir, "train"):
+        fd = os.open(shard / "data.mdb", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_reads(data_dir: Path, batch: int) -> None:
+    """Records/s and MB/s of reading the whole split from a cold page cache, as if the data were larger
+    than RAM: the global shuffle's random reads (an epoch's permutation, LMDB by key, one thread, as the
+    loader's callback) and the buffer shuffle's sequential caffe reader (DALI, reading alone)."""
+    from nvidia.dali import fn, pipeline_def
+
+    from alexnet.pipeline.order import SplitIndex, epoch_order
+
+    paths = A.read_manifest(data_dir).shard_paths(data_dir, "train")
+    size, n = sum((s / "data.mdb").stat().st_size for s in paths), A.read_manifest(data_dir).splits["train"].num_records
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=2)
+    def caffe():
+        return fn.readers.caffe(path=[str(p) for p in paths], random_shuffle=True, initial_fill=4096)[1]
+
+    def global_reads():
+        index = SplitIndex(data_dir, "train")  # a fresh one: its memory map is not warm
+        positions = index.positions[epoch_order(n, 0, 0)]
+        for k in range(0, n, batch):
+            index.read(positions[k : k + batch])
+
+    def sequential():
+        pipe = caffe()
+        pipe.build()
+        for _ in range(-(-n // batch)):
+            pipe.run()
+
+    for name, read in (("global (random reads)", global_reads), ("buffer (caffe reader)", sequential)):
+        gc.collect()  # earlier readers' memory maps closed: their pages can be dropped
+        evict(data_dir)
+        t0 = time.perf_counter()
+        read()
+        dt = time.perf_counter() - t0
+        print(f"cold read, {name}: {n / dt:,.0f} records/s, {size / dt / 1e6:,.0f} MB/s ({n} records, {size / 1e6:,.0f} MB)",
+              flush=True)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path)
-    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--images", type=int, default=6000)
     ap.add_argument("--batch-size", type=int, default=TC.BATCH_SIZE)
     ap.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    ap.add_argument("--batches", type=int, default=20, help="timed batches per measurement")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", type=int, default=40, help="timed batches per measurement (within one epoch)")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument(
+        "--cold-read", action="store_true", help="also time reads from a cold page cache, in key order and permuted"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = args.data_dir or synth_dataset(Path.home() / ".cache/alexnet/bench_pipeline", args.images)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} "
           f"| PIL {PIL.__version__} | DALI {nvidia.dali.__version__}")  # fmt: skip
     print(f"dataset {data}: batch {args.batch_size}, {args.batches} timed batches per measurement, "
-          f"DALI {args.threads} threads vs DataLoader {args.threads} workers, alternating, {args.rounds} rounds")  # fmt: skip
-    dali, base = [], []
+          f"DALI {args.threads} threads vs DataLoader {args.threads} workers, in a rotating order, {args.rounds} rounds")  # fmt: skip
+    if args.cold_read:
+        cold_reads(data, args.batch_size)
+    rates: dict[str, list[tuple[float, float]]] = {"DataLoader": [], "global": [], "buffer": []}
     for r in range(args.rounds):
         load = os.getloadavg()[0]
-        base.append(rate_torch(data, args.batch_size, args.threads, args.batches))
-        dali.append(rate_dali(data, args.batch_size, args.threads, args.batches))
-        print(f"round {r + 1}: DataLoader+PIL/numpy {base[-1][0]:7.1f} img/s ({base[-1][1]:.2f} CPU ms/img) | "
-              f"DALI CPU {dali[-1][0]:7.1f} img/s ({dali[-1][1]:.2f} CPU ms/img) | ratio {dali[-1][0] / base[-1][0]:.2f}x "
-              f"(load avg before {load:.1f})", flush=True)  # fmt: skip
-    ratios = sorted(d[0] / b[0] for d, b in zip(dali, base, strict=True))
-    med_d, med_b = np.median([d[0] for d in dali]), np.median([b[0] for b in base])
-    cpu_d, cpu_b = np.median([d[1] for d in dali]), np.median([b[1] for b in base])
-    print(f"median: DataLoader {med_b:.1f} img/s, DALI {med_d:.1f} img/s; per-round ratio median "
-          f"{ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x; target >= 2.5x)")  # fmt: skip
-    print(f"CPU time per image: DataLoader {cpu_b:.2f} ms, DALI {cpu_d:.2f} ms ({cpu_b / cpu_d:.2f}x less; "
-          "independent of other load on the machine)")  # fmt: skip
+        names = list(rates)[r % 3 :] + list(rates)[: r % 3]  # each measured first, second and third in turn
+        for name in names:
+            if name == "DataLoader":
+                rates[name].append(rate_torch(data, args.batch_size, args.threads, args.batches))
+            else:
+                rates[name].append(rate_dali(data, args.batch_size, args.threads, args.batches, name))
+            gc.collect()  # the DataLoader's workers and the pipelines end before the next measurement
+        print(f"round {r + 1}: " + " | ".join(f"{name} {v[-1][0]:7.1f} img/s ({v[-1][1]:.2f} CPU ms/img)"
+                                          for name, v in rates.items()) + f" (load avg before {load:.1f})", flush=True)  # fmt: skip
+    med = {name: np.median([x[0] for x in v]) for name, v in rates.items()}
+    cpu = {name: np.median([x[1] for x in v]) for name, v in rates.items()}
+    print("median img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in med.items()))
+    print("CPU ms per image (independent of other load on the machine): "
+          + ", ".join(f"{name} {v:.2f}" for name, v in cpu.items()))  # fmt: skip
+    for num, den, target in (("global", "buffer", 0.95), ("global", "DataLoader", 2.5)):
+        per_round = sorted(a[0] / b[0] for a, b in zip(rates[num], rates[den], strict=True))
+        print(f"{num} / {den}: per-round median {np.median(per_round):.2f}x (min {per_round[0]:.2f}x, "
+              f"max {per_round[-1]:.2f}x; target >= {target}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from alexnet.pipeline.artifacts import read_manifest
-from alexnet.pipeline.loader import LoaderConfig, create_loader
+from alexnet.pipeline.loader import DataConfig, create_loader
 from alexnet.trainer import constants as TC
 from alexnet.trainer.health import layer_norms
 from alexnet.trainer.model import LEARNED_LAYERS, AlexNet
@@ -81,7 +81,7 @@ def main(data_dir: Path, steps: int, lr: float, lrn: str, dropout: str) -> None:
     num_classes = len(read_manifest(data_dir).classes)
     model, seen = build(num_classes, lrn, dropout)
     optimizer = create_optimizer(model, lr, TC.MOMENTUM, TC.WEIGHT_DECAY)
-    loader = create_loader(data_dir, "train", LoaderConfig(batch_size=TC.BATCH_SIZE, num_threads=1))
+    loader = create_loader(data_dir, "train", DataConfig(num_threads=1), batch_size=TC.BATCH_SIZE)
     step = 0
     while step < steps:
         for images, labels in loader:

@@ -1,107 +1,96 @@
-"""The PyTorch-facing iterator over the DALI pipelines: exact epochs, resumable mid-epoch.
+"""The PyTorch-facing iterator over the DALI pipelines: a fresh shuffle every epoch, exact epochs, resumable.
 
-    cfg = LoaderConfig(batch_size=128, device="cuda:0")
-    loader = create_loader(data_dir, "train", cfg)
+    data = DataConfig()                  # the user's data settings (the run config's ``data`` section)
+    loader = create_loader(data_dir, "train", data, batch_size=128, seed=0, device="cuda:0")
     for images, labels in loader:        # one epoch: len(loader) batches
         ...
-    state = loader.state_dict()          # position in the epoch + DALI's checkpoint (reader, RNGs)
+    state = loader.state_dict()          # {"epoch", "consumed", "seed", ...}: plain, the same on every replica
     loader.load_state_dict(state)        # the next batch is the one an uninterrupted run would get
 
-Epochs. The reader pads the last batch of each epoch (``pad_last_batch``), so epochs never mix.
-Train yields the full batches and drops the padded one (its records come round again after the
-next reshuffle); val yields every record exactly once, the last batch trimmed to its real size.
+Order (``shuffle="global"``, the default; pipeline/order.py). Each epoch is a fresh uniform
+permutation of the split, a function of (seed, epoch); replica ``rank`` of ``world`` reads the strided
+share ``order[consumed:][rank::world]`` in batches of ``batch_size``, every replica the same number of
+full batches, so only the final global partial batch is dropped. Validation reads key order, every
+record exactly once, the last batch partial. The records are read from LMDB by key and handed to
+DALI with their draws (crop, flip, lighting: functions of (seed, epoch, record position)).
 
-Pipelines. With ``pipelines=K`` the rank's records are split into K contiguous parts, each read by
-a pipeline of its own (DALI sub-shard ``rank * K + j`` of ``world * K``: together exactly the
-rank's records), and the batches are taken from the K pipelines in turn. On a GPU one pipeline
+Position. The whole job's position is (epoch, records consumed in it): after ``k`` steps it has
+consumed ``order[c : c + k * world * batch_size]``, so a state saved with one replica count (or
+pipeline count) resumes with another on the same permutation, without repeating or skipping.
+
+Pipelines. With ``pipelines=K`` pipeline ``j`` prepares the replica's batches ``j, j + K, ...`` and
+the loader takes them in turn: the delivered stream is the same for every K. On a GPU one pipeline
 decodes one batch at a time; K of them keep the hardware decoder busy (``benchmarks/
-results_pipeline.md``: 1.2-1.4x the rate with K=2, 1.3-1.9x with K=3 on an H100). Each part drops
-its own partial train batch.
+results_pipeline.md``: 1.2-1.4x the rate with K=2 on an H100).
+
+``shuffle="buffer"`` keeps the sequential caffe reader (docs/DEVIATIONS.md A4): one pipeline per
+replica over its contiguous part of the shards, rebuilt every epoch with a seed of (seed, epoch, rank);
+a resume with the same replica count replays the epoch's consumed batches, with another it restarts
+the epoch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from . import artifacts as A
 from . import constants as C
-from .dali_pipeline import (
-    READER_NAME,
-    PipelineSpec,
-    create_pipeline,
-    graph_signature,
-    record_positions,
-    shard_size,
-    spec_paths,
-)
-from .errors import AlexnetError, ContractError
+from . import order as O
+from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
+from .errors import AlexnetError
 
-
-class LoaderStateMismatch(AlexnetError):
-    """A saved loader state whose DALI checkpoints cannot restore into this loader's pipelines
-    (another decoder, region decoding, device or dtype); the caller may restart the epoch instead."""
+SHUFFLES = ("global", "buffer")
 
 
 def _opt(default, help, **extra):
+    """A field whose metadata carries its meaning and unit (the trainer's command-line help) and its
+    checks (``min``, ``choices``)."""
     return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The pipeline's settings, each default written once (the run config's ``data`` section)."""
+    """The user's data-loading settings, each default written once here (the run config's ``data`` section)."""
 
-    num_threads: int = _opt(4, "DALI CPU threads per replica.", min=1, aliases=("--threads", "--workers"))
+    num_threads: int = _opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads", "--workers"))
     prefetch: int = _opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
-    hw_decoder_load: float = _opt(0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0)
-    pipelines: int = _opt(0, "DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU).", min=0)
-    decoder: str = _opt("auto", "JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes on the host.", choices=("auto", "mixed", "cpu"))
+    hw_decoder_load: float = _opt(
+        0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0
+    )
+    pipelines: int = _opt(
+        0, "DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU; buffer shuffle: 1).", min=0
+    )
+    decoder: str = _opt(
+        "auto",
+        "JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes on the host.",
+        choices=("auto", "mixed", "cpu"),
+    )
     roi_decode: bool = _opt(False, "Decode only the 224 crop window when training (same pixels).")
     mean: str = _opt("image", "Subtract the mean image (§2) or the per-channel mean.", choices=("image", "channel"))
-    lighting_scale: str = _opt(C.DEFAULT_LIGHTING_SCALE, "§4.1 PCA lighting convention (docs/DEVIATIONS.md A2).", choices=C.LIGHTING_SCALES)
+    lighting_scale: str = _opt(
+        C.DEFAULT_LIGHTING_SCALE, "§4.1 PCA lighting convention (docs/DEVIATIONS.md A2).", choices=C.LIGHTING_SCALES
+    )
+    shuffle: str = _opt("global", "global: a fresh permutation of the split every epoch (random reads); buffer: the sequential "
+                        "reader through a 4,096-record shuffle buffer, for data beyond page cache (README).", choices=SHUFFLES)  # fmt: skip
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if ("min" in meta and value < meta["min"]) or ("choices" in meta and value not in meta["choices"]):
+                allowed = ", ".join(meta["choices"]) if "choices" in meta else f">= {meta['min']}"
+                raise AlexnetError(f"data setting {f.name} must be {allowed}, not {value!r}")
+        if self.hw_decoder_load > 1.0:
             raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
 
-
-@dataclass(frozen=True)
-class LoaderConfig:
-    batch_size: int  # images per batch on this rank (the run config gives §5's 128 over the replicas)
-    num_threads: int = 2  # DALI CPU threads
-    seed: int = 0
-    shard_id: int = 0  # data-parallel rank
-    num_shards: int = 1  # data-parallel world size
-    device: str = "cpu"  # where batches are delivered; "cuda:N" runs DALI on GPU N
-    dtype: str = "float32"  # "float32" | "float16" | "bfloat16" (DALI has no bfloat16: cast from float32 on delivery)
-    mean: str = "image"  # "image" (per-pixel mean image) | "channel"
-    lighting_scale: str = C.DEFAULT_LIGHTING_SCALE  # "sqrt" | "eigval01"
-    ten_crop: bool = False  # val only: [B, 10, 3, 224, 224]
-    prefetch: int = 2  # DALI prefetch queue depth
-    shuffle: bool = True  # train only; False reads records in key order
-    with_draws: bool = False  # also yield a dict: record positions (+ train: the random draws)
-    roi_decode: bool = False  # train: decode only the crop window (see PipelineSpec)
-    hw_decoder_load: float = 0.9  # GPU: share of JPEGs for the hardware decoder (0.9 measured best on an H100)
-    decoder: str = "auto"  # "auto" (GPU: "mixed", nvJPEG; CPU: "cpu"), "mixed", or "cpu" (host decoding)
-    pipelines: int = 1  # DALI pipelines for this rank, each over 1/pipelines of its records, taken in turn
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_threads < 1 or self.prefetch < 1 or self.pipelines < 1:
-            raise AlexnetError("batch_size, num_threads, prefetch and pipelines must be >= 1")
-        if not 0 <= self.shard_id < self.num_shards:
-            raise AlexnetError(f"shard_id {self.shard_id} is not in [0, {self.num_shards})")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise AlexnetError(f"dtype must be float32, float16 or bfloat16, not {self.dtype!r}")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
-        if self.decoder not in ("auto", "mixed", "cpu"):
-            raise AlexnetError(f"decoder must be 'auto', 'mixed' or 'cpu', not {self.decoder!r}")
-        if self.mean not in ("image", "channel"):
-            raise AlexnetError(f"mean must be 'image' or 'channel', not {self.mean!r}")
-        if self.lighting_scale not in C.LIGHTING_SCALES:
-            raise AlexnetError(f"lighting_scale must be one of {C.LIGHTING_SCALES}")
+    def resolved_pipelines(self, device: str) -> int:
+        """Pipelines per replica on ``device``: auto is 2 on a GPU (one cannot feed an H100), 1 on the
+        CPU; the buffer mode's reader has one pipeline per replica."""
+        if self.shuffle == "buffer":
+            return 1
+        return self.pipelines or (2 if device.startswith("cuda") else 1)
 
 
 def device_id_for(device: str) -> int | None:
@@ -114,86 +103,182 @@ def device_id_for(device: str) -> int | None:
     raise AlexnetError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
 
 
-class DaliLoader:
-    """Iterates one split for one rank; see the module docstring."""
+class _Plan:
+    """The replica's batches, epoch after epoch, as record positions and draws (pipeline/order.py)."""
 
-    def __init__(self, data_dir: Path, split: str, cfg: LoaderConfig):
-        self.data_dir = Path(data_dir)
-        self.split = split
-        self.cfg = cfg
-        manifest = A.read_manifest(self.data_dir)
-        self.num_classes = len(manifest.classes)
+    def __init__(self, index: O.SplitIndex, seed: int, rank: int, world: int, batch_size: int, training: bool):
+        self.index, self.seed, self.rank, self.world = index, seed, rank, world
+        self.batch_size, self.training = batch_size, training
+        self._orders: dict[int, np.ndarray] = {}
+        self._draws: dict[int, O.Draws] = {}
+
+    def steps(self, consumed: int) -> int:
+        return O.replica_steps(len(self.index), consumed, self.rank, self.world, self.batch_size, self.training)
+
+    def _cached(self, cache: dict, epoch: int, make):
+        if epoch not in cache:
+            while len(cache) > 1:  # prefetching crosses an epoch's end: keep this epoch and the next
+                cache.pop(min(cache))
+            cache[epoch] = make()
+        return cache[epoch]
+
+    def batch(self, epoch: int, consumed: int, k: int) -> np.ndarray:
+        """Record positions of the replica's batch ``k`` after ``consumed`` records of ``epoch``."""
+        n = len(self.index)
+        order = (
+            self._cached(self._orders, epoch, lambda: O.epoch_order(n, self.seed, epoch))
+            if self.training
+            else np.arange(n)
+        )
+        share = O.replica_indices(order, consumed, self.rank, self.world, self.steps(consumed), self.batch_size)
+        return self.index.positions[share[k * self.batch_size : (k + 1) * self.batch_size]]
+
+    def draws(self, epoch: int) -> O.Draws:
+        return self._cached(self._draws, epoch, lambda: O.epoch_draws(self.index.num_positions, self.seed, epoch))
+
+
+class _Source:
+    """``fn.external_source`` callback of pipeline ``j`` of ``k``: the replica's batches ``j, j + k, ...``
+    counted from (epoch, consumed), read from LMDB, with their draws. DALI calls it with 0, 1, 2, ...
+    (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue)."""
+
+    def __init__(self, plan: _Plan, epoch: int, consumed: int, j: int, k: int):
+        self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
+
+    def __call__(self, iteration: int):
+        t = self.j + iteration * self.k  # the batch's place in the replica's stream
+        epoch, consumed, first = self.epoch, self.consumed, self.plan.steps(self.consumed)
+        if t >= first:  # a later epoch, read from its start
+            per_epoch = self.plan.steps(0)
+            later, t = divmod(t - first, per_epoch)
+            epoch, consumed = epoch + 1 + later, 0
+        positions = self.plan.batch(epoch, consumed, t)
+        jpegs, labels = self.plan.index.read(positions)
+        if not self.plan.training:
+            return jpegs, labels, positions
+        d = self.plan.draws(epoch)
+        return jpegs, labels, positions, d.crop_xy[positions], d.mirror[positions], d.alpha[positions]
+
+
+class DaliLoader:
+    """Iterates one split for one replica; see the module docstring."""
+
+    def __init__(self, data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int, rank: int,
+                 world: int, device: str, dtype: str, ten_crop: bool, with_draws: bool):  # fmt: skip
+        if batch_size < 1 or not 0 <= rank < world:
+            raise AlexnetError(f"batch_size must be >= 1 and rank {rank} in [0, {world})")
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise AlexnetError(f"dtype must be float32, float16 or bfloat16, not {dtype!r}")
         self.is_training = split == "train"
-        if cfg.ten_crop and self.is_training:
+        if ten_crop and self.is_training:
             raise AlexnetError("ten_crop is for the validation split")
+        self.data_dir, self.split, self.data = Path(data_dir), split, data
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.device, self.dtype, self.with_draws = device, dtype, with_draws
+        manifest = A.read_manifest(self.data_dir)
         self.mean_image = A.read_mean_image(self.data_dir)
         self.stats = A.read_stats(self.data_dir)
-        total = manifest.splits[split].num_records if split in manifest.splits else 0
-        k = cfg.pipelines
-        shard_paths = spec_paths(self.data_dir, manifest, split)
-        # Pipeline j reads DALI shard rank * k + j of world * k: contiguous blocks whose union is
-        # exactly this rank's block of the world-size sharding.
-        self.specs = [
-            PipelineSpec(
-                shard_paths=shard_paths, is_training=self.is_training,
-                batch_size=cfg.batch_size, num_threads=cfg.num_threads, device_id=device_id_for(cfg.device),
-                seed=cfg.seed, shard_id=cfg.shard_id * k + j, num_shards=cfg.num_shards * k,
-                dtype="float32" if cfg.dtype == "bfloat16" else cfg.dtype, mean=cfg.mean,
-                lighting_scale=cfg.lighting_scale, ten_crop=cfg.ten_crop, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
-                roi_decode=cfg.roi_decode, hw_decoder_load=cfg.hw_decoder_load, decoder=cfg.decoder,
-            )
-            for j in range(k)
-        ]  # fmt: skip
-        self.graph = graph_signature(self.specs[0])  # also checks the decoder against the device
-        self.num_records_split = total
-        self.part_records = [shard_size(total, spec.shard_id, spec.num_shards) for spec in self.specs]
-        self.num_records = sum(self.part_records)
-        if min(self.part_records) < 1:
+        self.index = O.SplitIndex(self.data_dir, split, manifest)
+        self.num_records = len(self.index)  # records in the split (all replicas)
+        self.buffer = data.shuffle == "buffer" and self.is_training
+        self.plan = _Plan(self.index, seed, rank, world, batch_size, self.is_training)
+        self.spec = PipelineSpec(
+            data=data, is_training=self.is_training, batch_size=batch_size, device_id=device_id_for(device),
+            dtype="float32" if dtype == "bfloat16" else dtype, ten_crop=ten_crop, seed=seed,
+            reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
+        )  # fmt: skip
+        self.num_pipelines = data.resolved_pipelines(device)
+        if self.is_training and self._steps(0) < 1:
             raise AlexnetError(
-                f"the {split} split has too few records for rank {cfg.shard_id} of {cfg.num_shards}"
-                + (f" with {k} pipelines each" if k > 1 else "")
+                f"the {split} split has {self.num_records} records, fewer than one batch of {batch_size} "
+                f"on each of {world} replica(s)"
             )
-        # Reader batches per epoch and pipeline. With pad_last_batch every reader pads its part up to
-        # the LARGEST part (sizes differ by <= 1) and then to whole batches, so a smaller part can end
-        # with a batch of padding only: all readers (ranks, pipelines) run the same number of batches.
-        largest = -(-total // (cfg.num_shards * k))
-        self._reader_batches = -(-largest // cfg.batch_size)
         self.epoch = 0  # epochs completed
-        self.batch_in_epoch = 0  # batches taken from the pipelines in the current epoch (all of them)
-        self._pipes: list = [None] * k
-        self._checkpoints: list[bytes | None] = [None] * k
+        self.consumed = 0  # records the whole job consumed in the current epoch
+        self.note = ""  # why a loaded state could not continue exactly (buffer mode), for the caller to say
+        self._pipes: list = []
+        self._turn = 0  # batches taken from the pipelines since they were built
 
     # ------------------------------------------------------------------ size
+    def _steps(self, consumed: int) -> int:
+        if self.buffer:  # the smallest part of the caffe reader's sharding, in full batches, for all replicas
+            return (self.num_records // self.world) // self.batch_size - consumed // self.global_batch
+        return self.plan.steps(consumed)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
     def __len__(self) -> int:
-        """Batches per epoch: train drops the last partial batch, val keeps it (every record once).
+        """Batches left in the current epoch (all of them at its start); the same on every replica in training."""
+        return self._steps(self.consumed)
 
-        Ranks may differ by up to ``pipelines`` batches (their parts differ by <= 1 record per
-        pipeline); the trainer takes the smallest train length over the replicas.
-        """
-        return sum(self._yielded(n) for n in self.part_records)
-
-    def _yielded(self, part: int) -> int:
-        """Batches one pipeline yields per epoch from ``part`` records (train: full ones only)."""
-        b = self.cfg.batch_size
-        return part // b if self.is_training else -(-part // b)
-
-    # ------------------------------------------------------------------ pipeline
-    def _pipeline(self, j: int):
-        if self._pipes[j] is None:
-            pipe = create_pipeline(self.specs[j], self.mean_image, self.stats, checkpoint=self._checkpoints[j])
-            pipe.build()
-            meta = pipe.reader_meta(READER_NAME)
-            if meta["epoch_size"] != self.num_records_split:
-                raise ContractError(
-                    f"the {self.split} shards hold {meta['epoch_size']} records, the manifest says "
-                    f"{self.num_records_split}; run `alexnet-prep verify`"
+    # ------------------------------------------------------------------ pipelines
+    def _build(self) -> None:
+        """Pipelines that start at the current position (the buffer mode's: at the epoch's start)."""
+        if self.buffer:
+            # A seed of (seed, epoch, rank): the reader's shuffle and the draws differ per epoch and replica.
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0] >> 1)
+            spec = PipelineSpec(**{**self.spec.__dict__, "seed": seed})
+            self._pipes = [create_pipeline(spec, self.mean_image, self.stats)]
+        else:
+            k = self.num_pipelines
+            self._pipes = [
+                create_pipeline(
+                    self.spec, self.mean_image, self.stats, _Source(self.plan, self.epoch, self.consumed, j, k)
                 )
-            self._pipes[j] = pipe
-        return self._pipes[j]
+                for j in range(k)
+            ]
+        for pipe in self._pipes:
+            pipe.build()
+        self._turn = 0
+        if self.buffer:  # replay the batches the job consumed in this epoch (the same replica count)
+            for _ in range(self.consumed // self.global_batch):
+                self._pipes[0].run()
 
-    # ------------------------------------------------------------------ torch conversion
+    def _drop(self) -> None:
+        self._pipes, self._turn = [], 0
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        """The remaining batches of the current epoch (all of them from a fresh or finished epoch)."""
+        for _ in range(len(self)):
+            if not self._pipes:
+                self._build()
+            pipe = self._pipes[self._turn % len(self._pipes)]  # the pipelines take turns
+            outputs = pipe.run()
+            self._turn += 1
+            self.consumed = min(self.consumed + self.global_batch, self.num_records)
+            yield self._delivered(outputs, pipe)
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        self.consumed = 0
+        if self.buffer:
+            self._drop()  # the next epoch's reader has its own seed
+
+    def _delivered(self, outputs, pipe):
+        import torch
+
+        images = self._to_torch(outputs[0], pipe)
+        if self.dtype == "bfloat16":
+            images = images.to(torch.bfloat16)
+        labels = self._to_torch(outputs[1], pipe).reshape(-1)
+        if not self.with_draws:
+            return images, labels
+        if self.buffer:
+            draws = {"index": record_positions(outputs[2])}
+        else:
+            draws = {"index": np.array(outputs[2].as_tensor()).reshape(-1)}
+        if self.is_training:
+            draws["crop_xy"] = np.array(outputs[3].as_tensor()).reshape(-1, 2)
+            draws["mirror"] = np.array(outputs[4].as_tensor()).reshape(-1)
+            draws["alpha"] = np.array(outputs[5].as_tensor()).reshape(-1, 3)
+        return images, labels, draws
+
     def _to_torch(self, tensor_list, pipe):
-        """A DALI batch as a torch tensor on ``cfg.device`` (GPU outputs stay on the GPU).
+        """A DALI batch as a torch tensor on ``device`` (GPU outputs stay on the GPU).
 
         With DALI's dynamic executor (the default) every batch is a buffer of its own, handed over
         without a copy through DLPack (DALI's own iterator does the same): the copy into a fresh
@@ -206,7 +291,7 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
         t = tensor_list.as_tensor()
-        dev = torch.device(self.cfg.device)
+        dev = torch.device(self.device)
         on_gpu = isinstance(tensor_list, TensorListGPU)
         if pipe.exec_dynamic:
             with dev if on_gpu else torch.device("cpu"):
@@ -216,93 +301,53 @@ class DaliLoader:
             feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev) if on_gpu else None)
         return out if on_gpu or dev.type == "cpu" else out.to(dev)
 
-    # ------------------------------------------------------------------ iteration
-    def __iter__(self):
-        """The remaining batches of the current epoch (all of them from a fresh or finished epoch)."""
-        import torch
-
-        k = len(self.specs)
-        while self.batch_in_epoch < self._reader_batches * k:
-            index, j = divmod(self.batch_in_epoch, k)  # the pipelines take turns
-            pipe = self._pipeline(j)
-            outputs = pipe.run()
-            self.batch_in_epoch += 1
-            part = self.part_records[j]
-            if index >= self._yielded(part):  # padding only, or (train) a partial batch: dropped
-                continue
-            valid = min(self.cfg.batch_size, part - index * self.cfg.batch_size)
-            images = self._to_torch(outputs[0], pipe)
-            if self.cfg.dtype == "bfloat16":
-                images = images.to(torch.bfloat16)
-            labels = self._to_torch(outputs[1], pipe).reshape(-1).to(torch.int64)
-            if valid < self.cfg.batch_size:  # val: the padded part of the last batch
-                images, labels = images[:valid], labels[:valid]
-            if self.cfg.with_draws:
-                draws = {"index": record_positions(outputs[2])[:valid]}
-                if self.is_training:
-                    draws["crop_xy"] = np.array(outputs[3].as_tensor()).reshape(-1, 2)
-                    draws["mirror"] = np.array(outputs[4].as_tensor()).reshape(-1)
-                    draws["alpha"] = np.array(outputs[5].as_tensor()).reshape(-1, 3)
-                yield images, labels, draws
-            else:
-                yield images, labels
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
     def reset(self) -> None:
-        """Finish the current epoch without yielding its remaining batches."""
-        for _ in self:
-            pass
+        """Finish the current epoch without reading its remaining batches."""
+        self._next_epoch()
+        self._drop()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        """Plain types only (safe for ``torch.load(weights_only=True)``)."""
-        checkpoints = [
-            pipe.checkpoint() if pipe is not None else cp
-            for pipe, cp in zip(self._pipes, self._checkpoints, strict=True)
-        ]
+        """The job's position: plain types, identical on every replica (safe for ``torch.load(weights_only=True)``)."""
         return {
             "epoch": int(self.epoch),
-            "batch_in_epoch": int(self.batch_in_epoch),
-            "dali_checkpoints": [cp.decode("latin-1") if isinstance(cp, bytes) else cp for cp in checkpoints],
+            "consumed": int(self.consumed),
+            "seed": int(self.seed),
             "split": self.split,
-            "batch_size": int(self.cfg.batch_size),
-            "shard": [int(self.cfg.shard_id), int(self.cfg.num_shards)],
-            "pipelines": len(self.specs),
-            "graph": self.graph,
+            "batch_size": int(self.global_batch),
+            "shuffle": self.data.shuffle,
+            "replicas": int(self.world),  # the buffer mode replays an epoch only with the same count
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("split") != self.split or int(state.get("batch_size", -1)) != self.cfg.batch_size:
-            raise AlexnetError(
-                f"loader state is for split {state.get('split')!r} at batch size {state.get('batch_size')}, "
-                f"not {self.split!r} at {self.cfg.batch_size}"
-            )
-        if list(state.get("shard", [])) != [self.cfg.shard_id, self.cfg.num_shards]:
-            raise AlexnetError("loader state was saved with another data-parallel layout")
-        if state.get("graph", self.graph) != self.graph:  # states from before the signature: trusted
-            raise LoaderStateMismatch(
-                f"loader state was saved by pipelines of another form ({state['graph']}, this loader: {self.graph})"
-            )
-        # States written before there could be several pipelines hold one "dali_checkpoint".
-        cps = state["dali_checkpoints"] if "dali_checkpoints" in state else [state.get("dali_checkpoint")]
-        if len(cps) != len(self.specs):
-            raise AlexnetError(
-                f"loader state was saved with {len(cps)} pipeline(s) per rank, this loader has {len(self.specs)}"
-            )
-        self._checkpoints = [cp.encode("latin-1") if isinstance(cp, str) else cp for cp in cps]
-        self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
-        self._pipes = [None] * len(self.specs)  # rebuilt from the checkpoints on the next batch
+        """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
+        if "dali_checkpoints" in state:  # saved before the global shuffle: its order cannot be continued
+            self.epoch, self.consumed, self._pipes = int(state["epoch"]), 0, []
+            self.note = f"loader state of an older version (DALI checkpoints): epoch {self.epoch + 1} restarts"
+            return
+        mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
+        theirs = {key: state.get(key) for key in mine}
+        if theirs != mine:
+            raise AlexnetError(f"loader state is for {theirs}, this loader reads {mine}")
+        consumed = int(state["consumed"])
+        if not 0 <= consumed <= self.num_records:
+            raise AlexnetError(f"loader state has consumed {consumed} of {self.num_records} records")
+        self.epoch, self.consumed, self.note = int(state["epoch"]), consumed, ""
+        if self.buffer and int(state.get("replicas", self.world)) != self.world and consumed:
+            # The caffe reader's parts depend on the replica count: the epoch restarts (README).
+            self.note = f"buffer shuffle saved by {state['replicas']} replica(s): epoch {self.epoch + 1} restarts"
+            self.consumed = 0
+        self._drop()
 
 
-def create_loader(data_dir: Path, split: str, cfg: LoaderConfig) -> DaliLoader:
-    """The loader for one split and one rank (see LoaderConfig)."""
+def create_loader(data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int = 0, rank: int = 0,
+                  world: int = 1, device: str = "cpu", dtype: str = "float32", ten_crop: bool = False,
+                  with_draws: bool = False) -> DaliLoader:  # fmt: skip
+    """The loader of one split for replica ``rank`` of ``world``: ``batch_size`` images per batch on this
+    replica (§5's 128 is the global batch: the caller divides it), delivered on ``device`` in ``dtype``
+    ("float32" | "float16" | "bfloat16": DALI has none, cast from float32 on delivery); ``ten_crop``
+    (val): [B, 10, 3, 224, 224]; ``with_draws``: also a dict of record positions (+ train: the draws)."""
     if split not in A.SPLITS:
         raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
-    return DaliLoader(Path(data_dir), split, cfg)
-
-
-def preview_config(cfg: LoaderConfig) -> LoaderConfig:
-    """Key-order reading with the draws exposed, for ``alexnet-prep preview``."""
-    return replace(cfg, shuffle=False, with_draws=True, prefetch=1)
+    return DaliLoader(Path(data_dir), split, data, batch_size=batch_size, seed=seed, rank=rank, world=world,
+                      device=device, dtype=dtype, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip

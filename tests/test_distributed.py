@@ -147,3 +147,23 @@ def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninter
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ck["step"], ck["batch_in_epoch"], len(ck["ranks"])) == (4, 0, WORLD)
     _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)
+
+
+def test_resume_with_one_replica_continues_the_epochs_permutation(ddp_data, uninterrupted, tmp_path):
+    """Killed at step 4 with 2 replicas (checkpoint at step 3, mid-epoch), resumed in one process with
+    the same global batch: every later step trains on exactly the records the uninterrupted 2-replica
+    run trained on at that step (the same permutation; nothing repeated or skipped)."""
+    from alexnet.trainer.train import train
+
+    run = tmp_path / "run"
+    r = _launch(_config(ddp_data, run, checkpoint_every_steps=3), tmp_path, kill_at=4)
+    assert r.returncode != 0
+    seen: dict[int, list[int]] = {}
+    summary = train(_config(ddp_data, run, resume=True),
+                    on_step=lambda step, epoch, labels: seen.setdefault(step, sorted(labels.reshape(-1).tolist())))  # fmt: skip
+    want: dict[int, list[int]] = {}
+    for batches in _labels(uninterrupted):
+        for b in batches:
+            want.setdefault(b["step"], []).extend(b["labels"])
+    assert summary["steps"] == STEPS
+    assert seen == {step: sorted(want[step]) for step in range(4, STEPS + 1)}

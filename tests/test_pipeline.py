@@ -12,9 +12,10 @@ from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.dali_pipeline import MAX_OFFSET, TEN_CROP_ORDER, draw_offsets, lighting_scale_values
+from alexnet.pipeline.dali_pipeline import TEN_CROP_ORDER, lighting_scale_values
 from alexnet.pipeline.errors import AlexnetError, ContractError
-from alexnet.pipeline.loader import LoaderConfig, create_loader
+from alexnet.pipeline.loader import DataConfig, create_loader
+from alexnet.pipeline.order import epoch_order
 from alexnet.tools.cli import main as prep
 
 N_TRAIN, N_VAL, N_CLASSES = 24, 10, 4
@@ -61,6 +62,14 @@ def data(tmp_path_factory):
     return root
 
 
+def _loader(root, split, batch_size, *, seed=0, rank=0, world=1, device="cpu", dtype="float32", ten_crop=False,
+            with_draws=False, **data):  # fmt: skip
+    """A loader with one DALI thread unless told (the 2-core CI machine)."""
+    cfg = DataConfig(**{"num_threads": 1, **data})
+    return create_loader(root, split, cfg, batch_size=batch_size, seed=seed, rank=rank, world=world, device=device,
+                         dtype=dtype, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
+
+
 def _decoded(root, split):
     """The raw records decoded by DALI's CPU decoder (the pipeline's decoder), in key order."""
     from nvidia.dali import fn, pipeline_def, types
@@ -99,7 +108,7 @@ def test_preview_matches_numpy_reimplementation(data, tmp_path):
     raw, raw_labels = _decoded(data, "train")
     mean_image = A.read_mean_image(data).astype(np.float64)
     assert z["images"].shape == (12, 3, 224, 224) and z["images"].dtype == np.float32
-    assert z["index"].tolist() == list(range(12))  # key order over the shards in manifest order
+    assert z["index"].tolist() == epoch_order(N_TRAIN, 5, 0)[:12].tolist()  # epoch 0's order (identity positions)
     assert len({tuple(v) for v in z["crop_xy"]}) > 6 and 0 < z["mirror"].sum() < 12  # real draws
     for i in range(12):
         k = int(z["index"][i])
@@ -112,10 +121,11 @@ def test_region_decode_path_matches_numpy_reimplementation(data):
     """``roi_decode`` (decode only the crop window; mean patch cut apart) computes the same function."""
     raw, _ = _decoded(data, "train")
     mean_image = A.read_mean_image(data).astype(np.float64)
-    cfg = LoaderConfig(batch_size=8, num_threads=1, shuffle=False, with_draws=True, roi_decode=True, seed=3)
-    images, _labels, d = next(iter(create_loader(data, "train", cfg)))
+    images, _labels, d = next(iter(_loader(data, "train", 8, with_draws=True, roi_decode=True, seed=3)))
     for i in range(8):
-        ref = _reference(raw[i], mean_image, d["crop_xy"][i], d["mirror"][i], d["alpha"][i], np.sqrt(EIGVAL))
+        ref = _reference(
+            raw[d["index"][i]], mean_image, d["crop_xy"][i], d["mirror"][i], d["alpha"][i], np.sqrt(EIGVAL)
+        )
         np.testing.assert_allclose(images[i].numpy().transpose(1, 2, 0), ref, atol=1e-3)
 
 
@@ -123,13 +133,12 @@ def test_lighting_shift_is_eigvec_alpha_s_exactly(data):
     """With a flat mean (channel mode) the per-image shift is exactly eigvec @ (alpha * s)."""
     raw, _ = _decoded(data, "train")
     for scale in C.LIGHTING_SCALES:
-        cfg = LoaderConfig(batch_size=8, num_threads=1, shuffle=False, with_draws=True, mean="channel",
-                           lighting_scale=scale)  # fmt: skip
-        images, _labels, draws = next(iter(create_loader(data, "train", cfg)))
+        loader = _loader(data, "train", 8, with_draws=True, mean="channel", lighting_scale=scale)
+        images, _labels, draws = next(iter(loader))
         s = lighting_scale_values(EIGVAL, scale)
         for i in range(8):
             x, y = draws["crop_xy"][i]
-            crop = raw[i, y : y + 224, x : x + 224].astype(np.float64)
+            crop = raw[draws["index"][i], y : y + 224, x : x + 224].astype(np.float64)
             if draws["mirror"][i]:
                 crop = crop[:, ::-1]
             shift = images[i].numpy().transpose(1, 2, 0).astype(np.float64) - (crop - [120.0, 115.0, 100.0])
@@ -137,29 +146,8 @@ def test_lighting_shift_is_eigvec_alpha_s_exactly(data):
             np.testing.assert_allclose(shift, np.broadcast_to(expect, shift.shape), atol=1e-3)
 
 
-def test_crop_offsets_uniform_over_33x33():
-    """Chi-square over 1089 cells: all 33x33 offsets equally likely (edges included)."""
-    from nvidia.dali import pipeline_def
-    from scipy.stats import chisquare
-
-    @pipeline_def(batch_size=4096, num_threads=1, device_id=None, seed=11)
-    def pipe():
-        return draw_offsets()  # the very function the train pipeline uses
-
-    p = pipe()
-    p.build()
-    xy = np.concatenate([np.array(p.run()[0].as_tensor()) for _ in range(25)])  # 102,400 draws
-    assert xy.min() == 0 and xy.max() == MAX_OFFSET == 32
-    counts = np.bincount(xy[:, 1] * 33 + xy[:, 0], minlength=33 * 33)
-    assert counts.min() > 0
-    assert chisquare(counts).pvalue > 1e-4
-    # Marginals too: the edge offsets 0 and 32 as likely as the inner ones.
-    assert chisquare(np.bincount(xy[:, 0], minlength=33)).pvalue > 1e-4
-
-
 def test_flip_rate_and_alpha_distribution(data):
-    cfg = LoaderConfig(batch_size=8, num_threads=1, with_draws=True, seed=1)
-    loader = create_loader(data, "train", cfg)
+    loader = _loader(data, "train", 8, with_draws=True, seed=1)
     mirrors, alphas = [], []
     for _ in range(12):
         for _images, _labels, draws in loader:
@@ -172,89 +160,68 @@ def test_flip_rate_and_alpha_distribution(data):
     assert abs(a.std() - C.LIGHTING_STD) < 0.02 and abs(a.mean()) < 0.03
 
 
-def test_epochs_see_every_record_once_and_reshuffle(data):
-    loader = create_loader(data, "train", LoaderConfig(batch_size=8, num_threads=1, seed=2))
+def test_each_epoch_is_its_own_permutation(data):
+    loader = _loader(data, "train", 8, with_draws=True, seed=2)
     assert len(loader) == 3 and loader.num_records == N_TRAIN
     epochs = []
-    for _ in range(3):
-        labels, firsts = [], []
-        for images, lab in loader:
-            labels.append(lab)
-            firsts.append(images[:, 0, 0, 0])
-        epochs.append((torch.cat(labels), torch.cat(firsts)))
-    for lab, _ in epochs:
-        assert sorted(lab.tolist()) == sorted([k % N_CLASSES for k in range(N_TRAIN)])
-    assert not torch.equal(epochs[0][1], epochs[1][1])  # another order / other draws each epoch
-    assert loader.epoch == 3
+    for epoch in range(3):
+        index = np.concatenate([d["index"] for _x, _y, d in loader])
+        assert sorted(index.tolist()) == list(range(N_TRAIN))  # every record once (24 = 3 full batches)
+        assert index.tolist() == epoch_order(N_TRAIN, 2, epoch).tolist()
+        epochs.append(index.tolist())
+    assert epochs[0] != epochs[1] != epochs[2] and loader.epoch == 3
+
+
+def _delivered(loader) -> list[list[int]]:
+    return [d["index"].tolist() for _x, _y, d in loader]
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
-@pytest.mark.parametrize("num_shards,batch_size", [(2, 3), (3, 3), (3, 4)])
-def test_shards_disjoint_and_complete_across_ranks(data, split, num_shards, batch_size):
-    """Each rank reads its own contiguous part, every epoch, in step with its reader; parts of unequal
-    size (10 = 3 + 3 + 4) included: the smaller parts' readers pad up to the largest part."""
+@pytest.mark.parametrize("world,batch_size", [(1, 5), (2, 3), (3, 3), (3, 4)])
+def test_replica_shares_disjoint_and_complete(data, split, world, batch_size):
+    """Strided shares of the epoch's order; uneven sizes included (val: 10 = 4 + 3 + 3 over 3)."""
     n = N_VAL if split == "val" else N_TRAIN
-    seen_val = []
-    for rank in range(num_shards):
-        cfg = LoaderConfig(batch_size=batch_size, num_threads=1, shard_id=rank, num_shards=num_shards, seed=rank,
-                           with_draws=True)  # fmt: skip
-        loader = create_loader(data, split, cfg)
-        part = set(range(n * rank // num_shards, n * (rank + 1) // num_shards))
-        assert loader.num_records == len(part)
-        assert len(loader) == (-(-len(part) // batch_size) if split == "val" else len(part) // batch_size)
-        epochs = []
-        for _ in range(3):
-            index = [int(i) for _x, _y, d in loader for i in d["index"]]
-            epochs.append(index)
-            if split == "val":
-                assert sorted(index) == sorted(part)  # every record of the part exactly once
-            else:
-                assert len(index) == len(loader) * batch_size == len(set(index)) and set(index) <= part
-        assert loader.epoch == 3
-        if split == "val":
-            assert epochs[0] == epochs[1] == epochs[2]
-            seen_val.extend(epochs[0])
+    order = np.arange(n) if split == "val" else epoch_order(n, 7, 1)
+    shares = []
+    for rank in range(world):
+        loader = _loader(data, split, batch_size, seed=7, rank=rank, world=world, with_draws=True)
+        loader.reset()  # epoch 1
+        batches = _delivered(loader)
+        flat = [i for b in batches for i in b]
+        assert flat == order[rank::world][: len(flat)].tolist()
+        shares.append(flat)
+    lengths = {len(s) for s in shares}
+    seen = sorted(i for s in shares for i in s)
+    assert len(seen) == len(set(seen))  # disjoint
     if split == "val":
-        assert sorted(seen_val) == list(range(N_VAL))
+        assert seen == list(range(N_VAL))  # every record exactly once over the replicas
+    else:  # the same number of full batches everywhere; only the final global partial batch is dropped
+        steps = n // (world * batch_size)
+        assert lengths == {steps * batch_size} and seen == sorted(order[: steps * world * batch_size].tolist())
 
 
 @pytest.mark.parametrize("split", ["val", "train"])
-@pytest.mark.parametrize("num_shards,pipelines,batch_size", [(1, 2, 4), (2, 2, 2), (1, 3, 3)])
-def test_pipelines_take_turns_over_the_ranks_records(data, split, num_shards, pipelines, batch_size):
-    """K pipelines per rank read K contiguous parts whose union is the rank's part, and take turns."""
-    n = N_VAL if split == "val" else N_TRAIN
-    seen = []
-    for rank in range(num_shards):
-        cfg = LoaderConfig(batch_size=batch_size, num_threads=1, shard_id=rank, num_shards=num_shards, seed=rank,
-                           pipelines=pipelines, with_draws=True)  # fmt: skip
-        loader = create_loader(data, split, cfg)
-        part = set(range(n * rank // num_shards, n * (rank + 1) // num_shards))
-        subs = [set(range(n * s // (num_shards * pipelines), n * (s + 1) // (num_shards * pipelines)))
-                for s in range(rank * pipelines, (rank + 1) * pipelines)]  # fmt: skip
-        assert set().union(*subs) == part and loader.num_records == len(part)
-        per_sub = [(-(-len(s) // batch_size) if split == "val" else len(s) // batch_size) for s in subs]
-        assert len(loader) == sum(per_sub)
-        for _ in range(2):
-            batches = [[int(i) for i in d["index"]] for _x, _y, d in loader]
-            assert len(batches) == len(loader)
-            # in turn: batch t comes from the sub-part the turn order says (parts with no batch left skip)
-            order = [j for t in range(max(per_sub)) for j in range(pipelines) if t < per_sub[j]]
-            for b, j in zip(batches, order, strict=True):
-                assert set(b) <= subs[j]
-            flat = [i for b in batches for i in b]
-            assert len(flat) == len(set(flat))
-            if split == "val":
-                assert sorted(flat) == sorted(part)
-        seen.extend(flat)
-    if split == "val":
-        assert sorted(seen) == list(range(N_VAL))
+def test_pipelines_deliver_the_same_stream_and_draws(data, split):
+    """Pipeline j prepares batches j, j + K, ...: the images, labels and draws of each (seed, epoch,
+    record) are the same with 1, 2 and 3 pipelines (bitwise on the CPU)."""
+
+    def run(k):
+        loader = _loader(data, split, 4, seed=3, pipelines=k, with_draws=True)
+        return [b for _ in range(2) for b in loader]
+
+    one = run(1)
+    assert len(one) == (2 * 3 if split == "val" else 2 * 6)
+    for k in (2, 3):
+        for (x1, y1, d1), (xk, yk, dk) in zip(one, run(k), strict=True):
+            assert torch.equal(x1, xk) and torch.equal(y1, yk)
+            assert d1.keys() == dk.keys() and all(np.array_equal(d1[key], dk[key]) for key in d1)
 
 
 def test_val_centre_and_ten_patch_geometry(data):
     raw, raw_labels = _decoded(data, "val")
     mean_image = A.read_mean_image(data).astype(np.float64)
-    centre = create_loader(data, "val", LoaderConfig(batch_size=4, num_threads=1))
-    ten = create_loader(data, "val", LoaderConfig(batch_size=4, num_threads=1, ten_crop=True))
+    centre = _loader(data, "val", 4)
+    ten = _loader(data, "val", 4, ten_crop=True)
     assert len(centre) == 3  # 4 + 4 + 2: every val image exactly once
     imgs_c = torch.cat([x for x, _ in centre]).numpy()
     batches = list(ten)
@@ -276,15 +243,14 @@ def test_val_centre_and_ten_patch_geometry(data):
 
 def test_same_seed_same_batch_other_seed_other_batch(data):
     def first(seed):
-        return next(iter(create_loader(data, "train", LoaderConfig(batch_size=8, num_threads=2, seed=seed))))[0]
+        return next(iter(_loader(data, "train", 8, num_threads=2, seed=seed)))[0]
 
     a, b, c = first(4), first(4), first(5)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
-    cfg = LoaderConfig(batch_size=8, num_threads=2, seed=9)
-    loader = create_loader(data, "train", cfg)
+    loader = _loader(data, "train", 8, num_threads=2, seed=9)
     stream = []
     state = None
     for epoch in range(2):
@@ -292,9 +258,10 @@ def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
             if epoch == 1 and i == 1:
                 state = loader.state_dict()
             stream.append((epoch, i, images, labels))
-    assert state is not None
+    assert state == {"epoch": 1, "consumed": 16, "seed": 9, "split": "train", "batch_size": 8, "shuffle": "global",
+                     "replicas": 1}  # fmt: skip
     torch.save(state, "/dev/null")  # plain types: checkpoints can hold it
-    resumed = create_loader(data, "train", cfg)
+    resumed = _loader(data, "train", 8, num_threads=2, seed=9)
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert len(rest) == 1 and resumed.epoch == 2
@@ -304,47 +271,94 @@ def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
     assert torch.equal(nxt, next(iter(loader))[0])
 
 
-def test_save_restore_with_two_pipelines_continues_identically(data):
-    cfg = LoaderConfig(batch_size=4, num_threads=1, seed=4, pipelines=2)
-    loader = create_loader(data, "train", cfg)
-    assert len(loader) == 6  # two parts of 12 records: 3 + 3 batches of 4, in turn
-    it = iter(loader)
-    next(it)
-    state = loader.state_dict()  # after one batch: the second pipeline has not started yet
-    rest = [(x, y) for x, y in it] + [(x, y) for x, y in loader]
-    assert len(state["dali_checkpoints"]) == 2 and state["pipelines"] == 2
-    resumed = create_loader(data, "train", cfg)
-    resumed.load_state_dict(state)
-    again = [(x, y) for x, y in resumed] + [(x, y) for x, y in resumed]
-    assert len(again) == len(rest)
-    for (a, b), (c, d) in zip(again, rest, strict=True):
-        assert torch.equal(a, c) and torch.equal(b, d)
-    with pytest.raises(AlexnetError, match="pipeline"):
-        create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4)).load_state_dict(state)
+def _job(data, world, batch_size, state=None, steps=None, **kw):
+    """``world`` replicas stepping together (from ``state``): each step's images, labels and draws, rank
+    after rank, and the state after ``steps`` steps (None: the epoch's end)."""
+    loaders = [
+        _loader(data, "train", batch_size, seed=4, rank=r, world=world, with_draws=True, **kw) for r in range(world)
+    ]
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+    out = []
+    for step, batches in enumerate(zip(*loaders, strict=True)):
+        out.extend(batches)
+        if steps is not None and step + 1 == steps:
+            break
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s == states[0] for s in states)  # identical on every replica
+    return out, states[0]
 
 
-def test_state_of_another_pipeline_form_is_refused_with_its_own_error(data):
-    """A DALI checkpoint restores only into the same operator graph: region decoding changes it."""
-    from alexnet.pipeline.loader import LoaderStateMismatch
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_resume_with_another_replica_or_pipeline_count_continues_the_permutation(data, pipelines):
+    """Global batch 6: 2 replicas x 3 for two steps, then 3 replicas x 2 (or 1 x 6) to the epoch's end:
+    the records are the uninterrupted epoch's, none repeated or skipped, with the same draws."""
+    full, end = _job(data, 1, 6)
+    first, state = _job(data, 2, 3, steps=2, pipelines=pipelines)
+    assert state["consumed"] == 12 and state["replicas"] == 2
+    for world in (3, 1):
+        rest, end2 = _job(data, world, 6 // world, state=state, pipelines=3 - pipelines)
+        assert (end2["epoch"], end2["consumed"], end["epoch"], end["consumed"]) == (1, 0, 1, 0)
+        got = {int(i): (x, y, d) for xs, ys, ds in first + rest for x, y, i, d in _rows(xs, ys, ds)}
+        want = {int(i): (x, y, d) for xs, ys, ds in full for x, y, i, d in _rows(xs, ys, ds)}
+        assert sorted(got) == sorted(want) == list(range(N_TRAIN))
+        assert len(got) == sum(len(ds["index"]) for _x, _y, ds in first + rest)  # no record twice
+        for i, (x, y, d) in want.items():
+            assert torch.equal(got[i][0], x) and got[i][1] == y and got[i][2] == d  # bitwise on the CPU
 
-    loader = create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4))
+
+def _rows(images, labels, draws):
+    for j, i in enumerate(draws["index"]):
+        row = (int(draws["crop_xy"][j][0]), int(draws["crop_xy"][j][1]), int(draws["mirror"][j]),
+               tuple(draws["alpha"][j].tolist()))  # fmt: skip
+        yield images[j], int(labels[j]), i, row
+
+
+def test_mismatched_states_are_refused_in_one_line(data):
+    loader = _loader(data, "train", 4, seed=4)
     next(iter(loader))
     state = loader.state_dict()
-    assert state["graph"] == "cpu/cpu/whole/float32"
-    other = create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4, roi_decode=True))
-    with pytest.raises(LoaderStateMismatch, match="another form"):
-        other.load_state_dict(state)
+    _loader(data, "train", 4, seed=4, roi_decode=True, pipelines=2).load_state_dict(state)  # other forms: fine
+    for other, what in [(_loader(data, "train", 4, seed=5), "seed"), (_loader(data, "train", 8, seed=4), "batch_size"),
+                        (_loader(data, "train", 4, seed=4, shuffle="buffer"), "shuffle"),
+                        (_loader(data, "val", 4, seed=4), "split")]:  # fmt: skip
+        with pytest.raises(AlexnetError, match=f"'{what}'"):
+            other.load_state_dict(state)
     with pytest.raises(AlexnetError, match="not possible here"):  # nvJPEG without a GPU: said at once
-        create_loader(data, "train", LoaderConfig(batch_size=4, decoder="mixed"))
-    old = {k: v for k, v in state.items() if k != "graph"}  # states from before the signature: trusted
-    create_loader(data, "train", LoaderConfig(batch_size=4, num_threads=1, seed=4)).load_state_dict(old)
+        next(iter(_loader(data, "train", 4, decoder="mixed")))
+
+
+def test_buffer_shuffle_reads_the_replicas_parts_and_replays_on_resume(data):
+    """shuffle="buffer": the caffe reader over each replica's contiguous part, another order each
+    epoch; a resume with the same replica count replays to the same next batch, another restarts."""
+    parts = []
+    for rank in range(2):
+        loader = _loader(data, "train", 4, seed=1, rank=rank, world=2, shuffle="buffer", with_draws=True)
+        assert len(loader) == 3
+        epochs = [[i for b in _delivered(loader) for i in b] for _ in range(2)]
+        part = set(range(12 * rank, 12 * (rank + 1)))
+        assert all(sorted(e) == sorted(part) for e in epochs) and epochs[0] != epochs[1]
+        parts.append(part)
+    loader = _loader(data, "train", 4, seed=1, shuffle="buffer", with_draws=True)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    want = [(x, d["index"].tolist()) for x, _y, d in it]
+    resumed = _loader(data, "train", 4, seed=1, shuffle="buffer", with_draws=True)
+    resumed.load_state_dict(state)
+    got = [(x, d["index"].tolist()) for x, _y, d in resumed]
+    assert len(got) == len(want) == 5
+    assert all(torch.equal(a, c) and b == e for (a, b), (c, e) in zip(got, want, strict=True))
+    other = _loader(data, "train", 2, seed=1, world=2, shuffle="buffer")
+    other.load_state_dict(state)
+    assert other.consumed == 0 and "restarts" in other.note
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_outputs_round_the_float32_batch(data, dtype):
     def first(dt):
-        cfg = LoaderConfig(batch_size=4, num_threads=1, dtype=dt, seed=8)
-        return next(iter(create_loader(data, "train", cfg)))[0]
+        return next(iter(_loader(data, "train", 4, dtype=dt, seed=8)))[0]
 
     x, ref = first(dtype), first("float32")
     assert x.dtype == getattr(torch, dtype) and x.shape == (4, 3, 224, 224)
@@ -355,11 +369,16 @@ def test_half_precision_outputs_round_the_float32_batch(data, dtype):
 
 def test_bad_inputs_are_clear_errors(data, tmp_path):
     with pytest.raises(AlexnetError, match="ten_crop"):
-        create_loader(data, "train", LoaderConfig(batch_size=8, ten_crop=True))
-    with pytest.raises(AlexnetError):
-        LoaderConfig(batch_size=8, shard_id=2, num_shards=2)
+        _loader(data, "train", 8, ten_crop=True)
+    with pytest.raises(AlexnetError, match="rank 2"):
+        _loader(data, "train", 8, rank=2, world=2)
+    with pytest.raises(AlexnetError, match="fewer than one batch"):
+        _loader(data, "train", 13, world=2)
+    for bad in [{"shuffle": "window"}, {"pipelines": -1}, {"decoder": "gpu"}, {"hw_decoder_load": 2.0}]:
+        with pytest.raises(AlexnetError):
+            DataConfig(**bad)
     with pytest.raises(ContractError, match="no dataset"):
-        create_loader(tmp_path, "train", LoaderConfig(batch_size=8))
+        _loader(tmp_path, "train", 8)
     r = CliRunner().invoke(prep, ["preview", "--data-dir", str(data), "--n", "100", "--out", str(tmp_path / "x.npz")])
     assert r.exit_code == 1 and "fewer than --n 100" in r.output
 
@@ -367,15 +386,30 @@ def test_bad_inputs_are_clear_errors(data, tmp_path):
 def test_bench_pipeline_cli(data):
     r = CliRunner().invoke(prep, ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
-    assert "images/s" in r.output and "1 pipeline(s)" in r.output
+    assert "images/s" in r.output and "(global shuffle)" in r.output and "1 pipeline(s)" in r.output
     args = ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "4", "--pipelines", "2"]
     r = CliRunner().invoke(prep, args)
     assert r.exit_code == 0 and "2 pipeline(s) of 2 threads" in r.output, r.output
+    r = CliRunner().invoke(prep, [*args, "--shuffle", "buffer"])
+    assert r.exit_code == 0 and "(buffer shuffle)" in r.output and "1 pipeline(s)" in r.output, r.output
+
+
+def test_order_cli_prints_what_the_loader_delivers(data):
+    for split, epoch, rank, world in [("train", 2, 1, 3), ("train", 0, 0, 1), ("val", 1, 0, 2)]:
+        args = ["order", "--data-dir", str(data), "--split", split, "--epoch", str(epoch), "--seed", "6",
+                "--replica", str(rank), "--replicas", str(world), "--batch-size", str(2 * world)]  # fmt: skip
+        r = CliRunner().invoke(prep, args)
+        assert r.exit_code == 0, r.output
+        loader = _loader(data, split, 2, seed=6, rank=rank, world=world, with_draws=True)
+        loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
+        assert [int(v) for v in r.output.split()] == [i for b in _delivered(loader) for i in b]
+    r = CliRunner().invoke(prep, ["order", "--data-dir", str(data), "--replica", "2", "--replicas", "2"])
+    assert r.exit_code == 1 and "replica 2 is not in [0, 2)" in r.output
 
 
 def test_batches_stay_valid_after_the_loader_moves_on(data):
     """Batches are handed over without a copy (DLPack): DALI must not reuse their memory later."""
-    loader = create_loader(data, "train", LoaderConfig(batch_size=8, num_threads=2, seed=6, prefetch=2))
+    loader = _loader(data, "train", 8, num_threads=2, seed=6, prefetch=2)
     kept = [(x, y, x.clone(), y.clone()) for _ in range(3) for x, y in loader]  # 3 epochs, 9 batches alive
     for x, y, x0, y0 in kept:
         assert torch.equal(x, x0) and torch.equal(y, y0)
@@ -389,9 +423,10 @@ def test_gpu_train_batch_matches_numpy_reimplementation(data, roi_decode):
     tolerance covers nvJPEG vs libjpeg-turbo decoding differences only."""
     raw, raw_labels = _decoded(data, "train")
     mean_image = A.read_mean_image(data).astype(np.float64)
-    cfg = LoaderConfig(batch_size=8, num_threads=2, shuffle=False, with_draws=True, device="cuda:0", seed=5,
-                       roi_decode=roi_decode)  # fmt: skip
-    images, labels, d = next(iter(create_loader(data, "train", cfg)))
+    loader = _loader(data, "train", 8, num_threads=2, with_draws=True, device="cuda:0", seed=5, roi_decode=roi_decode)
+    images, labels, d = next(iter(loader))
+    cpu = next(iter(_loader(data, "train", 8, with_draws=True, seed=5)))[2]
+    assert all(np.array_equal(d[key], cpu[key]) for key in d)  # the same draws on the CPU and the GPU
     assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64 and images.shape == (8, 3, 224, 224)
     assert labels.cpu().tolist() == raw_labels[d["index"]].tolist()
     for i in range(8):
@@ -402,8 +437,8 @@ def test_gpu_train_batch_matches_numpy_reimplementation(data, roi_decode):
 
 @pytest.mark.gpu
 def test_gpu_ten_patch_and_float16(data):
-    cpu = torch.cat([x for x, _ in create_loader(data, "val", LoaderConfig(batch_size=4, ten_crop=True))])
-    gpu_loader = create_loader(data, "val", LoaderConfig(batch_size=4, ten_crop=True, device="cuda:0", dtype="float16"))
+    cpu = torch.cat([x for x, _ in _loader(data, "val", 4, ten_crop=True)])
+    gpu_loader = _loader(data, "val", 4, ten_crop=True, device="cuda:0", dtype="float16")
     gpu = torch.cat([x for x, _ in gpu_loader])
     assert gpu.is_cuda and gpu.dtype == torch.float16 and gpu.shape == (N_VAL, 10, 3, 224, 224)
     assert (gpu.float().cpu() - cpu).abs().mean() < 1.0
@@ -418,8 +453,7 @@ def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
     from alexnet.trainer.step import GraphedStep
 
     dev = torch.device("cuda:0")
-    cfg = LoaderConfig(batch_size=4, num_threads=2, device="cuda:0", pipelines=2, prefetch=3, with_draws=True, seed=2)
-    loader = create_loader(data, "train", cfg)
+    loader = _loader(data, "train", 4, num_threads=2, device="cuda:0", pipelines=2, prefetch=3, with_draws=True, seed=2)
     model = AlexNet(num_classes=N_CLASSES, devices=[dev]).train()
     step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), bf16=True, channels_last=False,
                             eager_steps=1)  # fmt: skip
@@ -431,7 +465,7 @@ def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
             seen.extend(int(i) for i in draws["index"])
     assert step.captures == 1 and len(losses) == 2 * len(loader) == 12
     assert all(np.isfinite(losses))
-    assert sorted(seen[: len(seen) // 2]) == list(range(N_TRAIN))  # 24 records = 2 parts x 3 batches of 4
+    assert seen[: len(seen) // 2] == epoch_order(N_TRAIN, 2, 0).tolist()  # 24 records = 6 batches of 4
 
 
 def test_preview_val_centre_crops_in_key_order(data, tmp_path):

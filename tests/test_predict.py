@@ -83,11 +83,11 @@ def test_ten_crop_prediction_equals_the_evaluations_ten_patches(run, val_files):
     """The evaluation pipeline's ten patches (DALI) of each val record against predict's ten patches of
     the same stored JPEG: the same cuts in the same order (up to the two decoders' pixels), and the
     same averaged softmax."""
-    from alexnet.pipeline.loader import LoaderConfig, create_loader
+    from alexnet.pipeline.loader import DataConfig, create_loader
 
     data, ckpt = run
     pred = load_predictor(ckpt, None, torch.device("cpu"))
-    loader = create_loader(data, "val", LoaderConfig(batch_size=4, ten_crop=True, with_draws=True, num_threads=1))
+    loader = create_loader(data, "val", DataConfig(num_threads=1), batch_size=4, ten_crop=True, with_draws=True)
     seen = 0
     for images, _labels, draws in loader:
         with torch.no_grad():

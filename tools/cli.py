@@ -13,6 +13,7 @@ COMMANDS = {
     "pca-stats": "alexnet.tools.pca_stats:pca_stats_command",
     "preview": "alexnet.tools.preview:preview_command",
     "bench-pipeline": "alexnet.tools.preview:bench_pipeline_command",
+    "order": "alexnet.tools.preview:order_command",
 }
 
 EPILOG = """\b
@@ -22,6 +23,7 @@ Examples:
   alexnet-prep pca-stats                         # mean image + RGB PCA -> ./data
   alexnet-prep verify --sample 1000              # check records against the manifest
   alexnet-prep preview --split train --n 16 --out preview.npz
+  alexnet-prep order --split train --epoch 2     # record positions replica 0 reads in epoch 2
   ALEXNET_DATA_DIR=/fast/imagenet-lmdb alexnet-prep pca-stats
 """
 

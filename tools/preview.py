@@ -12,21 +12,24 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.pipeline.loader import SHUFFLES
 
 
-def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, mean: str = "image",
+def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, epoch: int = 0, mean: str = "image",
                   lighting_scale: str = C.DEFAULT_LIGHTING_SCALE) -> dict[str, np.ndarray]:  # fmt: skip
-    """The first ``n`` records of ``split`` in key order, through the real pipeline, with their draws."""
-    from alexnet.pipeline.loader import LoaderConfig, create_loader, preview_config
+    """The first ``n`` images of ``epoch`` in delivery order (one replica), through the real pipeline, with their draws."""
+    from alexnet.pipeline.loader import DataConfig, create_loader
 
-    cfg = preview_config(LoaderConfig(batch_size=n, num_threads=2, seed=seed, mean=mean, lighting_scale=lighting_scale))
-    loader = create_loader(data_dir, split, cfg)
-    if loader.num_records < n:
-        raise AlexnetError(f"the {split} split has {loader.num_records} records, fewer than --n {n}")
-    first = next(iter(loader))
-    out = {"images": first[0].numpy().astype(np.float32), "labels": first[1].numpy().astype(np.int64)}
-    draws = first[2]
-    out["index"] = draws["index"]  # record position in key order over the shards (from the record's key)
+    manifest = A.read_manifest(data_dir)
+    manifest.shard_paths(data_dir, split)  # the split exists
+    if manifest.splits[split].num_records < n:
+        raise AlexnetError(f"the {split} split has {manifest.splits[split].num_records} records, fewer than --n {n}")
+    data = DataConfig(num_threads=2, prefetch=1, mean=mean, lighting_scale=lighting_scale)
+    loader = create_loader(data_dir, split, data, batch_size=n, seed=seed, with_draws=True)
+    loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
+    images, labels, draws = next(iter(loader))
+    out = {"images": images.numpy().astype(np.float32), "labels": labels.numpy().astype(np.int64)}
+    out["index"] = draws["index"]  # record position (the key's prefix)
     if split == "train":
         out["crop_xy"] = draws["crop_xy"].astype(np.int64)
         out["mirror"] = draws["mirror"].astype(np.int64)
@@ -74,27 +77,31 @@ def contact_sheet(batch: dict[str, np.ndarray], data_dir: Path, classes: list[st
 
 @click.command("preview", epilog="""\b
 Examples:
-  alexnet-prep preview --split train --n 16 --seed 0 --out preview.npz
+  alexnet-prep preview --split train --n 16 --seed 0 --epoch 2 --out preview.npz
   alexnet-prep preview --split val --n 8 --out val.npz
 """)  # fmt: skip
 @data_dir_option
 @click.option("--split", type=click.Choice(A.SPLITS), default="train", show_default=True)
 @click.option("--n", "n", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random draws.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order and the random draws.")
+@click.option("--epoch", type=click.IntRange(0), default=0, show_default=True, help="Epoch (0 = the first).")
 @click.option("--mean", type=click.Choice(["image", "channel"]), default="image", show_default=True)
 @click.option("--lighting-scale", type=click.Choice(C.LIGHTING_SCALES), default=C.DEFAULT_LIGHTING_SCALE,
               show_default=True)  # fmt: skip
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.npz"),
               show_default=True, help="The .npz; the PNG sheet is written beside it (same name, .png).")  # fmt: skip
-def preview_command(data_dir: Path, split: str, n: int, seed: int, mean: str, lighting_scale: str, out: Path) -> None:
-    """Write the exact batch the network sees (.npz, with the random draws) and a PNG contact sheet.
+def preview_command(
+    data_dir: Path, split: str, n: int, seed: int, epoch: int, mean: str, lighting_scale: str, out: Path
+) -> None:
+    """Write the exact images the network sees (.npz, with the random draws) and a PNG contact sheet.
 
-    Reads the first N records in key order. The .npz holds images (N,3,224,224, as fed to the model),
-    labels, index (record position in key order over the split's shards), and for train crop_xy
-    (pixel offsets x, y), mirror (0/1) and alpha (N,3: the PCA lighting draws).
+    The first N images of the epoch in delivery order (train: the epoch's shuffle, as one replica
+    receives it; val: key order). The .npz holds images (N,3,224,224, as fed to the model), labels,
+    index (record position: the key's prefix), and for train crop_xy (pixel offsets x, y), mirror
+    (0/1) and alpha (N,3: the PCA lighting draws).
     """
     manifest = A.read_manifest(data_dir)
-    batch = preview_batch(data_dir, split, n, seed, mean=mean, lighting_scale=lighting_scale)
+    batch = preview_batch(data_dir, split, n, seed, epoch=epoch, mean=mean, lighting_scale=lighting_scale)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **batch)
     png = out.with_suffix(".png")
@@ -103,15 +110,16 @@ def preview_command(data_dir: Path, split: str, n: int, seed: int, mean: str, li
 
 
 def bench_pipeline(
-    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, warmup: int = 3, pipelines: int = 1
-) -> float:
+    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, warmup: int = 3, pipelines: int = 1,
+    shuffle: str = "global",
+) -> float:  # fmt: skip
     """Images/s of the train pipeline alone, delivered as torch tensors on ``device``."""
     import torch
 
-    from alexnet.pipeline.loader import LoaderConfig, create_loader
+    from alexnet.pipeline.loader import DataConfig, create_loader
 
-    cfg = LoaderConfig(batch_size=batch_size, num_threads=threads, device=device, pipelines=pipelines)
-    loader = create_loader(data_dir, "train", cfg)
+    data = DataConfig(num_threads=threads, pipelines=pipelines, shuffle=shuffle)
+    loader = create_loader(data_dir, "train", data, batch_size=batch_size, device=device)
 
     def endless():
         while True:
@@ -136,6 +144,7 @@ def bench_pipeline(
 Examples:
   alexnet-prep bench-pipeline --device cpu --batches 50 --threads 2
   alexnet-prep bench-pipeline --device gpu --batches 200 --threads 5 --pipelines 3
+  alexnet-prep bench-pipeline --shuffle buffer    # the sequential caffe reader
 """)  # fmt: skip
 @data_dir_option
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
@@ -148,8 +157,10 @@ Examples:
     default=None,
     help="Pipelines taking turns (default: 3 on a GPU, where one decodes one batch at a time; 1 on the CPU).",
 )
+@click.option("--shuffle", type=click.Choice(SHUFFLES), default="global", show_default=True,
+              help="global: a fresh permutation each epoch (random reads); buffer: the sequential reader.")  # fmt: skip
 def bench_pipeline_command(
-    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, pipelines: int | None
+    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, pipelines: int | None, shuffle: str
 ) -> None:
     """Run the train pipeline alone (read, decode, augment, deliver) and print its images/s."""
     dev = "cuda:0" if device == "gpu" else "cpu"
@@ -158,9 +169,40 @@ def bench_pipeline_command(
 
         if not torch.cuda.is_available():
             raise AlexnetError("--device gpu: no CUDA GPU is visible")
-    pipelines = pipelines or (3 if device == "gpu" else 1)
-    rate = bench_pipeline(data_dir, dev, batches, batch_size, threads, pipelines=pipelines)
+    pipelines = 1 if shuffle == "buffer" else pipelines or (3 if device == "gpu" else 1)
+    rate = bench_pipeline(data_dir, dev, batches, batch_size, threads, pipelines=pipelines, shuffle=shuffle)
     click.echo(
-        f"train pipeline on {device}: {rate:,.0f} images/s (batch {batch_size}, {batches} batches, "
-        f"{pipelines} pipeline(s) of {threads} threads)"
+        f"train pipeline on {device} ({shuffle} shuffle): {rate:,.0f} images/s (batch {batch_size}, "
+        f"{batches} batches, {pipelines} pipeline(s) of {threads} threads)"
     )
+
+
+@click.command("order", epilog="""\b
+Examples:
+  alexnet-prep order --split train --epoch 2                  # replica 0 of 1, epoch 2
+  alexnet-prep order --epoch 5 --replica 3 --replicas 8       # what rank 3 of 8 saw in epoch 5
+""")  # fmt: skip
+@data_dir_option
+@click.option("--split", type=click.Choice(A.SPLITS), default="train", show_default=True)
+@click.option("--epoch", type=click.IntRange(0), default=0, show_default=True, help="Epoch (0 = the first).")
+@click.option("--replica", type=click.IntRange(0), default=0, show_default=True, help="Rank of the replica.")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Replicas (world size).")
+@click.option("--seed", type=int, default=0, show_default=True, help="The run's seed.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="The run's global batch (default: §5's 128); training drops the final partial one.")  # fmt: skip
+def order_command(data_dir: Path, split: str, epoch: int, replica: int, replicas: int, seed: int,
+                  batch_size: int | None) -> None:  # fmt: skip
+    """Print the record positions one replica receives in one epoch, in order, one per line (nothing is decoded).
+
+    The order of the default global shuffle (the trainer's; val: key order). The buffer shuffle's
+    order is decided by DALI's reader as it reads, and has no such listing.
+    """
+    from alexnet.pipeline.order import replica_order
+    from alexnet.trainer.constants import BATCH_SIZE  # §5; a constants module that imports nothing
+
+    batch_size = batch_size or BATCH_SIZE
+    if batch_size % replicas:
+        raise AlexnetError(f"--batch-size {batch_size} does not divide over {replicas} replicas")
+    positions = replica_order(data_dir, split, epoch, seed=seed, rank=replica, world=replicas,
+                              batch_size=batch_size // replicas)  # fmt: skip
+    click.echo("\n".join(str(p) for p in positions.tolist()))

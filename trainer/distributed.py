@@ -30,15 +30,17 @@ Semantics (documented in the README and the report):
   gradient of the mean loss over the whole global batch, as one process with that batch would.
   The paper's recipe (batch 128, lr 0.01) is therefore unchanged by the replica count; only the
   arithmetic of the batch's split differs (and dropout masks are drawn per replica).
-* **Data.** Replica r's pipeline reads shard r of W of the training and validation records
-  (``LoaderConfig(shard_id=r, num_shards=W)``); validation error counts are summed over replicas.
+* **Data.** Replica r reads every W-th record of each epoch's permutation of the training split
+  (``create_loader(..., rank=r, world=W)``, pipeline/order.py) and of the validation split in key
+  order; validation error counts are summed over replicas.
 * **Files.** Only rank 0 writes (config, versions, metrics, checkpoints, TensorBoard).
-* **Checkpoints.** Rank 0 gathers every replica's RNG states and pipeline position into the
-  checkpoint (``ranks[r]``). Resuming with the same replica count restores each replica's own
-  entry: exact continuation. With a different count, model, optimiser, schedule and counters are
-  restored, each replica's RNG is re-seeded from (seed, rank, step), and an interrupted epoch
-  restarts from its beginning under the new sharding (the data order then differs from the
-  uninterrupted run's; a checkpoint at an epoch boundary loses nothing).
+* **Checkpoints.** Rank 0 gathers every replica's RNG states and the loader position (epoch,
+  records consumed, seed: the same on every replica) into the checkpoint (``ranks[r]``). Resuming
+  with the same replica count restores each replica's own RNG entry: exact continuation. With a
+  different count (the same global batch), model, optimiser, schedule, counters and the loader
+  position are restored, so the epoch's permutation continues without repeating or skipping
+  records, and each replica's RNG is re-seeded from (seed, rank, step) (dropout masks differ from
+  the uninterrupted run's). With ``--shuffle buffer`` an interrupted epoch restarts instead.
 """
 
 from __future__ import annotations

@@ -99,23 +99,14 @@ def build_model(config, replica: Replica, num_classes: int):
     return model
 
 
-def auto_pipelines(device: torch.device) -> int:
-    """``--pipelines 0``: 2 per GPU (one pipeline cannot feed an H100), 1 on the CPU."""
-    return 2 if device.type == "cuda" else 1
-
-
 def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = False, batch_size: int | None = None):
     """The pipeline's loader for this replica: its share of ``split``, batches on its first device."""
-    from dataclasses import asdict
-
-    from alexnet.pipeline.loader import LoaderConfig, create_loader
+    from alexnet.pipeline.loader import create_loader
 
     info, device = replica.info, replica.devices[0]
-    data = asdict(config.data)
-    data["pipelines"] = config.data.pipelines or auto_pipelines(device)
-    cfg = LoaderConfig(
+    return create_loader(
+        Path(config.run.data_dir), split, config.data,
         batch_size=batch_size if batch_size is not None else config.optim.batch_size // info.world_size,
-        seed=config.run.seed, shard_id=info.rank, num_shards=info.world_size,
-        device=str(device) if device.type == "cuda" else "cpu", ten_crop=ten_crop, **data,
+        seed=config.run.seed, rank=info.rank, world=info.world_size,
+        device=str(device) if device.type == "cuda" else "cpu", ten_crop=ten_crop,
     )  # fmt: skip
-    return create_loader(Path(config.run.data_dir), split, cfg)

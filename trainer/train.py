@@ -27,7 +27,6 @@ import torch
 
 from alexnet.pipeline.artifacts import atomic_write_json, read_manifest, read_mean_image, read_stats
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.pipeline.loader import LoaderStateMismatch
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
@@ -38,7 +37,6 @@ from .model import LEARNED_LAYERS
 from .optim import create_optimizer, set_lr
 from .replica import (
     Replica,
-    auto_pipelines,
     build_model,
     create_loader_for,
     replica_seed,
@@ -103,7 +101,7 @@ def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
         raise AlexnetError(
             f"{run_dir} already holds a run (checkpoints/last.pt): add --resume to continue it, or choose another --run-dir"
         )
-    pipelines = config.data.pipelines or auto_pipelines(replica.devices[0])  # recorded resolved
+    pipelines = config.data.resolved_pipelines(str(replica.devices[0]))  # recorded resolved
     return config.replace(
         run_dir=str(run_dir), gpus=replica.gpus, num_classes=len(manifest.classes), pipelines=pipelines
     )
@@ -154,25 +152,22 @@ class Trainer:
         state.best_top1_err, state.last_eval = ck.get("best_top1_err"), dict(ck.get("last_eval") or {})
         state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
         self.watch.load_state_dict(ck.get("loss_watch") or {})
-        restart = self._restore_replica(ck)
-        if restart:
-            seed_everything(replica_seed(self.config.run.seed, self.info.rank, state.step))
-            self.replica.say(f"note: {restart}: epoch {state.epoch + 1} restarts from its beginning")
+        self._restore_replica(ck)
+        if self.train_loader.note:  # the buffer shuffle with another replica count, or an older state
+            self.replica.say(f"note: {self.train_loader.note}")
             state.batch_in_epoch = 0
         self.replica.say(f"resumed {path} at step {state.step} (epoch {state.epoch}, +{state.batch_in_epoch} batches)")
         return True
 
-    def _restore_replica(self, ck: dict) -> str:
-        """This replica's generators and loader position; why the epoch must restart, if it must."""
-        if int(ck["world_size"]) != self.info.world_size:
-            return f"checkpoint written by {ck['world_size']} replica(s), resuming with {self.info.world_size}"
-        mine = ck["ranks"][self.info.rank]
-        ckpt_io.set_rng_state(mine["rng"])
-        try:
-            self.train_loader.load_state_dict(mine["loader"])
-        except LoaderStateMismatch as e:  # e.g. resumed with --roi-decode or on another device
-            return str(e)
-        return ""
+    def _restore_replica(self, ck: dict) -> None:
+        """The loader's position and this replica's generators. The position (epoch, records consumed,
+        seed) is the same on every replica and continues the epoch's permutation with any replica
+        count; the dropout generators are per replica, so another count seeds them afresh."""
+        self.train_loader.load_state_dict(ck["ranks"][0]["loader"])
+        if int(ck["world_size"]) == self.info.world_size:
+            ckpt_io.set_rng_state(ck["ranks"][self.info.rank]["rng"])
+        else:
+            seed_everything(replica_seed(self.config.run.seed, self.info.rank, self.state.step))
 
     def _open_run_dir(self) -> MetricsLog:
         if self.info.is_main:
@@ -219,7 +214,9 @@ class Trainer:
         return self.summary(reason)
 
     def epoch_steps(self) -> int:
-        steps = D.all_reduce_min_int(len(self.train_loader), self.info, self.replica.collective_device)
+        # len(loader): the batches left from the loader's position (all of them at an epoch's start).
+        left = D.all_reduce_min_int(len(self.train_loader), self.info, self.replica.collective_device)
+        steps = self.state.batch_in_epoch + left
         if steps < 1:
             per_replica = self.config.optim.batch_size // self.info.world_size
             raise AlexnetError(f"the training split has fewer records per replica than one batch of {per_replica}")

@@ -1,0 +1,158 @@
+"""Which records each replica reads in an epoch, and every image's random draws: pure numpy functions.
+
+SGD as §5 ran it sees a fresh random order of the whole training set every epoch, and §4.1 draws a
+crop, a flip and three lighting alphas for every image it sees. Both are pure functions here:
+
+* the order of epoch ``e`` is a uniform permutation of the split's records, seeded by (seed, e);
+* replica ``r`` of ``W`` reads ``order[c:][r::W]``, where ``c`` is the number of records the whole
+  job consumed in this epoch before (0 at an epoch's start, more after a resume), and every
+  replica takes the same number of full batches, ``(N - c) // (W * B)``: after ``k`` steps the job
+  has consumed exactly ``order[c : c + k * W * B]``, whatever ``W`` was, so a resume with another
+  replica count continues the same permutation (like torch's DistributedSampler, strided);
+* validation reads the records in key order with the same strided shares; its last batch is
+  partial, and every record is read exactly once per epoch over the replicas;
+* the draws of epoch ``e`` are arrays indexed by record position (the key's ``{position:08d}``),
+  seeded by (seed, e): the same record in the same epoch gets the same crop, flip and lighting
+  whatever the number of replicas, pipelines or devices.
+
+Imports neither DALI nor torch: ``alexnet-prep order`` prints an epoch's order without either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import artifacts as A
+from . import constants as C
+from .errors import AlexnetError, ContractError
+
+# Third words of the generators' seed sequences: the order and the draws of one (seed, epoch) are
+# independent streams (numpy's SeedSequence mixes every word).
+ORDER_STREAM = 1
+DRAWS_STREAM = 2
+
+
+def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of ``epoch``: a uniform permutation of ``range(num_records)`` (record indices)."""
+    return np.random.default_rng([seed, epoch, ORDER_STREAM]).permutation(num_records)
+
+
+def replica_steps(num_records: int, consumed: int, rank: int, world: int, batch_size: int, training: bool) -> int:
+    """Batches replica ``rank`` takes from ``consumed`` to the epoch's end: train drops the final global
+    partial batch (every replica takes the same count, so DDP never waits); val keeps every record
+    (its replicas' counts may differ by one)."""
+    left = max(num_records - consumed, 0)
+    if training:
+        return left // (world * batch_size)
+    share = max(-(-(left - rank) // world), 0)
+    return -(-share // batch_size)
+
+
+def replica_indices(order: np.ndarray, consumed: int, rank: int, world: int, steps: int, batch_size: int):
+    """Record indices replica ``rank`` reads in its next ``steps`` batches: ``order[consumed:][rank::world]``."""
+    return order[consumed:][rank::world][: steps * batch_size]
+
+
+@dataclass(frozen=True)
+class Draws:
+    """One epoch's §4.1 draws, row ``p`` for the record at position ``p``."""
+
+    crop_xy: np.ndarray  # (P, 2) int32: pixel offsets (x, y), each uniform over 0..32
+    mirror: np.ndarray  # (P,) int32: 1 = horizontal flip, probability 0.5
+    alpha: np.ndarray  # (P, 3) float32: PCA lighting alphas ~ N(0, 0.1)
+
+
+def epoch_draws(num_positions: int, seed: int, epoch: int) -> Draws:
+    """The draws of every record position in ``epoch`` (the paper's distributions, §4.1): integer crop
+    offsets uniform over all 33 x 33 positions, a flip with probability 0.5, alpha ~ N(0, 0.1)."""
+    rng = np.random.default_rng([seed, epoch, DRAWS_STREAM])
+    crop_xy = rng.integers(0, C.CROP_POSITIONS, (num_positions, 2), dtype=np.int32)
+    mirror = (rng.random(num_positions) < C.MIRROR_PROBABILITY).astype(np.int32)
+    alpha = rng.normal(0.0, C.LIGHTING_STD, (num_positions, 3)).astype(np.float32)
+    return Draws(crop_xy=crop_xy, mirror=mirror, alpha=alpha)
+
+
+class SplitIndex:
+    """Record index -> record position (the key's prefix) and shard, for one split.
+
+    A rejected source file leaves a gap in the positions (docs/DATA_CONTRACT.md), so a record's index
+    (its place in key order) and its position differ after the first gap: only shards with gaps are
+    scanned for their keys; the others hold every position of their block.
+    """
+
+    def __init__(self, data_dir: Path, split: str, manifest: A.Manifest | None = None):
+        manifest = manifest or A.read_manifest(data_dir)
+        self.shard_paths = manifest.shard_paths(Path(data_dir), split)
+        shards = manifest.splits[split].shards
+        parts = []
+        for path, shard in zip(self.shard_paths, shards, strict=True):
+            if not (path / "data.mdb").exists():
+                raise ContractError(f"shard {path} of {split} is missing")
+            if shard.num_records == shard.stop_position - shard.first_position:
+                parts.append(np.arange(shard.first_position, shard.stop_position, dtype=np.int64))
+            else:
+                parts.append(_scan_positions(path))
+        self.positions = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        self.shard_first = np.array([s.first_position for s in shards], dtype=np.int64)
+        self.num_positions = int(shards[-1].stop_position) if shards else 0
+        self._envs = None
+        if len(self.positions) != manifest.splits[split].num_records:
+            raise ContractError(
+                f"the {split} shards hold {len(self.positions)} records, the manifest says "
+                f"{manifest.splits[split].num_records}; run `alexnet-prep verify`"
+            )
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def read(self, positions: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """The JPEG bytes (uint8 arrays) and labels of the records at ``positions``, read by key.
+
+        Each read is one B-tree seek to the key prefix ``{position:08d}_`` (the key's source path is
+        not needed); the shards stay open, read-only, for the reader's life.
+        """
+        if self._envs is None:
+            self._envs = [A.open_shard(path) for path in self.shard_paths]
+        shards = np.searchsorted(self.shard_first, positions, side="right") - 1
+        jpegs, labels = [], np.empty(len(positions), dtype=np.int64)
+        txns, cursors = [], {}
+        for i, (pos, shard) in enumerate(zip(positions.tolist(), shards.tolist(), strict=True)):
+            if shard not in cursors:
+                txns.append(self._envs[shard].begin(buffers=True))
+                cursors[shard] = txns[-1].cursor()
+            cursor = cursors[shard]
+            prefix = b"%0*d_" % (A.KEY_POSITION_DIGITS, pos)
+            if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                raise ContractError(f"record {pos} is missing from {self.shard_paths[shard]}")
+            datum = A.Datum.decode(cursor.value())
+            jpegs.append(np.frombuffer(datum.data, dtype=np.uint8))
+            labels[i] = datum.label
+        for txn in txns:
+            txn.abort()  # read-only: ends the snapshot
+        return jpegs, labels
+
+
+def _scan_positions(shard_path: Path) -> np.ndarray:
+    env = A.open_shard(shard_path)
+    try:
+        with env.begin() as txn:
+            keys = txn.cursor().iternext(keys=True, values=False)
+            return np.array([A.parse_key(k)[0] for k in keys], dtype=np.int64)
+    finally:
+        env.close()
+
+
+def replica_order(data_dir: Path, split: str, epoch: int, *, seed: int, rank: int, world: int,
+                  batch_size: int) -> np.ndarray:  # fmt: skip
+    """Record positions in the order replica ``rank`` of ``world`` receives them in ``epoch`` (from its
+    start), as the loader delivers them: ``alexnet-prep order``."""
+    if not 0 <= rank < world:
+        raise AlexnetError(f"replica {rank} is not in [0, {world})")
+    index = SplitIndex(data_dir, split)
+    training = split == "train"
+    order = epoch_order(len(index), seed, epoch) if training else np.arange(len(index))
+    steps = replica_steps(len(index), 0, rank, world, batch_size, training)
+    return index.positions[replica_indices(order, 0, rank, world, steps, batch_size)]
