@@ -108,7 +108,7 @@ def test_only_rank0_writes_and_checkpoint_records_both_replicas(uninterrupted):
     run = uninterrupted / "run"
     assert (run / "config.json").exists() and (run / "versions.json").exists()
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ck["world_size"] == WORLD and len(ck["ranks"]) == WORLD and ck["step"] == STEPS
+    assert ck["world_size"] == WORLD and len(ck["rng"]) == WORLD and ck["step"] == STEPS
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [x["step"] for x in lines if x["kind"] == "train"]
     assert train_steps == sorted(set(train_steps))  # one writer: no duplicated lines
@@ -145,7 +145,7 @@ def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninter
     assert [(s["stop_reason"], s["steps"]) for s in summaries] == [("signal", 4)] * WORLD
     assert [s["signal"] for s in summaries] == [None, "SIGTERM"]  # only replica 1 received it
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
-    assert (ck["step"], ck["batch_in_epoch"], len(ck["ranks"])) == (4, 0, WORLD)
+    assert (ck["step"], ck["batch_in_epoch"], len(ck["rng"])) == (4, 0, WORLD)
     _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)
 
 

@@ -16,7 +16,8 @@ Layout (``FORMAT_VERSION`` 3)::
     step            optimiser steps done (int)
     batch_in_epoch  steps done in the current epoch (0 at an epoch boundary)
     world_size      replicas that wrote it
-    ranks           one entry per replica: {"rng": ..., "loader": ...}
+    rng             one entry per replica: its generators (torch, CUDA, numpy, python)
+    loader          the loader's position: epoch, records consumed, seed (the same on every replica)
     config          the run's config dict
     best_top1_err   best centre-crop validation top-1 error so far (or None)
 

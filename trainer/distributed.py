@@ -35,7 +35,7 @@ Semantics (documented in the README and the report):
   order; validation error counts are summed over replicas.
 * **Files.** Only rank 0 writes (config, versions, metrics, checkpoints, TensorBoard).
 * **Checkpoints.** Rank 0 gathers every replica's RNG states and the loader position (epoch,
-  records consumed, seed: the same on every replica) into the checkpoint (``ranks[r]``). Resuming
+  records consumed, seed: the same on every replica) into the checkpoint (``rng[r]``, ``loader``). Resuming
   with the same replica count restores each replica's own RNG entry: exact continuation. With a
   different count (the same global batch), model, optimiser, schedule, counters and the loader
   position are restored, so the epoch's permutation continues without repeating or skipping

@@ -51,16 +51,6 @@ from alexnet.pipeline.errors import AlexnetError
 
 from . import constants as TC
 
-__all__ = [
-    "AlexNet",
-    "ColumnConv2d",
-    "ColumnLinear",
-    "LocalResponseNorm",
-    "PaperDropout",
-    "count_parameters",
-    "parse_gpus",
-]
-
 COLUMNS = 2  # §3.2 two GPUs, half of the kernels on each
 LEARNED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # §3 Figure 2 kernels per layer (both columns together) and the fully-connected widths.

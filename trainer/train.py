@@ -163,9 +163,9 @@ class Trainer:
         """The loader's position and this replica's generators. The position (epoch, records consumed,
         seed) is the same on every replica and continues the epoch's permutation with any replica
         count; the dropout generators are per replica, so another count seeds them afresh."""
-        self.train_loader.load_state_dict(ck["ranks"][0]["loader"])
+        self.train_loader.load_state_dict(ck["loader"])
         if int(ck["world_size"]) == self.info.world_size:
-            ckpt_io.set_rng_state(ck["ranks"][self.info.rank]["rng"])
+            ckpt_io.set_rng_state(ck["rng"][self.info.rank])
         else:
             seed_everything(replica_seed(self.config.run.seed, self.info.rank, self.state.step))
 
@@ -300,13 +300,12 @@ class Trainer:
         if not epoch_end:
             self._flush_meter()  # no checkpoint over a non-finite loss
         state = self.state
-        per_rank = D.all_gather_objects(
-            {"rng": ckpt_io.rng_state(), "loader": self.train_loader.state_dict()}, self.info
-        )
+        rngs = D.all_gather_objects(ckpt_io.rng_state(), self.info)  # dropout streams differ per replica
         payload = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "epoch": state.epoch, "step": state.step,
-            "batch_in_epoch": state.batch_in_epoch, "world_size": self.info.world_size, "ranks": per_rank,
+            "batch_in_epoch": state.batch_in_epoch, "world_size": self.info.world_size, "rng": rngs,
+            "loader": self.train_loader.state_dict(),
             "config": self.config.to_dict(), "best_top1_err": state.best_top1_err, "last_eval": state.last_eval,
             "elapsed_s": state.elapsed_before + time.monotonic() - self.t0, "loss_watch": self.watch.state_dict(),
             "dataset": self.dataset_entry, "reason": reason,
