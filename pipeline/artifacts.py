@@ -54,14 +54,6 @@ KEY_POSITION_DIGITS = 8
 MEAN_IMAGE_SHAPE = (C.STORED_SIZE, C.STORED_SIZE, 3)
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """``--data-dir`` if given, else ``$ALEXNET_DATA_DIR``, else ``./data``."""
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else DEFAULT_DATA_DIR
-
-
 # --------------------------------------------------------------------------- keys
 
 
@@ -225,9 +217,6 @@ class Manifest:
     rejected: list[dict[str, str]] = field(default_factory=list)
     complete: bool = True
     schema_version: int = SCHEMA_VERSION
-
-    def class_index(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.classes)}
 
     def shard_paths(self, data_dir: Path, split: str) -> list[Path]:
         """Absolute shard paths of a split in manifest (= key) order."""

@@ -35,7 +35,6 @@ IMAGENET_VAL_IMAGES = 50_000
 # Widely used ImageNet figures, printed beside ours for orientation only
 # (never used in computation). RGB, 0-255 scale; eigenvectors as columns.
 IMAGENET_REFERENCE_MEAN_RGB = (123.68, 116.28, 103.53)
-IMAGENET_REFERENCE_EIGVAL_01 = (0.2175, 0.0188, 0.0045)  # variances, 0-1 scale
 IMAGENET_REFERENCE_STD_255 = (121.78, 37.09, 19.72)  # sqrt of eigenvalues, 0-255 scale
 IMAGENET_REFERENCE_EIGVEC = (
     (-0.5675, 0.7192, 0.4009),

@@ -245,11 +245,10 @@ class DaliLoader:
         for _ in range(len(self)):
             if not self._pipes:
                 self._build()
-            pipe = self._pipes[self._turn % len(self._pipes)]  # the pipelines take turns
-            outputs = pipe.run()
+            outputs = self._pipes[self._turn % len(self._pipes)].run()  # the pipelines take turns
             self._turn += 1
             self.consumed = min(self.consumed + self.global_batch, self.num_records)
-            yield self._delivered(outputs, pipe)
+            yield self._delivered(outputs)
         self._next_epoch()
 
     def _next_epoch(self) -> None:
@@ -258,13 +257,13 @@ class DaliLoader:
         if self.buffer:
             self._drop()  # the next epoch's reader has its own seed
 
-    def _delivered(self, outputs, pipe):
+    def _delivered(self, outputs):
         import torch
 
-        images = self._to_torch(outputs[0], pipe)
+        images = self._to_torch(outputs[0])
         if self.dtype == "bfloat16":
             images = images.to(torch.bfloat16)
-        labels = self._to_torch(outputs[1], pipe).reshape(-1)
+        labels = self._to_torch(outputs[1]).reshape(-1)
         if not self.with_draws:
             return images, labels
         if self.buffer:
@@ -277,28 +276,23 @@ class DaliLoader:
             draws["alpha"] = np.array(outputs[5].as_tensor()).reshape(-1, 3)
         return images, labels, draws
 
-    def _to_torch(self, tensor_list, pipe):
+    def _to_torch(self, tensor_list):
         """A DALI batch as a torch tensor on ``device`` (GPU outputs stay on the GPU).
 
-        With DALI's dynamic executor (the default) every batch is a buffer of its own, handed over
-        without a copy through DLPack (DALI's own iterator does the same): the copy into a fresh
-        torch tensor cost ~30% of the CPU-only loader's time. Images and labels of a GPU pipeline are
-        both DALI GPU outputs; a host output bound for the GPU would be copied synchronously, so that
-        DALI's buffer cannot be freed under an async copy.
+        With DALI's dynamic executor (the default of the pinned DALI 2.4; create_pipeline keeps it)
+        every batch is a buffer of its own, handed over without a copy through DLPack (DALI's own
+        iterator does the same): the copy into a fresh torch tensor cost ~30% of the CPU-only
+        loader's time. Images and labels of a GPU pipeline are both DALI GPU outputs; a host output
+        bound for the GPU would be copied synchronously, so that DALI's buffer cannot be freed under
+        an async copy.
         """
         import torch
         from nvidia.dali.backend import TensorListGPU
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-        t = tensor_list.as_tensor()
         dev = torch.device(self.device)
         on_gpu = isinstance(tensor_list, TensorListGPU)
-        if pipe.exec_dynamic:
-            with dev if on_gpu else torch.device("cpu"):
-                out = torch.from_dlpack(t)
-        else:  # the legacy executors reuse their output buffers: copy out
-            out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev if on_gpu else "cpu")
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev) if on_gpu else None)
+        with dev if on_gpu else torch.device("cpu"):
+            out = torch.from_dlpack(tensor_list.as_tensor())
         return out if on_gpu or dev.type == "cpu" else out.to(dev)
 
     def reset(self) -> None:
@@ -321,10 +315,6 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
-        if "dali_checkpoints" in state:  # saved before the global shuffle: its order cannot be continued
-            self.epoch, self.consumed, self._pipes = int(state["epoch"]), 0, []
-            self.note = f"loader state of an older version (DALI checkpoints): epoch {self.epoch + 1} restarts"
-            return
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
