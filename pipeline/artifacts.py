@@ -28,6 +28,7 @@ import io
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,8 +184,6 @@ class Datum:
 
 
 def crc32(value: bytes) -> int:
-    import zlib
-
     return zlib.crc32(value) & 0xFFFFFFFF
 
 
@@ -289,10 +288,8 @@ def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
     return d
 
 
-def write_manifest(data_dir: Path, manifest: Manifest) -> Path:
-    path = Path(data_dir) / MANIFEST_FILE
-    atomic_write_json(path, _to_json(manifest))
-    return path
+def write_manifest(data_dir: Path, manifest: Manifest) -> None:
+    atomic_write_json(Path(data_dir) / MANIFEST_FILE, _to_json(manifest))
 
 
 def read_manifest(data_dir: Path, *, require_complete: bool = True) -> Manifest:
