@@ -18,10 +18,8 @@ MIRROR_PROBABILITY = 0.5
 
 # §4.1 PCA lighting: alpha_i ~ N(0, 0.1), drawn once per image.
 LIGHTING_STD = 0.1
-# Scale conventions for the lighting shift (see docs/DEVIATIONS.md):
-#   "sqrt": s_i = sqrt(lambda_i) on the 0-255 scale (the authors' released code), default;
-#   "eigval01": s_i = lambda_i / 255, i.e. the 0-1-scale variance lambda_i / 255**2
-#               applied to a 0-1 image, expressed on the 0-255 scale (fb.resnet.torch).
+# Scale conventions for the lighting shift, each explained in dali_pipeline.lighting_scale_values
+# and docs/DEVIATIONS.md A2; "sqrt" (the authors' released code) is the default.
 LIGHTING_SCALES = ("sqrt", "eigval01")
 DEFAULT_LIGHTING_SCALE = "sqrt"
 
