@@ -323,8 +323,7 @@ class Stats:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        ev = np.asarray(self.eigvec, dtype=np.float64)
-        if np.asarray(self.mean_rgb).shape != (3,) or np.asarray(self.eigval).shape != (3,) or ev.shape != (3, 3):
+        if np.shape(self.mean_rgb) != (3,) or np.shape(self.eigval) != (3,) or self.eigvec_array.shape != (3, 3):
             raise ContractError("stats: mean_rgb and eigval need 3 values, eigvec 3x3")
 
     @property

@@ -139,10 +139,9 @@ class DaliLoader:
         self.data_dir, self.split, self.data = Path(data_dir), split, data
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.dtype, self.with_draws = device, dtype, with_draws
-        manifest = A.read_manifest(self.data_dir)
+        self.index = O.SplitIndex(self.data_dir, split)  # reads the manifest: "no dataset" is the first error
         self.mean_image = A.read_mean_image(self.data_dir)
         self.stats = A.read_stats(self.data_dir)
-        self.index = O.SplitIndex(self.data_dir, split, manifest)
         self.num_records = len(self.index)  # records in the split (all replicas)
         self.buffer = data.shuffle == "buffer" and self.is_training
         self.plan = O.ReplicaPlan(self.index, seed, rank, world, batch_size, self.is_training)
