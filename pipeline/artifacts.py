@@ -24,9 +24,11 @@ shuffled order.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,14 +54,6 @@ RECORD_CRC_FILE = "crc32.npy"
 SPLITS = ("train", "val")
 KEY_POSITION_DIGITS = 8
 MEAN_IMAGE_SHAPE = (C.STORED_SIZE, C.STORED_SIZE, 3)
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """``--data-dir`` if given, else ``$ALEXNET_DATA_DIR``, else ``./data``."""
-    if data_dir is not None:
-        return Path(data_dir)
-    env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else DEFAULT_DATA_DIR
 
 
 # --------------------------------------------------------------------------- keys
@@ -190,8 +184,6 @@ class Datum:
 
 
 def crc32(value: bytes) -> int:
-    import zlib
-
     return zlib.crc32(value) & 0xFFFFFFFF
 
 
@@ -226,41 +218,25 @@ class Manifest:
     complete: bool = True
     schema_version: int = SCHEMA_VERSION
 
-    def class_index(self) -> dict[str, int]:
-        return {w: i for i, w in enumerate(self.classes)}
-
     def shard_paths(self, data_dir: Path, split: str) -> list[Path]:
         """Absolute shard paths of a split in manifest (= key) order."""
         if split not in self.splits:
             raise ContractError(f"split {split!r} is not in the manifest (have: {', '.join(self.splits)})")
         return [Path(data_dir) / s.path for s in self.splits[split].shards]
 
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {"schema_version": d.pop("schema_version"), **d}
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """The inverse of ``_to_json``; a field this version does not know is an invalid manifest."""
         splits = {
-            name: SplitInfo(
-                num_records=int(s["num_records"]),
-                source_count=int(s["source_count"]),
-                shards=[ShardInfo(**sh) for sh in s["shards"]],
-                rejected=int(s.get("rejected", 0)),
-                layout=s.get("layout", ""),
-            )
+            name: SplitInfo(**{**s, "shards": [ShardInfo(**sh) for sh in s["shards"]]})
             for name, s in d["splits"].items()
         }
-        return cls(
-            classes=list(d["classes"]),
-            splits=splits,
-            class_names=list(d.get("class_names", [])),
-            build=dict(d.get("build", {})),
-            source=dict(d.get("source", {})),
-            rejected=list(d.get("rejected", [])),
-            complete=bool(d.get("complete", True)),
-            schema_version=int(d["schema_version"]),
-        )
+        return cls(**{**d, "splits": splits})
+
+
+def _to_json(obj: Manifest | Stats) -> dict[str, Any]:
+    d = asdict(obj)
+    return {"schema_version": d.pop("schema_version"), **d}  # first in the file
 
 
 def _umask() -> int:
@@ -290,11 +266,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def _atomic_write_npy(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
     try:
         d = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ContractError(f"{what} not found: {path}") from None
+        raise ContractError(missing) from None
     except (OSError, ValueError) as e:
         raise ContractError(f"cannot read {what} {path}: {e}") from None
     version = d.get("schema_version") if isinstance(d, dict) else None
@@ -306,20 +288,17 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return d
 
 
-def write_manifest(data_dir: Path, manifest: Manifest) -> Path:
-    path = Path(data_dir) / MANIFEST_FILE
-    atomic_write_json(path, manifest.to_json())
-    return path
+def write_manifest(data_dir: Path, manifest: Manifest) -> None:
+    atomic_write_json(Path(data_dir) / MANIFEST_FILE, _to_json(manifest))
 
 
 def read_manifest(data_dir: Path, *, require_complete: bool = True) -> Manifest:
     path = Path(data_dir) / MANIFEST_FILE
-    if not path.exists():
-        raise ContractError(
-            f"no dataset at {data_dir}: {MANIFEST_FILE} is missing (run: alexnet-prep build-lmdb SRC --data-dir {data_dir})"
-        )
+    missing = (
+        f"no dataset at {data_dir}: {MANIFEST_FILE} is missing (run: alexnet-prep build-lmdb SRC --data-dir {data_dir})"
+    )
     try:
-        m = Manifest.from_json(_read_json(path, "manifest"))
+        m = Manifest.from_json(_read_json(path, "manifest", missing))
     except (KeyError, TypeError, ValueError) as e:
         raise ContractError(f"{path} is not a valid manifest: {e}") from None
     if require_complete and not m.complete:
@@ -344,8 +323,7 @@ class Stats:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        ev = np.asarray(self.eigvec, dtype=np.float64)
-        if np.asarray(self.mean_rgb).shape != (3,) or np.asarray(self.eigval).shape != (3,) or ev.shape != (3, 3):
+        if np.shape(self.mean_rgb) != (3,) or np.shape(self.eigval) != (3,) or self.eigvec_array.shape != (3, 3):
             raise ContractError("stats: mean_rgb and eigval need 3 values, eigvec 3x3")
 
     @property
@@ -362,22 +340,17 @@ def write_stats(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> None:
     mean_image = np.asarray(mean_image, dtype=np.float32)
     if mean_image.shape != MEAN_IMAGE_SHAPE:
         raise ContractError(f"mean image has shape {mean_image.shape}, expected {MEAN_IMAGE_SHAPE}")
-    import io
+    _atomic_write_npy(Path(data_dir) / MEAN_IMAGE_FILE, mean_image)
+    atomic_write_json(Path(data_dir) / STATS_FILE, _to_json(stats))
 
-    buf = io.BytesIO()
-    np.save(buf, mean_image)
-    atomic_write_bytes(Path(data_dir) / MEAN_IMAGE_FILE, buf.getvalue())
-    d = asdict(stats)
-    atomic_write_json(Path(data_dir) / STATS_FILE, {"schema_version": d.pop("schema_version"), **d})
+
+def _pca_stats_missing(data_dir: Path, name: str) -> str:
+    return f"{name} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})"
 
 
 def read_stats(data_dir: Path) -> Stats:
     path = Path(data_dir) / STATS_FILE
-    if not path.exists():
-        raise ContractError(
-            f"{STATS_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})"
-        )
-    d = _read_json(path, "stats")
+    d = _read_json(path, "stats", _pca_stats_missing(data_dir, STATS_FILE))
     try:
         return Stats(**d)
     except TypeError as e:
@@ -387,9 +360,7 @@ def read_stats(data_dir: Path) -> Stats:
 def read_mean_image(data_dir: Path) -> np.ndarray:
     path = Path(data_dir) / MEAN_IMAGE_FILE
     if not path.exists():
-        raise ContractError(
-            f"{MEAN_IMAGE_FILE} is missing in {data_dir} (run: alexnet-prep pca-stats --data-dir {data_dir})"
-        )
+        raise ContractError(_pca_stats_missing(data_dir, MEAN_IMAGE_FILE))
     arr = np.load(path, allow_pickle=False)
     if arr.shape != MEAN_IMAGE_SHAPE or arr.dtype != np.float32:
         raise ContractError(f"{path}: expected float32 {MEAN_IMAGE_SHAPE}, found {arr.dtype} {arr.shape}")
@@ -446,11 +417,7 @@ def read_record_crcs(shard_path: Path) -> np.ndarray:
 
 
 def write_record_crcs(shard_path: Path, crcs: np.ndarray) -> None:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(crcs, dtype=np.uint32))
-    atomic_write_bytes(Path(shard_path) / RECORD_CRC_FILE, buf.getvalue())
+    _atomic_write_npy(Path(shard_path) / RECORD_CRC_FILE, np.asarray(crcs, dtype=np.uint32))
 
 
 def write_split(

@@ -7,6 +7,7 @@ line on stderr with exit status 1; Ctrl-C becomes exit 130 with a hint to resume
 
 from __future__ import annotations
 
+import importlib
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -76,8 +77,6 @@ class LazyGroup(Group):
 
     def get_command(self, ctx, name):
         if name in self.lazy_commands:
-            import importlib
-
             module, _, attr = self.lazy_commands[name].partition(":")
             return getattr(importlib.import_module(module), attr)
         return super().get_command(ctx, name)
@@ -85,15 +84,10 @@ class LazyGroup(Group):
 
 def versions_report(prog: str) -> str:
     """``--version`` text: this package, the active PIL, and the other key libraries."""
-    lines = [f"{prog} {package_version()}"]
-    try:
-        from .images import pil_summary
-
-        lines.append(f"PIL: {pil_summary()}")
-    except ImportError:
-        lines.append("PIL: not installed")
     from . import dali
+    from .images import pil_summary  # PIL (pillow-simd) is a requirement: no "not installed" case
 
+    lines = [f"{prog} {package_version()}", f"PIL: {pil_summary()}"]
     for dist in ("torch", "lmdb", "numpy"):
         try:
             lines.append(f"{dist}: {metadata.version(dist)}")
@@ -107,14 +101,11 @@ def version_option(prog: str):
     def callback(ctx, _param, value):
         if not value or ctx.resilient_parsing:
             return
-        click.echo(versions_report(prog))
-        try:
-            from .images import pil_info
+        from .images import pil_info
 
-            if not pil_info()["simd"]:
-                click.echo("warning: plain Pillow has shadowed pillow-simd (see README, 'pillow-simd')", err=True)
-        except ImportError:
-            pass
+        click.echo(versions_report(prog))
+        if not pil_info()["simd"]:
+            click.echo("warning: plain Pillow has shadowed pillow-simd (see README, 'pillow-simd')", err=True)
         ctx.exit()
 
     return click.option(

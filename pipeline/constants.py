@@ -18,10 +18,8 @@ MIRROR_PROBABILITY = 0.5
 
 # §4.1 PCA lighting: alpha_i ~ N(0, 0.1), drawn once per image.
 LIGHTING_STD = 0.1
-# Scale conventions for the lighting shift (see docs/DEVIATIONS.md):
-#   "sqrt": s_i = sqrt(lambda_i) on the 0-255 scale (the authors' released code), default;
-#   "eigval01": s_i = lambda_i / 255, i.e. the 0-1-scale variance lambda_i / 255**2
-#               applied to a 0-1 image, expressed on the 0-255 scale (fb.resnet.torch).
+# Scale conventions for the lighting shift, each explained in dali_pipeline.lighting_scale_values
+# and docs/DEVIATIONS.md A2; "sqrt" (the authors' released code) is the default.
 LIGHTING_SCALES = ("sqrt", "eigval01")
 DEFAULT_LIGHTING_SCALE = "sqrt"
 
@@ -35,7 +33,6 @@ IMAGENET_VAL_IMAGES = 50_000
 # Widely used ImageNet figures, printed beside ours for orientation only
 # (never used in computation). RGB, 0-255 scale; eigenvectors as columns.
 IMAGENET_REFERENCE_MEAN_RGB = (123.68, 116.28, 103.53)
-IMAGENET_REFERENCE_EIGVAL_01 = (0.2175, 0.0188, 0.0045)  # variances, 0-1 scale
 IMAGENET_REFERENCE_STD_255 = (121.78, 37.09, 19.72)  # sqrt of eigenvalues, 0-255 scale
 IMAGENET_REFERENCE_EIGVEC = (
     (-0.5675, 0.7192, 0.4009),

@@ -3,12 +3,9 @@
 Per training image (§4.1), in this order (each step is a pure function of the decoded 256x256
 record and the image's random draws, so the order is only a matter of speed):
 
-1. read: with ``shuffle="global"`` (the default) the loader hands each batch in through
-   ``fn.external_source``: the records' JPEG bytes and labels, read from LMDB by key in the order
-   of ``pipeline/order.py``, with their positions and their draws (crop offsets, mirror, alpha:
-   functions of (seed, epoch, record position)). With ``shuffle="buffer"`` ``fn.readers.caffe``
-   reads this replica's contiguous part of the shards sequentially, reshuffled through a
-   4096-record buffer, and ``fn.random`` draws (docs/DEVIATIONS.md A4);
+1. read: with ``shuffle="global"`` (the default) the loader's batches through ``fn.external_source``,
+   with their positions and draws (``external_inputs``); with ``shuffle="buffer"`` the caffe reader
+   and ``fn.random`` draws (``reader_inputs``, docs/DEVIATIONS.md A4);
 2. decode: ``"mixed"`` (nvJPEG, the hardware decoder where there is one) on a GPU, ``"cpu"`` otherwise;
 3. subtract the mean (§2): by default the per-pixel mean image at the crop's own offset, mirrored with
    the image (the exact form; done as one float subtraction of the whole 256x256 mean image before
@@ -97,13 +94,9 @@ def external_inputs(spec: PipelineSpec, source):
     batches in its order, with the draws of pipeline/order.py)."""
     from nvidia.dali import fn, types
 
-    if spec.is_training:
-        dtypes, ndims = (
-            [types.UINT8, types.INT64, types.INT64, types.INT32, types.INT32, types.FLOAT],
-            [1, 0, 0, 1, 0, 1],
-        )
-    else:
-        dtypes, ndims = [types.UINT8, types.INT64, types.INT64], [1, 0, 0]
+    dtypes, ndims = [types.UINT8, types.INT64, types.INT64], [1, 0, 0]
+    if spec.is_training:  # the draws
+        dtypes, ndims = dtypes + [types.INT32, types.INT32, types.FLOAT], ndims + [1, 0, 1]
     return fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=ndims)
 
 
@@ -153,8 +146,8 @@ class _Graph:
     def decode(self, jpegs):
         from nvidia.dali import fn
 
-        rgb = self.types.RGB
-        return self.on_device(fn.decoders.image(jpegs, device=self.decoder, output_type=rgb, **self.decoder_args))
+        images = fn.decoders.image(jpegs, device=self.decoder, output_type=self.types.RGB, **self.decoder_args)
+        return self.on_device(images)
 
     def centred(self, images):
         """§2 mean image, exact form: subtracting the whole 256x256 mean image (float) before the crop

@@ -109,10 +109,7 @@ def pil_info() -> dict[str, str | bool]:
 
     version = PIL.__version__
     simd = ".post" in version
-    try:
-        jpeg = features.version("jpg") or "unknown"
-    except Exception:  # pragma: no cover - very old Pillow
-        jpeg = "unknown"
+    jpeg = features.version("jpg") or "unknown"
     return {"version": version, "simd": simd, "libjpeg": str(jpeg), "name": "pillow-simd" if simd else "Pillow"}
 
 

@@ -7,16 +7,10 @@
     state = loader.state_dict()          # {"epoch", "consumed", "seed", ...}: plain, the same on every replica
     loader.load_state_dict(state)        # the next batch is the one an uninterrupted run would get
 
-Order (``shuffle="global"``, the default; pipeline/order.py). Each epoch is a fresh uniform
-permutation of the split, a function of (seed, epoch); replica ``rank`` of ``world`` reads the strided
-share ``order[consumed:][rank::world]`` in batches of ``batch_size``, every replica the same number of
-full batches, so only the final global partial batch is dropped. Validation reads key order, every
-record exactly once, the last batch partial. The records are read from LMDB by key and handed to
-DALI with their draws (crop, flip, lighting: functions of (seed, epoch, record position)).
-
-Position. The whole job's position is (epoch, records consumed in it): after ``k`` steps it has
-consumed ``order[c : c + k * world * batch_size]``, so a state saved with one replica count (or
-pipeline count) resumes with another on the same permutation, without repeating or skipping.
+Order (``shuffle="global"``, the default): each epoch's permutation, each replica's strided share of
+it and every image's draws are those of pipeline/order.py; the records are read from LMDB by key and
+handed to DALI with their draws. The job's position is (epoch, records consumed in it), so a state
+saved with one replica count (or pipeline count) resumes with another on the same permutation.
 
 Pipelines. With ``pipelines=K`` pipeline ``j`` prepares the replica's batches ``j, j + K, ...`` and
 the loader takes them in turn: the delivered stream is the same for every K. On a GPU one pipeline
@@ -86,8 +80,7 @@ class DataConfig:
             raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
 
     def resolved_pipelines(self, device: str) -> int:
-        """Pipelines per replica on ``device``: auto is 2 on a GPU (one cannot feed an H100), 1 on the
-        CPU; the buffer mode's reader has one pipeline per replica."""
+        """Pipelines per replica on ``device`` (see ``pipelines``; on a GPU one cannot feed an H100)."""
         if self.shuffle == "buffer":
             return 1
         return self.pipelines or (2 if device.startswith("cuda") else 1)
@@ -103,54 +96,19 @@ def device_id_for(device: str) -> int | None:
     raise AlexnetError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
 
 
-class _Plan:
-    """The replica's batches, epoch after epoch, as record positions and draws (pipeline/order.py)."""
-
-    def __init__(self, index: O.SplitIndex, seed: int, rank: int, world: int, batch_size: int, training: bool):
-        self.index, self.seed, self.rank, self.world = index, seed, rank, world
-        self.batch_size, self.training = batch_size, training
-        self._orders: dict[int, np.ndarray] = {}
-        self._draws: dict[int, O.Draws] = {}
-
-    def steps(self, consumed: int) -> int:
-        return O.replica_steps(len(self.index), consumed, self.rank, self.world, self.batch_size, self.training)
-
-    def _cached(self, cache: dict, epoch: int, make):
-        if epoch not in cache:
-            while len(cache) > 1:  # prefetching crosses an epoch's end: keep this epoch and the next
-                cache.pop(min(cache))
-            cache[epoch] = make()
-        return cache[epoch]
-
-    def batch(self, epoch: int, consumed: int, k: int) -> np.ndarray:
-        """Record positions of the replica's batch ``k`` after ``consumed`` records of ``epoch``."""
-        n = len(self.index)
-        order = (
-            self._cached(self._orders, epoch, lambda: O.epoch_order(n, self.seed, epoch))
-            if self.training
-            else np.arange(n)
-        )
-        share = O.replica_indices(order, consumed, self.rank, self.world, self.steps(consumed), self.batch_size)
-        return self.index.positions[share[k * self.batch_size : (k + 1) * self.batch_size]]
-
-    def draws(self, epoch: int) -> O.Draws:
-        return self._cached(self._draws, epoch, lambda: O.epoch_draws(self.index.num_positions, self.seed, epoch))
-
-
 class _Source:
     """``fn.external_source`` callback of pipeline ``j`` of ``k``: the replica's batches ``j, j + k, ...``
     counted from (epoch, consumed), read from LMDB, with their draws. DALI calls it with 0, 1, 2, ...
     (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue)."""
 
-    def __init__(self, plan: _Plan, epoch: int, consumed: int, j: int, k: int):
+    def __init__(self, plan: O.ReplicaPlan, epoch: int, consumed: int, j: int, k: int):
         self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
 
     def __call__(self, iteration: int):
         t = self.j + iteration * self.k  # the batch's place in the replica's stream
         epoch, consumed, first = self.epoch, self.consumed, self.plan.steps(self.consumed)
         if t >= first:  # a later epoch, read from its start
-            per_epoch = self.plan.steps(0)
-            later, t = divmod(t - first, per_epoch)
+            later, t = divmod(t - first, self.plan.steps(0))  # full epochs in between, and the batch
             epoch, consumed = epoch + 1 + later, 0
         positions = self.plan.batch(epoch, consumed, t)
         jpegs, labels = self.plan.index.read(positions)
@@ -161,10 +119,16 @@ class _Source:
 
 
 class DaliLoader:
-    """Iterates one split for one replica; see the module docstring."""
+    """The loader of one split for replica ``rank`` of ``world``: ``batch_size`` images per batch on this
+    replica (§5's 128 is the global batch: the caller divides it), delivered on ``device`` in ``dtype``
+    ("float32" | "float16" | "bfloat16": DALI has none, cast from float32 on delivery); ``ten_crop``
+    (val): [B, 10, 3, 224, 224]; ``with_draws``: also a dict of record positions (+ train: the draws)."""
 
-    def __init__(self, data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int, rank: int,
-                 world: int, device: str, dtype: str, ten_crop: bool, with_draws: bool):  # fmt: skip
+    def __init__(self, data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int = 0, rank: int = 0,
+                 world: int = 1, device: str = "cpu", dtype: str = "float32", ten_crop: bool = False,
+                 with_draws: bool = False):  # fmt: skip
+        if split not in A.SPLITS:
+            raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
         if batch_size < 1 or not 0 <= rank < world:
             raise AlexnetError(f"batch_size must be >= 1 and rank {rank} in [0, {world})")
         if dtype not in ("float32", "float16", "bfloat16"):
@@ -175,13 +139,12 @@ class DaliLoader:
         self.data_dir, self.split, self.data = Path(data_dir), split, data
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.dtype, self.with_draws = device, dtype, with_draws
-        manifest = A.read_manifest(self.data_dir)
+        self.index = O.SplitIndex(self.data_dir, split)  # reads the manifest: "no dataset" is the first error
         self.mean_image = A.read_mean_image(self.data_dir)
         self.stats = A.read_stats(self.data_dir)
-        self.index = O.SplitIndex(self.data_dir, split, manifest)
         self.num_records = len(self.index)  # records in the split (all replicas)
         self.buffer = data.shuffle == "buffer" and self.is_training
-        self.plan = _Plan(self.index, seed, rank, world, batch_size, self.is_training)
+        self.plan = O.ReplicaPlan(self.index, seed, rank, world, batch_size, self.is_training)
         self.spec = PipelineSpec(
             data=data, is_training=self.is_training, batch_size=batch_size, device_id=device_id_for(device),
             dtype="float32" if dtype == "bfloat16" else dtype, ten_crop=ten_crop, seed=seed,
@@ -223,12 +186,8 @@ class DaliLoader:
             self._pipes = [create_pipeline(spec, self.mean_image, self.stats)]
         else:
             k = self.num_pipelines
-            self._pipes = [
-                create_pipeline(
-                    self.spec, self.mean_image, self.stats, _Source(self.plan, self.epoch, self.consumed, j, k)
-                )
-                for j in range(k)
-            ]
+            sources = [_Source(self.plan, self.epoch, self.consumed, j, k) for j in range(k)]
+            self._pipes = [create_pipeline(self.spec, self.mean_image, self.stats, source) for source in sources]
         for pipe in self._pipes:
             pipe.build()
         self._turn = 0
@@ -245,11 +204,10 @@ class DaliLoader:
         for _ in range(len(self)):
             if not self._pipes:
                 self._build()
-            pipe = self._pipes[self._turn % len(self._pipes)]  # the pipelines take turns
-            outputs = pipe.run()
+            outputs = self._pipes[self._turn % len(self._pipes)].run()  # the pipelines take turns
             self._turn += 1
             self.consumed = min(self.consumed + self.global_batch, self.num_records)
-            yield self._delivered(outputs, pipe)
+            yield self._delivered(outputs)
         self._next_epoch()
 
     def _next_epoch(self) -> None:
@@ -258,47 +216,40 @@ class DaliLoader:
         if self.buffer:
             self._drop()  # the next epoch's reader has its own seed
 
-    def _delivered(self, outputs, pipe):
+    def _delivered(self, outputs):
         import torch
 
-        images = self._to_torch(outputs[0], pipe)
+        images = self._to_torch(outputs[0])
         if self.dtype == "bfloat16":
             images = images.to(torch.bfloat16)
-        labels = self._to_torch(outputs[1], pipe).reshape(-1)
+        labels = self._to_torch(outputs[1]).reshape(-1)
         if not self.with_draws:
             return images, labels
-        if self.buffer:
-            draws = {"index": record_positions(outputs[2])}
-        else:
-            draws = {"index": np.array(outputs[2].as_tensor()).reshape(-1)}
+        index = record_positions(outputs[2]) if self.buffer else np.array(outputs[2].as_tensor()).reshape(-1)
+        draws = {"index": index}
         if self.is_training:
             draws["crop_xy"] = np.array(outputs[3].as_tensor()).reshape(-1, 2)
             draws["mirror"] = np.array(outputs[4].as_tensor()).reshape(-1)
             draws["alpha"] = np.array(outputs[5].as_tensor()).reshape(-1, 3)
         return images, labels, draws
 
-    def _to_torch(self, tensor_list, pipe):
+    def _to_torch(self, tensor_list):
         """A DALI batch as a torch tensor on ``device`` (GPU outputs stay on the GPU).
 
-        With DALI's dynamic executor (the default) every batch is a buffer of its own, handed over
-        without a copy through DLPack (DALI's own iterator does the same): the copy into a fresh
-        torch tensor cost ~30% of the CPU-only loader's time. Images and labels of a GPU pipeline are
-        both DALI GPU outputs; a host output bound for the GPU would be copied synchronously, so that
-        DALI's buffer cannot be freed under an async copy.
+        With DALI's dynamic executor (the default of the pinned DALI 2.4; create_pipeline keeps it)
+        every batch is a buffer of its own, handed over without a copy through DLPack (DALI's own
+        iterator does the same): the copy into a fresh torch tensor cost ~30% of the CPU-only
+        loader's time. Images and labels of a GPU pipeline are both DALI GPU outputs; a host output
+        bound for the GPU would be copied synchronously, so that DALI's buffer cannot be freed under
+        an async copy.
         """
         import torch
         from nvidia.dali.backend import TensorListGPU
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
 
-        t = tensor_list.as_tensor()
         dev = torch.device(self.device)
         on_gpu = isinstance(tensor_list, TensorListGPU)
-        if pipe.exec_dynamic:
-            with dev if on_gpu else torch.device("cpu"):
-                out = torch.from_dlpack(t)
-        else:  # the legacy executors reuse their output buffers: copy out
-            out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=dev if on_gpu else "cpu")
-            feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(dev) if on_gpu else None)
+        with dev if on_gpu else torch.device("cpu"):
+            out = torch.from_dlpack(tensor_list.as_tensor())
         return out if on_gpu or dev.type == "cpu" else out.to(dev)
 
     def reset(self) -> None:
@@ -321,10 +272,6 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
-        if "dali_checkpoints" in state:  # saved before the global shuffle: its order cannot be continued
-            self.epoch, self.consumed, self._pipes = int(state["epoch"]), 0, []
-            self.note = f"loader state of an older version (DALI checkpoints): epoch {self.epoch + 1} restarts"
-            return
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
@@ -340,14 +287,4 @@ class DaliLoader:
         self._drop()
 
 
-def create_loader(data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int = 0, rank: int = 0,
-                  world: int = 1, device: str = "cpu", dtype: str = "float32", ten_crop: bool = False,
-                  with_draws: bool = False) -> DaliLoader:  # fmt: skip
-    """The loader of one split for replica ``rank`` of ``world``: ``batch_size`` images per batch on this
-    replica (§5's 128 is the global batch: the caller divides it), delivered on ``device`` in ``dtype``
-    ("float32" | "float16" | "bfloat16": DALI has none, cast from float32 on delivery); ``ten_crop``
-    (val): [B, 10, 3, 224, 224]; ``with_draws``: also a dict of record positions (+ train: the draws)."""
-    if split not in A.SPLITS:
-        raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
-    return DaliLoader(Path(data_dir), split, data, batch_size=batch_size, seed=seed, rank=rank, world=world,
-                      device=device, dtype=dtype, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
+create_loader = DaliLoader  # the public name: trainer, tools and benchmarks call it

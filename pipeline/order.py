@@ -66,8 +66,7 @@ class Draws:
 
 
 def epoch_draws(num_positions: int, seed: int, epoch: int) -> Draws:
-    """The draws of every record position in ``epoch`` (the paper's distributions, §4.1): integer crop
-    offsets uniform over all 33 x 33 positions, a flip with probability 0.5, alpha ~ N(0, 0.1)."""
+    """The draws of every record position in ``epoch``, in the paper's distributions (``Draws``)."""
     rng = np.random.default_rng([seed, epoch, DRAWS_STREAM])
     crop_xy = rng.integers(0, C.CROP_POSITIONS, (num_positions, 2), dtype=np.int32)
     mirror = (rng.random(num_positions) < C.MIRROR_PROBABILITY).astype(np.int32)
@@ -145,14 +144,49 @@ def _scan_positions(shard_path: Path) -> np.ndarray:
         env.close()
 
 
+class ReplicaPlan:
+    """The replica's batches, epoch after epoch, as record positions and draws: what the loader reads
+    and ``alexnet-prep order`` prints."""
+
+    def __init__(self, index: SplitIndex, seed: int, rank: int, world: int, batch_size: int, training: bool):
+        self.index, self.seed, self.rank, self.world = index, seed, rank, world
+        self.batch_size, self.training = batch_size, training
+        self._orders: dict[int, np.ndarray] = {}
+        self._draws: dict[int, Draws] = {}
+
+    def steps(self, consumed: int) -> int:
+        return replica_steps(len(self.index), consumed, self.rank, self.world, self.batch_size, self.training)
+
+    def _cached(self, cache: dict, epoch: int, make):
+        if epoch not in cache:
+            while len(cache) > 1:  # prefetching crosses an epoch's end: keep this epoch and the next
+                cache.pop(min(cache))
+            cache[epoch] = make()
+        return cache[epoch]
+
+    def indices(self, epoch: int, consumed: int) -> np.ndarray:
+        """Record indices the replica reads after ``consumed`` records of ``epoch``, to the epoch's end."""
+        n = len(self.index)
+        order = (
+            self._cached(self._orders, epoch, lambda: epoch_order(n, self.seed, epoch))
+            if self.training
+            else np.arange(n)
+        )
+        return replica_indices(order, consumed, self.rank, self.world, self.steps(consumed), self.batch_size)
+
+    def batch(self, epoch: int, consumed: int, k: int) -> np.ndarray:
+        """Record positions of the replica's batch ``k`` after ``consumed`` records of ``epoch``."""
+        return self.index.positions[self.indices(epoch, consumed)[k * self.batch_size : (k + 1) * self.batch_size]]
+
+    def draws(self, epoch: int) -> Draws:
+        return self._cached(self._draws, epoch, lambda: epoch_draws(self.index.num_positions, self.seed, epoch))
+
+
 def replica_order(data_dir: Path, split: str, epoch: int, *, seed: int, rank: int, world: int,
                   batch_size: int) -> np.ndarray:  # fmt: skip
     """Record positions in the order replica ``rank`` of ``world`` receives them in ``epoch`` (from its
     start), as the loader delivers them: ``alexnet-prep order``."""
     if not 0 <= rank < world:
         raise AlexnetError(f"replica {rank} is not in [0, {world})")
-    index = SplitIndex(data_dir, split)
-    training = split == "train"
-    order = epoch_order(len(index), seed, epoch) if training else np.arange(len(index))
-    steps = replica_steps(len(index), 0, rank, world, batch_size, training)
-    return index.positions[replica_indices(order, 0, rank, world, steps, batch_size)]
+    plan = ReplicaPlan(SplitIndex(data_dir, split), seed, rank, world, batch_size, training=split == "train")
+    return plan.index.positions[plan.indices(epoch, 0)]
