@@ -207,11 +207,7 @@ class PixelMoments:
 
     def update(self, images: np.ndarray) -> None:
         """Add a stack of uint8 images ``[n, H, W, 3]``."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"expected uint8 images [n, {', '.join(map(str, self.image_shape))}], "
-                             f"got {images.dtype} {images.shape}")  # fmt: skip
-        for image in images:
+        for image in np.asarray(images):  # add() checks each image
             self.add(image)
         self._flush()
 
@@ -245,9 +241,6 @@ class PixelMoments:
         # Chan, Golub & LeVeque (1979): pairwise combination of counts, means and co-moments.
         n_a = self.n_pixels
         if n_b == 0:
-            return
-        if n_a == 0:
-            self.n_pixels, self.mean, self.comoment = n_b, mean_b.copy(), m2_b.copy()
             return
         n = n_a + n_b
         delta = mean_b - self.mean
@@ -350,35 +343,27 @@ def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> tupl
     """Decode the given records of one shard into ``moments``: (records looked at, skipped "shard key: reason")."""
     shard_path, shard_rel, keys = task
     skipped: list[str] = []
-    env = A.open_shard(Path(shard_path))
-    try:
-        with env.begin(buffers=True) as txn:
-            for key in keys:
-                value = txn.get(key)
-                try:
-                    if value is None:
-                        raise ValueError("record vanished from the shard")
-                    datum = A.Datum.decode(bytes(value))
-                    if not datum.encoded:
-                        raise ValueError("Datum holds raw pixels, not an encoded image")
-                    image = decode_rgb(datum.data)
-                except Exception as e:  # any decoder failure is a counted, reported skip
-                    skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
-                    continue
-                moments.add(image)
-    finally:
-        env.close()
+    with A.open_shard(Path(shard_path)) as env, env.begin(buffers=True) as txn:
+        for key in keys:
+            value = txn.get(key)
+            try:
+                if value is None:
+                    raise ValueError("record vanished from the shard")
+                datum = A.Datum.decode(bytes(value))
+                if not datum.encoded:
+                    raise ValueError("Datum holds raw pixels, not an encoded image")
+                image = decode_rgb(datum.data)
+            except Exception as e:  # any decoder failure is a counted, reported skip
+                skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
+                continue
+            moments.add(image)
     return len(keys), skipped
 
 
 def _shard_keys(path: Path) -> list[bytes]:
     """Every key of a shard in key order, values untouched (LMDB keeps large values on their own pages)."""
-    env = A.open_shard(path)
-    try:
-        with env.begin() as txn:
-            return list(txn.cursor().iternext(keys=True, values=False))
-    finally:
-        env.close()
+    with A.open_shard(path) as env, env.begin() as txn:
+        return list(txn.cursor().iternext(keys=True, values=False))
 
 
 def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple[str, str, list[bytes]]], dict]:
