@@ -38,9 +38,9 @@ import click
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline import images
-from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
+from alexnet.tools.layouts import VAL_LAYOUTS, detect_source, read_class_names
 
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
 DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill can lose and memory per worker
@@ -301,8 +301,6 @@ def _git_revision() -> str:
 
 
 def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
-    from alexnet.pipeline.cli_common import package_version
-
     return {
         "resize_shorter": C.RESIZE_SHORTER,
         "stored_size": C.STORED_SIZE,
@@ -524,8 +522,6 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
 
 def _build(cfg: BuildConfig, pool: _Workers):
     """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
-    from alexnet.tools.layouts import detect_source
-
     source = detect_source(
         cfg.source, splits=cfg.splits, val_layout=cfg.val_layout, val_labels=cfg.val_labels,
         allow_missing_classes=cfg.allow_missing_classes,
