@@ -105,8 +105,7 @@ def _scan_class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
     with os.scandir(split_dir) as it:
         class_dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     for wnid in class_dirs:
-        with os.scandir(split_dir / wnid) as it:
-            items.extend((f"{wnid}/{e.name}", wnid) for e in it if _is_image(e.name) and e.is_file())
+        items += [(f"{wnid}/{name}", wnid) for name in _flat_images(split_dir / wnid)[0]]
     items.sort()
     return [r for r, _ in items], [w for _, w in items]
 

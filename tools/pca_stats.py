@@ -149,12 +149,9 @@ def _channel_sums(pixel_sums: np.ndarray) -> np.ndarray:
 class PixelMoments:
     """Mergeable accumulator: image count, per-pixel int64 sums, and RGB pixel moments in float64.
 
-    ``add`` takes one uint8 image ``[H, W, 3]`` and ``update`` a stack ``[n, H, W, 3]``. With the
-    compiled kernel (``_moments.c``, the default where it was built) each image is added to uint16
-    per-pixel and uint32 per-column integer sums in one fused pass; every ``flush_every`` images
-    (before they could overflow) the chunk's exact moments are folded in. Without it the chunk is
-    buffered and computed in numpy (``_gram_exact``), with the same results. ``merge`` combines two
-    accumulators (Chan et al. pairwise update); ``finalize`` gives the statistics.
+    ``add`` one uint8 image ``[H, W, 3]``, ``update`` a stack ``[n, H, W, 3]``, ``merge`` another
+    accumulator (Chan et al.), ``finalize`` for the statistics. Every ``flush_every`` images the chunk's
+    exact integer moments (compiled kernel, or ``_gram_exact``) are folded in: module docstring, "Exactness".
     """
 
     def __init__(self, image_shape: tuple[int, int, int] = A.MEAN_IMAGE_SHAPE, use_kernel: bool | None = None):
@@ -288,15 +285,8 @@ class Finalized:
 
     def to_stats(self, source: dict) -> A.Stats:
         """The contract's ``Stats`` (the mean image is written beside it)."""
-        return A.Stats(
-            mean_rgb=self.mean_rgb.tolist(),
-            eigval=self.eigval.tolist(),
-            eigvec=self.eigvec.tolist(),
-            n_images=self.n_images,
-            n_pixels=self.n_pixels,
-            covariance=self.covariance.tolist(),
-            source=source,
-        )
+        arrays = {k: getattr(self, k).tolist() for k in ("mean_rgb", "eigval", "eigvec", "covariance")}
+        return A.Stats(**arrays, n_images=self.n_images, n_pixels=self.n_pixels, source=source)
 
 
 def orient_eigvec(eigvec: np.ndarray) -> np.ndarray:
@@ -391,7 +381,6 @@ def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple
                                "(check with alexnet-prep verify)")  # fmt: skip
         shard_keys.append(keys)
     total = sum(len(k) for k in shard_keys)
-    chosen: list[list[bytes]]
     if cfg.sample and cfg.sample < total:
         picked = np.sort(np.random.default_rng(cfg.seed).choice(total, size=cfg.sample, replace=False))
         chosen, start = [], 0
@@ -529,17 +518,15 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
         raise AlexnetError("no record decoded; nothing written")
     f = moments.finalize()
     source.update(
-        {
-            "images": f.n_images,
-            "skipped": n_skipped,
-            "skipped_records": skipped,
-            "decoder": decoder_name(),
-            "moments": moments_impl(),
-            "covariance": "population (sum over pixels / n_pixels), RGB 0-255",
-            "eigvec_signs": "column i has a positive dot product with "
-            f"{SIGN_REFERENCE.tolist()}[i] (first: all negative = towards dark)",
-            "tool": f"alexnet-prep pca-stats {package_version()}",
-        }
+        images=f.n_images,
+        skipped=n_skipped,
+        skipped_records=skipped,
+        decoder=decoder_name(),
+        moments=moments_impl(),
+        covariance="population (sum over pixels / n_pixels), RGB 0-255",
+        eigvec_signs=f"column i has a positive dot product with {SIGN_REFERENCE.tolist()}[i] "
+        "(first: all negative = towards dark)",
+        tool=f"alexnet-prep pca-stats {package_version()}",
     )
     return f.to_stats(source), f.mean_image
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -121,15 +122,11 @@ def bench_pipeline(
     data = DataConfig(num_threads=threads, pipelines=pipelines, shuffle=shuffle)
     loader = create_loader(data_dir, "train", data, batch_size=batch_size, device=device)
 
-    def endless():
-        while True:
-            yield from loader
-
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
 
-    stream = endless()
+    stream = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
     for _ in range(warmup):
         next(stream)
     sync()

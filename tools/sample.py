@@ -222,9 +222,8 @@ def _write_awkward(info: SampleInfo) -> None:
         label = k % num_classes
         wnid = info.classes[label]
         rel = Path(info.train_dir) / wnid / f"{wnid}_{90000 + k}.JPEG"
-        _write(
-            Path(info.root) / rel, _awkward_bytes(kind, label, num_classes, np.random.default_rng([info.seed, 2, k]))
-        )
+        rng = np.random.default_rng([info.seed, 2, k])
+        _write(Path(info.root) / rel, _awkward_bytes(kind, label, num_classes, rng))
         info.awkward[kind] = rel.as_posix()
         info.train_images += 1
         if not kept:
