@@ -372,8 +372,7 @@ def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
 def _check_existing(cfg: BuildConfig, options: dict) -> str:
     """'new', 'resume' or 'done'; refuses a dataset built with other options."""
     data_dir = cfg.data_dir
-    manifest_path = data_dir / A.MANIFEST_FILE
-    if not manifest_path.exists():
+    if not (data_dir / A.MANIFEST_FILE).exists():
         stray = [s for s in A.SPLITS if (data_dir / s).exists()]
         if stray:
             raise AlexnetError(
@@ -514,9 +513,8 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if results is None:
-        return manifest
-    _finish(cfg, manifest, results, state, workers, time.monotonic() - t0)
+    if results is not None:  # None: the dataset was already complete
+        _finish(cfg, manifest, results, state, workers, time.monotonic() - t0)
     return manifest
 
 
@@ -615,55 +613,38 @@ Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continu
 """
 
 
-def _count_option(name: str, help: str):
-    """A count where 0 lets the builder choose (from the machine or the dataset)."""
-    return click.option(name, type=click.IntRange(0), default=0, show_default=True, help=help)
+def _int_option(name: str, help: str, default: int = 0, lo: int = 0, hi: int | None = None):
+    """An integer option; for the counts, 0 lets the builder choose (from the machine or the dataset)."""
+    return click.option(name, type=click.IntRange(lo, hi), default=default, show_default=True, help=help)
+
+
+def _choice_option(name: str, choices, help: str):
+    """A choice whose default is the first."""
+    return click.option(name, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
 
 
 @click.command("build-lmdb", epilog=EPILOG)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @data_dir_option
-@_count_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
-@_count_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
-@_count_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
-@click.option(
-    "--jpeg-quality",
-    type=click.IntRange(1, 100),
-    default=DEFAULT_JPEG_QUALITY,
-    show_default=True,
-    help="Quality of the stored JPEGs (95: the authors' own preparation).",
-)
+@_int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
+@_int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
+@_int_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
+@_int_option("--jpeg-quality", "Quality of the stored JPEGs (95: the authors' own preparation).",
+             default=DEFAULT_JPEG_QUALITY, lo=1, hi=100)  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
-@click.option(
-    "--splits",
-    type=click.Choice(["train,val", "train", "val"]),
-    default="train,val",
-    show_default=True,
-    help="Which splits to build (a split not found in SRC is skipped with a note).",
-)
-@click.option(
-    "--val-layout",
-    type=click.Choice(("auto", *VAL_LAYOUTS)),
-    default="auto",
-    show_default=True,
-    help="Force how validation labels are read instead of detecting it.",
-)
+@_choice_option("--splits", ["train,val", "train", "val"],
+                "Which splits to build (a split not found in SRC is skipped with a note).")  # fmt: skip
+@_choice_option("--val-layout", ("auto", *VAL_LAYOUTS), "Force how validation labels are read instead of detecting it.")
 @click.option(
     "--val-labels",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
     help="Validation label file: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
     "(meta.mat beside it) or a '<relpath> <wnid-or-label>' list.",
 )
 @click.option("--allow-missing-classes", is_flag=True, help="Build even when a class has no images in a split.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing dataset in --data-dir and rebuild it.")
-@click.option(
-    "--commit-every",
-    type=click.IntRange(1),
-    default=DEFAULT_COMMIT_EVERY,
-    show_default=True,
-    help="Records per LMDB transaction (what an interruption can cost).",
-)
+@_int_option("--commit-every", "Records per LMDB transaction (what an interruption can cost).",
+             default=DEFAULT_COMMIT_EVERY, lo=1)  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_quality, seed, splits, val_layout,
                        val_labels, allow_missing_classes, overwrite, commit_every, no_progress) -> None:  # fmt: skip
