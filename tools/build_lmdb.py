@@ -18,6 +18,7 @@ finished; ``manifest.json`` says ``complete: false`` until every shard is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -31,9 +32,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import click
+import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
@@ -149,10 +152,8 @@ def _worker_main(conn) -> None:
         # would race the writer of the next, resuming run.
         import ctypes
 
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     while True:
@@ -233,8 +234,6 @@ def build_shard(task: ShardTask) -> ShardResult:
     Checksums are taken as records are written (reading the shard back through LMDB's memory map
     would put the whole shard in this process's resident set).
     """
-    import numpy as np
-
     path = Path(task.path)
     data_mdb = path / "data.mdb"
     map_size = max(task.map_size, data_mdb.stat().st_size * 2 if data_mdb.exists() else 0)
@@ -425,10 +424,8 @@ class _Workers:
     def close(self) -> None:
         """Normal end: ask each worker to exit."""
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(None)
-            except OSError:
-                pass
         for proc in self.procs:
             proc.join(timeout=30)
             if proc.is_alive():
@@ -445,16 +442,13 @@ class _Workers:
 
 def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) -> list[ShardResult]:
     """Each shard to one idle worker, largest first; progress over images; the first error stops the build."""
-    from multiprocessing.connection import wait
-
     from tqdm import tqdm
 
     results: list[ShardResult] = []
     todo = sorted(plans, key=lambda p: p.start - p.stop)[::-1]  # popped from the end: largest first
     idle = list(range(len(workers.procs)))
     busy: dict[int, ShardPlan] = {}
-    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-    try:
+    with tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1) as bar:
         while todo or busy:
             while idle and todo:
                 i, plan = idle.pop(), todo.pop()
@@ -485,8 +479,6 @@ def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) 
                             f"the worker writing {busy[i].split} shard {busy[i].index} died (exit code {code}; "
                             "out of memory?); run the same command again to resume"
                         )
-    finally:
-        bar.close()
     return results
 
 

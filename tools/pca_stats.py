@@ -47,6 +47,7 @@ atomically through the data contract (an interrupted run leaves the old files or
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing
@@ -62,6 +63,7 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.pipeline.images import pil_summary
 from alexnet.tools.build_lmdb import default_workers
 
 try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
@@ -324,8 +326,6 @@ def moments_impl() -> str:
 
 
 def decoder_name() -> str:
-    from alexnet.pipeline.images import pil_summary
-
     return f"PIL {pil_summary()}"
 
 
@@ -507,9 +507,7 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
     finally:
         for bar in bars:
             bar.close()
-    moments = states[0]
-    for other in states[1:]:
-        moments.merge(other)
+    moments = functools.reduce(PixelMoments.merge, states)
     if n_skipped > config.max_skipped * total:
         listed = "; ".join(skipped[:3])
         raise AlexnetError(f"{n_skipped} of {total} records did not decode (more than --max-skipped "

@@ -257,10 +257,8 @@ def _write_val_labels(info: SampleInfo) -> None:
         if num_classes > 1 and np.all(id_order == np.arange(num_classes)):
             id_order = np.roll(id_order, 1)
         ids = {w: int(id_order[i]) + 1 for i, w in enumerate(info.classes)}
-        (root / DEVKIT_DIR).mkdir(parents=True, exist_ok=True)
-        (root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt").write_text(
-            "".join(f"{ids[w]}\n" for w in labels.values())
-        )
+        ground_truth = "".join(f"{ids[w]}\n" for w in labels.values())
+        _write(root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt", ground_truth.encode())
         _write_meta_mat(root / DEVKIT_DIR / "meta.mat", info.classes, ids)
     elif info.val_format == "list":
         (root / "val_list.txt").write_text("".join(f"{nm} {w}\n" for nm, w in labels.items()))

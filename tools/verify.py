@@ -94,8 +94,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
         )
     rng = np.random.default_rng(cfg.seed)
     todo = sum(min(cfg.sample, s.num_records) if cfg.sample else s.num_records for s in manifest.splits.values())
-    bar = tqdm(total=todo, unit="rec", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-    try:
+    with tqdm(total=todo, unit="rec", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for name, split in manifest.splits.items():
             _check_split_counts(name, split, manifest.rejected, report.problems)
             chosen = None
@@ -107,8 +106,6 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
             report.records[name] = scan.found
             if scan.found != split.num_records:
                 report.problems.append(f"{name}: {scan.found} records in the shards, manifest says {split.num_records}")
-    finally:
-        bar.close()
     return report
 
 
