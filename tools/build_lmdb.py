@@ -395,11 +395,6 @@ def _check_existing(cfg: BuildConfig, options: dict) -> str:
     return "done" if old.complete else "resume"
 
 
-def _write_rejected(data_dir: Path, rejected: list[dict[str, str]]) -> None:
-    lines = ["split\tpath\treason"] + [f"{r['split']}\t{r['path']}\t{r['reason']}" for r in rejected]
-    A.atomic_write_bytes(data_dir / A.REJECTED_FILE, ("\n".join(lines) + "\n").encode())
-
-
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -482,10 +477,6 @@ def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) 
     return results
 
 
-def _raise_interrupt(_signum, _frame):
-    raise KeyboardInterrupt
-
-
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
     t0 = time.monotonic()
@@ -494,7 +485,7 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     _git_revision()  # forks git now, while this process is small (before the file listing)
     # SIGTERM (a scheduler, `kill`) stops the build like Ctrl-C: workers killed, resumable.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
     try:
         manifest, results, state = _build(cfg, pool)
     except BaseException:
@@ -571,7 +562,8 @@ def _finish(cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], 
             raise AlexnetError(f"{name}: {info.num_records} records + {info.rejected} rejected != {info.source_count}")
         rejected += sorted(split_rejected, key=lambda r: r["path"])
     manifest.rejected = rejected
-    _write_rejected(cfg.data_dir, rejected)
+    lines = ["split\tpath\treason"] + [f"{r['split']}\t{r['path']}\t{r['reason']}" for r in rejected]
+    A.atomic_write_bytes(cfg.data_dir / A.REJECTED_FILE, ("\n".join(lines) + "\n").encode())
     manifest.complete = True
     A.write_manifest(cfg.data_dir, manifest)
 
@@ -605,8 +597,8 @@ Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continu
 """
 
 
-def _int_option(name: str, help: str, default: int = 0, lo: int = 0, hi: int | None = None):
-    """An integer option; for the counts, 0 lets the builder choose (from the machine or the dataset)."""
+def int_option(name: str, help: str, default: int = 0, lo: int = 0, hi: int | None = None):
+    """An integer option with its default shown; for counts, 0 lets the tool choose (from the machine or the data)."""
     return click.option(name, type=click.IntRange(lo, hi), default=default, show_default=True, help=help)
 
 
@@ -618,10 +610,10 @@ def _choice_option(name: str, choices, help: str):
 @click.command("build-lmdb", epilog=EPILOG)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @data_dir_option
-@_int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
-@_int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
-@_int_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
-@_int_option("--jpeg-quality", "Quality of the stored JPEGs (95: the authors' own preparation).",
+@int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
+@int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
+@int_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
+@int_option("--jpeg-quality", "Quality of the stored JPEGs (95: the authors' own preparation).",
              default=DEFAULT_JPEG_QUALITY, lo=1, hi=100)  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
 @_choice_option("--splits", ["train,val", "train", "val"],
@@ -635,7 +627,7 @@ def _choice_option(name: str, choices, help: str):
 )
 @click.option("--allow-missing-classes", is_flag=True, help="Build even when a class has no images in a split.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing dataset in --data-dir and rebuild it.")
-@_int_option("--commit-every", "Records per LMDB transaction (what an interruption can cost).",
+@int_option("--commit-every", "Records per LMDB transaction (what an interruption can cost).",
              default=DEFAULT_COMMIT_EVERY, lo=1)  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_quality, seed, splits, val_layout,

@@ -64,7 +64,7 @@ from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.images import pil_summary
-from alexnet.tools.build_lmdb import default_workers
+from alexnet.tools.build_lmdb import default_workers, int_option
 
 try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
     from alexnet.tools import _moments as _kernel
@@ -176,7 +176,6 @@ class PixelMoments:
 
     @property
     def n_images(self) -> int:
-        """Images added so far."""
         return self._n_images + self._pending
 
     @property
@@ -186,7 +185,6 @@ class PixelMoments:
         return self._image_sum
 
     def add(self, image: np.ndarray) -> None:
-        """Add one uint8 image ``[H, W, 3]``."""
         if image.dtype != np.uint8 or image.shape != self.image_shape:
             raise ValueError(f"expected a uint8 image [{', '.join(map(str, self.image_shape))}], "
                              f"got {image.dtype} {image.shape}")  # fmt: skip
@@ -205,7 +203,6 @@ class PixelMoments:
             self._flush()
 
     def update(self, images: np.ndarray) -> None:
-        """Add a stack of uint8 images ``[n, H, W, 3]``."""
         for image in np.asarray(images):  # add() checks each image
             self.add(image)
         self._flush()
@@ -578,11 +575,9 @@ Examples:
 
 @click.command("pca-stats", epilog=EPILOG)
 @data_dir_option
-@click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Use a seeded random sample of N train records (0: all).")  # fmt: skip
+@int_option("--sample", "Use a seeded random sample of N train records (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Decoding processes (0: one per CPU core).")  # fmt: skip
+@int_option("--workers", "Decoding processes (0: one per CPU core).")
 @click.option("--max-skipped", type=click.FloatRange(0.0, 1.0), default=PcaStatsConfig.max_skipped,
               show_default=True, help="Fail (writing nothing) if more than this fraction of records does not decode.")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -151,7 +151,6 @@ Examples:
 @click.option(
     "--pipelines",
     type=click.IntRange(1),
-    default=None,
     help="Pipelines taking turns (default: 3 on a GPU, where one decodes one batch at a time; 1 on the CPU).",
 )
 @click.option("--shuffle", type=click.Choice(SHUFFLES), default="global", show_default=True,
