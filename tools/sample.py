@@ -102,7 +102,8 @@ def draw_image(
     # Foreground: the class's shape in the class's colour, random place and size.
     # Evenly spaced hues; neighbouring labels also differ in shape.
     colour = np.array(colorsys.hsv_to_rgb(label / num_classes, 0.85, 0.9)) * 255.0
-    colour, shape = np.clip(colour * rng.uniform(0.8, 1.15), 0, 255), SHAPES[label % len(SHAPES)]
+    colour = np.clip(colour * rng.uniform(0.8, 1.15), 0, 255)
+    shape = SHAPES[label % len(SHAPES)]
     m = min(w, h)
     r = rng.uniform(0.2, 0.35) * m
     # Inside the central square, so the stored centre crop always holds the object.
