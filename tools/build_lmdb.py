@@ -18,6 +18,7 @@ finished; ``manifest.json`` says ``complete: false`` until every shard is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -31,16 +32,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from pathlib import Path
 
 import click
+import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline import images
-from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
+from alexnet.tools.layouts import VAL_LAYOUTS, detect_source, read_class_names
 
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
 DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill can lose and memory per worker
@@ -149,10 +152,8 @@ def _worker_main(conn) -> None:
         # would race the writer of the next, resuming run.
         import ctypes
 
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     while True:
@@ -233,8 +234,6 @@ def build_shard(task: ShardTask) -> ShardResult:
     Checksums are taken as records are written (reading the shard back through LMDB's memory map
     would put the whole shard in this process's resident set).
     """
-    import numpy as np
-
     path = Path(task.path)
     data_mdb = path / "data.mdb"
     map_size = max(task.map_size, data_mdb.stat().st_size * 2 if data_mdb.exists() else 0)
@@ -301,8 +300,6 @@ def _git_revision() -> str:
 
 
 def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
-    from alexnet.pipeline.cli_common import package_version
-
     return {
         "resize_shorter": C.RESIZE_SHORTER,
         "stored_size": C.STORED_SIZE,
@@ -374,8 +371,7 @@ def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
 def _check_existing(cfg: BuildConfig, options: dict) -> str:
     """'new', 'resume' or 'done'; refuses a dataset built with other options."""
     data_dir = cfg.data_dir
-    manifest_path = data_dir / A.MANIFEST_FILE
-    if not manifest_path.exists():
+    if not (data_dir / A.MANIFEST_FILE).exists():
         stray = [s for s in A.SPLITS if (data_dir / s).exists()]
         if stray:
             raise AlexnetError(
@@ -397,11 +393,6 @@ def _check_existing(cfg: BuildConfig, options: dict) -> str:
             f"({what}); pass --overwrite to rebuild it"
         )
     return "done" if old.complete else "resume"
-
-
-def _write_rejected(data_dir: Path, rejected: list[dict[str, str]]) -> None:
-    lines = ["split\tpath\treason"] + [f"{r['split']}\t{r['path']}\t{r['reason']}" for r in rejected]
-    A.atomic_write_bytes(data_dir / A.REJECTED_FILE, ("\n".join(lines) + "\n").encode())
 
 
 def _human_bytes(n: float) -> str:
@@ -428,10 +419,8 @@ class _Workers:
     def close(self) -> None:
         """Normal end: ask each worker to exit."""
         for conn in self.conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.send(None)
-            except OSError:
-                pass
         for proc in self.procs:
             proc.join(timeout=30)
             if proc.is_alive():
@@ -448,16 +437,13 @@ class _Workers:
 
 def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) -> list[ShardResult]:
     """Each shard to one idle worker, largest first; progress over images; the first error stops the build."""
-    from multiprocessing.connection import wait
-
     from tqdm import tqdm
 
     results: list[ShardResult] = []
     todo = sorted(plans, key=lambda p: p.start - p.stop)[::-1]  # popped from the end: largest first
     idle = list(range(len(workers.procs)))
     busy: dict[int, ShardPlan] = {}
-    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
-    try:
+    with tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1) as bar:
         while todo or busy:
             while idle and todo:
                 i, plan = idle.pop(), todo.pop()
@@ -488,13 +474,7 @@ def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) 
                             f"the worker writing {busy[i].split} shard {busy[i].index} died (exit code {code}; "
                             "out of memory?); run the same command again to resume"
                         )
-    finally:
-        bar.close()
     return results
-
-
-def _raise_interrupt(_signum, _frame):
-    raise KeyboardInterrupt
 
 
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
@@ -505,7 +485,7 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     _git_revision()  # forks git now, while this process is small (before the file listing)
     # SIGTERM (a scheduler, `kill`) stops the build like Ctrl-C: workers killed, resumable.
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
     try:
         manifest, results, state = _build(cfg, pool)
     except BaseException:
@@ -516,16 +496,13 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if results is None:
-        return manifest
-    _finish(cfg, manifest, results, state, workers, time.monotonic() - t0)
+    if results is not None:  # None: the dataset was already complete
+        _finish(cfg, manifest, results, state, workers, time.monotonic() - t0)
     return manifest
 
 
 def _build(cfg: BuildConfig, pool: _Workers):
     """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
-    from alexnet.tools.layouts import detect_source
-
     source = detect_source(
         cfg.source, splits=cfg.splits, val_layout=cfg.val_layout, val_labels=cfg.val_labels,
         allow_missing_classes=cfg.allow_missing_classes,
@@ -585,7 +562,8 @@ def _finish(cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], 
             raise AlexnetError(f"{name}: {info.num_records} records + {info.rejected} rejected != {info.source_count}")
         rejected += sorted(split_rejected, key=lambda r: r["path"])
     manifest.rejected = rejected
-    _write_rejected(cfg.data_dir, rejected)
+    lines = ["split\tpath\treason"] + [f"{r['split']}\t{r['path']}\t{r['reason']}" for r in rejected]
+    A.atomic_write_bytes(cfg.data_dir / A.REJECTED_FILE, ("\n".join(lines) + "\n").encode())
     manifest.complete = True
     A.write_manifest(cfg.data_dir, manifest)
 
@@ -619,55 +597,38 @@ Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continu
 """
 
 
-def _count_option(name: str, help: str):
-    """A count where 0 lets the builder choose (from the machine or the dataset)."""
-    return click.option(name, type=click.IntRange(0), default=0, show_default=True, help=help)
+def int_option(name: str, help: str, default: int = 0, lo: int = 0, hi: int | None = None):
+    """An integer option with its default shown; for counts, 0 lets the tool choose (from the machine or the data)."""
+    return click.option(name, type=click.IntRange(lo, hi), default=default, show_default=True, help=help)
+
+
+def _choice_option(name: str, choices, help: str):
+    """A choice whose default is the first."""
+    return click.option(name, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
 
 
 @click.command("build-lmdb", epilog=EPILOG)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @data_dir_option
-@_count_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
-@_count_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
-@_count_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
-@click.option(
-    "--jpeg-quality",
-    type=click.IntRange(1, 100),
-    default=DEFAULT_JPEG_QUALITY,
-    show_default=True,
-    help="Quality of the stored JPEGs (95: the authors' own preparation).",
-)
+@int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
+@int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
+@int_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
+@int_option("--jpeg-quality", "Quality of the stored JPEGs (95: the authors' own preparation).",
+             default=DEFAULT_JPEG_QUALITY, lo=1, hi=100)  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
-@click.option(
-    "--splits",
-    type=click.Choice(["train,val", "train", "val"]),
-    default="train,val",
-    show_default=True,
-    help="Which splits to build (a split not found in SRC is skipped with a note).",
-)
-@click.option(
-    "--val-layout",
-    type=click.Choice(("auto", *VAL_LAYOUTS)),
-    default="auto",
-    show_default=True,
-    help="Force how validation labels are read instead of detecting it.",
-)
+@_choice_option("--splits", ["train,val", "train", "val"],
+                "Which splits to build (a split not found in SRC is skipped with a note).")  # fmt: skip
+@_choice_option("--val-layout", ("auto", *VAL_LAYOUTS), "Force how validation labels are read instead of detecting it.")
 @click.option(
     "--val-labels",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
     help="Validation label file: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
     "(meta.mat beside it) or a '<relpath> <wnid-or-label>' list.",
 )
 @click.option("--allow-missing-classes", is_flag=True, help="Build even when a class has no images in a split.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing dataset in --data-dir and rebuild it.")
-@click.option(
-    "--commit-every",
-    type=click.IntRange(1),
-    default=DEFAULT_COMMIT_EVERY,
-    show_default=True,
-    help="Records per LMDB transaction (what an interruption can cost).",
-)
+@int_option("--commit-every", "Records per LMDB transaction (what an interruption can cost).",
+             default=DEFAULT_COMMIT_EVERY, lo=1)  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_quality, seed, splits, val_layout,
                        val_labels, allow_missing_classes, overwrite, commit_every, no_progress) -> None:  # fmt: skip

@@ -105,31 +105,24 @@ def _scan_class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
     with os.scandir(split_dir) as it:
         class_dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     for wnid in class_dirs:
-        with os.scandir(split_dir / wnid) as it:
-            items.extend((f"{wnid}/{e.name}", wnid) for e in it if _is_image(e.name) and e.is_file())
+        items += [(f"{wnid}/{name}", wnid) for name in _flat_images(split_dir / wnid)[0]]
     items.sort()
     return [r for r, _ in items], [w for _, w in items]
 
 
-def _flat_images(split_dir: Path) -> list[str]:
+def _flat_images(split_dir: Path) -> tuple[list[str], bool]:
+    """The image files directly in ``split_dir`` (sorted), and whether it has class folders."""
     with os.scandir(split_dir) as it:
-        return sorted(e.name for e in it if _is_image(e.name) and e.is_file())
-
-
-def _has_class_dirs(split_dir: Path) -> bool:
-    with os.scandir(split_dir) as it:
-        return any(e.is_dir() and not e.name.startswith(".") for e in it)
+        entries = list(it)
+    has_dirs = any(e.is_dir() and not e.name.startswith(".") for e in entries)
+    return sorted(e.name for e in entries if _is_image(e.name) and e.is_file()), has_dirs
 
 
 def _find_file(src: Path, split_dir: Path, names: tuple[str, ...]) -> Path | None:
     """Look for a label file where the distributions put it: SRC, the devkit's data folder, near val/."""
     dirs = [src, src / "ILSVRC2012_devkit_t12" / "data", src / "ILSVRC2012_devkit_t12", src / "devkit" / "data"]
-    d = split_dir
-    while True:  # val/ and each of its parents up to SRC (the Kaggle tree nests val/ deep)
-        dirs.append(d)
-        if d == src or d.parent == d:
-            break
-        d = d.parent
+    # val/ and each of its parents up to SRC (the Kaggle tree nests val/ deep)
+    dirs += [split_dir, *(d for d in split_dir.parents if d.is_relative_to(src))]
     for directory in dirs:
         for name in names:
             if (directory / name).is_file():
@@ -286,8 +279,8 @@ def _class_folder_split(name: str, split_dir: Path) -> SplitSource:
 
 def _val_split(src: Path, val_dir: Path, layout: str, label_file: Path | None, notes: list[str]) -> SplitSource:
     """Class folders (when forced, or found and no flat images) or flat images with a label file."""
-    flat = _flat_images(val_dir)
-    if layout == "class-folders" or (layout == "auto" and not flat and _has_class_dirs(val_dir)):
+    flat, has_class_dirs = _flat_images(val_dir)
+    if layout == "class-folders" or (layout == "auto" and not flat and has_class_dirs):
         return _class_folder_split("val", val_dir)
     if not flat:
         raise AlexnetError(f"{val_dir} holds no images")
@@ -337,8 +330,6 @@ def detect_source(
     src = Path(src)
     if not src.is_dir():
         raise AlexnetError(f"source {src} is not a directory")
-    if val_layout != "auto" and val_layout not in VAL_LAYOUTS:
-        raise AlexnetError(f"unknown validation layout {val_layout!r} (choose from auto, {', '.join(VAL_LAYOUTS)})")
     notes: list[str] = []
     found: dict[str, SplitSource] = {}
     if "train" in splits and (train_dir := _split_dir("train", src, TRAIN_CANDIDATES, notes)):

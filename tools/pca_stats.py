@@ -47,6 +47,7 @@ atomically through the data contract (an interrupted run leaves the old files or
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import multiprocessing
@@ -62,7 +63,8 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.tools.build_lmdb import default_workers
+from alexnet.pipeline.images import pil_summary
+from alexnet.tools.build_lmdb import default_workers, int_option
 
 try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
     from alexnet.tools import _moments as _kernel
@@ -149,12 +151,9 @@ def _channel_sums(pixel_sums: np.ndarray) -> np.ndarray:
 class PixelMoments:
     """Mergeable accumulator: image count, per-pixel int64 sums, and RGB pixel moments in float64.
 
-    ``add`` takes one uint8 image ``[H, W, 3]`` and ``update`` a stack ``[n, H, W, 3]``. With the
-    compiled kernel (``_moments.c``, the default where it was built) each image is added to uint16
-    per-pixel and uint32 per-column integer sums in one fused pass; every ``flush_every`` images
-    (before they could overflow) the chunk's exact moments are folded in. Without it the chunk is
-    buffered and computed in numpy (``_gram_exact``), with the same results. ``merge`` combines two
-    accumulators (Chan et al. pairwise update); ``finalize`` gives the statistics.
+    ``add`` one uint8 image ``[H, W, 3]``, ``update`` a stack ``[n, H, W, 3]``, ``merge`` another
+    accumulator (Chan et al.), ``finalize`` for the statistics. Every ``flush_every`` images the chunk's
+    exact integer moments (compiled kernel, or ``_gram_exact``) are folded in: module docstring, "Exactness".
     """
 
     def __init__(self, image_shape: tuple[int, int, int] = A.MEAN_IMAGE_SHAPE, use_kernel: bool | None = None):
@@ -177,7 +176,6 @@ class PixelMoments:
 
     @property
     def n_images(self) -> int:
-        """Images added so far."""
         return self._n_images + self._pending
 
     @property
@@ -187,7 +185,6 @@ class PixelMoments:
         return self._image_sum
 
     def add(self, image: np.ndarray) -> None:
-        """Add one uint8 image ``[H, W, 3]``."""
         if image.dtype != np.uint8 or image.shape != self.image_shape:
             raise ValueError(f"expected a uint8 image [{', '.join(map(str, self.image_shape))}], "
                              f"got {image.dtype} {image.shape}")  # fmt: skip
@@ -206,12 +203,7 @@ class PixelMoments:
             self._flush()
 
     def update(self, images: np.ndarray) -> None:
-        """Add a stack of uint8 images ``[n, H, W, 3]``."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"expected uint8 images [n, {', '.join(map(str, self.image_shape))}], "
-                             f"got {images.dtype} {images.shape}")  # fmt: skip
-        for image in images:
+        for image in np.asarray(images):  # add() checks each image
             self.add(image)
         self._flush()
 
@@ -245,9 +237,6 @@ class PixelMoments:
         # Chan, Golub & LeVeque (1979): pairwise combination of counts, means and co-moments.
         n_a = self.n_pixels
         if n_b == 0:
-            return
-        if n_a == 0:
-            self.n_pixels, self.mean, self.comoment = n_b, mean_b.copy(), m2_b.copy()
             return
         n = n_a + n_b
         delta = mean_b - self.mean
@@ -295,15 +284,8 @@ class Finalized:
 
     def to_stats(self, source: dict) -> A.Stats:
         """The contract's ``Stats`` (the mean image is written beside it)."""
-        return A.Stats(
-            mean_rgb=self.mean_rgb.tolist(),
-            eigval=self.eigval.tolist(),
-            eigvec=self.eigvec.tolist(),
-            n_images=self.n_images,
-            n_pixels=self.n_pixels,
-            covariance=self.covariance.tolist(),
-            source=source,
-        )
+        arrays = {k: getattr(self, k).tolist() for k in ("mean_rgb", "eigval", "eigvec", "covariance")}
+        return A.Stats(**arrays, n_images=self.n_images, n_pixels=self.n_pixels, source=source)
 
 
 def orient_eigvec(eigvec: np.ndarray) -> np.ndarray:
@@ -341,8 +323,6 @@ def moments_impl() -> str:
 
 
 def decoder_name() -> str:
-    from alexnet.pipeline.images import pil_summary
-
     return f"PIL {pil_summary()}"
 
 
@@ -350,35 +330,27 @@ def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> tupl
     """Decode the given records of one shard into ``moments``: (records looked at, skipped "shard key: reason")."""
     shard_path, shard_rel, keys = task
     skipped: list[str] = []
-    env = A.open_shard(Path(shard_path))
-    try:
-        with env.begin(buffers=True) as txn:
-            for key in keys:
-                value = txn.get(key)
-                try:
-                    if value is None:
-                        raise ValueError("record vanished from the shard")
-                    datum = A.Datum.decode(bytes(value))
-                    if not datum.encoded:
-                        raise ValueError("Datum holds raw pixels, not an encoded image")
-                    image = decode_rgb(datum.data)
-                except Exception as e:  # any decoder failure is a counted, reported skip
-                    skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
-                    continue
-                moments.add(image)
-    finally:
-        env.close()
+    with A.open_shard(Path(shard_path)) as env, env.begin(buffers=True) as txn:
+        for key in keys:
+            value = txn.get(key)
+            try:
+                if value is None:
+                    raise ValueError("record vanished from the shard")
+                datum = A.Datum.decode(bytes(value))
+                if not datum.encoded:
+                    raise ValueError("Datum holds raw pixels, not an encoded image")
+                image = decode_rgb(datum.data)
+            except Exception as e:  # any decoder failure is a counted, reported skip
+                skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
+                continue
+            moments.add(image)
     return len(keys), skipped
 
 
 def _shard_keys(path: Path) -> list[bytes]:
     """Every key of a shard in key order, values untouched (LMDB keeps large values on their own pages)."""
-    env = A.open_shard(path)
-    try:
-        with env.begin() as txn:
-            return list(txn.cursor().iternext(keys=True, values=False))
-    finally:
-        env.close()
+    with A.open_shard(path) as env, env.begin() as txn:
+        return list(txn.cursor().iternext(keys=True, values=False))
 
 
 def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple[str, str, list[bytes]]], dict]:
@@ -406,7 +378,6 @@ def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple
                                "(check with alexnet-prep verify)")  # fmt: skip
         shard_keys.append(keys)
     total = sum(len(k) for k in shard_keys)
-    chosen: list[list[bytes]]
     if cfg.sample and cfg.sample < total:
         picked = np.sort(np.random.default_rng(cfg.seed).choice(total, size=cfg.sample, replace=False))
         chosen, start = [], 0
@@ -533,9 +504,7 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
     finally:
         for bar in bars:
             bar.close()
-    moments = states[0]
-    for other in states[1:]:
-        moments.merge(other)
+    moments = functools.reduce(PixelMoments.merge, states)
     if n_skipped > config.max_skipped * total:
         listed = "; ".join(skipped[:3])
         raise AlexnetError(f"{n_skipped} of {total} records did not decode (more than --max-skipped "
@@ -544,17 +513,15 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
         raise AlexnetError("no record decoded; nothing written")
     f = moments.finalize()
     source.update(
-        {
-            "images": f.n_images,
-            "skipped": n_skipped,
-            "skipped_records": skipped,
-            "decoder": decoder_name(),
-            "moments": moments_impl(),
-            "covariance": "population (sum over pixels / n_pixels), RGB 0-255",
-            "eigvec_signs": "column i has a positive dot product with "
-            f"{SIGN_REFERENCE.tolist()}[i] (first: all negative = towards dark)",
-            "tool": f"alexnet-prep pca-stats {package_version()}",
-        }
+        images=f.n_images,
+        skipped=n_skipped,
+        skipped_records=skipped,
+        decoder=decoder_name(),
+        moments=moments_impl(),
+        covariance="population (sum over pixels / n_pixels), RGB 0-255",
+        eigvec_signs=f"column i has a positive dot product with {SIGN_REFERENCE.tolist()}[i] "
+        "(first: all negative = towards dark)",
+        tool=f"alexnet-prep pca-stats {package_version()}",
     )
     return f.to_stats(source), f.mean_image
 
@@ -608,11 +575,9 @@ Examples:
 
 @click.command("pca-stats", epilog=EPILOG)
 @data_dir_option
-@click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Use a seeded random sample of N train records (0: all).")  # fmt: skip
+@int_option("--sample", "Use a seeded random sample of N train records (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Decoding processes (0: one per CPU core).")  # fmt: skip
+@int_option("--workers", "Decoding processes (0: one per CPU core).")
 @click.option("--max-skipped", type=click.FloatRange(0.0, 1.0), default=PcaStatsConfig.max_skipped,
               show_default=True, help="Fail (writing nothing) if more than this fraction of records does not decode.")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
@@ -121,15 +122,11 @@ def bench_pipeline(
     data = DataConfig(num_threads=threads, pipelines=pipelines, shuffle=shuffle)
     loader = create_loader(data_dir, "train", data, batch_size=batch_size, device=device)
 
-    def endless():
-        while True:
-            yield from loader
-
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize(device)
 
-    stream = endless()
+    stream = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch
     for _ in range(warmup):
         next(stream)
     sync()
@@ -154,7 +151,6 @@ Examples:
 @click.option(
     "--pipelines",
     type=click.IntRange(1),
-    default=None,
     help="Pipelines taking turns (default: 3 on a GPU, where one decodes one batch at a time; 1 on the CPU).",
 )
 @click.option("--shuffle", type=click.Choice(SHUFFLES), default="global", show_default=True,

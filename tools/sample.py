@@ -30,6 +30,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from alexnet.pipeline.errors import AlexnetError
+
 # Real ILSVRC-2012 wnids (sorted order is the label order), for real-looking trees.
 REAL_WNIDS = (
     "n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331",
@@ -40,16 +42,8 @@ REAL_WNIDS = (
 VAL_FORMATS = ("folders", "kaggle", "devkit", "list")
 SHAPES = ("disc", "square", "triangle", "stripes")
 # kind -> whether the builder keeps it (converted to RGB) or rejects it
-AWKWARD_KINDS = {
-    "cmyk": True,
-    "png_named_jpeg": True,
-    "grayscale": True,
-    "tiny": True,
-    "very_large": True,
-    "exif_rotated": True,
-    "truncated": False,
-    "zero_byte": False,
-}
+AWKWARD_KINDS = dict.fromkeys(("cmyk", "png_named_jpeg", "grayscale", "tiny", "very_large", "exif_rotated"), True)
+AWKWARD_KINDS.update(truncated=False, zero_byte=False)
 DEVKIT_DIR = "ILSVRC2012_devkit_t12/data"
 KAGGLE_DATA = "ILSVRC/Data/CLS-LOC"
 INFO_FILE = "sample_info.json"
@@ -73,12 +67,9 @@ class SampleInfo:
 def class_wnids(num_classes: int) -> list[str]:
     if num_classes < 1:
         raise ValueError("num_classes must be >= 1")
-    wnids = list(REAL_WNIDS[:num_classes])
-    k = 0
-    while len(wnids) < num_classes:  # beyond the real list: well-formed, deterministic ids
-        wnids.append(f"n{90000000 + 7919 * k:08d}")
-        k += 1
-    return sorted(wnids)
+    # beyond the real list: well-formed, deterministic ids
+    extra = [f"n{90000000 + 7919 * k:08d}" for k in range(num_classes - len(REAL_WNIDS))]
+    return sorted([*REAL_WNIDS[:num_classes], *extra])
 
 
 HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal", "cyan", "azure", "blue", "violet", "purple", "magenta")
@@ -88,12 +79,6 @@ def class_name(label: int, num_classes: int) -> str:
     """A readable name for a class: its hue and shape ("orange square")."""
     hue = label / num_classes
     return f"{HUE_NAMES[round(hue * len(HUE_NAMES)) % len(HUE_NAMES)]} {SHAPES[label % len(SHAPES)]}"
-
-
-def _class_style(label: int, num_classes: int) -> tuple[np.ndarray, str]:
-    hue = label / num_classes  # evenly spaced hues; neighbouring labels also differ in shape
-    rgb = np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.9)) * 255.0
-    return rgb, SHAPES[label % len(SHAPES)]
 
 
 def draw_image(
@@ -115,8 +100,10 @@ def draw_image(
     freq = rng.uniform(0.02, 0.08)
     img += 12 * np.sin(freq * xx + rng.uniform(0, 6))[..., None] * np.cos(freq * yy)[..., None]
     # Foreground: the class's shape in the class's colour, random place and size.
-    colour, shape = _class_style(label, num_classes)
+    # Evenly spaced hues; neighbouring labels also differ in shape.
+    colour = np.array(colorsys.hsv_to_rgb(label / num_classes, 0.85, 0.9)) * 255.0
     colour = np.clip(colour * rng.uniform(0.8, 1.15), 0, 255)
+    shape = SHAPES[label % len(SHAPES)]
     m = min(w, h)
     r = rng.uniform(0.2, 0.35) * m
     # Inside the central square, so the stored centre crop always holds the object.
@@ -143,16 +130,13 @@ def _jpeg_bytes(arr: np.ndarray, quality: int = 90, mode: str | None = None, exi
     if mode:
         im = im.convert(mode)
     buf = io.BytesIO()
-    kwargs = {"exif": exif} if exif is not None else {}
-    im.save(buf, format="JPEG", quality=quality, **kwargs)
+    im.save(buf, format="JPEG", quality=quality, exif=exif or b"")
     return buf.getvalue()
 
 
 def _awkward_bytes(kind: str, label: int, num_classes: int, rng: np.random.Generator) -> bytes:
     from PIL import Image
 
-    if kind not in AWKWARD_KINDS:
-        raise ValueError(f"unknown awkward kind {kind!r}")
     if kind == "zero_byte":
         return b""
     image = draw_image(label, num_classes, rng, size={"tiny": (31, 23), "very_large": (4000, 3000)}.get(kind))
@@ -179,16 +163,7 @@ def _write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int]) -> None:
     """A devkit-style ``meta.mat``: struct array ``synsets`` with leaf and internal nodes."""
     from scipy.io import savemat
 
-    fields = [
-        "ILSVRC2012_ID",
-        "WNID",
-        "words",
-        "gloss",
-        "num_children",
-        "children",
-        "wordnet_height",
-        "num_train_images",
-    ]
+    fields = "ILSVRC2012_ID WNID words gloss num_children children wordnet_height num_train_images".split()
     leaves = sorted(wnids, key=lambda w: ids[w])  # the devkit lists synsets in ID order
     n_internal = 2
     arr = np.zeros((len(leaves) + n_internal, 1), dtype=[(f, "O") for f in fields])
@@ -196,7 +171,6 @@ def _write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int]) -> None:
         arr[i, 0] = (ids[w], w, f"class {w}", "a sample class", 0, np.zeros((1, 0)), 0, 0)
     for j in range(n_internal):  # internal nodes, as the real file has after the 1000 leaves
         arr[len(leaves) + j, 0] = (len(leaves) + j + 1, f"n0{j:07d}", "internal", "", 1, np.array([[1]]), 1, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
     savemat(str(path), {"synsets": arr})
 
 
@@ -249,9 +223,8 @@ def _write_awkward(info: SampleInfo) -> None:
         label = k % num_classes
         wnid = info.classes[label]
         rel = Path(info.train_dir) / wnid / f"{wnid}_{90000 + k}.JPEG"
-        _write(
-            Path(info.root) / rel, _awkward_bytes(kind, label, num_classes, np.random.default_rng([info.seed, 2, k]))
-        )
+        rng = np.random.default_rng([info.seed, 2, k])
+        _write(Path(info.root) / rel, _awkward_bytes(kind, label, num_classes, rng))
         info.awkward[kind] = rel.as_posix()
         info.train_images += 1
         if not kept:
@@ -285,10 +258,8 @@ def _write_val_labels(info: SampleInfo) -> None:
         if num_classes > 1 and np.all(id_order == np.arange(num_classes)):
             id_order = np.roll(id_order, 1)
         ids = {w: int(id_order[i]) + 1 for i, w in enumerate(info.classes)}
-        (root / DEVKIT_DIR).mkdir(parents=True, exist_ok=True)
-        (root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt").write_text(
-            "".join(f"{ids[w]}\n" for w in labels.values())
-        )
+        ground_truth = "".join(f"{ids[w]}\n" for w in labels.values())
+        _write(root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt", ground_truth.encode())
         _write_meta_mat(root / DEVKIT_DIR / "meta.mat", info.classes, ids)
     elif info.val_format == "list":
         (root / "val_list.txt").write_text("".join(f"{nm} {w}\n" for nm, w in labels.items()))
@@ -311,8 +282,6 @@ Examples:
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, val_format, awkward, seed) -> None:
     """Write the built-in sample: a small ImageNet-layout tree of learnable, procedurally drawn images."""
-    from alexnet.pipeline.errors import AlexnetError
-
     if out.exists() and any(out.iterdir()):
         raise AlexnetError(f"{out} exists and is not empty; choose a new directory")
     info = make_sample(

@@ -94,8 +94,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
         )
     rng = np.random.default_rng(cfg.seed)
     todo = sum(min(cfg.sample, s.num_records) if cfg.sample else s.num_records for s in manifest.splits.values())
-    bar = tqdm(total=todo, unit="rec", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
-    try:
+    with tqdm(total=todo, unit="rec", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for name, split in manifest.splits.items():
             _check_split_counts(name, split, manifest.rejected, report.problems)
             chosen = None
@@ -107,8 +106,6 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
             report.records[name] = scan.found
             if scan.found != split.num_records:
                 report.problems.append(f"{name}: {scan.found} records in the shards, manifest says {split.num_records}")
-    finally:
-        bar.close()
     return report
 
 
@@ -134,26 +131,22 @@ def _verify_shard(data_dir: Path, sh: A.ShardInfo, scan: _SplitScan, num_classes
     except ContractError as e:
         problems.append(f"{sh.path}: {e}")
         crcs = None
-    env = A.open_shard(path)
-    try:
-        with env.begin(buffers=True) as txn:
-            count = txn.stat()["entries"]
-            if count != sh.num_records:
-                problems.append(f"{sh.path}: {count} records, manifest says {sh.num_records}")
-            if crcs is not None and len(crcs) != count:
-                problems.append(f"{sh.path}: {len(crcs)} checksums for {count} records")
-                crcs = None
-            for i, (key, value) in enumerate(txn.cursor()):
-                where = _check_key(sh, bytes(key), scan, problems)
-                if scan.chosen is None or scan.index in scan.chosen:
-                    crc = int(crcs[i]) if crcs is not None else None
-                    _check_record(where, bytes(value), crc, num_classes, problems)
-                    report.checked += 1
-                    bar.update(1)
-                scan.index += 1
-                scan.found += 1
-    finally:
-        env.close()
+    with A.open_shard(path) as env, env.begin(buffers=True) as txn:
+        count = txn.stat()["entries"]
+        if count != sh.num_records:
+            problems.append(f"{sh.path}: {count} records, manifest says {sh.num_records}")
+        if crcs is not None and len(crcs) != count:
+            problems.append(f"{sh.path}: {len(crcs)} checksums for {count} records")
+            crcs = None
+        for i, (key, value) in enumerate(txn.cursor()):
+            where = _check_key(sh, bytes(key), scan, problems)
+            if scan.chosen is None or scan.index in scan.chosen:
+                crc = int(crcs[i]) if crcs is not None else None
+                _check_record(where, bytes(value), crc, num_classes, problems)
+                report.checked += 1
+                bar.update(1)
+            scan.index += 1
+            scan.found += 1
 
 
 def _check_key(sh: A.ShardInfo, key: bytes, scan: _SplitScan, problems: list[str]) -> str:
