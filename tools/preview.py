@@ -184,19 +184,17 @@ Examples:
 @click.option("--replica", type=click.IntRange(0), default=0, show_default=True, help="Rank of the replica.")
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Replicas (world size).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The run's seed.")
-@click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="The run's global batch (default: §5's 128); training drops the final partial one.")  # fmt: skip
+# The default is alexnet-train's (§5's 128; tests/test_order.py checks that they agree).
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+              help="The run's global batch; training drops the final partial one.")  # fmt: skip
 def order_command(data_dir: Path, split: str, epoch: int, replica: int, replicas: int, seed: int,
-                  batch_size: int | None) -> None:  # fmt: skip
+                  batch_size: int) -> None:  # fmt: skip
     """Print the record positions one replica receives in one epoch, in order, one per line (nothing is decoded).
 
     The order of the default global shuffle (the trainer's; val: key order). The buffer shuffle's
     order is decided by DALI's reader as it reads, and has no such listing.
     """
     from alexnet.pipeline.order import replica_order
-    from alexnet.trainer.constants import BATCH_SIZE  # §5; a constants module that imports nothing
-
-    batch_size = batch_size or BATCH_SIZE
     if batch_size % replicas:
         raise AlexnetError(f"--batch-size {batch_size} does not divide over {replicas} replicas")
     positions = replica_order(data_dir, split, epoch, seed=seed, rank=replica, world=replicas,
