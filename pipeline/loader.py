@@ -39,45 +39,53 @@ from .errors import AlexnetError
 SHUFFLES = ("global", "buffer")
 
 
-def _opt(default, help, **extra):
-    """A field whose metadata carries its meaning and unit (the trainer's command-line help) and its
-    checks (``min``, ``choices``)."""
+def opt(default, help, **extra):
+    """A config field whose metadata carries its meaning and unit (the command-line help) and its
+    checks (``min``, ``max``, ``choices``); the trainer's config sections use it too."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+def field_problems(obj) -> list[str]:
+    """What breaks the fields' ``min``, ``max`` and ``choices`` in a config dataclass (empty if nothing)."""
+    out = []
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
+            out.append(f"{f.name} must be in [{meta.get('min', '-inf')}, {meta.get('max', 'inf')}], not {value!r}")
+        if "choices" in meta and value not in meta["choices"]:
+            out.append(f"{f.name} must be one of {', '.join(meta['choices'])}, not {value!r}")
+    return out
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The user's data-loading settings, each default written once here (the run config's ``data`` section)."""
 
-    num_threads: int = _opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads", "--workers"))
-    prefetch: int = _opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
-    hw_decoder_load: float = _opt(
-        0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0
+    num_threads: int = opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads", "--workers"))
+    prefetch: int = opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
+    hw_decoder_load: float = opt(
+        0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0, max=1
     )
-    pipelines: int = _opt(
+    pipelines: int = opt(
         0, "DALI pipelines per replica, taken in turn (0: 2 on a GPU, 1 on the CPU; buffer shuffle: 1).", min=0
     )
-    decoder: str = _opt(
+    decoder: str = opt(
         "auto",
         "JPEG decoding: auto = nvJPEG ('mixed') on a GPU; 'cpu' decodes on the host.",
         choices=("auto", "mixed", "cpu"),
     )
-    roi_decode: bool = _opt(False, "Decode only the 224 crop window when training (same pixels).")
-    mean: str = _opt("image", "Subtract the mean image (§2) or the per-channel mean.", choices=("image", "channel"))
-    lighting_scale: str = _opt(
+    roi_decode: bool = opt(False, "Decode only the 224 crop window when training (same pixels).")
+    mean: str = opt("image", "Subtract the mean image (§2) or the per-channel mean.", choices=("image", "channel"))
+    lighting_scale: str = opt(
         C.DEFAULT_LIGHTING_SCALE, "§4.1 PCA lighting convention (docs/DEVIATIONS.md A2).", choices=C.LIGHTING_SCALES
     )
-    shuffle: str = _opt("global", "global: a fresh permutation of the split every epoch (random reads); buffer: the sequential "
+    shuffle: str = opt("global", "global: a fresh permutation of the split every epoch (random reads); buffer: the sequential "
                         "reader through a 4,096-record shuffle buffer, for data beyond page cache (README).", choices=SHUFFLES)  # fmt: skip
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if ("min" in meta and value < meta["min"]) or ("choices" in meta and value not in meta["choices"]):
-                allowed = ", ".join(meta["choices"]) if "choices" in meta else f">= {meta['min']}"
-                raise AlexnetError(f"data setting {f.name} must be {allowed}, not {value!r}")
-        if self.hw_decoder_load > 1.0:
-            raise AlexnetError(f"hw_decoder_load must be in [0, 1], not {self.hw_decoder_load}")
+        problems = field_problems(self)
+        if problems:
+            raise AlexnetError("invalid data config: " + "; ".join(problems))
 
     def resolved_pipelines(self, device: str) -> int:
         """Pipelines per replica on ``device`` (see ``pipelines``; on a GPU one cannot feed an H100)."""
@@ -158,7 +166,7 @@ class DaliLoader:
             )
         self.epoch = 0  # epochs completed
         self.consumed = 0  # records the whole job consumed in the current epoch
-        self.note = ""  # why a loaded state could not continue exactly (buffer mode), for the caller to say
+        self.note = ""  # what a loaded state costs in buffer mode (a replay, or a restart), for the caller to say
         self._pipes: list = []
         self._turn = 0  # batches taken from the pipelines since they were built
 
@@ -284,6 +292,9 @@ class DaliLoader:
             # The caffe reader's parts depend on the replica count: the epoch restarts (README).
             self.note = f"buffer shuffle saved by {state['replicas']} replica(s): epoch {self.epoch + 1} restarts"
             self.consumed = 0
+        elif self.buffer and consumed:
+            self.note = (f"buffer shuffle: decoding the {consumed // self.global_batch} batches epoch {self.epoch + 1} "
+                         "had consumed again to reach its position (the global shuffle resumes at once)")  # fmt: skip
         self._drop()
 
 

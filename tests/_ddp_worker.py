@@ -2,7 +2,7 @@
 
     torchrun --nproc-per-node 2 tests/_ddp_worker.py CONFIG_JSON OUT_DIR [KILL_AT_STEP]
 
-Trains with ``alexnet.trainer.train.train`` and writes, per replica, ``labels-rank{r}.json`` (the
+Trains with ``alexnet.trainer.train.train`` (watched: tests/_train_fixtures.py) and writes, per replica, ``labels-rank{r}.json`` (the
 labels of every batch it trained on, with step and epoch) and ``weights-rank{r}.pt`` (its network's
 state dict at the end). With KILL_AT_STEP, every replica raises at that step (a simulated crash).
 With ``TERM_AT=STEP`` in the environment, replica 1 alone sends itself a real SIGTERM at that step
@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 from alexnet.trainer.config import TrainConfig
-from alexnet.trainer.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _train_fixtures import train_watched  # noqa: E402
 
 
 class Killed(Exception):
@@ -41,10 +43,8 @@ def main() -> None:
             (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
             raise Killed(f"simulated crash at step {step}")
 
-    def on_end(model):
-        torch.save(model.state_dict(), out / f"weights-rank{rank}.pt")
-
-    summary = train(config, on_step=on_step, on_end=on_end)
+    summary, model = train_watched(config, on_step=on_step)
+    torch.save(model.state_dict(), out / f"weights-rank{rank}.pt")
     (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
     (out / f"summary-rank{rank}.json").write_text(json.dumps(summary))
 

@@ -79,3 +79,37 @@ def write_dataset(
     A.write_stats(data_dir, *P.stats_of_images(np.stack(train), {"split": "train", "test": True}))
     A.write_manifest(data_dir, A.Manifest(classes=classes, splits=splits, build={"test": True}))
     return data_dir
+
+
+def train_watched(config, on_step=None):
+    """``alexnet.trainer.train.train(config)`` with ``on_step(step, epoch, labels)`` called after every
+    optimiser step (it may raise to stop the run like a crash, or signal the process); returns
+    (summary, this process's trained network). The production trainer has no such hook: a subclass
+    takes the real Trainer's place for the duration of the call."""
+    from alexnet.trainer import train as T
+
+    real = T.Trainer
+    made = []
+
+    class Watched(real):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+            step = self.step_fn
+            self.step_fn = lambda images, labels: step(images, self._keep(labels))
+
+        def _keep(self, labels):
+            self.labels = labels
+            return labels
+
+        def after_step(self):
+            if on_step is not None:
+                on_step(self.state.step, self.state.epoch, self.labels)
+            return super().after_step()
+
+    T.Trainer = Watched
+    try:
+        summary = T.train(config)
+    finally:
+        T.Trainer = real
+    return summary, made[-1].model

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_fixtures import write_dataset
+from _train_fixtures import train_watched, write_dataset
 
 from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer.config import TrainConfig
@@ -153,14 +153,13 @@ def test_resume_with_one_replica_continues_the_epochs_permutation(ddp_data, unin
     """Killed at step 4 with 2 replicas (checkpoint at step 3, mid-epoch), resumed in one process with
     the same global batch: every later step trains on exactly the records the uninterrupted 2-replica
     run trained on at that step (the same permutation; nothing repeated or skipped)."""
-    from alexnet.trainer.train import train
 
     run = tmp_path / "run"
     r = _launch(_config(ddp_data, run, checkpoint_every_steps=3), tmp_path, kill_at=4)
     assert r.returncode != 0
     seen: dict[int, list[int]] = {}
-    summary = train(_config(ddp_data, run, resume=True),
-                    on_step=lambda step, epoch, labels: seen.setdefault(step, sorted(labels.reshape(-1).tolist())))  # fmt: skip
+    summary, _ = train_watched(_config(ddp_data, run, resume=True),
+                               on_step=lambda step, epoch, labels: seen.setdefault(step, sorted(labels.reshape(-1).tolist())))  # fmt: skip
     want: dict[int, list[int]] = {}
     for batches in _labels(uninterrupted):
         for b in batches:

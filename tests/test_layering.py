@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"pipeline": ("alexnet.tools", "alexnet.trainer"), "trainer": ("alexnet.tools",), "tools": ("alexnet.trainer",)}
+FORBIDDEN = {
+    "pipeline": ("alexnet.tools", "alexnet.trainer"),
+    "trainer": ("alexnet.tools",),
+    "tools": ("alexnet.trainer",),
+}
 
 
 def imported_modules(path: Path, package: str) -> list[tuple[int, str]]:

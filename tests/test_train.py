@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from _train_fixtures import train_watched
 from click.testing import CliRunner
 
 from alexnet.pipeline import constants as C
@@ -384,7 +385,7 @@ def killed_and_resumed(train_data, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("run_b") / "run"
     with pytest.raises(Killed):
-        train(_cfg(train_data, run, checkpoint_every_steps=3), on_step=crash)
+        train_watched(_cfg(train_data, run, checkpoint_every_steps=3), on_step=crash)
     killed_ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
     summary = train(_cfg(train_data, run, resume=True))
     return run, summary, killed_ck
@@ -404,7 +405,7 @@ def test_resume_with_region_decoding_continues_the_epoch(train_data, tmp_path, c
 
     run = tmp_path / "run"
     with pytest.raises(Killed):
-        train(_cfg(train_data, run, checkpoint_every_steps=3), on_step=crash)
+        train_watched(_cfg(train_data, run, checkpoint_every_steps=3), on_step=crash)
     summary = train(_cfg(train_data, run, resume=True, roi_decode=True))
     err = capsys.readouterr()
     assert "restarts" not in err.out + err.err and "(epoch 0, +3 batches)" in err.out + err.err
@@ -443,7 +444,7 @@ def test_sigterm_mid_epoch_then_resume_equals_uninterrupted(train_data, uninterr
             os.kill(os.getpid(), signal.SIGTERM)
 
     run = tmp_path / "run"
-    first = train(_cfg(train_data, run), on_step=term)
+    first, _ = train_watched(_cfg(train_data, run), on_step=term)
     assert (first["stop_reason"], first["signal"], first["steps"]) == ("signal", "SIGTERM", 2)
     ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ck["step"], ck["batch_in_epoch"], ck["reason"]) == (2, 2, "signal")
@@ -560,12 +561,11 @@ def test_short_run_lowers_the_loss(train_data, tmp_path):
 
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.replica import create_loader_for, resolve_replica
-    from alexnet.trainer.train import train
 
     cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=12, batch_size=8, lr=1e-3, keep_epochs=2,
                schedule="step", step_epochs=(100,))  # fmt: skip
-    trained = []
-    train(cfg, on_end=trained.append)
+    _, model = train_watched(cfg)
+    trained = [model]
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["best.pt", "epoch-0011.pt", "epoch-0012.pt", "last.pt"]  # --keep-epochs 2
     torch.manual_seed(cfg.run.seed)
@@ -671,10 +671,10 @@ def test_cli_options_are_the_config_fields():
     """Every config field has its option, with the dataclass default, and no option lacks a field."""
     from dataclasses import fields
 
-    from alexnet.trainer.cli import eval_command, main
+    from alexnet.trainer.cli import OLD_FLAGS, eval_command, main
     from alexnet.trainer.config import SECTIONS
 
-    for command, extra in ((main, {"config_file", "eval_only", "benchmark", "version"}),
+    for command, extra in ((main, {"config_file", "version", *OLD_FLAGS}),
                            (eval_command, {"config_file", "checkpoint", "ten_crop"})):  # fmt: skip
         options = {p.name: p for p in command.params}
         names = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
@@ -686,11 +686,12 @@ def test_cli_options_are_the_config_fields():
 
 
 def test_cli_config_file_reruns_a_run_with_fields_overridden(tmp_path, monkeypatch):
-    """--config RUN/config.json starts from the saved tree; typed options override single fields."""
+    """--config RUN/config.json starts a NEW run from the saved tree (not that run's directory, even
+    if it was a resumed run's); typed options override single fields."""
     from alexnet.trainer import cli
 
-    saved = TrainConfig.create(lr=0.005, batch_size=64, lrn="paper-text", num_threads=2, run_dir="runs/a")
-    saved.save(tmp_path / "config.json")
+    saved = TrainConfig.create(lr=0.005, batch_size=64, lrn="paper-text", num_threads=2)
+    saved.replace(run_dir="runs/a", resume=True, num_classes=4).save(tmp_path / "config.json")
     seen = []
 
     def fake_train(config):  # records the config instead of training (the CLI's job ends at building it)
@@ -698,9 +699,26 @@ def test_cli_config_file_reruns_a_run_with_fields_overridden(tmp_path, monkeypat
         raise SystemExit(0)
 
     monkeypatch.setattr("alexnet.trainer.train.train", fake_train)
-    r = CliRunner().invoke(cli.main, ["--config", str(tmp_path / "config.json"), "--run-dir", "runs/b", "--seed", "3"])
+    r = CliRunner().invoke(cli.main, ["--config", str(tmp_path / "config.json"), "--seed", "3"])
     assert r.exit_code == 0, r.output
-    assert seen == [saved.replace(run_dir="runs/b", seed=3)]
+    assert seen == [saved.replace(seed=3)]  # run_dir "" (a new timestamped run), resume off
+    r = CliRunner().invoke(cli.main, ["--config", str(tmp_path / "config.json"), "--resume"])
+    assert r.exit_code == 2 and "--resume continues the run in --run-dir" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, command",
+    [
+        (["--eval-only", "--ten-crop", "--checkpoint", "x.pt"], "alexnet-train eval"),
+        (["--benchmark", "--benchmark-steps", "5"], "alexnet-train bench"),
+        (["--lr", "0.1", "eval"], "options go after the command: alexnet-train eval --lr"),
+    ],
+)
+def test_cli_old_mode_flags_and_misplaced_options_are_one_line(args, command):
+    from alexnet.trainer.cli import main
+
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and command in r.output and "Traceback" not in r.output
 
 
 def test_report_subcommand_is_registered():

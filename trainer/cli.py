@@ -19,6 +19,7 @@ from alexnet.pipeline.artifacts import DATA_DIR_ENV
 from alexnet.pipeline.cli_common import LazyGroup, version_option
 from alexnet.pipeline.errors import AlexnetError
 
+from .checkpoint import CHECKPOINT_DIR, LAST
 from .config import CONFIG_FILE, SECTIONS, TrainConfig, merge_for_resume
 from .stop import exit_status
 
@@ -66,7 +67,7 @@ def _option(f, hint):
     if "choices" in meta:
         kw["type"] = click.Choice(meta["choices"])
     elif hint in (int, float) and "min" in meta:
-        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta["min"])
+        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta["min"], max=meta.get("max"))
     elif typing.get_origin(hint) is tuple:
         kw.update(default=",".join(map(str, default)), callback=_parse_ints)
     else:
@@ -91,42 +92,72 @@ def config_options(command):
 
 def build_config(ctx: click.Context, opts: dict) -> tuple[TrainConfig, dict]:
     """The config (defaults or ``--config``, then the typed options), and the typed options."""
+    config_file = opts.pop("config_file", None)
+    given = {name: value for name, value in opts.items() if _typed(ctx, name)}
+    if config_file and given.get("resume"):
+        raise click.UsageError("--config starts a new run from a saved config; --resume continues the run in --run-dir")
+    # A saved config starts a new run: the directory, the resume flag and the class count were its run's.
+    base = (
+        TrainConfig.load(config_file).replace(run_dir="", resume=False, num_classes=0) if config_file else TrainConfig()
+    )
+    return base.replace(**given), given
+
+
+def _typed(ctx: click.Context, name: str, *, env: bool = True) -> bool:
+    """Whether option ``name`` was given on the command line (or, with ``env``, by its variable)."""
     from click.core import ParameterSource
 
-    config_file = opts.pop("config_file", None)
-    given = {}
-    for name, value in opts.items():
-        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
-            given[name] = str(value) if isinstance(value, Path) else value
-    base = TrainConfig.load(config_file) if config_file else TrainConfig()
-    return base.replace(**{k: v for k, v in given.items() if k != "resume"}), given
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT) if env else (ParameterSource.COMMANDLINE,)
+    return ctx.get_parameter_source(name) in sources
+
+
+OLD_FLAGS = {
+    "eval_only": "eval",
+    "ten_crop": "eval",
+    "checkpoint": "eval",
+    "benchmark": "bench",
+    "benchmark_steps": "bench",
+}
+
+
+def _old_flags(command):
+    """The mode flags of earlier versions, hidden: each names the command that replaced it."""
+    for name in OLD_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        kind = {"is_flag": True} if name in ("eval_only", "ten_crop", "benchmark") else {}
+        command = click.option(flag, name, hidden=True, **kind)(command)
+    return command
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, invoke_without_command=True, epilog=EPILOG,
              context_settings=CONTEXT)  # fmt: skip
 @config_options
-@click.option("--eval-only", is_flag=True, hidden=True)
-@click.option("--benchmark", is_flag=True, hidden=True)
+@_old_flags
 @version_option("alexnet-train")
 @click.pass_context
-def main(ctx: click.Context, eval_only: bool, benchmark: bool, **opts) -> None:
+def main(ctx: click.Context, **opts) -> None:
     """Train the 2012 two-column AlexNet on an LMDB dataset with the paper's recipe (§5).
 
     Writes RUN_DIR/config.json, versions.json, metrics.jsonl, tensorboard/ and checkpoints/ (last.pt,
     epoch-XXXX.pt, best.pt). A NaN or infinite loss stops the run with exit status 1 and keeps the last
     good checkpoint. Other commands: eval, bench, report, predict, export (alexnet-train COMMAND --help).
     """
-    if eval_only or benchmark:
+    old = [name for name in OLD_FLAGS if opts.pop(name)]
+    if old:
+        command = OLD_FLAGS[old[0]]
         raise click.UsageError(
-            f"--{'eval-only' if eval_only else 'benchmark'} is now a command: alexnet-train "
-            f"{'eval' if eval_only else 'bench'} [OPTIONS]"
+            f"--{old[0].replace('_', '-')} belongs to a command now: alexnet-train {command} [OPTIONS]"
         )
     if ctx.invoked_subcommand is not None:
+        typed = [name for name in opts if _typed(ctx, name, env=False)]
+        if typed:
+            raise click.UsageError(f"options go after the command: alexnet-train {ctx.invoked_subcommand} "
+                                   f"--{typed[0].replace('_', '-')} ...")  # fmt: skip
         return
     from .train import train
 
     config, given = build_config(ctx, opts)
-    if opts["resume"]:
+    if config.run.resume:
         config = _resumed(config, given)
     s = train(config)
     _print_summary(s)
@@ -159,7 +190,7 @@ def eval_command(ctx: click.Context, checkpoint: Path | None, ten_crop: bool, **
     if checkpoint is None:
         if not config.run.run_dir:
             raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
-        checkpoint = Path(config.run.run_dir) / "checkpoints" / "last.pt"
+        checkpoint = Path(config.run.run_dir) / CHECKPOINT_DIR / LAST
     res = evaluate_checkpoint(config, checkpoint, ten_crop=ten_crop)
     click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
     for key, label in (("centre_crop", "centre crop"), ("ten_crop", "ten patches (§4.1)")):

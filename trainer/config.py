@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.pipeline.loader import DataConfig
+from alexnet.pipeline.loader import DataConfig, field_problems, opt
 
 from . import constants as TC
 
@@ -43,25 +43,8 @@ RESUME_MUTABLE = frozenset(
 )
 
 
-def opt(default: Any, help: str, **extra: Any) -> Any:
-    """A config field whose metadata carries its command-line help (and ``choices``, ``min``, ``aliases``)."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-def _problems(obj: Any) -> list[str]:
-    """Range and choice checks from the fields' metadata (``min``, ``choices``)."""
-    out = []
-    for f in fields(obj):
-        value, meta = getattr(obj, f.name), f.metadata
-        if "min" in meta and value < meta["min"]:
-            out.append(f"{f.name} must be >= {meta['min']}")
-        if "choices" in meta and value not in meta["choices"]:
-            out.append(f"{f.name} must be one of {', '.join(meta['choices'])}")
-    return out
-
-
 def _check(obj: Any, extra: list[str] | None = None) -> None:
-    problems = _problems(obj) + (extra or [])
+    problems = field_problems(obj) + (extra or [])
     if problems:
         raise AlexnetError("invalid training config: " + "; ".join(problems))
 

@@ -52,7 +52,7 @@ def load_predictor(checkpoint: Path, data_dir: Path | None, device: torch.device
         if data_dir is None or not (Path(data_dir) / A.MANIFEST_FILE).exists():
             raise AlexnetError(f"{checkpoint} carries no class list or mean image: give --data-dir of its dataset")
         manifest = A.read_manifest(Path(data_dir))
-        channel = (ck.get("config") or {}).get("mean") == "channel"
+        channel = ((ck.get("config") or {}).get("data") or {}).get("mean") == "channel"
         channel_mean = A.read_stats(Path(data_dir)).mean_rgb if channel else None
         entry = ckpt_io.dataset_entry(manifest, A.read_mean_image(Path(data_dir)), channel_mean)
     classes, names = list(entry["classes"]), list(entry.get("class_names") or [])

@@ -64,6 +64,8 @@ def resolve_replica(spec: str, info: D.DistInfo) -> Replica:
         form = f"column one on GPU {devices[0].index}, column two on GPU {devices[1].index}"
     else:
         form = f"both columns on GPU {devices[0].index}"
+    if devices[0].type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fastest algorithms for the fixed 224x224 shapes
     return Replica(info, resolved, tuple(devices), f"--gpus {resolved}: {form}{why}")
 
 
@@ -71,8 +73,6 @@ def start_replica(gpus: str) -> Replica:
     """The replica of this process, its process group joined (close with ``D.destroy_process_group``)."""
     replica = resolve_replica(gpus, D.dist_info_from_env())
     D.init_process_group(replica.info, replica.on_gpu, replica.devices[0].index if replica.on_gpu else None)
-    if replica.on_gpu:
-        torch.backends.cudnn.benchmark = True  # fastest algorithms for the fixed 224x224 shapes
     return replica
 
 

@@ -1,6 +1,5 @@
-"""The run directory's files, apart from checkpoints (checkpoint.py)::
+"""The run directory's files, apart from config.json (config.py) and checkpoints (checkpoint.py)::
 
-RUN/config.json        the resolved config tree (config.py)
 RUN/versions.json      package, torch, DALI, PIL, python, git revision
 RUN/metrics.jsonl      one JSON object per line (kind "train", "eval" or "alert")
 RUN/tensorboard/       TensorBoard event files (tensorboardX): the same scalars

@@ -15,7 +15,7 @@ finishes the step in flight, and:
 A signal during an epoch's last step or its evaluation takes effect after that evaluation and the
 epoch's checkpoint, so that the resumed run follows the same schedule.
 
-It writes ``checkpoints/last.pt`` (model, optimiser, schedule, every replica's loader position) and
+It writes ``checkpoints/last.pt`` (model, optimiser, schedule, the loader's position, every replica's generators) and
 exits with status 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1, 130 for Ctrl-C).
 Running the same command with ``--resume`` continues exactly. A second signal exits at once with the
 same status; checkpoints are written atomically, so the previous good one is kept. Signals within

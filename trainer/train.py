@@ -62,21 +62,13 @@ class RunState:
     last_loss: float = float("nan")
 
 
-def train(config: TrainConfig, *, on_step=None, on_end=None) -> dict[str, Any]:
-    """Train (or resume) one run; returns a summary dict.
-
-    Callbacks: ``on_step(step, epoch, labels)`` after every optimiser step on this replica (an
-    exception there ends the run like a crash), ``on_end(model)`` with this replica's network.
-    """
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) one run; returns a summary dict."""
     t0 = time.monotonic()
     replica = start_replica(config.run.gpus)
     try:
         with StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
-            trainer = Trainer(prepare_run(config, replica), replica, signals, t0, on_step=on_step)
-            summary = trainer.fit()
-            if on_end is not None:
-                on_end(trainer.model)
-            return summary
+            return Trainer(prepare_run(config, replica), replica, signals, t0).fit()
     finally:
         D.destroy_process_group()
 
@@ -110,8 +102,8 @@ def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
 class Trainer:
     """One replica's training run; see the module docstring for the reading order."""
 
-    def __init__(self, config: TrainConfig, replica: Replica, signals: StopSignals, t0: float, *, on_step=None):
-        self.config, self.replica, self.t0, self.on_step = config, replica, t0, on_step
+    def __init__(self, config: TrainConfig, replica: Replica, signals: StopSignals, t0: float):
+        self.config, self.replica, self.t0 = config, replica, t0
         self.info, run = replica.info, config.run
         self.run_dir = Path(run.run_dir)
         self.data_dir = Path(run.data_dir)
@@ -153,8 +145,9 @@ class Trainer:
         state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
         self.watch.load_state_dict(ck.get("loss_watch") or {})
         self._restore_replica(ck)
-        if self.train_loader.note:  # the buffer shuffle with another replica count, or an older state
+        if self.train_loader.note:  # the buffer shuffle replays or restarts the epoch
             self.replica.say(f"note: {self.train_loader.note}")
+        if self.train_loader.consumed == 0:  # restarted (the buffer shuffle with another replica count)
             state.batch_in_epoch = 0
         self.replica.say(f"resumed {path} at step {state.step} (epoch {state.epoch}, +{state.batch_in_epoch} batches)")
         return True
@@ -172,7 +165,7 @@ class Trainer:
     def _open_run_dir(self) -> MetricsLog:
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.config.save(self.run_dir / CONFIG_FILE)
+            self.config.replace(resume=False).save(self.run_dir / CONFIG_FILE)  # --resume is a command, not the run
             atomic_write_json(self.run_dir / VERSIONS_FILE, versions())
             truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)  # lines after the checkpoint
         metrics = MetricsLog(self.run_dir, self.info.is_main, self.t0, self.state.elapsed_before,
@@ -236,8 +229,6 @@ class Trainer:
             state.step += 1
             state.batch_in_epoch += 1
             self.bar.update(1)
-            if self.on_step is not None:
-                self.on_step(state.step, state.epoch, labels)
             reason = self.after_step()
             if reason:
                 break
