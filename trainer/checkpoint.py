@@ -56,7 +56,7 @@ def epoch_name(epoch: int) -> str:
 
 
 class Checkpointer:
-    """Writes a run's checkpoints (main replica only): last.pt, epoch files, best.pt, pruning."""
+    """Writes a run's checkpoints: last.pt, epoch files, best.pt, pruning (``enabled``: the main replica)."""
 
     def __init__(self, run_dir: Path, keep_epochs: int, enabled: bool = True):
         self.dir = Path(run_dir) / CHECKPOINT_DIR
@@ -65,8 +65,6 @@ class Checkpointer:
 
     def save(self, payload: dict[str, Any], *, epoch: int | None = None, is_best: bool = False) -> None:
         """``last.pt``; at an epoch's end (``epoch`` given) the epoch file, with last.pt and best.pt linked to it."""
-        if not self.enabled:
-            return
         if epoch is None:
             save_checkpoint(self.last, payload)
             return

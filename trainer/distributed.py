@@ -222,14 +222,6 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
-def all_reduce_min_int(value: int, info: DistInfo, device: torch.device) -> int:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return int(t.item())
-
-
 def any_flags(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
     """Each flag True on every replica if it is True on any (stop decisions must agree, or DDP hangs)."""
     if not info.enabled:

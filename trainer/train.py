@@ -206,25 +206,15 @@ class Trainer:
             self.metrics.close()
         return self.summary(reason)
 
-    def epoch_steps(self) -> int:
-        # len(loader): the batches left from the loader's position (all of them at an epoch's start).
-        left = D.all_reduce_min_int(len(self.train_loader), self.info, self.replica.collective_device)
-        steps = self.state.batch_in_epoch + left
-        if steps < 1:
-            per_replica = self.config.optim.batch_size // self.info.world_size
-            raise AlexnetError(f"the training split has fewer records per replica than one batch of {per_replica}")
-        return steps
-
     def train_epoch(self) -> str:
         """The rest of the current epoch; returns why the run stops within it ("" if it finished)."""
         state, run = self.state, self.config.run
         set_lr(self.optimizer, self.schedule.start_epoch(state.epoch))
-        self.epoch_len = self.epoch_steps()
+        # len(loader): the batches left from its position, the same on every replica (pipeline/order.py).
+        self.epoch_len = state.batch_in_epoch + len(self.train_loader)
         self._open_bar()
         t, steps0, reason = time.monotonic(), state.step, ""
         for images, labels in self.train_loader:
-            if state.batch_in_epoch >= self.epoch_len:
-                continue  # a replica with more batches than the others drains them (DDP needs equal counts)
             self._meter_add(self.step_fn(images, labels))
             state.step += 1
             state.batch_in_epoch += 1
@@ -292,7 +282,15 @@ class Trainer:
             self._flush_meter()  # no checkpoint over a non-finite loss
         state = self.state
         rngs = D.all_gather_objects(ckpt_io.rng_state(), self.info)  # dropout streams differ per replica
-        payload = {
+        if self.checkpoints.enabled:  # the main replica writes; the others only add their generators
+            self.checkpoints.save(
+                self._payload(reason, rngs), epoch=state.epoch if epoch_end else None, is_best=is_best
+            )
+        self.stop.saved(state.step)
+
+    def _payload(self, reason: str, rngs: list) -> dict[str, Any]:
+        state = self.state
+        return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "epoch": state.epoch, "step": state.step,
             "batch_in_epoch": state.batch_in_epoch, "world_size": self.info.world_size, "rng": rngs,
@@ -301,8 +299,6 @@ class Trainer:
             "elapsed_s": state.elapsed_before + time.monotonic() - self.t0, "loss_watch": self.watch.state_dict(),
             "dataset": self.dataset_entry, "reason": reason,
         }  # fmt: skip
-        self.checkpoints.save(payload, epoch=state.epoch if epoch_end else None, is_best=is_best)
-        self.stop.saved(state.step)
 
     # ------------------------------------------------------------------ metrics and progress
     def _reset_meter(self) -> None:
