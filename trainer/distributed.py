@@ -187,6 +187,7 @@ def init_process_group(info: DistInfo, on_gpu: bool, first_gpu: int | None) -> N
 
 
 def destroy_process_group() -> None:
+    _HOST_GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -222,10 +223,26 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
-def any_flags(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
-    """Each flag True on every replica if it is True on any (stop decisions must agree, or DDP hangs)."""
+def any_flags(flags: list[bool], info: DistInfo) -> list[bool]:
+    """Each flag True on every replica if it is True on any (stop decisions must agree, or DDP hangs).
+
+    A host operation: a CPU tensor over gloo. Over NCCL the reduction would queue behind the GPU's
+    pending steps and reading it would wait for them, a full synchronisation at every log point."""
     if not info.enabled:
         return list(flags)
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
     return [v > 0 for v in t.tolist()]
+
+
+_HOST_GROUPS: list = []  # the gloo group beside an NCCL default group, made at first use
+
+
+def _host_group():
+    """None (the default group) when it is gloo; else one gloo group over the same replicas, made by
+    every replica at its first agreement (they all reach it at the same point)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUPS:
+        _HOST_GROUPS.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUPS[0]

@@ -1,8 +1,12 @@
 """Is the run learning? Per-layer norms and two loss alarms, checked at each log interval.
 
-* :func:`layer_norms`: each learned layer's weight norm and gradient norm (both columns together),
-  read after the step at a log interval only, so the graphed step itself is unchanged; on a GPU it
-  costs a few small reductions and one host copy, next to the loss's own sync at that point.
+* :class:`LayerNorms`: each learned layer's weight norm and gradient norm (both columns together) as
+  ONE device tensor, from one multi-tensor norm per device and one segment sum (a few kernels, not
+  one per tensor). The trainer computes it after the step at a log point, so the graphed step itself
+  is unchanged, and reads it with the loss one interval later (:class:`HostCopy`): no host
+  synchronisation between log points. :func:`layer_norms` computes and reads at once.
+* :class:`HostCopy`: device values copied to host memory without blocking (pinned memory, a CUDA
+  event); :meth:`HostCopy.read` is the one place that waits for them.
 * :class:`LossWatch`: two conditions, each reported once per process with one line pointing to
   docs/TRAINING.md and a ``{"kind": "alert"}`` record in metrics.jsonl:
 
@@ -22,34 +26,79 @@ import torch
 from torch import nn
 
 DOC = "docs/TRAINING.md"
+KINDS = ("weight_norm", "grad_norm")
+
+
+class LayerNorms:
+    """:meth:`compute` gives, as one tensor on ``device``, each layer's weight norm then each layer's
+    gradient norm (2 x len(layers) values), over the weights (not the biases) of both columns. A layer
+    whose gradients are not there (before the first step) gets NaN there, which :meth:`as_dict` leaves out."""
+
+    def __init__(self, model: nn.Module, layers: tuple[str, ...]):
+        self.layers = layers
+        self.weights: list[tuple[int, nn.Parameter]] = [
+            (layers.index(name.split(".", 1)[0]), p)
+            for name, p in model.named_parameters()
+            if name.split(".", 1)[0] in layers and p.ndim > 1
+        ]
+        self._segments: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # made once, on the device
+
+    def compute(self, device: torch.device) -> torch.Tensor:
+        n = len(self.layers)
+        entries = [(i, p) for i, p in self.weights] + [(n + i, p.grad) for i, p in self.weights if p.grad is not None]
+        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        for seg, t in entries:
+            by_device.setdefault(t.device, []).append((seg, t.detach()))
+        # One multi-tensor norm per device (the two columns may be on two GPUs), squared, then one
+        # segment sum: a layer's norm over both columns is the root of the sum of their squares.
+        squares = torch.cat([
+            torch.stack(torch._foreach_norm([t for _, t in group])).float().square().to(device, non_blocking=True)
+            for group in by_device.values()
+        ])  # fmt: skip
+        index, start = self._segment(tuple(seg for group in by_device.values() for seg, _ in group), device)
+        return start.index_add(0, index, squares).sqrt()
+
+    def _segment(self, segs: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment ids on the device, and the sums' start: 0, or NaN for a layer with no entry."""
+        if segs not in self._segments:
+            start = torch.full((2 * len(self.layers),), math.nan)
+            start[list(set(segs))] = 0.0
+            self._segments[segs] = (torch.tensor(segs, device=device), start.to(device))
+        return self._segments[segs]
+
+    def as_dict(self, values: list[float]) -> dict[str, dict[str, float]]:
+        """``{"weight_norm": {layer: |W|}, "grad_norm": {layer: |dL/dW|}}`` from :meth:`compute`'s values."""
+        n = len(self.layers)
+        return {
+            kind: {layer: v for layer, v in zip(self.layers, values[k * n : (k + 1) * n], strict=True) if v == v}
+            for k, kind in enumerate(KINDS)
+        }  # (v == v: not NaN)
 
 
 def layer_norms(model: nn.Module, layers: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """``{"weight_norm": {layer: |W|}, "grad_norm": {layer: |dL/dW|}}`` over each layer's weights.
+    """:class:`LayerNorms` computed and read at once (one host copy)."""
+    norms = LayerNorms(model, layers)
+    return norms.as_dict(norms.compute(norms.weights[0][1].device).tolist())
 
-    A layer split in columns counts both columns' kernels. Gradients that are not there (before the
-    first step) are left out.
-    """
-    weights: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    for pname, p in model.named_parameters():
-        layer = pname.split(".", 1)[0]
-        if layer in weights and p.ndim > 1:
-            weights[layer].append(p)
-    names, values = [], []
-    for layer, params in weights.items():
-        w = torch.stack([p.detach().float().norm() ** 2 for p in params]).sum().sqrt()
-        names.append(("weight_norm", layer))
-        values.append(w)
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            g = torch.stack([t.detach().float().norm() ** 2 for t in grads]).sum().sqrt()
-            names.append(("grad_norm", layer))
-            values.append(g)
-    out: dict[str, dict[str, float]] = {"weight_norm": {}, "grad_norm": {}}
-    gathered = torch.stack([v.to(values[0].device) for v in values])  # one host copy below
-    for (kind, layer), v in zip(names, gathered.tolist(), strict=True):
-        out[kind][layer] = v
-    return out
+
+class HostCopy:
+    """``values`` (a 1-d device tensor) copied to host memory without blocking the host: into pinned
+    memory, with a CUDA event recorded behind the copy. :meth:`read` waits for that event only, by then
+    usually long passed. On the CPU the copy is a plain synchronous one: the same code path."""
+
+    def __init__(self, values: torch.Tensor):
+        on_gpu = values.device.type == "cuda"
+        self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=on_gpu)
+        self.host.copy_(values, non_blocking=on_gpu)
+        self.event = torch.cuda.Event() if on_gpu else None
+        if self.event is not None:
+            self.event.record(torch.cuda.current_stream(values.device))
+
+    def read(self) -> list[float]:
+        """The values (the one host synchronisation of a log interval)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 @dataclass

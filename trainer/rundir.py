@@ -106,10 +106,14 @@ class MetricsLog:
             self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30,
                                     filename_suffix=f".{time.time_ns()}")  # fmt: skip
 
-    def write(self, rec: dict[str, Any]) -> None:
+    def stamp(self) -> dict[str, float]:
+        """When a line's values were taken (the trainer writes a train line one log interval later)."""
+        return {"elapsed_s": round(self.elapsed(), 3), "time": round(time.time(), 3)}
+
+    def write(self, rec: dict[str, Any], stamp: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
-        rec = {**rec, "elapsed_s": round(self.elapsed(), 3), "time": round(time.time(), 3)}
+        rec = {**rec, **(stamp or self.stamp())}
         self.file.write(json.dumps(rec) + "\n")
         if self.tb is not None:
             step = rec.get("step", 0)

@@ -89,17 +89,32 @@ class StepDecision:
     stop: str = ""  # why the run stops after this step ("" = it goes on)
 
 
+@dataclass(frozen=True)
+class IntervalRead:
+    """A log interval's values as read on the host: the mean loss over steps ``first`` .. ``last`` and
+    whether every value read (the loss; on the main replica also the layers' norms after step ``last``) is finite."""
+
+    loss: float
+    first: int
+    last: int
+    finite: bool
+
+
 class StopPolicy:
     """When a run stops, and when it writes a periodic checkpoint: max steps, epochs, the schedule's
-    end, the time limit, a non-finite loss and the signals above.
+    end, the time limit, a non-finite loss or weights, and the signals above.
 
-    Every decision that could differ between replicas (the clock, a signal seen by one of them) is
-    agreed collectively at a log point or an epoch end, so that all replicas stop at the same step.
+    Every decision that could differ between replicas (the clock, a signal seen by one of them, a
+    non-finite value) is agreed collectively at a log point, a checkpoint or an epoch end, so that all
+    replicas stop at the same step. The agreement is a host operation (gloo, distributed.any_flags):
+    it does not wait for the GPU. The values checked at a log point are the previous interval's (the
+    trainer reads them one interval late); before any checkpoint the trainer reads and checks (:meth:`check`)
+    every value up to the current step, so no checkpoint is written from non-finite weights.
     """
 
-    def __init__(self, run, signals: StopSignals, info, device, t0: float, last_path, step: int):
-        self.run, self.signals, self.info, self.device, self.t0 = run, signals, info, device, t0
-        self.last_path = last_path  # checkpoints/last.pt, named when a non-finite loss stops the run
+    def __init__(self, run, signals: StopSignals, info, t0: float, last_path, step: int):
+        self.run, self.signals, self.info, self.t0 = run, signals, info, t0
+        self.last_path = last_path  # checkpoints/last.pt, named when a non-finite value stops the run
         self.last_checkpoint, self.last_good_step = time.monotonic(), step
 
     def before_epoch(self, epoch: int, step: int, schedule_done: bool) -> str:
@@ -113,27 +128,41 @@ class StopPolicy:
     def _time_up(self, now: float) -> bool:
         return bool(self.run.time_limit_minutes) and now - self.t0 >= 60 * self.run.time_limit_minutes
 
-    def after_step(self, step: int, loss: float | None, since: int) -> StepDecision:
-        """After optimiser step ``step``. At a log point ``loss`` is the mean loss over steps
-        ``since + 1 .. step`` and the replicas agree on every flag; between log points it is None."""
+    def after_step(self, step: int, log_point: bool, read: IntervalRead | None = None) -> StepDecision:
+        """After optimiser step ``step``. At a log point the replicas agree on every flag, and ``read``
+        (None before the first one is read) is checked; between log points nothing is agreed."""
         now = time.monotonic()
         flags = [False, False, False, self.signals.received is not None]
-        if loss is not None:
+        if log_point:
             minutes = self.run.checkpoint_minutes
-            flags[:3] = [not math.isfinite(loss), bool(minutes) and now - self.last_checkpoint >= 60 * minutes,
-                         self._time_up(now)]  # fmt: skip
+            flags[:3] = [read is not None and not read.finite,
+                         bool(minutes) and now - self.last_checkpoint >= 60 * minutes, self._time_up(now)]  # fmt: skip
             flags = self._agree(flags)
         elif self.info.enabled:
             flags[3] = False  # several replicas: a signal waits for the next point where they agree
-        if flags[0]:
-            kept = self.last_path if self.last_path.exists() else "(none written yet)"
-            raise NonFiniteLoss(
-                f"the loss became {loss} between steps {since + 1} and {step}; stopped. The last good checkpoint "
-                f"is kept: {kept} (step {self.last_good_step}). Lower --lr, or check the data."
-            )
+        if flags[0] and read is not None:  # (every replica has read at the same log points)
+            self._stop_non_finite(read)
         every = self.run.checkpoint_every_steps
         stop = "time_limit" if flags[2] else "signal" if flags[3] else self.max_steps(step)
         return StepDecision(checkpoint=flags[1] or bool(every and step % every == 0), stop=stop)
+
+    def check(self, read: IntervalRead) -> None:
+        """Before a checkpoint or an epoch's end: raises :class:`NonFiniteLoss` if any replica read a
+        non-finite value."""
+        if self._agree([not read.finite])[0]:
+            self._stop_non_finite(read)
+
+    def _stop_non_finite(self, read: IntervalRead) -> None:
+        kept = self.last_path if self.last_path.exists() else "(none written yet)"
+        what = (
+            f"the loss became {read.loss} between steps {read.first} and {read.last}"
+            if not math.isfinite(read.loss)
+            else f"the weights or their gradients became non-finite by step {read.last}"
+        )
+        raise NonFiniteLoss(
+            f"{what}; stopped. The last good checkpoint is kept: {kept} (step {self.last_good_step}). "
+            "Lower --lr, or check the data."
+        )
 
     def at_epoch_end(self) -> str:
         """After the epoch's evaluation and checkpoint: the time limit or a signal, agreed."""
@@ -146,4 +175,4 @@ class StopPolicy:
     def _agree(self, flags: list[bool]) -> list[bool]:
         from . import distributed as D  # torch: imported when a run starts, not by the CLI's --help
 
-        return D.any_flags(flags, self.info, self.device)
+        return D.any_flags(flags, self.info)

@@ -17,6 +17,7 @@ within 0.001, weights within 0.007).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .config import CONFIG_FILE, TrainConfig
 from .evaluate import evaluate
-from .health import LossWatch, layer_norms
+from .health import HostCopy, LayerNorms, LossWatch
 from .model import LEARNED_LAYERS
 from .optim import create_optimizer, set_lr
 from .replica import (
@@ -46,7 +47,7 @@ from .replica import (
 from .rundir import METRICS_FILE, VERSIONS_FILE, MetricsLog, default_run_dir, truncate_metrics, versions
 from .schedule import create_schedule
 from .step import create_step, uses_cuda_graph
-from .stop import StopPolicy, StopSignals
+from .stop import IntervalRead, StopPolicy, StopSignals
 
 
 @dataclass
@@ -60,6 +61,17 @@ class RunState:
     images: int = 0  # images trained on in this process (for the mean rate)
     train_seconds: float = 0.0
     last_loss: float = float("nan")
+
+
+@dataclass
+class LogPoint:
+    """A log point's metrics.jsonl train line: the host's fields taken at the log point; the mean loss
+    and (on the main replica) the layers' norms on their way to the host, read one interval later."""
+
+    record: dict[str, Any]  # "loss" (and the norms) filled in when read
+    stamp: dict[str, float]  # elapsed_s and time at the log point
+    first: int  # the interval's first step
+    values: HostCopy
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -121,12 +133,13 @@ class Trainer:
         self.watch = LossWatch(run.num_classes, run.stall_intervals, run.stall_band, run.explode_factor)
         self.checkpoints = ckpt_io.Checkpointer(self.run_dir, run.keep_epochs, self.info.is_main)
         self.resumed = run.resume and self.restore()
-        self.stop = StopPolicy(run, signals, self.info, replica.collective_device, t0, self.checkpoints.last,
-                               self.state.step)  # fmt: skip
+        self.stop = StopPolicy(run, signals, self.info, t0, self.checkpoints.last, self.state.step)
         self.metrics = self._open_run_dir()
         self.dataset_entry = self._dataset_entry()
         self.has_val = "val" in read_manifest(self.data_dir).splits
         self.bar, self.epoch_len = None, 1
+        self.norms = LayerNorms(self.model, LEARNED_LAYERS) if self.info.is_main else None
+        self.pending: LogPoint | None = None  # the last log point's values, read at the next one
         self._reset_meter()
 
     # ------------------------------------------------------------------ build and restore
@@ -230,12 +243,17 @@ class Trainer:
 
     def after_step(self) -> str:
         """Log point, periodic checkpoint and stop decision after one step (none at the epoch's last step:
-        the epoch's end evaluates, checkpoints and decides)."""
+        the epoch's end evaluates, checkpoints and decides). No host synchronisation between log points;
+        at a log point the previous interval's values are read, checked and written."""
         step = self.state.step
-        loss = self._meter_mean() if step % self.config.run.log_every_steps == 0 else None
-        decision = self.stop.after_step(step, loss, self.last_log_step)
-        if loss is not None:
-            self.log(loss)
+        log_point = step % self.config.run.log_every_steps == 0
+        previous = self.pending
+        if log_point:
+            self.pending = self._log_point()  # this interval's values start their copy before the read
+        read = self._read(previous) if log_point and previous is not None else None
+        decision = self.stop.after_step(step, log_point, read)
+        if read is not None:
+            self._write(previous)
         if self.state.batch_in_epoch >= self.epoch_len:
             return ""
         if decision.checkpoint:
@@ -244,7 +262,7 @@ class Trainer:
 
     def end_epoch(self) -> None:
         state = self.state
-        self._flush_meter()
+        self._flush()
         state.epoch += 1
         state.batch_in_epoch = 0
         is_best = False
@@ -279,7 +297,7 @@ class Trainer:
     def save(self, reason: str, *, epoch_end: bool = False, is_best: bool = False) -> None:
         """A checkpoint of every replica's state (gathered to the main replica, which writes it)."""
         if not epoch_end:
-            self._flush_meter()  # no checkpoint over a non-finite loss
+            self._flush()  # no checkpoint from non-finite weights
         state = self.state
         rngs = D.all_gather_objects(ckpt_io.rng_state(), self.info)  # dropout streams differ per replica
         if self.checkpoints.enabled:  # the main replica writes; the others only add their generators
@@ -310,31 +328,51 @@ class Trainer:
         self.loss_sum += loss  # on the device: no synchronisation per step
         self.loss_steps += 1
 
-    def _meter_mean(self) -> float:
-        return (self.loss_sum / max(self.loss_steps, 1)).item()
-
-    def _flush_meter(self) -> None:
-        """Before a checkpoint or an epoch's end: check and log the steps since the last log point."""
-        if self.loss_steps:
-            loss = self._meter_mean()
-            self.stop.after_step(self.state.step, loss, self.last_log_step)  # raises on a non-finite loss
-            self.log(loss)
-
-    def log(self, loss: float) -> None:
-        """One metrics.jsonl train line (with the layers' norms), alerts, the progress bar's figures."""
+    def _log_point(self) -> LogPoint:
+        """The interval since the last log point: its host figures now; its mean loss and the layers'
+        norms after this step computed on the device (one tensor) and copied to the host without waiting."""
         state, now = self.state, time.monotonic()
         rate = self.config.optim.batch_size * (state.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
-        state.last_loss = loss
-        norms = layer_norms(self.model, LEARNED_LAYERS) if self.info.is_main else {}
-        self.metrics.write({"kind": "train", "step": state.step, "epoch": state.epoch,
-                            "epoch_progress": round(state.batch_in_epoch / self.epoch_len, 4), "loss": loss,
-                            "lr": self.schedule.lr, "images_per_s": round(rate, 2), **norms})  # fmt: skip
-        for alert in self.watch.observe(state.step, loss):
-            self.replica.say(alert["message"])
-            self.metrics.write(alert)
-        if self.bar is not None:
-            self.bar.set_postfix({"img/s": f"{rate:.0f}", "loss": f"{loss:.4f}", "lr": f"{self.schedule.lr:g}"})
+        values = (self.loss_sum / max(self.loss_steps, 1)).reshape(1)
+        if self.norms is not None:
+            values = torch.cat([values, self.norms.compute(values.device)])
+        record = {"kind": "train", "step": state.step, "epoch": state.epoch,
+                  "epoch_progress": round(state.batch_in_epoch / self.epoch_len, 4), "loss": None,
+                  "lr": self.schedule.lr, "images_per_s": round(rate, 2)}  # fmt: skip
+        point = LogPoint(record, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values))
         self._reset_meter()
+        return point
+
+    def _read(self, point: LogPoint) -> IntervalRead:
+        """The interval's values on the host (waits for their copy only), into its line."""
+        values = point.values.read()
+        point.record["loss"] = values[0]
+        norms = self.norms.as_dict(values[1:]) if self.norms is not None else {}
+        point.record.update(norms)
+        finite = all(math.isfinite(v) for v in [values[0], *(v for d in norms.values() for v in d.values())])
+        return IntervalRead(values[0], point.first, point.record["step"], finite)
+
+    def _flush(self) -> None:
+        """Before a checkpoint or an epoch's end: read, check and write every interval up to this step
+        (a checkpoint synchronises anyway), so that no checkpoint holds non-finite weights."""
+        points = [self.pending, self._log_point() if self.loss_steps else None]
+        self.pending = None
+        for point in points:
+            if point is not None:
+                self.stop.check(self._read(point))  # raises on a non-finite value
+                self._write(point)
+
+    def _write(self, point: LogPoint) -> None:
+        """One metrics.jsonl train line (with the layers' norms), alerts, the progress bar's figures."""
+        rec = point.record
+        self.state.last_loss = loss = rec["loss"]
+        self.metrics.write(rec, point.stamp)
+        for alert in self.watch.observe(rec["step"], loss):
+            self.replica.say(alert["message"])
+            self.metrics.write(alert, point.stamp)
+        if self.bar is not None:
+            self.bar.set_postfix({"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}",
+                                  "lr": f"{rec['lr']:g}"})  # fmt: skip
 
     def _open_bar(self) -> None:
         """One bar per epoch; with --max-steps one bar for the whole run (its ETA is the run's)."""
