@@ -64,3 +64,37 @@ def test_off_switches_and_non_finite_losses():
     for step in range(100):
         assert watch.observe(step, math.log(10)) == []
     assert LossWatch(num_classes=10).observe(1, float("nan")) == []
+
+
+def test_layer_norms_leave_out_missing_gradients_and_match_per_tensor_norms():
+    """The multi-tensor form against the per-tensor one it replaced, on the two-column network with
+    one layer's gradients missing (left out) and another's present on one column only."""
+    from alexnet.trainer.health import HostCopy, LayerNorms
+
+    torch.manual_seed(1)
+    model = AlexNet(num_classes=5, devices=["cpu", "cpu"])
+    x = torch.randn(2, 3, 224, 224) * 50
+    torch.nn.functional.cross_entropy(model.train()(x), torch.tensor([0, 4])).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("fc7.") or name == "conv2.columns.1.weight":
+            p.grad = None
+    weights = {layer: [p for n, p in model.named_parameters() if n.split(".")[0] == layer and p.ndim > 1]
+               for layer in LEARNED_LAYERS}  # fmt: skip
+    assert len(weights["conv2"]) == 2  # both columns
+    norms = LayerNorms(model, LEARNED_LAYERS)
+    values = norms.compute(torch.device("cpu"))
+    assert values.shape == (2 * len(LEARNED_LAYERS),)
+    got = norms.as_dict(HostCopy(values).read())
+    assert "fc7" not in got["grad_norm"] and list(got["weight_norm"]) == list(LEARNED_LAYERS)
+    for layer, params in weights.items():
+        w = torch.stack([p.detach().norm() ** 2 for p in params]).sum().sqrt().item()
+        assert math.isclose(got["weight_norm"][layer], w, rel_tol=1e-6)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            g = torch.stack([t.norm() ** 2 for t in grads]).sum().sqrt().item()
+            assert math.isclose(got["grad_norm"][layer], g, rel_tol=1e-6)
+    assert "conv2" in got["grad_norm"]  # present on one column: that column's norm
+    with torch.no_grad():
+        model.conv3.columns[1].weight.view(-1)[7] = float("nan")  # a non-finite weight is kept, not left out
+    got = norms.as_dict(norms.compute(torch.device("cpu")).tolist())
+    assert math.isnan(got["weight_norm"]["conv3"]) and math.isfinite(got["weight_norm"]["conv2"])

@@ -597,6 +597,95 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_good_checkpoint(trai
     assert all(torch.isfinite(t).all() for t in ck["model"].values())
 
 
+def _train_recording(monkeypatch, poison_at: int | None = None):
+    """``train`` with the test's own synchronous reads: each step's loss (``.item()``) and, before
+    each log point, the layers' norms, beside the count of the trainer's host reads (HostCopy.read) and
+    of the train lines in metrics.jsonl. ``poison_at``: a NaN put into a conv1 weight after that step."""
+    from alexnet.trainer import health
+    from alexnet.trainer import train as T
+    from alexnet.trainer.model import LEARNED_LAYERS
+
+    rec: dict = {"losses": {}, "norms": {}, "reads": 0, "seen": []}
+    real_read = health.HostCopy.read
+
+    def read(self):
+        rec["reads"] += 1
+        return real_read(self)
+
+    class Recording(T.Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            step = self.step_fn
+
+            def recorded(images, labels):
+                loss = step(images, labels)
+                rec["losses"][self.state.step + 1] = loss.item()
+                return loss
+
+            self.step_fn = recorded
+
+        def after_step(self):
+            lines = (self.run_dir / "metrics.jsonl").read_text().count('"kind": "train"')
+            rec["seen"].append((rec["reads"], lines))
+            if self.state.step == poison_at:
+                with torch.no_grad():
+                    next(self.model.conv1.parameters()).view(-1)[0] = float("nan")
+            rec["norms"][self.state.step] = health.layer_norms(self.model, LEARNED_LAYERS)
+            return super().after_step()
+
+    monkeypatch.setattr(health.HostCopy, "read", read)
+    monkeypatch.setattr(T, "Trainer", Recording)
+    return T.train, rec
+
+
+def test_metrics_are_read_one_interval_late_and_equal_a_synchronous_read(train_data, tmp_path, monkeypatch):
+    """Every 2 steps (4 steps an epoch, 6 steps): the host reads once per logged interval, only at log
+    points or before a checkpoint or epoch end, and a step's line is written one interval later; each
+    line holds the mean of its steps' losses and the norms after its step, as synchronous reads give."""
+    run = tmp_path / "run"
+    train, rec = _train_recording(monkeypatch)
+    summary = train(_cfg(train_data, run, log_every_steps=2))
+    # (reads, lines written) when each step is done: nothing is read at step 2; the line for step 2
+    # is read at step 4, then step 4's before the epoch's end; step 6's before the final checkpoint.
+    assert rec["seen"] == [(0, 0)] * 4 + [(2, 2)] * 2
+    lines = [x for x in _lines(run) if x["kind"] == "train"]
+    assert [x["step"] for x in lines] == [2, 4, 6] and rec["reads"] == 3
+    losses = rec["losses"]
+    for x in lines:
+        s = x["step"]
+        assert x["loss"] == pytest.approx((losses[s - 1] + losses[s]) / 2, rel=1e-6, abs=0)
+        assert {"weight_norm": x["weight_norm"], "grad_norm": x["grad_norm"]} == rec["norms"][s]
+        assert x["epoch_progress"] == (1.0 if s == 4 else 0.5) and x["epoch"] == (0 if s <= 4 else 1)
+    assert summary["final_loss"] == lines[-1]["loss"]
+    assert rec["norms"][3]["grad_norm"] != rec["norms"][2]["grad_norm"]  # a line one step off would differ
+
+
+@pytest.mark.parametrize(
+    ("poison_at", "message"),
+    [
+        (4, "the loss became nan between steps 4 and 6"),
+        (6, "the weights or their gradients became non-finite by step 6"),
+    ],
+)
+def test_a_late_non_finite_check_never_writes_a_checkpoint_from_non_finite_weights(
+    train_data, tmp_path, monkeypatch, poison_at, message
+):
+    """A NaN weight after step 4 (the loss turns NaN at step 5) or after step 6 (the loss of steps 4-6 is
+    still finite): the checkpoint due at step 6 reads the interval first and stops without writing;
+    last.pt stays step 3's, with finite weights."""
+    from alexnet.trainer.stop import NonFiniteLoss
+
+    run = tmp_path / "run"
+    cfg = _cfg(train_data, run, batch_size=2, max_steps=8, log_every_steps=3, checkpoint_every_steps=3)
+    train, rec = _train_recording(monkeypatch, poison_at=poison_at)
+    with pytest.raises(NonFiniteLoss, match=message):
+        train(cfg)
+    ck = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["step"] == 3 and all(torch.isfinite(t).all() for t in ck["model"].values())
+    assert [x["step"] for x in _lines(run) if x["kind"] == "train"] == [3]
+    assert math.isnan(rec["losses"][5]) == (poison_at == 4)
+
+
 def test_eval_only_ten_crop_cli_prints_and_logs_both(uninterrupted, train_data, tmp_path):
     from alexnet.trainer.cli import main
 

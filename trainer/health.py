@@ -32,7 +32,8 @@ KINDS = ("weight_norm", "grad_norm")
 class LayerNorms:
     """:meth:`compute` gives, as one tensor on ``device``, each layer's weight norm then each layer's
     gradient norm (2 x len(layers) values), over the weights (not the biases) of both columns. A layer
-    whose gradients are not there (before the first step) gets NaN there, which :meth:`as_dict` leaves out."""
+    whose gradients are not there (before the first step) gets -inf there, which :meth:`as_dict` leaves
+    out; a NaN or +inf is a non-finite weight or gradient, kept for the trainer's check."""
 
     def __init__(self, model: nn.Module, layers: tuple[str, ...]):
         self.layers = layers
@@ -55,24 +56,26 @@ class LayerNorms:
             torch.stack(torch._foreach_norm([t for _, t in group])).float().square().to(device, non_blocking=True)
             for group in by_device.values()
         ])  # fmt: skip
-        index, start = self._segment(tuple(seg for group in by_device.values() for seg, _ in group), device)
-        return start.index_add(0, index, squares).sqrt()
+        index, missing = self._segment(tuple(seg for group in by_device.values() for seg, _ in group), device)
+        return torch.zeros(2 * len(self.layers), device=device).index_add_(0, index, squares).sqrt() - missing
 
     def _segment(self, segs: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The segment ids on the device, and the sums' start: 0, or NaN for a layer with no entry."""
+        """The segment ids on the device, and what to subtract: 0, or +inf for a layer with no entry."""
         if segs not in self._segments:
-            start = torch.full((2 * len(self.layers),), math.nan)
-            start[list(set(segs))] = 0.0
-            self._segments[segs] = (torch.tensor(segs, device=device), start.to(device))
+            missing = torch.full((2 * len(self.layers),), math.inf)
+            missing[list(set(segs))] = 0.0
+            self._segments[segs] = (torch.tensor(segs, device=device), missing.to(device))
         return self._segments[segs]
 
     def as_dict(self, values: list[float]) -> dict[str, dict[str, float]]:
         """``{"weight_norm": {layer: |W|}, "grad_norm": {layer: |dL/dW|}}`` from :meth:`compute`'s values."""
         n = len(self.layers)
         return {
-            kind: {layer: v for layer, v in zip(self.layers, values[k * n : (k + 1) * n], strict=True) if v == v}
+            kind: {
+                layer: v for layer, v in zip(self.layers, values[k * n : (k + 1) * n], strict=True) if v != -math.inf
+            }
             for k, kind in enumerate(KINDS)
-        }  # (v == v: not NaN)
+        }
 
 
 def layer_norms(model: nn.Module, layers: tuple[str, ...]) -> dict[str, dict[str, float]]:
