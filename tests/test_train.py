@@ -944,6 +944,46 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
     assert l0 == l1 and torch.equal(w0, w1) and torch.equal(r0, r1)
 
 
+@pytest.mark.gpu
+def test_no_host_synchronisation_between_log_points_on_a_gpu(tmp_path, monkeypatch):
+    """Graphed steps fed by the GPU pipeline, log points and their layer norms run under
+    torch.cuda.set_sync_debug_mode("error") from the first read on (the warm-up's cuDNN search and the
+    graph's capture are done by then): any synchronising torch call between two reads raises. The
+    mode is lifted for each read (HostCopy.read) and for the final checkpoint, which synchronises anyway."""
+    from _train_fixtures import write_dataset
+
+    from alexnet.trainer import health
+    from alexnet.trainer import train as T
+
+    data = write_dataset(tmp_path / "data", num_classes=4, train_per_class=16)  # 16 steps of 4 an epoch
+    state = {"reads": 0, "saving": False}
+    real_read, real_save = health.HostCopy.read, T.Trainer.save
+
+    def read(self):
+        torch.cuda.set_sync_debug_mode(0)
+        values = real_read(self)
+        state["reads"] += 1
+        if not state["saving"]:
+            torch.cuda.set_sync_debug_mode("error")
+        return values
+
+    def save(self, *args, **kw):
+        state["saving"] = True
+        torch.cuda.set_sync_debug_mode(0)
+        return real_save(self, *args, **kw)
+
+    monkeypatch.setattr(health.HostCopy, "read", read)
+    monkeypatch.setattr(T.Trainer, "save", save)
+    try:
+        summary = T.train(_cfg(data, tmp_path / "run", gpus="0", max_steps=15, log_every_steps=3))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    # reads at steps 6, 9, 12 and 15 (steps 3-12's lines) and before the final checkpoint (step 15's):
+    # steps 7-15 and the log points 9, 12 and 15 ran under "error".
+    assert summary["steps"] == 15 and state["reads"] == 5
+    assert [x["step"] for x in _lines(tmp_path / "run") if x["kind"] == "train"] == [3, 6, 9, 12, 15]
+
+
 STOP_SIGNALS_SCRIPT = r"""
 import os, signal, time
 from alexnet.trainer.stop import REPEAT_WINDOW_S, StopSignals

@@ -7,6 +7,12 @@ loaders; :meth:`~Trainer.restore` loads a checkpoint; :meth:`~Trainer.fit` loops
 evaluates, steps the schedule and writes the epoch's checkpoint. The step (step.py), when to stop
 (stop.py), checkpoints (checkpoint.py) and metrics (rundir.py) each live in their own module.
 
+No host synchronisation between log points: the loss accumulates on the device; at a log point the
+interval's mean loss and the layers' norms (health.py) start their copy to the host
+(:class:`LogPoint`) and the previous interval's are read, checked and written to metrics.jsonl, one
+interval late. Before any checkpoint or epoch end (:meth:`Trainer._flush`) every interval up to the
+step is read and checked: a checkpoint never holds a non-finite loss or weights.
+
 Exactness of ``--resume``: the checkpoint carries the model, the optimiser's velocities, the
 schedule, the counters, every generator the step draws from (torch CPU and CUDA: dropout; numpy;
 python) and the pipeline's position. On the CPU a run killed after a checkpoint and resumed ends
