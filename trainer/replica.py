@@ -58,6 +58,11 @@ def resolve_replica(spec: str, info: D.DistInfo) -> Replica:
     resolved = D.replica_gpus(spec, info, count)
     devices = parse_gpus(resolved)
     why = f" (auto: {count} CUDA device(s) visible)" if spec.strip().lower() == "auto" else ""
+    if why and count > 2 and not info.enabled:
+        why += (
+            f"; one process uses GPUs 0,1 (one column each). To train on all {count}, start one replica per GPU: "
+            f"torchrun --nproc-per-node {count} -m alexnet.trainer.cli --gpus 0 (README: several GPUs)"
+        )
     if devices[0].type == "cpu":
         form = "CPU"
     elif len(devices) == 2:
