@@ -55,7 +55,7 @@ def test_paper_sgd_multi_tensor_is_bitwise_the_per_tensor_update():
         opt.step()
         lr = opt.param_groups[0]["lr"]
         for idx, wd in groups:
-            live = [i for i in idx if ref[i].grad is not None ]
+            live = [i for i in idx if ref[i].grad is not None]
             _reference_update([ref[i] for i in live], [ref_v[i] for i in live], lr, 0.9, wd)
         for p, r in zip(ours, ref, strict=True):
             assert torch.equal(p.detach(), r)
@@ -174,18 +174,18 @@ def _batches(n=3, b=4):
 
 
 @pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]], ids=["grouped", "split"])
-def test_compiled_training_steps_equal_eager(devices, monkeypatch):
+def test_compiled_training_steps_equal_eager(devices):
     """Three steps (dropout on, a rate drop) eager and compiled from the same weights: losses within 1e-5
     relative and weights within 1e-5 of the largest weight (float32 re-association of fused kernels).
     Inductor's fallback_random makes dropout draw from torch's generator as eager does."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     torch.manual_seed(0)
     eager = AlexNet(num_classes=10, devices=devices).train()
     compiled = AlexNet.from_state_dict(eager.state_dict(), devices=devices).train().compile_forward()
     batches = _batches()
-    (la, wa), (lb, wb) = _steps(eager, batches), _steps(compiled, batches)
+    with inductor_config.patch(fallback_random=True):
+        (la, wa), (lb, wb) = _steps(eager, batches), _steps(compiled, batches)
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5 * float(wa[k].abs().max()), msg=k)
@@ -198,7 +198,15 @@ def test_compiled_ddp_two_replicas_equal_one_process_on_the_global_batch(tmp_pat
     as one eager process on the 16 images (DDP averages the replicas' mean gradients)."""
     out = tmp_path / "ddp"
     out.mkdir()
-    cmd = [str(TORCHRUN), "--nproc-per-node", "2", "--master-port", "29631", str(HERE / "_ddp_step_worker.py"), str(out)]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29631",
+        str(HERE / "_ddp_step_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from _ddp_step_worker import batches, build
