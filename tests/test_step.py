@@ -212,15 +212,21 @@ def test_compiled_ddp_two_replicas_equal_one_process_on_the_global_batch(tmp_pat
     from _ddp_step_worker import batches, build
 
     model = build()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
     opt = create_optimizer(model, 0.01, 0.9, 5e-4)
     for x, y in batches():
         train_step(model, opt, x, y, precision="fp32")
     expected = model.state_dict()
+    # Each tensor's update (w - w0) within 2% of the eager one's largest entry: compiled kernels sum in
+    # another order (measured 0.7% at most, in conv2); a replica's gradient lost or counted twice would
+    # be off by about 50%.
     for rank in (0, 1):
         got = torch.load(out / f"weights-rank{rank}.pt", weights_only=True)
         for k in expected:
-            scale = float(expected[k].abs().max())
-            torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-5 * scale, msg=f"rank {rank} {k}")
+            update = float((expected[k] - start[k]).abs().max())
+            assert float((got[k] - expected[k]).abs().max()) <= 0.02 * update, f"rank {rank} {k}"
+    first, second = (torch.load(out / f"weights-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the replicas stay in sync
 
 
 # --------------------------------------------------------------------------- GPU only
