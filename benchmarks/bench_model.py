@@ -72,6 +72,7 @@ def _stepper(model: AlexNet, batch: int, precision: str):
     return lambda: train_step(model, opt, x, y, precision=precision)
 
 
+@torch.no_grad()
 def _loop_update(params, velocities, lr=TC.BASE_LR, mom=TC.MOMENTUM, wd=TC.WEIGHT_DECAY) -> None:
     """PaperSGD's former per-tensor loop (four kernels per tensor), for --parts."""
     for p, v in zip(params, velocities, strict=True):

@@ -133,7 +133,7 @@ def test_fp16_step_scales_the_loss_and_skips_an_overflowing_update():
     assert all(changed) or step.scaler.get_scale() < 2.0**16
 
 
-def test_create_step_notes_and_fp16_has_no_graph():
+def test_create_step_on_the_cpu_is_eager_fp32_by_default():
     model = AlexNet(num_classes=10)
     opt = create_optimizer(model, 0.01, 0.9, 5e-4)
     cpu = [torch.device("cpu")]
