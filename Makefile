@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: install demo test lint bench image-test clean
+.PHONY: install demo test lint bench image-test gpu-check clean
 
 # Exact versions from constraints.txt. torch first, so pip takes the local CPU build instead of the
 # multi-GB CUDA wheels; then the package with the CUDA 13 DALI build (CPU-only mode here; pillow-simd
@@ -39,6 +39,11 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py
+
+# On a GPU host with the wheel parts in .gpu/parts (benchmarks/gpu_check.sh pack, here): GPU tests and
+# figures into $(OUT) (default /tmp/gpu-check). Needs no venv: the host's python3 with its torch.
+gpu-check:
+	benchmarks/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

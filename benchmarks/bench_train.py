@@ -6,10 +6,10 @@ says whether the pipeline keeps the model fed (goal: >= 0.95 on a GPU host).
 
     # CPU orientation (2-core machine): small batch, a few steps
     python benchmarks/bench_train.py --device cpu --batch-size 16
-    # GPU host (one H100), the paper's batch in bf16:
-    python benchmarks/bench_train.py --device cuda --bf16 --batch-size 128
-    # ... with a real dataset instead of the synthesized one:
-    python benchmarks/bench_train.py --device cuda --bf16 --data-dir /data/imagenet-lmdb
+    # GPU host (one H100), the paper's batch (default precision on a GPU: bf16), compiled forward:
+    python benchmarks/bench_train.py --device cuda --batch-size 128 --compile
+    # ... in the paper's fp32, with a real dataset instead of the synthesized one:
+    python benchmarks/bench_train.py --device cuda --precision fp32 --data-dir /data/imagenet-lmdb
 
 Without ``--data-dir`` it synthesizes (once, cached under ``--cache``) a dataset of ``--records``
 256x256 JPEG records in 1000 classes through the data contract, so the network is the full
@@ -89,8 +89,8 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "alexnet-bench-train")
     p.add_argument("--records", type=int, default=None, help="synthetic train records (default 10000 cuda, 512 cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="default 128 cuda, 16 cpu")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument(
         "--no-cuda-graph",
         dest="cuda_graph",
@@ -130,8 +130,8 @@ def main() -> None:
         data_dir=str(data_dir),
         gpus=args.gpus or ("0" if cuda else "cpu"),
         batch_size=batch,
-        bf16=args.bf16,
-        channels_last=args.channels_last,
+        precision=args.precision,
+        compile=args.compile,
         cuda_graph=args.cuda_graph,
         num_threads=threads,
         prefetch=args.prefetch,
@@ -146,9 +146,7 @@ def main() -> None:
     v = versions()
     machine = ", ".join(v["gpus"]) if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nalexnet training throughput ({machine}; torch {v['torch']}, DALI {v['dali']})")
-    print(f"  {res['device_note']}; batch {batch}; {'bf16' if args.bf16 else 'fp32'}"
-          f"{', CUDA graph' if res['cuda_graph'] else ', eager'}"
-          f"{', channels_last' if args.channels_last else ''}; {warmup} warm-up + {steps} timed steps; "
+    print(f"  {res['device_note']}; batch {batch}; {res['step']}; {warmup} warm-up + {steps} timed steps; "
           f"{threads} DALI threads, prefetch {args.prefetch}, hw_decoder_load {args.hw_decoder_load}{', roi_decode' if args.roi_decode else ''}")  # fmt: skip
     print(f"  synthetic batches  : {res['synthetic_images_per_s']:9.1f} images/s")
     print(f"  pipeline batches   : {res['pipeline_images_per_s']:9.1f} images/s")

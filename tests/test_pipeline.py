@@ -455,7 +455,7 @@ def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
     dev = torch.device("cuda:0")
     loader = _loader(data, "train", 4, num_threads=2, device="cuda:0", pipelines=2, prefetch=3, with_draws=True, seed=2)
     model = AlexNet(num_classes=N_CLASSES, devices=[dev]).train()
-    step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), bf16=True, channels_last=False,
+    step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), precision="bf16",
                             eager_steps=1)  # fmt: skip
     losses, seen = [], []
     for _ in range(2):

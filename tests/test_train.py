@@ -84,7 +84,7 @@ def test_training_step_uses_the_batch_mean_gradient():
         per_example.append({n: p.grad.clone() for n, p in model.named_parameters()})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = PaperSGD(model.parameters(), lr=1.0, momentum=0.0)
-    train_step(model, opt, x, y, bf16=False, channels_last=False, output_device=torch.device("cpu"))
+    train_step(model, opt, x, y, precision="fp32")
     for n, p in model.named_parameters():
         mean_grad = sum(g[n] for g in per_example) / 3
         # train_step computes the loss from float32 logits: agreement to float32's softmax round-off,
@@ -131,7 +131,7 @@ def test_config_defaults_are_the_papers():
 
 
 def test_config_json_round_trip_and_loud_failures(tmp_path):
-    c = TrainConfig.create(batch_size=32, step_epochs=(5, 9), bf16=True)
+    c = TrainConfig.create(batch_size=32, step_epochs=(5, 9), precision="bf16")
     c.save(tmp_path / "config.json")
     assert TrainConfig.load(tmp_path / "config.json") == c
     d = c.to_dict()
@@ -146,8 +146,8 @@ def test_config_json_round_trip_and_loud_failures(tmp_path):
         TrainConfig.from_dict({**d, "extra": {}})
     with pytest.raises(AlexnetError, match="batch_size.*wrong type"):
         TrainConfig.from_dict(changed("optim", batch_size="32"))
-    with pytest.raises(AlexnetError, match="bf16.*wrong type"):
-        TrainConfig.from_dict(changed("model", bf16=1))
+    with pytest.raises(AlexnetError, match="precision.*wrong type"):
+        TrainConfig.from_dict(changed("model", precision=1))
     with pytest.raises(AlexnetError, match="schedule must be"):
         TrainConfig.from_dict(changed("optim", schedule="cosine"))
     with pytest.raises(AlexnetError, match="unknown config field"):
@@ -919,7 +919,7 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
     g = torch.Generator(device=dev).manual_seed(5)
     batches = [(torch.randn(16, 3, 224, 224, device=dev, generator=g) * 50,
                 torch.randint(0, 10, (16,), device=dev, generator=g)) for _ in range(8)]  # fmt: skip
-    kw = {"bf16": True, "channels_last": True}
+    kw = {"precision": "bf16"}
     results = []
     for graphed in (False, True):
         torch.manual_seed(0)
@@ -929,7 +929,7 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
         step = (
             GraphedStep(model, opt, **kw)
             if graphed
-            else (lambda x, y, model=model, opt=opt: train_step(model, opt, x, y, output_device=dev, **kw))
+            else (lambda x, y, model=model, opt=opt: train_step(model, opt, x, y, **kw))
         )
         losses = []
         for i, (x, y) in enumerate(batches):

@@ -18,6 +18,7 @@ from alexnet.pipeline.artifacts import read_manifest
 
 from . import distributed as D
 from .optim import create_optimizer
+from .precision import channels_last, loader_dtype
 from .replica import build_model, create_loader_for, resolve_replica
 from .step import GRAPH_EAGER_STEPS, GraphedStep, create_step
 
@@ -36,9 +37,13 @@ def timed(step, batches: Iterator, replica, warmup: int, steps: int, batch_size:
 
 
 def synthetic_batches(config, replica, num_classes: int) -> Iterator:
+    """One batch, resident on the device in the loader's dtype and layout (the model's ceiling)."""
     gen = torch.Generator().manual_seed(config.run.seed)
-    b = config.optim.batch_size
-    images = torch.randn(b, 3, C.CROP_SIZE, C.CROP_SIZE, generator=gen).mul_(50).to(replica.devices[0])
+    b, device = config.optim.batch_size, replica.devices[0]
+    dtype = getattr(torch, loader_dtype(config.model.precision, device))
+    images = torch.randn(b, 3, C.CROP_SIZE, C.CROP_SIZE, generator=gen).mul_(50).to(device, dtype)
+    if channels_last(device):
+        images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (b,), generator=gen).to(replica.devices[0])
     while True:
         yield images, labels
@@ -66,8 +71,8 @@ def benchmark(config, *, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
     loader = create_loader_for(config, "train", replica, batch_size=b)
     real = timed(step, pipeline_batches(loader), replica, warmup, steps, b)
     return {
-        "gpus": replica.gpus, "device_note": replica.note, "batch_size": b, "bf16": config.model.bf16,
-        "channels_last": config.model.channels_last, "cuda_graph": isinstance(step, GraphedStep),
+        "gpus": replica.gpus, "device_note": replica.note, "batch_size": b, "step": step.note,
+        "precision": step.precision, "cuda_graph": isinstance(step, GraphedStep), "compile": config.model.compile,
         "warmup_steps": warmup, "timed_steps": steps, "synthetic_images_per_s": synthetic,
         "pipeline_images_per_s": real, "ratio": real / synthetic,
     }  # fmt: skip

@@ -33,12 +33,12 @@ EPILOG = """\b
 Examples:
   alexnet-train --data-dir /data/imagenet-lmdb                 # the paper's recipe, GPUs chosen by count
   alexnet-train --gpus 0,1 --run-dir runs/a                    # one column per GPU (§3.2)
-  alexnet-train --gpus 0 --bf16 --channels-last --run-dir runs/b
+  alexnet-train --gpus 0 --precision fp32 --run-dir runs/b
   alexnet-train --run-dir runs/a --resume                      # continue a killed run exactly
   alexnet-train --config runs/a/config.json --run-dir runs/a2 --seed 1   # re-run a run, one field changed
   alexnet-train --gpus cpu --batch-size 32 --max-steps 200     # a short CPU run
   alexnet-train eval --ten-crop --checkpoint runs/a/checkpoints/best.pt
-  alexnet-train bench --gpus 0 --bf16                          # images/s: synthetic vs pipeline
+  alexnet-train bench --gpus 0                                 # images/s: synthetic vs pipeline
   alexnet-train report runs/a                                  # figures and report.md
   alexnet-train predict --checkpoint runs/a/checkpoints/best.pt photo.jpg   # top-5 classes
   alexnet-train export --checkpoint runs/a/checkpoints/best.pt --out alexnet.pt2
@@ -213,8 +213,7 @@ def bench_command(ctx: click.Context, steps: int, **opts) -> None:
     res = benchmark(config, warmup=3 if steps >= 10 else 1, steps=steps)
     click.echo(res["device_note"], err=True)
     click.echo(
-        f"training images/s at batch {res['batch_size']} ({'bf16' if res['bf16'] else 'fp32'}"
-        f"{', channels_last' if res['channels_last'] else ''}):\n"
+        f"training images/s at batch {res['batch_size']} ({res['step']}):\n"
         f"  synthetic batches : {res['synthetic_images_per_s']:9.1f}\n"
         f"  pipeline batches  : {res['pipeline_images_per_s']:9.1f}\n"
         f"  ratio             : {res['ratio']:9.3f}  (goal >= 0.95: the pipeline keeps up)"

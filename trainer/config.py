@@ -3,7 +3,7 @@
     TrainConfig
       run    RunSettings   where (data, run directory, devices), how long, logging, checkpoints
       data   DataConfig    the pipeline's settings (pipeline/loader.py): threads, decoder, mean, lighting, shuffle
-      model  ModelConfig   the network's form and arithmetic (LRN form, bf16, channels-last, CUDA graphs)
+      model  ModelConfig   the network's form and arithmetic (LRN form, precision, CUDA graphs, compile)
       optim  OptimConfig   §5's recipe: batch, rate, momentum, decay, schedule
 
 Every field name is unique across the sections, so the command line is flat (``--lr``,
@@ -26,6 +26,7 @@ from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.loader import DataConfig, field_problems, opt
 
 from . import constants as TC
+from .precision import PRECISIONS, refuse_before_precision
 
 CONFIG_FILE = "config.json"
 SCHEDULES = ("plateau", "step")
@@ -37,7 +38,7 @@ RESUME_MUTABLE = frozenset(
     {
         *("data_dir", "run_dir", "gpus", "epochs", "max_steps", "time_limit_minutes", "resume", "progress"),
         *("checkpoint_minutes", "checkpoint_every_steps", "keep_epochs", "log_every_steps"),
-        *("stall_intervals", "stall_band", "explode_factor", "cuda_graph"),
+        *("stall_intervals", "stall_band", "explode_factor", "cuda_graph", "compile"),
         *("num_threads", "prefetch", "hw_decoder_load", "roi_decode", "decoder", "pipelines"),
     }
 )
@@ -96,9 +97,16 @@ class ModelConfig:
         TC.DEFAULT_LRN, "§3.3 response normalisation: 'authors' (alpha/5, as their code ran it) or 'paper-text' "
         "(alpha as written; docs/DEVIATIONS.md N6).", choices=TC.LRN_FORMS,
     )  # fmt: skip
-    bf16: bool = opt(False, "bfloat16 autocast for forward and loss (speed; not the paper's arithmetic).")
-    channels_last: bool = opt(False, "NHWC memory format for the convolutions.")
+    precision: str = opt(
+        "auto", "auto: bf16 on a GPU, fp32 on the CPU. fp32: the paper's arithmetic (TF32 off); bf16: autocast, "
+        "fp32 weights and LRN denominators, TF32; fp16: autocast with loss scaling (GPUs without bf16). "
+        "docs/DEVIATIONS.md T4.", choices=PRECISIONS,
+    )  # fmt: skip
     cuda_graph: bool = opt(True, "Replay each step as one CUDA graph (one GPU, one process; else eager).")
+    compile: bool = opt(
+        False, "torch.compile the forward pass (fused kernels; CUDA graphs and DDP still apply). Compiling "
+        "takes a minute and needs a C compiler.",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         _check(self)
@@ -170,6 +178,8 @@ class TrainConfig:
             raise AlexnetError(f"{source}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
         flat = {}
         for section, values in d.items():
+            if section == "model":
+                refuse_before_precision(values, source)
             hints = typing.get_type_hints(SECTIONS[section])
             extra = sorted(set(values) - set(hints))
             if extra:

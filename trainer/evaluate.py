@@ -14,6 +14,7 @@ from alexnet.pipeline.artifacts import read_manifest
 from alexnet.pipeline.errors import AlexnetError
 
 from . import distributed as D
+from .precision import autocast, channels_last
 
 
 def average_patch_softmax(logits: torch.Tensor, patches: int) -> torch.Tensor:
@@ -39,8 +40,7 @@ def evaluate(
     loader,
     *,
     ten_crop: bool = False,
-    bf16: bool = False,
-    channels_last: bool = False,
+    precision: str = "fp32",
     info: D.DistInfo | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -66,9 +66,9 @@ def evaluate(
                     raise AlexnetError(f"ten-patch evaluation needs [B, 10, 3, H, W] batches, got {list(images.shape)}")
                 b = images.shape[0]
                 images = images.reshape(b * C.TEN_CROP, *images.shape[2:])
-            if channels_last:
+            if channels_last(images.device):
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(precision, images.device):
                 logits = net(images)
             probs = average_patch_softmax(logits, C.TEN_CROP) if ten_crop else torch.softmax(logits.float(), dim=1)
             c1, c5 = topk_correct(probs, labels)
@@ -109,7 +109,7 @@ def evaluate_checkpoint(config, checkpoint: Path, *, ten_crop: bool) -> dict[str
             raise AlexnetError(
                 f"{checkpoint} was trained on {model.num_classes} classes, the dataset has {len(manifest.classes)}"
             )
-        if config.model.channels_last:
+        if channels_last(replica.devices[0]):
             model = model.to(memory_format=torch.channels_last)
         results: dict[str, Any] = {"checkpoint": str(checkpoint), "step": ck.get("step"), "epoch": ck.get("epoch")}
         run_dir = Path(config.run.run_dir) if config.run.run_dir else None
@@ -119,7 +119,7 @@ def evaluate_checkpoint(config, checkpoint: Path, *, ten_crop: bool) -> dict[str
         per_replica = max(config.optim.batch_size // replica.info.world_size, 1)
         for ten in (False, True) if ten_crop else (False,):
             loader = create_loader_for(config, "val", replica, ten_crop=ten, batch_size=per_replica)
-            res = evaluate(model, loader, ten_crop=ten, bf16=config.model.bf16, channels_last=config.model.channels_last,
+            res = evaluate(model, loader, ten_crop=ten, precision=config.model.precision,
                            info=replica.info, progress=config.run.progress)  # fmt: skip
             results["ten_crop" if ten else "centre_crop"] = res
             if metrics is not None:

@@ -136,8 +136,14 @@ class LocalResponseNorm(nn.Module):
     ``group_size``: the channels are normalised in independent blocks of this many maps (one block per
     column; the sum never crosses a block boundary); None means one block of all C maps.
 
-    The windowed sum of squares is a 1x1 convolution with a fixed 0/1 band matrix (block-diagonal for
-    blocks): one GEMM over the channel dimension that keeps channels_last and runs under bf16 autocast.
+    The windowed sum of squares is a 1x1 convolution with a fixed band matrix (block-diagonal for
+    blocks) holding alpha, with k as its bias: one GEMM over the channel dimension gives the whole
+    denominator base k + alpha * sum a^2 and keeps channels_last.
+
+    The denominator is computed in float32 whatever the input's dtype and any autocast: in bf16,
+    whose spacing near k = 2 is 0.0156, k + alpha * sum a^2 takes a handful of values at the
+    paper's init (73% exactly k on conv1-like activations), and the normalisation's mean effect
+    comes out 46% off (issue 21; tests/test_model.py). The output has the input's dtype.
     """
 
     def __init__(
@@ -150,14 +156,15 @@ class LocalResponseNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.group_size = size, alpha, beta, k, group_size
-        self._bands: dict[tuple[int, torch.device, torch.dtype], Tensor] = {}
+        self._bands: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, group_size={self.group_size}"
 
-    def _band(self, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def _band(self, channels: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(alpha x the 0/1 band as a 1x1 kernel, k as its bias), built once per shape and device."""
         key = (channels, device, dtype)
-        band = self._bands.get(key)
+        band = None if torch.compiler.is_compiling() else self._bands.get(key)  # traced: built in the graph
         if band is None:
             group = self.group_size or channels
             if channels % group:
@@ -166,15 +173,19 @@ class LocalResponseNorm(nn.Module):
             i = torch.arange(channels, device=device)
             near = (i[:, None] - i[None, :]).abs() <= self.size // 2
             same_block = (i[:, None] // group) == (i[None, :] // group)
-            band = (near & same_block).to(dtype).reshape(channels, channels, 1, 1)
-            self._bands[key] = band
+            weight = (near & same_block).to(dtype).mul_(self.alpha).reshape(channels, channels, 1, 1)
+            band = (weight, torch.full((channels,), self.k, dtype=dtype, device=device))
+            if not torch.compiler.is_compiling():
+                self._bands[key] = band
         return band
 
     def forward(self, x: Tensor) -> Tensor:
-        squares = x * x
-        band = self._band(x.shape[1], x.device, squares.dtype)
-        window_sum = F.conv2d(squares, band)
-        return x * (self.k + self.alpha * window_sum).pow(-self.beta)
+        wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 when given float64
+        with torch.autocast(x.device.type, enabled=False):
+            a = x.to(wide)
+            weight, k = self._band(x.shape[1], x.device, wide)
+            base = F.conv2d(a * a, weight, k)  # k + alpha * sum_j a_j^2, in float32
+            return (a * base.pow(-self.beta)).to(x.dtype)
 
 
 def lrn_alpha(form: str) -> float:
@@ -210,6 +221,15 @@ def _gather(xs: Sequence[Tensor], device: torch.device) -> Tensor:
     # Asynchronous except into host memory, where the result would be read before the copy ends.
     moved = [t.to(device, non_blocking=device.type != "cpu") for t in xs]
     return moved[0] if len(moved) == 1 else torch.cat(moved, dim=1)
+
+
+def _exchange(hs: Sequence[Tensor], devices: Sequence[torch.device]) -> list[Tensor]:
+    """Both columns' outputs on each column's device (one gather per device, shared by its columns)."""
+    gathered: dict[torch.device, Tensor] = {}
+    for d in devices:
+        if d not in gathered:
+            gathered[d] = _gather(hs, d)
+    return [gathered[d] for d in devices]
 
 
 def _merge_columns_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -252,8 +272,6 @@ class ColumnConv2d(_ColumnLayer):
 
     ``own_column=True`` (conv2, conv4, conv5): each column's kernels see only that column's maps.
     ``own_column=False`` (conv1, conv3): each column's kernels see all input maps.
-    Input: one tensor (grouped form: both columns' maps concatenated on one device) or a list of
-    per-column tensors (split form; for conv1 a one-element list holding the image).
     """
 
     def __init__(
@@ -276,22 +294,24 @@ class ColumnConv2d(_ColumnLayer):
         )
         self._finish(column_devices)
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        if isinstance(x, Tensor):
-            # Grouped form: the columns' kernels stacked (a few MB at most), groups=2 keeps them apart.
-            weight = torch.cat([c.weight for c in self.columns])
-            bias = torch.cat([c.bias for c in self.columns])
-            groups = COLUMNS if self.own_column else 1
-            return F.conv2d(x, weight, bias, self.stride, self.padding, groups=groups)
-        if self.own_column:
-            return [column(t) for column, t in zip(self.columns, x, strict=True)]
-        return [column(_gather(x, column.weight.device)) for column in self.columns]
+    def forward(self, x: Tensor) -> Tensor:
+        """Grouped form (both columns' maps on one device). The split form calls ``columns[i]`` itself.
+
+        The columns' kernels are stacked each call (2.3 M weights in all five layers, a copy of 9 MB
+        in float32, about 3 us on an H100 and inside the CUDA graph or the compiled graph); one
+        Parameter per column keeps the parameter list, the optimiser state and the checkpoints the
+        same in every placement (module docstring)."""
+        weight = torch.cat([c.weight for c in self.columns])
+        bias = torch.cat([c.bias for c in self.columns])
+        groups = COLUMNS if self.own_column else 1
+        return F.conv2d(x, weight, bias, self.stride, self.padding, groups=groups)
 
 
 class ColumnLinear(_ColumnLayer):
     """§3.2 fully-connected layer: half of the neurons in each column, each seeing all inputs.
 
-    Takes and returns a list of per-column tensors (or a one-element list holding all inputs).
+    Takes and returns a list of per-column tensors (or a one-element list holding all inputs); the
+    split form calls ``columns[i]`` itself.
     """
 
     def __init__(self, in_features: int, out_features: int, *, column_devices: Sequence[torch.device]) -> None:
@@ -302,14 +322,8 @@ class ColumnLinear(_ColumnLayer):
         self._finish(column_devices)
 
     def forward(self, xs: list[Tensor]) -> list[Tensor]:
-        gathered: dict[torch.device, Tensor] = {}  # one exchange per device, shared by its columns
-        out = []
-        for column in self.columns:
-            device = column.weight.device
-            if device not in gathered:
-                gathered[device] = _gather(xs, device)
-            out.append(column(gathered[device]))
-        return out
+        devices = [c.weight.device for c in self.columns]
+        return [column(h) for column, h in zip(self.columns, _exchange(xs, devices), strict=True)]
 
 
 # --------------------------------------------------------------------------- network
@@ -358,6 +372,9 @@ class AlexNet(nn.Module):
         self.drop7 = PaperDropout()
         self.fc8 = nn.Linear(FC_NEURONS, num_classes, device="meta").to_empty(device=first)
         self.reset_parameters()
+        # The forward's parts, eager until compile_forward replaces them.
+        self._grouped = self._forward_grouped
+        self._stages = (self._column_front, self._column_back, self._column_fc)
 
     # ---- placement
 
@@ -407,32 +424,58 @@ class AlexNet(nn.Module):
 
     # ---- forward
 
-    def _features_grouped(self, x: Tensor) -> list[Tensor]:
+    def _forward_grouped(self, x: Tensor) -> Tensor:
         h = self.pool1(self.norm1(F.relu(self.conv1(x), inplace=True)))
         h = self.pool2(self.norm2(F.relu(self.conv2(h), inplace=True)))
         h = F.relu(self.conv3(h), inplace=True)
         h = F.relu(self.conv4(h), inplace=True)
-        h = self.pool5(F.relu(self.conv5(h), inplace=True))
-        return [torch.flatten(h, 1)]
+        h = torch.flatten(self.pool5(F.relu(self.conv5(h), inplace=True)), 1)
+        # Column-wise as in the split form: the same ops and the same dropout draws, in the same order.
+        hs = [self.drop6(F.relu(h, inplace=True)) for h in self.fc6([h])]
+        hs = [self.drop7(F.relu(h, inplace=True)) for h in self.fc7(hs)]
+        return self.fc8(_gather(hs, self.output_device))
 
-    def _features_split(self, x: Tensor) -> list[Tensor]:
-        # Each layer issues column one's work, then column two's; on two GPUs they run concurrently.
-        hs = self.conv1([x])  # both columns see the image
-        hs = [self.pool1(self.norm1(F.relu(h, inplace=True))) for h in hs]
-        hs = self.conv2(hs)
-        hs = [self.pool2(self.norm2(F.relu(h, inplace=True))) for h in hs]
-        hs = [F.relu(h, inplace=True) for h in self.conv3(hs)]  # exchange: conv3 sees both columns
-        hs = [F.relu(h, inplace=True) for h in self.conv4(hs)]
-        hs = [self.pool5(F.relu(h, inplace=True)) for h in self.conv5(hs)]
-        return [torch.flatten(h, 1) for h in hs]
+    # The split form's per-column stages: each runs on one device between two exchanges (§3.2), so
+    # each can be compiled on its own (compile_forward).
+
+    def _column_front(self, i: int, x: Tensor) -> Tensor:
+        """Column i from the image (conv1 sees it all) to pool2 (conv2 sees its own column)."""
+        h = self.pool1(self.norm1(F.relu(self.conv1.columns[i](x), inplace=True)))
+        return self.pool2(self.norm2(F.relu(self.conv2.columns[i](h), inplace=True)))
+
+    def _column_back(self, i: int, h: Tensor) -> Tensor:
+        """Column i from conv3 (sees both columns' maps) to pool5, flattened."""
+        h = F.relu(self.conv3.columns[i](h), inplace=True)
+        h = F.relu(self.conv4.columns[i](h), inplace=True)
+        return torch.flatten(self.pool5(F.relu(self.conv5.columns[i](h), inplace=True)), 1)
+
+    def _column_fc(self, i: int, layer: ColumnLinear, drop: PaperDropout, h: Tensor) -> Tensor:
+        return drop(F.relu(layer.columns[i](h), inplace=True))
+
+    def _forward_split(self, x: Tensor) -> Tensor:
+        # Each stage issues column one's work, then column two's; on two GPUs they run concurrently.
+        front, back, fc = self._stages
+        devices = [c.weight.device for c in self.conv1.columns]
+        hs = [front(i, x.to(d, non_blocking=d.type != "cpu")) for i, d in enumerate(devices)]
+        hs = [back(i, h) for i, h in enumerate(_exchange(hs, devices))]  # conv3 sees both columns
+        hs = [fc(i, self.fc6, self.drop6, h) for i, h in enumerate(_exchange(hs, devices))]
+        hs = [fc(i, self.fc7, self.drop7, h) for i, h in enumerate(_exchange(hs, devices))]
+        return self.fc8(_gather(hs, self.output_device))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.to(self.input_device, non_blocking=self.input_device.type != "cpu")
-        features = self._features_split(x) if self.split else self._features_grouped(x)
-        # The fully-connected part is column-wise in both forms (same ops, same dropout draws).
-        hs = [self.drop6(F.relu(h, inplace=True)) for h in self.fc6(features)]
-        hs = [self.drop7(F.relu(h, inplace=True)) for h in self.fc7(hs)]
-        return self.fc8(_gather(hs, self.output_device))
+        return self._forward_split(x) if self.split else self._grouped(x)
+
+    def compile_forward(self, **options) -> AlexNet:
+        """Compile the forward pass with ``torch.compile`` (``options`` go to it): the grouped form as
+        one graph; the split form stage by stage, each stage a single-device graph (a graph spanning
+        two GPUs could not be fused or captured). Backward follows the compiled graphs (AOTAutograd).
+        The parameters, state dict and placement are unchanged. Returns the model."""
+        if self.split:
+            self._stages = tuple(torch.compile(f, **options) for f in self._stages)
+        else:
+            self._grouped = torch.compile(self._forward_grouped, **options)
+        return self
 
     # ---- checkpoints
 
@@ -489,5 +532,9 @@ class AlexNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, ck: dict, devices: DeviceLike | Sequence[DeviceLike] | None = None) -> AlexNet:
         """The network of a loaded alexnet-train checkpoint, with the LRN form it was trained with."""
-        lrn = ((ck.get("config") or {}).get("model") or {}).get("lrn", TC.DEFAULT_LRN)
+        from .precision import refuse_before_precision
+
+        model_config = (ck.get("config") or {}).get("model") or {}
+        refuse_before_precision(model_config, "checkpoint")
+        lrn = model_config.get("lrn", TC.DEFAULT_LRN)
         return cls.from_state_dict(ck["model"], devices=devices, lrn=lrn)

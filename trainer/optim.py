@@ -27,26 +27,38 @@ class PaperSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient: four multi-tensor kernels per group and device
+        (``torch._foreach_*``) instead of four kernels per tensor. The same operations in the same order
+        as the per-tensor form, so the result is bitwise the same (tests/test_step.py)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                v = state.get("velocity")
-                if v is None:
-                    v = state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # v = mom * v - lr * (wd * w + g), in place (one fused-ish chain, no temporaries kept)
-                v.mul_(mom)
+            for params, grads, velocities in self._by_device(group):
+                # v = mom * v - lr * wd * w - lr * g; w = w + v
+                torch._foreach_mul_(velocities, mom)
                 if wd:
-                    v.add_(p, alpha=-lr * wd)
-                v.add_(p.grad, alpha=-lr)
-                p.add_(v)
+                    torch._foreach_add_(velocities, params, alpha=-lr * wd)
+                torch._foreach_add_(velocities, grads, alpha=-lr)
+                torch._foreach_add_(params, velocities)
         return loss
+
+    def _by_device(self, group: dict) -> list[tuple[list, list, list]]:
+        """(params, grads, velocities) of a group's parameters with a gradient, per (device, dtype): a
+        multi-tensor kernel takes the tensors of one device (the split form has two)."""
+        out: dict[tuple, tuple[list, list, list]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "velocity" not in state:
+                state["velocity"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lists = out.setdefault((p.device, p.dtype), ([], [], []))
+            for items, t in zip(lists, (p, p.grad, state["velocity"]), strict=True):
+                items.append(t)
+        return list(out.values())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

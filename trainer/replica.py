@@ -58,6 +58,11 @@ def resolve_replica(spec: str, info: D.DistInfo) -> Replica:
     resolved = D.replica_gpus(spec, info, count)
     devices = parse_gpus(resolved)
     why = f" (auto: {count} CUDA device(s) visible)" if spec.strip().lower() == "auto" else ""
+    if why and count > 2 and not info.enabled:
+        why += (
+            f"; one process uses GPUs 0,1 (one column each). To train on all {count}, start one replica per GPU: "
+            f"torchrun --nproc-per-node {count} -m alexnet.trainer.cli --gpus 0 (README: several GPUs)"
+        )
     if devices[0].type == "cpu":
         form = "CPU"
     elif len(devices) == 2:
@@ -89,12 +94,15 @@ def replica_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 def build_model(config, replica: Replica, num_classes: int):
-    """§5 init, seeded and identical on every replica, in the config's form and memory format."""
+    """§5 init, seeded and identical on every replica, in the config's form, channels_last on GPUs;
+    TF32 set for the config's precision (precision.py)."""
     from .model import AlexNet
+    from .precision import channels_last, set_tf32
 
     seed_everything(config.run.seed)
+    set_tf32(config.model.precision, replica.devices[0])
     model = AlexNet(num_classes=num_classes, devices=list(replica.devices), lrn=config.model.lrn)
-    if config.model.channels_last:
+    if channels_last(replica.devices[0]):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -103,10 +111,13 @@ def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = 
     """The pipeline's loader for this replica: its share of ``split``, batches on its first device."""
     from alexnet.pipeline.loader import create_loader
 
+    from .precision import loader_dtype
+
     info, device = replica.info, replica.devices[0]
     return create_loader(
         Path(config.run.data_dir), split, config.data,
         batch_size=batch_size if batch_size is not None else config.optim.batch_size // info.world_size,
         seed=config.run.seed, rank=info.rank, world=info.world_size,
         device=str(device) if device.type == "cuda" else "cpu", ten_crop=ten_crop,
+        dtype=loader_dtype(config.model.precision, device),  # half the bytes under bf16/fp16
     )  # fmt: skip

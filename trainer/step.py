@@ -8,6 +8,12 @@
 
 :func:`create_step` picks one from the config and the devices. Each returns the batch's mean loss as
 a detached device tensor (no host synchronisation) and exposes the network it trains as ``model``.
+
+``--compile`` compiles the network's forward pass first (``AlexNet.compile_forward``: one graph in
+the grouped form, one per column stage in the split form); each of the three steps then runs the
+compiled kernels: DDP's gradient hooks fire as the compiled backward produces the gradients, and the
+CUDA graph captures the compiled kernels, so a one-GPU step is one launch of fused kernels. The
+arithmetic (``--precision``, precision.py) is the same in all of them.
 """
 
 from __future__ import annotations
@@ -15,31 +21,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import autocast, channels_last, resolve_precision
 
-def train_step(model, optimizer, images, labels, *, bf16: bool, channels_last: bool, output_device) -> torch.Tensor:
-    """One SGD step (§5) on one batch; returns the batch's mean loss (a detached device tensor)."""
-    if channels_last:
+
+def train_step(model, optimizer, images, labels, *, precision: str, scaler=None) -> torch.Tensor:
+    """One SGD step (§5) on one batch; returns the batch's mean loss (a detached device tensor).
+
+    ``precision`` is resolved (precision.py); ``scaler`` is fp16's GradScaler, else None."""
+    device = images.device
+    if channels_last(device):
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = labels.reshape(-1).to(output_device, dtype=torch.long, non_blocking=True)
-    # No autocast weight-cast cache: each weight is cast once per step anyway, and a CUDA graph
-    # capture (GraphedStep) must not keep cached casts.
-    with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
+    labels = labels.reshape(-1).to(_output_device(model), dtype=torch.long, non_blocking=True)
+    with autocast(precision, device):
         logits = model(images)
     # Multinomial logistic regression objective (§5), computed in float32.
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:  # fp16: scaled loss; the update is skipped (and the scale lowered) when a gradient overflowed
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach()
 
 
+def _output_device(model) -> torch.device:
+    return getattr(model, "module", model).output_device  # DDP wraps the network
+
+
 class EagerStep:
-    def __init__(self, model, optimizer, *, bf16: bool = False, channels_last: bool = False):
-        self.model, self.optimizer = model, optimizer
-        self.kw = {"bf16": bf16, "channels_last": channels_last, "output_device": model.output_device}
+    """The step run kernel by kernel. ``note`` says what runs (for the run's first line)."""
+
+    def __init__(self, model, optimizer, *, precision: str = "fp32"):
+        self.model, self.optimizer, self.precision = model, optimizer, precision
+        self.scaler = torch.amp.GradScaler(model.output_device.type) if precision == "fp16" else None
+        self.note = f"{precision}, eager"
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return train_step(self.model, self.optimizer, images, labels, **self.kw)
+        return train_step(self.model, self.optimizer, images, labels, precision=self.precision, scaler=self.scaler)
 
 
 class DDPStep(EagerStep):
@@ -54,6 +75,7 @@ class DDPStep(EagerStep):
 
         super().__init__(model, optimizer, **kw)
         self.model = DistributedDataParallel(model, device_ids=None, output_device=None, broadcast_buffers=False)
+        self.note = f"{self.precision}, DDP"
 
 
 GRAPH_EAGER_STEPS = 3  # eager steps before a CUDA-graph capture (cuDNN's search, optimiser state)
@@ -75,6 +97,9 @@ class GraphedStep(EagerStep):
 
     def __init__(self, model, optimizer, *, eager_steps: int = GRAPH_EAGER_STEPS, **kw):
         super().__init__(model, optimizer, **kw)
+        if self.scaler is not None:
+            raise ValueError("fp16's loss scaling reads its overflow flag on the host: no CUDA graph (use EagerStep)")
+        self.note = f"{self.precision}, each step replayed as one CUDA graph"
         self.eager_steps = eager_steps
         self.captures = 0
         self.graph = None
@@ -88,15 +113,14 @@ class GraphedStep(EagerStep):
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.graph = None  # frees the previous graph's memory pool
-        fmt = torch.channels_last if self.kw["channels_last"] else torch.contiguous_format
-        self._x = torch.empty_like(images, memory_format=fmt)
-        self._y = torch.empty_like(labels.reshape(-1), dtype=torch.long, device=self.kw["output_device"])
+        self._x = torch.empty_like(images, memory_format=torch.channels_last)  # GPU only: NHWC
+        self._y = torch.empty_like(labels.reshape(-1), dtype=torch.long, device=self.model.output_device)
         self.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the grads in the pool
         graph = torch.cuda.CUDAGraph()
         # thread_local: DALI's threads keep decoding (their CUDA calls would invalidate a "global"
         # capture, and fail themselves); only this thread's calls are checked.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self._loss = train_step(self.model, self.optimizer, self._x, self._y, **self.kw)
+            self._loss = train_step(self.model, self.optimizer, self._x, self._y, precision=self.precision)
         self.graph, self._hyper_captured = graph, self._hyper()
         self.captures += 1
 
@@ -106,7 +130,7 @@ class GraphedStep(EagerStep):
         side = torch.cuda.Stream(images.device)
         side.wait_stream(caller)
         with torch.cuda.stream(side):
-            loss = train_step(self.model, self.optimizer, images, labels, **self.kw)
+            loss = train_step(self.model, self.optimizer, images, labels, precision=self.precision)
         caller.wait_stream(side)
         images.record_stream(side)
         loss.record_stream(caller)  # its memory came from the side stream's pool
@@ -126,16 +150,27 @@ class GraphedStep(EagerStep):
         return self._loss.clone()  # the next replay overwrites the static loss
 
 
-def uses_cuda_graph(cuda_graph: bool, devices: list[torch.device], replicas: int) -> bool:
-    """``--cuda-graph`` (the default) applies to one CUDA device in a single process; else eager."""
-    return cuda_graph and len(devices) == 1 and devices[0].type == "cuda" and replicas == 1
+def uses_cuda_graph(cuda_graph: bool, devices: list[torch.device], replicas: int, precision: str = "auto") -> bool:
+    """``--cuda-graph`` (the default) applies to one CUDA device in a single process, and not to fp16
+    (its loss scaler reads the host); else eager."""
+    one_gpu = len(devices) == 1 and devices[0].type == "cuda" and replicas == 1
+    return cuda_graph and one_gpu and resolve_precision(precision, devices[0]) != "fp16"
 
 
 def create_step(model, optimizer, model_cfg, devices: list[torch.device], replicas: int) -> EagerStep:
-    """The step for this replica: DDP with several replicas, a CUDA graph where it applies, else eager."""
-    kw = {"bf16": model_cfg.bf16, "channels_last": model_cfg.channels_last}
+    """The step for this replica: DDP with several replicas, a CUDA graph where it applies, else eager;
+    the forward compiled first with ``model_cfg.compile`` (each of them composes with it)."""
+    precision = resolve_precision(model_cfg.precision, devices[0])
+    if model_cfg.compile:
+        model.compile_forward()
     if replicas > 1:
-        return DDPStep(model, optimizer, **kw)
-    if uses_cuda_graph(model_cfg.cuda_graph, devices, replicas):
-        return GraphedStep(model, optimizer, **kw)
-    return EagerStep(model, optimizer, **kw)
+        step = DDPStep(model, optimizer, precision=precision)
+    elif uses_cuda_graph(model_cfg.cuda_graph, devices, replicas, precision):
+        step = GraphedStep(model, optimizer, precision=precision)
+    else:
+        step = EagerStep(model, optimizer, precision=precision)
+    if model_cfg.cuda_graph and precision == "fp16" and uses_cuda_graph(True, devices, replicas, "bf16"):
+        step.note += " (no CUDA graph under fp16: its loss scaler reads the overflow flag on the host)"
+    if model_cfg.compile:
+        step.note += ", forward compiled"
+    return step

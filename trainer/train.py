@@ -281,7 +281,7 @@ class Trainer:
         cfg, state = self.config, self.state
         if self.val_loader is None:
             self.val_loader = create_loader_for(cfg, "val", self.replica)
-        res = evaluate(self.model, self.val_loader, bf16=cfg.model.bf16, channels_last=cfg.model.channels_last,
+        res = evaluate(self.model, self.val_loader, precision=cfg.model.precision,
                        info=self.info, progress=cfg.run.progress)  # fmt: skip
         state.last_eval = res
         self.metrics.write({"kind": "eval", "split": "val", "ten_crop": False, "step": state.step,
