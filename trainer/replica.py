@@ -32,10 +32,6 @@ class Replica:
     note: str  # a line saying what was chosen
 
     @property
-    def collective_device(self) -> torch.device:
-        return D.collective_device(self.devices[0])
-
-    @property
     def on_gpu(self) -> bool:
         return self.devices[0].type == "cuda"
 

@@ -52,7 +52,7 @@ from .replica import (
 )
 from .rundir import METRICS_FILE, VERSIONS_FILE, MetricsLog, default_run_dir, truncate_metrics, versions
 from .schedule import create_schedule
-from .step import create_step, uses_cuda_graph
+from .step import create_step
 from .stop import IntervalRead, StopPolicy, StopSignals
 
 
@@ -202,10 +202,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
-        replica, cfg = self.replica, self.config
-        graph = uses_cuda_graph(cfg.model.cuda_graph, list(replica.devices), self.info.world_size)
+        replica = self.replica
         replica.say(replica.note + (f"; {self.info.world_size} replicas" if self.info.enabled else "")
-                    + ("; each step replayed as one CUDA graph" if graph else ""))  # fmt: skip
+                    + f"; {self.step_fn.note}")  # fmt: skip
         self.model.train()
         reason = ""
         try:
