@@ -218,7 +218,9 @@ def read_checkpoint_file(path: Path) -> Any:
     is missing, a directory, empty, of another format or damaged is one line naming it and the fix."""
     path = Path(path)
     if path.is_dir():
-        raise AlexnetError(f"{path} is a directory, not a checkpoint: give a file such as {path / CHECKPOINT_DIR / LAST}")
+        raise AlexnetError(
+            f"{path} is a directory, not a checkpoint: give a file such as {path / CHECKPOINT_DIR / LAST}"
+        )
     if not path.is_file():
         raise AlexnetError(f"no checkpoint at {path}: give the path of a .pt file written by alexnet-train")
     try:
