@@ -3,7 +3,12 @@
 A thin click layer: the training options are generated from the config tree (config.py), one per
 field, so their defaults and help are the dataclasses'. A command builds a
 :class:`~alexnet.trainer.config.TrainConfig` (the defaults, or ``--config FILE``, with the options
-typed on the command line over it) and calls one function.
+typed on the command line over it) and calls one function. Each command takes only the options
+that apply to it (``EVAL_OPTIONS``, ``BENCH_OPTIONS``), drawn from the same fields.
+
+A name means the same thing in both tools: ``--workers`` is a number of processes (alexnet-prep's
+decoding processes; alexnet-train's LMDB reader processes), ``--num-threads``/``--threads`` the
+DALI threads of one pipeline.
 """
 
 from __future__ import annotations
