@@ -379,16 +379,21 @@ def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
         raise ContractError(f"shard {path} is missing")
     if not readonly:
         path.mkdir(parents=True, exist_ok=True)
-    return lmdb.open(
-        str(path),
-        readonly=readonly,
-        lock=not readonly,
-        map_size=map_size,
-        subdir=True,
-        readahead=False,
-        meminit=False,
-        max_readers=512,
-    )
+    try:
+        return lmdb.open(
+            str(path),
+            readonly=readonly,
+            lock=not readonly,
+            map_size=map_size,
+            subdir=True,
+            readahead=False,
+            meminit=False,
+            max_readers=512,
+        )
+    except lmdb.Error as e:  # a damaged data.mdb: one line naming the shard and the fix
+        why = str(e).removeprefix(f"{path}: ")
+        raise ContractError(f"shard {path} cannot be opened ({why}): rebuild the dataset "
+                            "(alexnet-prep build-lmdb SRC --data-dir DIR --overwrite)") from None  # fmt: skip
 
 
 def iter_shard(path: Path) -> Iterator[tuple[bytes, bytes]]:

@@ -236,7 +236,7 @@ def read_checkpoint_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load's errors on damaged input vary: each becomes the same one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
         raise AlexnetError(f"cannot read checkpoint {path}: truncated or damaged ({first}); {_other(path)}") from None
 
 
