@@ -30,9 +30,9 @@ be, so pruning an epoch file never removes their contents.
 from __future__ import annotations
 
 import errno
-import io
 import os
 import random
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.pipeline.artifacts import atomic_write_bytes
 from alexnet.pipeline.errors import AlexnetError
 
 FORMAT_VERSION = 3
@@ -192,19 +191,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write ``payload`` (tmp file in the same folder, fsync, rename): a failed write (a full
-    disk) leaves the previous file as it was."""
-    buf = io.BytesIO()
-    torch.save(to_safe({"format_version": FORMAT_VERSION, **payload}), buf)
+    """Atomically write ``payload``: streamed into a temporary file in the same folder (not through an
+    in-memory copy, which doubled the process's memory while saving), fsync, rename. A failed write (a
+    full disk) removes the temporary file and leaves the previous checkpoint as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    safe = to_safe({"format_version": FORMAT_VERSION, **payload})
     try:
-        atomic_write_bytes(Path(path), buf.getvalue())
-    except OSError as e:
-        raise AlexnetError(_write_failure(Path(path), e)) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
+        with os.fdopen(fd, "wb") as f:
+            torch.save(safe, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's writer reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise AlexnetError(_write_failure(path, e)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _write_failure(path: Path, e: OSError) -> str:
-    why = e.strerror or type(e).__name__
-    fix = "free some space" if e.errno == errno.ENOSPC else "choose a writable --run-dir"
+def _write_failure(path: Path, e: Exception) -> str:
+    if isinstance(e, OSError):
+        full, why = e.errno == errno.ENOSPC, e.strerror or type(e).__name__
+    else:
+        full = path.parent.is_dir() and shutil.disk_usage(path.parent).free < (64 << 20)
+        why = os.strerror(errno.ENOSPC) if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
+    fix = "free some space" if full else "choose a writable --run-dir"
     return (f"cannot write checkpoint {path}: {why}; {fix} and run the same command with --resume "
             "(the previous checkpoint is unchanged)")  # fmt: skip
 
