@@ -24,7 +24,7 @@ SHARD_FIX = "rebuild the dataset (alexnet-prep build-lmdb"
 NOT_PT = "not a PyTorch file (it begins 'epoch 3 notes')"
 EMPTY = "the file is empty"
 TRUNCATED = "truncated or damaged"
-OTHER = "not a PyTorch file (it begins"
+OTHER = "not a PyTorch file (it begins binary data)"
 UNDER_FILE = "a part of the path is a file, not a directory"
 FULL = "No space left on device"
 
@@ -166,7 +166,7 @@ ROWS = [
 
 
 @pytest.mark.parametrize("tool, args, status, message", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
-def test_bad_input_is_one_line_and_a_non_zero_exit(world, tool, args, status, message, monkeypatch):
+def test_bad_input_is_one_line_and_a_non_zero_exit(world, tool, args, status, message, monkeypatch, request):
     w = world
     monkeypatch.chdir(w)
     paths = {"w": w, "data": w / "data", "data6": w / "data6", "run": w / "run", "afile": w / "afile",
@@ -183,6 +183,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(world, tool, args, status, me
         assert "Traceback" not in output and r.exc_info[0] is SystemExit, output
         errors = [line for line in output.splitlines() if line.startswith(("error:", "Error:"))]
         assert len(errors) == 1 and message in errors[0], output
+        print(f"{request.node.callspec.id}: {errors[0]}")  # the table of the closing note (pytest -s)
         if status == 1:
             assert output.splitlines()[-1] == errors[0], output  # the last word is the error
         if "full_run" in paths:  # nothing already written is lost

@@ -246,8 +246,9 @@ def read_checkpoint_file(path: Path) -> Any:
     if not head:
         raise AlexnetError(f"cannot read checkpoint {path}: the file is empty (a write cut short?); {_other(path)}")
     if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
-        start = head[:24].decode("utf-8", "replace").splitlines()[0] if head.strip() else repr(head[:8])
-        raise AlexnetError(f"cannot read checkpoint {path}: not a PyTorch file (it begins {start!r}); {_other(path)}")
+        first = (head[:24].decode("utf-8", "replace").splitlines() or [""])[0]
+        start = repr(first) if first.strip() and first.isprintable() else "binary data"
+        raise AlexnetError(f"cannot read checkpoint {path}: not a PyTorch file (it begins {start}); {_other(path)}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load's errors on damaged input vary: each becomes the same one line

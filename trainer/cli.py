@@ -44,6 +44,7 @@ Examples:
   alexnet-train --config runs/a/config.json --run-dir runs/a2 --seed 1   # re-run a run, one field changed
   alexnet-train --gpus cpu --batch-size 32 --max-steps 200     # a short CPU run
   alexnet-train eval --ten-crop --checkpoint runs/a/checkpoints/best.pt
+  alexnet-train eval --checkpoint runs/a/checkpoints/best.pt --checkpoint runs/b/checkpoints/best.pt   # averaged (§6)
   alexnet-train bench --gpus 0 --bf16                          # images/s: synthetic vs pipeline
   alexnet-train report runs/a                                  # figures and report.md
   alexnet-train predict --checkpoint runs/a/checkpoints/best.pt photo.jpg   # top-5 classes

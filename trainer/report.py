@@ -357,7 +357,7 @@ def build_report(
     """Write the report folder for ``run_dir`` (``report.md`` and the figures); returns what it wrote."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise AlexnetError(f"run directory {run_dir} does not exist")
+        raise AlexnetError(f"run directory {run_dir} does not exist: give the --run-dir of an alexnet-train run")
     metrics = read_metrics(run_dir / METRICS_FILE)
     config = read_config(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
