@@ -96,7 +96,8 @@ def evaluate_average(
         )  # fmt: skip
         for batches in zip(*loaders, strict=True):
             probs, i = None, 0
-            for (group, _), (images, labels) in zip(groups, batches, strict=True):  # noqa: B007 (the last labels)
+            labels = batches[0][1]  # the same records in every group's batch
+            for (group, _), (images, _labels) in zip(groups, batches, strict=True):
                 for net in group:
                     p = _probabilities(net, images, ten_crop, flags[i], channels_last)
                     probs, i = p if probs is None else probs + p, i + 1
