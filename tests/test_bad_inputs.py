@@ -55,6 +55,7 @@ def world(tmp_path_factory):
         shutil.copytree(data, w / name)
         for split in ("train", "val"):
             damage(sorted((w / name / split).iterdir())[0])
+    shutil.copytree(w / "run", w / "run-copy")  # to resume on another dataset
     for name in ("notes", "empty", "trunc"):  # runs whose last.pt is not a checkpoint
         (w / f"run-{name}" / "checkpoints").mkdir(parents=True)
         shutil.copyfile(w / "run" / "config.json", w / f"run-{name}" / "config.json")
@@ -109,6 +110,8 @@ ROWS = [
     ("resume-last-is-text", train, [*FIT, "--run-dir", "{w}/run-notes", "--resume"], 1, NOT_PT),
     ("resume-last-is-empty", train, [*FIT, "--run-dir", "{w}/run-empty", "--resume"], 1, EMPTY),
     ("resume-last-is-truncated", train, [*FIT, "--run-dir", "{w}/run-trunc", "--resume"], 1, TRUNCATED),
+    ("resume-other-class-count", train, [*FIT, "--run-dir", "{w}/run-copy", "--resume", "--data-dir", "{data6}"], 1,
+     "wrong shape fc8.weight (4, 4096) (expected (6, 4096))"),
     ("resume-full-disk", train, [*FIT, "--run-dir", "{full_run}", "--resume"], 1, FULL),
     # eval
     ("eval-missing-checkpoint", train, [*EVAL, "--data-dir", "{data}", "--checkpoint", "{w}/none.pt"], 1, "no checkpoint at"),
@@ -125,6 +128,8 @@ ROWS = [
      1, UNDER_FILE),
     ("eval-contradicting-mean", train, [*EVAL, "--data-dir", "{data}", "--checkpoint", CK, "--mean", "channel"], 1,
      "trained with --mean image, not channel"),
+    ("eval-contradicting-lrn", train, [*EVAL, "--data-dir", "{data}", "--checkpoint", CK, "--lrn", "paper-text"], 1,
+     "trained with --lrn authors, not paper-text"),
     ("eval-training-option", train, [*EVAL, "--lr", "5"], 2, "No such option '--lr'"),
     # bench
     ("bench-missing-data", train, ["bench", "--gpus", "cpu", "--data-dir", "{w}/nodata"], 1, "no dataset at"),
