@@ -70,7 +70,7 @@ def main(batch_size: int, rounds: int, log_every_steps: int) -> None:
     y = torch.randint(0, TC.NUM_CLASSES, (batch_size,))
 
     def step():
-        train_step(model, optimizer, x, y, bf16=False, channels_last=False, output_device=torch.device("cpu"))
+        train_step(model, optimizer, x, y, precision="fp32")
 
     step()  # warm-up; gradients now exist
     norms = LayerNorms(model, LEARNED_LAYERS)

@@ -278,7 +278,8 @@ def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ContractError(missing) from None
     except (OSError, ValueError) as e:
-        raise ContractError(f"cannot read {what} {path}: {e}") from None
+        fix = "; give the dataset's directory" if isinstance(e, NotADirectoryError) else ""
+        raise ContractError(f"cannot read {what} {path}: {e.strerror if isinstance(e, OSError) else e}{fix}") from None
     version = d.get("schema_version") if isinstance(d, dict) else None
     if version != SCHEMA_VERSION:
         raise ContractError(
@@ -370,25 +371,32 @@ def read_mean_image(data_dir: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- records
 
 
+REBUILD_HINT = "rebuild the dataset (alexnet-prep build-lmdb SRC --data-dir DIR --overwrite)"
+
+
 def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
     """Open one shard's LMDB environment (``lmdb`` imported lazily)."""
     import lmdb
 
     path = Path(path)
     if readonly and not (path / "data.mdb").exists():
-        raise ContractError(f"shard {path} is missing")
+        raise ContractError(f"shard {path} is missing: " + REBUILD_HINT)
     if not readonly:
         path.mkdir(parents=True, exist_ok=True)
-    return lmdb.open(
-        str(path),
-        readonly=readonly,
-        lock=not readonly,
-        map_size=map_size,
-        subdir=True,
-        readahead=False,
-        meminit=False,
-        max_readers=512,
-    )
+    try:
+        return lmdb.open(
+            str(path),
+            readonly=readonly,
+            lock=not readonly,
+            map_size=map_size,
+            subdir=True,
+            readahead=False,
+            meminit=False,
+            max_readers=512,
+        )
+    except lmdb.Error as e:  # a damaged data.mdb: one line naming the shard and the fix
+        why = str(e).removeprefix(f"{path}: ")
+        raise ContractError(f"shard {path} cannot be opened ({why}): " + REBUILD_HINT) from None
 
 
 def iter_shard(path: Path) -> Iterator[tuple[bytes, bytes]]:

@@ -7,6 +7,7 @@ line on stderr with exit status 1; Ctrl-C becomes exit 130 with a hint to resume
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from importlib import metadata
@@ -23,6 +24,17 @@ def package_version() -> str:
         return metadata.version("alexnet")
     except metadata.PackageNotFoundError:  # running from a source tree
         return "0+unknown"
+
+
+# The fix for a file-system failure a command did not name itself, by errno.
+OS_FIXES = {
+    errno.ENOSPC: "free some space (or choose another directory) and run the same command again",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EEXIST: "a file is in the way: choose another path",
+    errno.EACCES: "choose a path you can write (or read)",
+    errno.EROFS: "the file system is read-only: choose another directory",
+}
 
 
 class Group(click.Group):
@@ -42,7 +54,8 @@ class Group(click.Group):
             sys.exit(1)
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            fix = OS_FIXES.get(e.errno, "")
+            click.echo(f"error: {e.strerror or e}{where}{'; ' + fix if fix else ''}", err=True)
             sys.exit(1)
         if not standalone_mode:
             return rv

@@ -89,7 +89,9 @@ class SplitIndex:
         parts = []
         for path, shard in zip(self.shard_paths, shards, strict=True):
             if not (path / "data.mdb").exists():
-                raise ContractError(f"shard {path} of {split} is missing")
+                raise ContractError(
+                    f"shard {path} of {split} is missing: check with alexnet-prep verify, or " + A.REBUILD_HINT
+                )
             if shard.num_records == shard.stop_position - shard.first_position:
                 parts.append(np.arange(shard.first_position, shard.stop_position, dtype=np.int64))
             else:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from alexnet.pipeline.images import pil_info
@@ -54,3 +55,27 @@ def test_prep_warns_when_plain_pillow_shadows_simd(monkeypatch):
     r = CliRunner().invoke(prep, ["make-sample", "--help"])
     assert r.exit_code == 0
     assert "plain Pillow 12.0.0 has shadowed pillow-simd" in r.output
+
+
+# Each alexnet-train command takes only its own options: a training option elsewhere is click's
+# "No such option" (exit 2), and the command's own options are listed in its --help.
+OWN_OPTIONS = {
+    "eval": (["--lr", "5"], ["--checkpoint", "--ten-crop", "--data-dir", "--batch-size", "--mean", "--threads"]),
+    "bench": (["--epochs", "3"], ["--steps", "--lr", "--batch-size", "--lrn", "--threads", "--channels-last"]),
+    "predict": (["--lr", "5"], ["--checkpoint", "--ten-crop", "--gpus", "--batch-size"]),
+    "export": (["--lr", "5"], ["--checkpoint", "--out"]),
+    "report": (["--lr", "5"], ["--checkpoint", "--out", "--preview"]),
+}
+
+
+@pytest.mark.parametrize("command", list(OWN_OPTIONS))
+def test_each_command_takes_only_its_own_options(command):
+    from alexnet.trainer.cli import main
+
+    foreign, own = OWN_OPTIONS[command]
+    r = CliRunner().invoke(main, [command, *foreign])
+    assert r.exit_code == 2 and f"No such option '{foreign[0]}'" in r.output, r.output
+    r = CliRunner().invoke(main, [command, "--help"])
+    assert r.exit_code == 0
+    assert all(o in r.output for o in own), r.output
+    assert foreign[0] + " " not in r.output

@@ -253,3 +253,108 @@ def test_report_without_a_val_split_leaves_figure4_out_with_a_note(run, tmp_path
     res = build_report(run_dir, tmp_path / "report")
     assert res.figure4 is None and "figure4_predictions" not in res.images
     assert any("Figure 4" in n and "left out" in n for n in res.notes)
+
+
+# ---------------------------------------------------------------- the checkpoint decides; §6's averaged CNNs
+
+
+@pytest.fixture(scope="module")
+def channel_ckpt(run, tmp_path_factory):
+    """A second checkpoint of the same dataset, trained with --mean channel (another seed)."""
+    from alexnet.trainer.train import train
+
+    data, _ = run
+    base = tmp_path_factory.mktemp("channel")
+    cfg = TrainConfig.create(data_dir=str(data), run_dir=str(base / "run"), gpus="cpu", batch_size=4, epochs=0,
+                      max_steps=3, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0, mean="channel",
+                      seed=1)  # fmt: skip
+    train(cfg)
+    return base / "run" / "checkpoints" / "last.pt"
+
+
+def _val_loader(data, mean: str, ten_crop: bool = False):
+    from alexnet.pipeline.loader import DataConfig, create_loader
+
+    return create_loader(data, "val", DataConfig(num_threads=1, mean=mean), batch_size=4, ten_crop=ten_crop)
+
+
+def _eval_cli(data, *ckpts, extra=()):
+    from alexnet.trainer.cli import main
+
+    args = ["eval", "--data-dir", str(data), "--gpus", "cpu", "--batch-size", "4", "--threads", "1", "--no-progress",
+            *extra]  # fmt: skip
+    for c in ckpts:
+        args += ["--checkpoint", str(c)]
+    return CliRunner().invoke(main, args)
+
+
+def _printed_top1(output: str) -> float:
+    line = next(x for x in output.splitlines() if "centre crop" in x)
+    return float(line.split("top-1 error")[1].split("%")[0])
+
+
+def test_eval_takes_the_mean_from_the_checkpoint_and_refuses_another(run, channel_ckpt):
+    from alexnet.trainer.evaluate import evaluate
+
+    data, _ = run
+    model = load_predictor(channel_ckpt, None, torch.device("cpu")).model
+    expected = evaluate(model, _val_loader(data, "channel"))["top1_err"]
+    r = _eval_cli(data, channel_ckpt)  # no --mean: the checkpoint's 'channel'
+    assert r.exit_code == 0, r.output
+    assert _printed_top1(r.output) == pytest.approx(100 * expected, abs=0.01)
+    r = _eval_cli(data, channel_ckpt, extra=["--mean", "image"])
+    assert r.exit_code == 1 and "trained with --mean channel, not image" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_averaged_probabilities_are_the_mean_of_each_models_own(run, channel_ckpt, val_files):
+    """§6: each model on its own mean image; the average equals the models' own softmax outputs averaged,
+    and the average of one model is that model."""
+    from alexnet.trainer.predict import average_probabilities, load_predictors
+
+    _, ckpt = run
+    preds = load_predictors([ckpt, channel_ckpt], None, torch.device("cpu"))
+    assert not np.allclose(preds[0].mean_image, preds[1].mean_image)
+    images = [stored_crop(p) for p in list(val_files.values())[:3]]
+    for ten in (False, True):
+        own = []
+        for p in preds:  # by hand: each model's patches on its own mean, softmax, the patches' mean
+            x = torch.from_numpy(np.concatenate([patches(im, p.mean_image, ten) for im in images]))
+            with torch.no_grad():
+                own.append(torch.softmax(p.model(x), dim=1).view(len(images), -1, 4).mean(dim=1))
+        torch.testing.assert_close(average_probabilities(preds, images, ten), (own[0] + own[1]) / 2)
+        torch.testing.assert_close(average_probabilities(preds[:1], images, ten), own[0])
+
+
+def test_eval_of_averaged_checkpoints_equals_a_direct_computation(run, channel_ckpt):
+    from alexnet.trainer.evaluate import evaluate, evaluate_average, topk_correct
+
+    data, ckpt = run
+    models = [load_predictor(c, None, torch.device("cpu")).model for c in (ckpt, channel_ckpt)]
+    c1 = seen = 0
+    for (a, labels), (b, _) in zip(_val_loader(data, "image"), _val_loader(data, "channel"), strict=True):
+        with torch.no_grad():
+            probs = (torch.softmax(models[0](a), 1) + torch.softmax(models[1](b), 1)) / 2
+        c1 += topk_correct(probs, labels)[0]
+        seen += len(labels)
+    r = _eval_cli(data, ckpt, channel_ckpt)
+    assert r.exit_code == 0, r.output
+    assert "average of 2 checkpoints" in r.output
+    assert _printed_top1(r.output) == pytest.approx(100 * (1 - c1 / seen), abs=0.01)
+    one = evaluate(models[0], _val_loader(data, "image"))
+    assert evaluate_average([(models[:1], _val_loader(data, "image"))]) == one
+    r = _eval_cli(data, ckpt, ckpt)  # the same model twice averages to itself
+    assert _printed_top1(r.output) == pytest.approx(100 * one["top1_err"], abs=0.01)
+
+
+def test_checkpoints_of_other_classes_are_not_averaged(run, tmp_path):
+    from alexnet.trainer.cli import main
+
+    _, ckpt = run
+    ck = ckpt_io.load_checkpoint(ckpt)
+    ck["dataset"]["classes"] = list(reversed(ck["dataset"]["classes"]))
+    other = tmp_path / "other.pt"
+    ckpt_io.save_checkpoint(other, ck)
+    r = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--checkpoint", str(other), "--gpus", "cpu",
+                                  str(_photo(tmp_path / "x.jpg"))])  # fmt: skip
+    assert r.exit_code == 1 and "other classes" in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -307,3 +307,24 @@ def test_line_plot_skips_non_finite_and_handles_no_data():
     assert ((arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] < 60)).sum() > 50
     arr = np.asarray(blank).astype(int)
     assert ((arr[..., 0] > 200) & (arr[..., 1] < 60) & (arr[..., 2] < 60)).sum() == 0
+
+
+def test_the_last_centre_crop_point_stays_visible_under_the_ten_patch_marker():
+    """The demo's final centre-crop evaluation and its ten patches share an epoch and nearly an error: the
+    ten patches' hollow marker must not hide the centre-crop point."""
+    axes = plots.Axes("t", "epoch", "error (%)", ylim=(0.0, 100.0))
+    blue, orange = (0, 0, 255), (255, 128, 0)
+    centre = plots.Series("centre", [1, 2, 3], [60.0, 30.0, 38.0], color=blue, markers=True)
+    ten = plots.Series("ten", [3], [39.0], color=orange, markers=True, dashed=True)
+
+    def blue_at_the_end(img):
+        arr = np.asarray(img)
+        right = arr[:, int(arr.shape[1] * 0.9) :]
+        return int((right == blue).all(axis=2).sum())
+
+    alone, both = (
+        blue_at_the_end(plots.line_plot([centre], axes)),
+        blue_at_the_end(plots.line_plot([centre, ten], axes)),
+    )
+    assert alone > 40 and both >= 0.8 * alone, (alone, both)
+    assert blue_at_the_end(plots.line_plot([ten, centre], axes)) >= 0.8 * alone  # whatever the order

@@ -757,16 +757,18 @@ def test_cli_bench_prints_both_rates_and_ratio(train_data):
 
 
 def test_cli_options_are_the_config_fields():
-    """Every config field has its option, with the dataclass default, and no option lacks a field."""
+    """Every config field has its option in training (eval and bench: the fields they use), with the
+    dataclass default, and no option lacks a field."""
     from dataclasses import fields
 
-    from alexnet.trainer.cli import OLD_FLAGS, eval_command, main
+    from alexnet.trainer.cli import BENCH_OPTIONS, EVAL_OPTIONS, OLD_FLAGS, bench_command, eval_command, main
     from alexnet.trainer.config import SECTIONS
 
-    for command, extra in ((main, {"config_file", "version", *OLD_FLAGS}),
-                           (eval_command, {"config_file", "checkpoint", "ten_crop"})):  # fmt: skip
+    every = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
+    for command, extra, names in ((main, {"config_file", "version", *OLD_FLAGS}, every),
+                                  (eval_command, {"checkpoints", "ten_crop"}, every & EVAL_OPTIONS),
+                                  (bench_command, {"config_file", "steps"}, every & BENCH_OPTIONS)):  # fmt: skip
         options = {p.name: p for p in command.params}
-        names = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
         assert set(options) - extra == names
         defaults = TrainConfig().flat()
         for name in names:

@@ -168,7 +168,8 @@ def _worker_main(conn) -> None:
         except AlexnetError as e:
             conn.send(("error", str(e)))
         except Exception as e:  # report it with its shard instead of dying silently
-            conn.send(("error", f"shard {task.path}: {type(e).__name__}: {e}"))
+            conn.send(("error", f"shard {task.path}: {type(e).__name__}: {e} (a full disk? free space and run the "
+                                "same command again: it resumes)"))  # fmt: skip
 
 
 _unreported = 0
@@ -538,7 +539,7 @@ def _build(cfg: BuildConfig, pool: _Workers):
     click.echo(
         f"{'resuming' if state == 'resume' else 'building'} {cfg.data_dir}: {counts} images, "
         f"{len(source.classes)} classes, {' + '.join(f'{shards[n]} {n}' for n in source.splits)} shards, "
-        f"{min(len(pool.procs), len(plans))} worker processes",
+        f"{_plural(min(len(pool.procs), len(plans)), 'worker process', 'worker processes')}",
         err=True,
     )
     results = _run_tasks(pool, plans, make_task, total, cfg.progress)
@@ -580,8 +581,12 @@ def _finish(cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], 
         click.echo(f"rejected {len(rejected)} source files ({detail}); list in {cfg.data_dir / A.REJECTED_FILE}")
     click.echo(
         f"processed {processed} images in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s, "
-        f"{min(workers, len(results))} workers)" + (" after resuming" if state == "resume" else "")
+        f"{_plural(min(workers, len(results)), 'worker')})" + (" after resuming" if state == "resume" else "")
     )
+
+
+def _plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 EPILOG = """\b

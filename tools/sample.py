@@ -284,10 +284,15 @@ def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, 
     """Write the built-in sample: a small ImageNet-layout tree of learnable, procedurally drawn images."""
     if out.exists() and any(out.iterdir()):
         raise AlexnetError(f"{out} exists and is not empty; choose a new directory")
-    info = make_sample(
-        out, num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
-        val_format=val_format, awkward=awkward, seed=seed,
-    )  # fmt: skip
+    try:
+        info = make_sample(
+            out, num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
+            val_format=val_format, awkward=awkward, seed=seed,
+        )  # fmt: skip
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
+        raise AlexnetError(f"cannot write the sample to {out}: {e.strerror or e}{where}; choose a directory you "
+                           "can write, e.g. alexnet-prep make-sample sample/") from None  # fmt: skip
     click.echo(
         f"wrote {info.train_images} train and {info.val_images} val images in {len(info.classes)} classes "
         f"to {out} (val labels: {val_format}{', awkward files: ' + str(len(info.awkward)) if awkward else ''})"

@@ -29,10 +29,10 @@ be, so pruning an epoch file never removes their contents.
 
 from __future__ import annotations
 
-import io
+import errno
 import os
-import pickle
 import random
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from alexnet.pipeline.artifacts import atomic_write_bytes
 from alexnet.pipeline.errors import AlexnetError
 
 FORMAT_VERSION = 3
@@ -82,10 +81,14 @@ def link_or_copy(src: Path, dst: Path) -> None:
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except OSError as e:  # a copy that fills the disk: dst keeps its previous contents
+        tmp.unlink(missing_ok=True)
+        raise AlexnetError(_write_failure(dst, e)) from None
 
 
 def prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
@@ -188,29 +191,117 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write ``payload`` (tmp file in the same folder, fsync, rename)."""
-    buf = io.BytesIO()
-    torch.save(to_safe({"format_version": FORMAT_VERSION, **payload}), buf)
-    atomic_write_bytes(Path(path), buf.getvalue())
+    """Atomically write ``payload``: streamed into a temporary file in the same folder (not through an
+    in-memory copy, which doubled the process's memory while saving), fsync, rename. A failed write (a
+    full disk) removes the temporary file and leaves the previous checkpoint as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    safe = to_safe({"format_version": FORMAT_VERSION, **payload})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
+        with os.fdopen(fd, "wb") as f:
+            torch.save(safe, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's writer reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise AlexnetError(_write_failure(path, e)) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_failure(path: Path, e: Exception) -> str:
+    if isinstance(e, OSError):
+        full, why = e.errno == errno.ENOSPC, e.strerror or type(e).__name__
+    else:
+        full = path.parent.is_dir() and shutil.disk_usage(path.parent).free < (64 << 20)
+        why = os.strerror(errno.ENOSPC) if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
+    fix = "free some space" if full else "choose a writable --run-dir"
+    return (f"cannot write checkpoint {path}: {why}; {fix} and run the same command with --resume "
+            "(the previous checkpoint is unchanged)")  # fmt: skip
+
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+PICKLE_MAGIC = b"\x80"  # the legacy (pickle) format
+
+
+def read_checkpoint_file(path: Path) -> Any:
+    """The raw object of a ``torch.save`` file, loaded with ``weights_only=True`` onto the CPU; a file that
+    is missing, a directory, empty, of another format or damaged is one line naming it and the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise AlexnetError(
+            f"{path} is a directory, not a checkpoint: give a file such as {path / CHECKPOINT_DIR / LAST}"
+        )
+    if not path.is_file():
+        raise AlexnetError(f"no checkpoint at {path}: give the path of a .pt file written by alexnet-train")
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise AlexnetError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    if not head:
+        raise AlexnetError(f"cannot read checkpoint {path}: the file is empty (a write cut short?); {_other(path)}")
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        first = (head[:24].decode("utf-8", "replace").splitlines() or [""])[0]
+        start = repr(first) if first.strip() and first.isprintable() else "binary data"
+        raise AlexnetError(f"cannot read checkpoint {path}: not a PyTorch file (it begins {start}); {_other(path)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load's errors on damaged input vary: each becomes the same one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise AlexnetError(f"cannot read checkpoint {path}: truncated or damaged ({first}); {_other(path)}") from None
+
+
+def _other(path: Path) -> str:
+    """The fix for an unreadable checkpoint: another one, naming the newest epoch file beside it."""
+    epochs = sorted(p for p in path.parent.glob("epoch-*.pt") if p.name != path.name and p.stat().st_size > 0)
+    if epochs:
+        return f"use another checkpoint, e.g. {epochs[-1]} (for --resume: copy it over {path.parent / LAST})"
+    return "give a checkpoint written by alexnet-train"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True`` (no arbitrary objects) onto the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise AlexnetError(f"no checkpoint at {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
+    """Read an alexnet-train checkpoint (:func:`read_checkpoint_file`) and decode it (:func:`from_safe`)."""
+    raw = read_checkpoint_file(path)
     if not isinstance(raw, dict) or "model" not in raw:
-        raise AlexnetError(f"{path} is not an alexnet-train checkpoint (no 'model' entry)")
+        raise AlexnetError(f"{path} is not an alexnet-train checkpoint (no 'model' entry); {_other(Path(path))}")
     ckpt = from_safe(raw)
     version = ckpt.get("format_version")
     if version != FORMAT_VERSION:
         raise AlexnetError(f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}")
     return ckpt
+
+
+# Settings a model depends on: eval, predict and export take them from the checkpoint; an option that
+# says otherwise is refused.
+CHECKPOINT_DECIDES = ("mean", "lrn", "lighting_scale", "precision")
+
+
+def saved_setting(ck: dict[str, Any], name: str) -> Any:
+    """A field of the run config saved in checkpoint ``ck`` (None when it is not there)."""
+    for section in (ck.get("config") or {}).values():
+        if isinstance(section, dict) and name in section:
+            return section[name]
+    return None
+
+
+def checkpoint_precision(ck: dict[str, Any]) -> str:
+    """The ``--precision`` the model was trained with (precision.py; ``auto`` resolves per device)."""
+    return saved_setting(ck, "precision") or "auto"
+
+
+def refuse_contradictions(path: Path, ck: dict[str, Any], given: dict[str, Any]) -> None:
+    """One line for a typed option that contradicts the checkpoint's setting (the checkpoint decides)."""
+    for name in CHECKPOINT_DECIDES:
+        saved = saved_setting(ck, name)
+        if name in given and saved is not None and given[name] != saved:
+            flag = name.replace("_", "-")
+            raise AlexnetError(f"{path} was trained with --{flag} {saved}, not {given[name]}: the checkpoint "
+                               f"decides; drop --{flag}")  # fmt: skip
 
 
 def dataset_entry(manifest, mean_image, channel_mean=None) -> dict[str, Any]:

@@ -3,13 +3,19 @@
 A thin click layer: the training options are generated from the config tree (config.py), one per
 field, so their defaults and help are the dataclasses'. A command builds a
 :class:`~alexnet.trainer.config.TrainConfig` (the defaults, or ``--config FILE``, with the options
-typed on the command line over it) and calls one function.
+typed on the command line over it) and calls one function. Each command takes only the options
+that apply to it (``EVAL_OPTIONS``, ``BENCH_OPTIONS``), drawn from the same fields.
+
+A name means the same thing in both tools: ``--workers`` is a number of processes (alexnet-prep's
+decoding processes; alexnet-train's LMDB reader processes), ``--num-threads``/``--threads`` the
+DALI threads of one pipeline.
 """
 
 from __future__ import annotations
 
 import math
 import typing
+from collections.abc import Collection
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -38,6 +44,7 @@ Examples:
   alexnet-train --config runs/a/config.json --run-dir runs/a2 --seed 1   # re-run a run, one field changed
   alexnet-train --gpus cpu --batch-size 32 --max-steps 200     # a short CPU run
   alexnet-train eval --ten-crop --checkpoint runs/a/checkpoints/best.pt
+  alexnet-train eval --checkpoint runs/a/checkpoints/best.pt --checkpoint runs/b/checkpoints/best.pt   # averaged (§6)
   alexnet-train bench --gpus 0                                 # images/s: synthetic vs pipeline
   alexnet-train report runs/a                                  # figures and report.md
   alexnet-train predict --checkpoint runs/a/checkpoints/best.pt photo.jpg   # top-5 classes
@@ -77,17 +84,44 @@ def _option(f, hint):
     return click.option(flag, *meta.get("aliases", ()), f.name, **kw)
 
 
-def config_options(command):
-    """One option per config field (all sections), in the sections' order."""
+def _config_options(command, only: Collection[str] | None = None, *, config_file: bool = True):
+    """One option per config field (all sections, or the fields named in ``only``), in the sections' order;
+    with ``config_file`` also ``--config FILE``."""
     for cls in reversed(SECTIONS.values()):
         hints = typing.get_type_hints(cls)
         for f in reversed(fields(cls)):
-            if f.metadata.get("cli", True):
+            if f.metadata.get("cli", True) and (only is None or f.name in only):
                 command = _option(f, hints[f.name])(command)
+    if not config_file:
+        return command
     return click.option(
         "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
         help="Start from this config.json (a run's), then apply the options given here.",
     )(command)  # fmt: skip
+
+
+def config_options(only: Collection[str] | None = None, *, config_file: bool = True):
+    """The decorator adding :func:`_config_options`."""
+    return lambda command: _config_options(command, only, config_file=config_file)
+
+
+def _names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+# Each command takes the options that apply to it (a name means the same in every command).
+# eval: where the data and the devices are, how fast the loader works, the batch; the settings a model
+# depends on come from its checkpoint, and --mean and --lrn are accepted only to confirm them.
+TRAIN_ONLY_DATA = {"lighting_scale", "shuffle", "roi_decode"}  # the training pipeline's draws and order
+EVAL_OPTIONS = (
+    {"data_dir", "run_dir", "gpus", "progress", "batch_size", "lrn"}
+    | (_names(SECTIONS["data"]) - TRAIN_ONLY_DATA)
+)  # fmt: skip
+# bench: one training step's data, model and optimiser settings, on the devices chosen.
+BENCH_OPTIONS = (
+    {"data_dir", "gpus", "seed", "batch_size", "lr", "momentum", "weight_decay"}
+    | _names(SECTIONS["data"]) | _names(SECTIONS["model"])
+)  # fmt: skip
 
 
 def build_config(ctx: click.Context, opts: dict) -> tuple[TrainConfig, dict]:
@@ -131,7 +165,7 @@ def _old_flags(command):
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, invoke_without_command=True, epilog=EPILOG,
              context_settings=CONTEXT)  # fmt: skip
-@config_options
+@config_options()
 @_old_flags
 @version_option("alexnet-train")
 @click.pass_context
@@ -177,22 +211,27 @@ def _resumed(config: TrainConfig, given: dict) -> TrainConfig:
 
 
 @main.command("eval", context_settings=CONTEXT)
-@config_options
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint to evaluate [default: RUN_DIR/checkpoints/last.pt].")  # fmt: skip
+@config_options(EVAL_OPTIONS, config_file=False)
+@click.option("--checkpoint", "checkpoints", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Checkpoint to evaluate; repeated: the average of their softmax outputs (§6's averaged CNNs) "
+              "[default: RUN_DIR/checkpoints/last.pt].")  # fmt: skip
 @click.option("--ten-crop", is_flag=True, help="Also the ten-patch test of §4.1.")
 @click.pass_context
-def eval_command(ctx: click.Context, checkpoint: Path | None, ten_crop: bool, **opts) -> None:
-    """Top-1 and top-5 error of a checkpoint on val: centre crop, and with --ten-crop the ten patches."""
-    from .evaluate import evaluate_checkpoint
+def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bool, **opts) -> None:
+    """Top-1 and top-5 error of a checkpoint (or of several, averaged) on val: centre crop, and with --ten-crop
+    the ten patches. Each model runs with the settings saved in its checkpoint (mean, LRN form, precision)."""
+    from .evaluate import evaluate_checkpoints
 
-    config, _ = build_config(ctx, opts)
-    if checkpoint is None:
+    config, given = build_config(ctx, opts)
+    if not checkpoints:
         if not config.run.run_dir:
             raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
-        checkpoint = Path(config.run.run_dir) / CHECKPOINT_DIR / LAST
-    res = evaluate_checkpoint(config, checkpoint, ten_crop=ten_crop)
-    click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
+        checkpoints = (Path(config.run.run_dir) / CHECKPOINT_DIR / LAST,)
+    res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given)
+    if len(checkpoints) == 1:
+        click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
+    else:
+        click.echo(f"the average of {len(checkpoints)} checkpoints' softmax outputs (§6), val:")
     for key, label in (("centre_crop", "centre crop"), ("ten_crop", "ten patches (§4.1)")):
         if key in res:
             r = res[key]
@@ -201,7 +240,7 @@ def eval_command(ctx: click.Context, checkpoint: Path | None, ten_crop: bool, **
 
 
 @main.command("bench", context_settings=CONTEXT)
-@config_options
+@config_options(BENCH_OPTIONS)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed steps per side (after 3 warm-up steps; 1 when fewer than 10).")  # fmt: skip
 @click.pass_context

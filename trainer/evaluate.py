@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from alexnet.pipeline import constants as C
@@ -26,12 +29,19 @@ def average_patch_softmax(logits: torch.Tensor, patches: int) -> torch.Tensor:
     return probs.view(-1, patches, probs.shape[1]).mean(dim=1)
 
 
-def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[int, int]:
-    """(# whose top-1 is the label, # with the label among the top-k) for a batch."""
+def topk_counts(probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """[# whose top-1 is the label, # with the label among the top-k] for a batch, on ``probs``' device
+    (no host synchronisation: the caller sums them and reads once)."""
     k = min(k, probs.shape[1])
     top = probs.topk(k, dim=1).indices
     labels = labels.reshape(-1, 1).to(top.device)
-    return int((top[:, :1] == labels).sum()), int((top == labels).any(dim=1).sum())
+    return torch.stack([(top[:, :1] == labels).sum(), (top == labels).any(dim=1).sum()])
+
+
+def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[int, int]:
+    """:func:`topk_counts` read on the host."""
+    c1, c5 = topk_counts(probs, labels, k).tolist()
+    return c1, c5
 
 
 @torch.no_grad()
@@ -49,36 +59,57 @@ def evaluate(
     Centre crop: batches [B, 3, 224, 224]. Ten patches (§4.1): batches [B, 10, 3, 224, 224]; the
     softmax outputs of an image's ten patches are averaged before ranking.
     """
+    return evaluate_average([([net], loader)], ten_crop=ten_crop, precision=precision, info=info, progress=progress)
+
+
+@torch.no_grad()
+def evaluate_average(
+    groups: list[tuple[list[torch.nn.Module], Any]],
+    *,
+    ten_crop: bool = False,
+    precision: str | list[str] = "fp32",
+    info: D.DistInfo | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """§6's averaged CNNs: the mean of several networks' softmax outputs, each network fed by its own
+    group's loader (its own preprocessing: the loaders deliver the same records in the same order).
+
+    ``groups``: [(networks, loader)]; ``precision`` (precision.py): one, or one per network in the groups' order.
+    The counts stay on the device and are read once, at the end.
+    """
     from tqdm import tqdm
 
     info = info or D.DistInfo()
-    was_training = net.training
-    net.eval()
-    correct1 = correct5 = seen = 0
+    nets = [net for group, _ in groups for net in group]
+    precisions = precision if isinstance(precision, list) else [precision] * len(nets)
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    counts, seen = None, 0
+    loaders = [loader for _, loader in groups]
     try:
         bar = tqdm(
-            total=len(loader), desc="ten-patch eval" if ten_crop else "eval", unit="batch", leave=False,
+            total=len(loaders[0]), desc="ten-patch eval" if ten_crop else "eval", unit="batch", leave=False,
             disable=not (progress and info.is_main), file=sys.stderr, dynamic_ncols=True,
         )  # fmt: skip
-        for images, labels in loader:
-            if ten_crop:
-                if images.dim() != 5 or images.shape[1] != C.TEN_CROP:
-                    raise AlexnetError(f"ten-patch evaluation needs [B, 10, 3, H, W] batches, got {list(images.shape)}")
-                b = images.shape[0]
-                images = images.reshape(b * C.TEN_CROP, *images.shape[2:])
-            if channels_last(images.device):
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(precision, images.device):
-                logits = net(images)
-            probs = average_patch_softmax(logits, C.TEN_CROP) if ten_crop else torch.softmax(logits.float(), dim=1)
-            c1, c5 = topk_correct(probs, labels)
-            correct1 += c1
-            correct5 += c5
+        for batches in zip(*loaders, strict=True):
+            probs, i = None, 0
+            labels = batches[0][1]  # the same records in every group's batch
+            for (group, _), (images, _labels) in zip(groups, batches, strict=True):
+                for net in group:
+                    p = _probabilities(net, images, ten_crop, precisions[i])
+                    probs, i = p if probs is None else probs + p, i + 1
+            probs = probs / len(nets)
+            c = topk_counts(probs, labels)
+            counts = c if counts is None else counts + c
             seen += probs.shape[0]
             bar.update(1)
         bar.close()
     finally:
-        net.train(was_training)
+        for net, mode in zip(nets, modes, strict=True):
+            net.train(mode)
+    correct1, correct5 = counts.tolist() if counts is not None else (0, 0)
+    net = nets[0]
     device = net.output_device if getattr(net, "output_device", None) is not None else torch.device("cpu")
     correct1, correct5, seen = D.all_reduce_sum([correct1, correct5, seen], info, D.collective_device(device))
     if seen == 0:
@@ -86,47 +117,115 @@ def evaluate(
     return {"top1_err": 1.0 - correct1 / seen, "top5_err": 1.0 - correct5 / seen, "images": int(seen)}
 
 
-def evaluate_checkpoint(config, checkpoint: Path, *, ten_crop: bool) -> dict[str, Any]:
-    """``alexnet-train eval``: centre-crop (and, with ``ten_crop``, ten-patch) error of a checkpoint on val.
+def _probabilities(net, images: torch.Tensor, ten_crop: bool, precision: str) -> torch.Tensor:
+    """One network's softmax outputs [B, K] for a batch (the ten patches' mean with ``ten_crop``)."""
+    if ten_crop:
+        if images.dim() != 5 or images.shape[1] != C.TEN_CROP:
+            raise AlexnetError(f"ten-patch evaluation needs [B, 10, 3, H, W] batches, got {list(images.shape)}")
+        images = images.reshape(images.shape[0] * C.TEN_CROP, *images.shape[2:])
+    if channels_last(images.device):
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(precision, images.device):
+        logits = net(images)
+    return average_patch_softmax(logits, C.TEN_CROP) if ten_crop else torch.softmax(logits.float(), dim=1)
 
-    Logged to ``RUN/metrics.jsonl`` when a run directory is given (or the checkpoint sits in one).
+
+@dataclass
+class Member:
+    """One checkpoint of an evaluation: its network and the preprocessing it was trained with."""
+
+    path: Path
+    ck: dict[str, Any]
+    model: torch.nn.Module
+    data: Any  # DataConfig: the run's data settings with the checkpoint's mean
+    precision: str  # the step's arithmetic it was trained with (precision.py)
+
+
+def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, given: dict | None = None) -> dict:
+    """``alexnet-train eval``: centre-crop (and, with ``ten_crop``, ten-patch) error on val of one checkpoint,
+    or of the average of several (§6). Each model runs as it was trained (the checkpoint decides: its mean,
+    LRN form, precision); ``given`` (the typed options) may only confirm those settings.
+
+    Logged to ``RUN/metrics.jsonl`` for one checkpoint when a run directory is given (or it sits in one).
     """
-    from .checkpoint import CHECKPOINT_DIR, load_checkpoint
-    from .model import AlexNet
     from .replica import create_loader_for, start_replica
-    from .rundir import MetricsLog
 
     t0 = time.monotonic()
     replica = start_replica(config.run.gpus)
     try:
-        replica.say(replica.note)
         manifest = read_manifest(Path(config.run.data_dir))
         if "val" not in manifest.splits:
             raise AlexnetError(f"the dataset at {config.run.data_dir} has no val split")
-        ck = load_checkpoint(checkpoint)
-        model = AlexNet.from_checkpoint(ck, devices=list(replica.devices))
-        if model.num_classes != len(manifest.classes):
-            raise AlexnetError(
-                f"{checkpoint} was trained on {model.num_classes} classes, the dataset has {len(manifest.classes)}"
-            )
-        if channels_last(replica.devices[0]):
-            model = model.to(memory_format=torch.channels_last)
-        results: dict[str, Any] = {"checkpoint": str(checkpoint), "step": ck.get("step"), "epoch": ck.get("epoch")}
-        run_dir = Path(config.run.run_dir) if config.run.run_dir else None
-        if run_dir is None and Path(checkpoint).resolve().parent.name == CHECKPOINT_DIR:
-            run_dir = Path(checkpoint).resolve().parent.parent
-        metrics = MetricsLog(run_dir, replica.info.is_main, t0) if run_dir is not None else None
+        members = [_member(config, Path(p), manifest, given or {}, replica) for p in checkpoints]
+        replica.say(replica.note)
+        groups: dict[Any, list[Member]] = {}
+        for m in members:  # one loader per preprocessing
+            groups.setdefault(m.data, []).append(m)
+        first = members[0]
+        results: dict[str, Any] = {"checkpoint": str(first.path), "checkpoints": [str(m.path) for m in members],
+                                   "step": first.ck.get("step"), "epoch": first.ck.get("epoch")}  # fmt: skip
+        metrics = _metrics_log(config, first.path, replica, t0) if len(members) == 1 else None
         per_replica = max(config.optim.batch_size // replica.info.world_size, 1)
         for ten in (False, True) if ten_crop else (False,):
-            loader = create_loader_for(config, "val", replica, ten_crop=ten, batch_size=per_replica)
-            res = evaluate(model, loader, ten_crop=ten, precision=config.model.precision,
-                           info=replica.info, progress=config.run.progress)  # fmt: skip
+            pairs = [([m.model for m in group], create_loader_for(dataclasses.replace(config, data=data), "val",
+                      replica, ten_crop=ten, batch_size=per_replica)) for data, group in groups.items()]  # fmt: skip
+            res = evaluate_average(pairs, ten_crop=ten, precision=[m.precision for g in groups.values() for m in g],
+                                   info=replica.info,
+                                   progress=config.run.progress)  # fmt: skip
             results["ten_crop" if ten else "centre_crop"] = res
             if metrics is not None:
-                metrics.write({"kind": "eval", "split": "val", "ten_crop": ten, "step": ck.get("step"),
-                               "epoch": ck.get("epoch"), **res})  # fmt: skip
+                metrics.write({"kind": "eval", "split": "val", "ten_crop": ten, "step": first.ck.get("step"),
+                               "epoch": first.ck.get("epoch"), **res})  # fmt: skip
         if metrics is not None:
             metrics.close()
         return results
     finally:
         D.destroy_process_group()
+
+
+def _member(config, path: Path, manifest, given: dict, replica) -> Member:
+    """A checkpoint's network on this replica, checked against the dataset, with its own preprocessing."""
+    from .checkpoint import checkpoint_precision, load_checkpoint, refuse_contradictions, saved_setting
+    from .model import AlexNet
+
+    ck = load_checkpoint(path)
+    refuse_contradictions(path, ck, given)
+    model = AlexNet.from_checkpoint(ck, devices=list(replica.devices))
+    entry = ck.get("dataset") or {}
+    classes = list(entry.get("classes") or [])
+    if model.num_classes != len(manifest.classes) or (classes and classes != list(manifest.classes)):
+        raise AlexnetError(
+            f"{path} was trained on {model.num_classes} classes, the dataset at {config.run.data_dir} has "
+            f"{len(manifest.classes)}{' (others)' if model.num_classes == len(manifest.classes) else ''}: "
+            "evaluate on the dataset it was trained on (--data-dir)"
+        )
+    saved = {k: v for k in ("mean", "lighting_scale") if (v := saved_setting(ck, k)) is not None}
+    data = dataclasses.replace(config.data, **saved)
+    _check_mean(path, entry.get("mean_image"), data.mean, Path(config.run.data_dir))
+    if channels_last(replica.devices[0]):
+        model = model.to(memory_format=torch.channels_last)
+    return Member(path, ck, model, data, checkpoint_precision(ck))
+
+
+def _check_mean(path: Path, saved_mean, mean: str, data_dir: Path) -> None:
+    """The mean the loader will subtract (the dataset's) must be the one the checkpoint was trained with."""
+    from alexnet.pipeline.artifacts import read_mean_image, read_stats
+
+    if saved_mean is None:
+        return
+    here = read_mean_image(data_dir)
+    if mean == "channel":
+        here = np.broadcast_to(np.asarray(read_stats(data_dir).mean_rgb, dtype=np.float32), here.shape)
+    if not np.allclose(np.asarray(saved_mean, dtype=np.float32), here, atol=0.05):
+        raise AlexnetError(f"the {mean} mean of the dataset at {data_dir} differs from the one {path} was trained "
+                           "with: evaluate on the dataset it was trained on (--data-dir)")  # fmt: skip
+
+
+def _metrics_log(config, checkpoint: Path, replica, t0: float):
+    from .checkpoint import CHECKPOINT_DIR
+    from .rundir import MetricsLog
+
+    run_dir = Path(config.run.run_dir) if config.run.run_dir else None
+    if run_dir is None and Path(checkpoint).resolve().parent.name == CHECKPOINT_DIR:
+        run_dir = Path(checkpoint).resolve().parent.parent
+    return MetricsLog(run_dir, replica.info.is_main, t0) if run_dir is not None else None

@@ -10,6 +10,7 @@ import click
 
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.pipeline.images import IMAGE_SUFFIXES
 
 PREDICT_EPILOG = """\b
 Examples:
@@ -34,14 +35,17 @@ def _device(gpus: str):
     return parse_gpus(gpus)[0]
 
 
-def _checkpoint_option(f):
-    return click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
-                        help="A checkpoint written by alexnet-train (e.g. RUN/checkpoints/best.pt).")(f)  # fmt: skip
+def _checkpoint_option(multiple: bool = False):
+    help = "A checkpoint written by alexnet-train (e.g. RUN/checkpoints/best.pt)."
+    if multiple:
+        help += " Repeated: the average of their softmax outputs (§6's averaged CNNs)."
+    return click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
+                        multiple=multiple, help=help)  # fmt: skip
 
 
 @click.command("predict", epilog=PREDICT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@_checkpoint_option
+@_checkpoint_option(multiple=True)
 @data_dir_option
 @click.option(
     "--ten-crop", is_flag=True, help="Average the softmax over the ten patches of §4.1 (else the centre crop)."
@@ -55,17 +59,18 @@ def predict_command(inputs, checkpoint, data_dir, ten_crop, as_json, batch_size,
     """Top-5 classes with probabilities for each image file (directories: their image files).
 
     Preprocessing as in training and evaluation: shorter side 256, central 256x256 patch, the dataset's mean
-    image, the central 224x224 patch (or ten patches). Files that cannot be used get one line each; the rest are
-    still predicted, and the exit status is 1 if any failed.
+    image, the central 224x224 patch (or ten patches). Each checkpoint brings its own classes, mean and LRN form;
+    several are averaged (§6). Files that cannot be used get one line each; the rest are still predicted, and
+    the exit status is 1 if any failed.
     """
     from tqdm import tqdm
 
-    from .predict import image_files, load_predictor, predict
+    from .predict import image_files, load_predictors, predict
 
     files = image_files(list(inputs))
     if not files:
-        raise AlexnetError("no image files among the inputs")
-    pred = load_predictor(checkpoint, data_dir, _device(gpus))
+        raise AlexnetError(f"no image files among the inputs (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    pred = load_predictors(list(checkpoint), data_dir, _device(gpus))
     failed = 0
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=len(files) < 2 * batch_size)
     for rec in predict(pred, files, ten_crop=ten_crop, batch_size=batch_size, progress=bar):
@@ -84,7 +89,7 @@ def predict_command(inputs, checkpoint, data_dir, ten_crop, as_json, batch_size,
 
 
 @click.command("export", epilog=EXPORT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@_checkpoint_option
+@_checkpoint_option()
 @data_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file (.pt2).")
 def export_command(checkpoint, data_dir, out) -> None:

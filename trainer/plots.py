@@ -117,7 +117,7 @@ def _dashed_line(draw, p0, p1, color, width, dash=6):
 def _marker(draw, x: float, y: float, r: float, color, hollow: bool) -> None:
     # Hollow markers tell the dashed series (ten patches) from the solid ones when a line has one point.
     if hollow:
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=BACKGROUND, outline=color, width=2)
+        draw.rectangle([x - r, y - r, x + r, y + r], outline=color, width=2)  # unfilled: what is under shows
     else:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=color)
 
@@ -225,9 +225,11 @@ def _draw_hlines(draw: ImageDraw.ImageDraw, f: _Frame, axes: Axes) -> None:
 
 
 def _draw_series(draw, f: _Frame, series: Sequence[Series], points) -> list[tuple[str, tuple, bool, bool]]:
-    """Each series' line and markers (a lone point gets a marker); returns the legend's entries."""
+    """Each series' line and markers (a lone point gets a marker); returns the legend's entries. Dashed
+    series are drawn first, so a solid series' point at the same place (the last centre-crop evaluation
+    beside the ten patches of the same checkpoint) stays on top."""
     legend = []
-    for i, (s, pts) in enumerate(zip(series, points, strict=True)):
+    for i, (s, pts) in sorted(enumerate(zip(series, points, strict=True)), key=lambda e: not e[1][0].dashed):
         color = s.color or PALETTE[i % len(PALETTE)]
         ps = [(f.tx(x), f.clamp(f.ty(y))) for x, y in pts]
         if len(ps) > 1 and s.dashed:
@@ -240,8 +242,8 @@ def _draw_series(draw, f: _Frame, series: Sequence[Series], points) -> list[tupl
             for px, py in ps:
                 _marker(draw, px, py, s.width + 2, color, hollow=s.dashed)
         if s.label:
-            legend.append((s.label, color, s.dashed, marked))
-    return legend
+            legend.append((i, (s.label, color, s.dashed, marked)))
+    return [entry for _, entry in sorted(legend)]
 
 
 def _draw_legend(draw: ImageDraw.ImageDraw, f: _Frame, legend: list[tuple[str, tuple, bool, bool]]) -> None:

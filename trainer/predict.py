@@ -104,25 +104,48 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def predict(pred: Predictor, files: list[Path], *, ten_crop: bool, batch_size: int, progress=None):
-    """Yield one dict per file, in order: ``{"path", "top5": [{"wnid", "name", "prob"}]}`` or ``{"path", "error"}``."""
+def load_predictors(checkpoints: list[Path], data_dir: Path | None, device: torch.device) -> list[Predictor]:
+    """Several checkpoints for §6's average, each with its own mean and LRN form; their classes must agree."""
+    preds = [load_predictor(Path(c), data_dir, device) for c in checkpoints]
+    for path, p in zip(checkpoints[1:], preds[1:], strict=True):
+        if p.classes != preds[0].classes:
+            raise AlexnetError(f"{path} was trained on other classes than {checkpoints[0]} ({len(p.classes)} vs "
+                               f"{len(preds[0].classes)}): average checkpoints of the same dataset")  # fmt: skip
+    return preds
+
+
+def average_probabilities(preds: list[Predictor], images: list[np.ndarray], ten_crop: bool) -> torch.Tensor:
+    """§6: the mean over the models of each one's softmax output [B, K] for stored crops ``images``, every
+    model on its own mean image (and the ten patches' mean with ``ten_crop``)."""
     per_image = C.TEN_CROP if ten_crop else 1
-    k = min(5, len(pred.classes))
+    total = None
+    for p in preds:
+        batch = np.concatenate([patches(image, p.mean_image, ten_crop) for image in images])
+        probs = probabilities(p.model, batch, per_image)
+        total = probs if total is None else total + probs
+    return total / len(preds)
+
+
+def predict(pred: Predictor | list[Predictor], files: list[Path], *, ten_crop: bool, batch_size: int, progress=None):
+    """Yield one dict per file, in order: ``{"path", "top5": [{"wnid", "name", "prob"}]}`` or ``{"path", "error"}``.
+    With several predictors the probabilities are their average (:func:`average_probabilities`)."""
+    preds = pred if isinstance(pred, list) else [pred]
+    first = preds[0]
+    k = min(5, len(first.classes))
     for start in range(0, len(files), batch_size):
         chunk, ready, results = files[start : start + batch_size], [], {}
         for path in chunk:
             try:
-                ready.append((path, patches(stored_crop(path), pred.mean_image, ten_crop)))
+                ready.append((path, stored_crop(path)))
             except AlexnetError as e:
                 results[path] = {"path": str(path), "error": str(e)}
         if ready:
-            probs = probabilities(pred.model, np.concatenate([p for _, p in ready]), per_image)
-            top = probs.topk(k, dim=1)
+            top = average_probabilities(preds, [image for _, image in ready], ten_crop).topk(k, dim=1)
             for (path, _), values, indices in zip(ready, top.values, top.indices, strict=True):
                 results[path] = {
                     "path": str(path),
                     "top5": [
-                        {"wnid": pred.classes[i], "name": pred.name(i), "prob": round(float(v), 6)}
+                        {"wnid": first.classes[i], "name": first.name(i), "prob": round(float(v), 6)}
                         for v, i in zip(values.tolist(), indices.tolist(), strict=True)
                     ],
                 }

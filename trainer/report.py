@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import pickle
 import shutil
 import statistics
 from collections.abc import Iterable
@@ -358,7 +357,7 @@ def build_report(
     """Write the report folder for ``run_dir`` (``report.md`` and the figures); returns what it wrote."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise AlexnetError(f"run directory {run_dir} does not exist")
+        raise AlexnetError(f"run directory {run_dir} does not exist: give the --run-dir of an alexnet-train run")
     metrics = read_metrics(run_dir / METRICS_FILE)
     config = read_config(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
@@ -391,18 +390,12 @@ def build_report(
 def _read_checkpoint(path: Path, given: bool, notes: list[str]) -> dict[str, Any] | None:
     """The state dict under "model" (or "state_dict", or the whole file); a missing default checkpoint is
     a note, a missing ``--checkpoint`` an error."""
-    if not path.is_file():
-        if given:
-            raise AlexnetError(f"checkpoint {path} does not exist")
+    if not path.exists() and not given:
         notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
         return None
-    import torch
+    from .checkpoint import read_checkpoint_file
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise AlexnetError(f"cannot read checkpoint {path}: {first}") from None
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict):
         raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
     return next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
