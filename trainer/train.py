@@ -133,6 +133,7 @@ class Trainer:
         self.step_fn = create_step(
             self.model, self.optimizer, config.model, list(replica.devices), self.info.world_size
         )
+        self.step_note = self.step_fn.note  # what the step runs (precision, graph, compile), for the first line
         self.train_loader = create_loader_for(config, "train", replica)
         self.val_loader = None  # built at the first evaluation
         self.state = RunState()
@@ -204,7 +205,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         replica = self.replica
         replica.say(replica.note + (f"; {self.info.world_size} replicas" if self.info.enabled else "")
-                    + f"; {self.step_fn.note}")  # fmt: skip
+                    + f"; {self.step_note}")  # fmt: skip
         self.model.train()
         reason = ""
         try:
