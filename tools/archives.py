@@ -377,12 +377,14 @@ def write_official_archives(tree: Path, out: Path) -> dict[str, Path]:
                 for f in sorted(class_dir.iterdir()):
                     inner.add(f, arcname=f.name)
             _add_bytes(outer, f"{class_dir.name}.tar", buf.getvalue())
-    with tarfile.open(files["val"], "w", format=gnu) as tf:
-        for f in sorted((tree / "val").iterdir()):
-            tf.add(f, arcname=f.name)
-    with tarfile.open(files["devkit"], "w:gz") as tf:
-        tf.add(tree / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
-    return files
+    if (tree / "val").is_dir():
+        with tarfile.open(files["val"], "w", format=gnu) as tf:
+            for f in sorted((tree / "val").iterdir()):
+                tf.add(f, arcname=f.name)
+    if (tree / "ILSVRC2012_devkit_t12").is_dir():
+        with tarfile.open(files["devkit"], "w:gz") as tf:
+            tf.add(tree / "ILSVRC2012_devkit_t12", arcname="ILSVRC2012_devkit_t12")
+    return {role: f for role, f in files.items() if f.exists()}
 
 
 def write_kaggle_zip(tree: Path, out: Path, compression: int = zipfile.ZIP_DEFLATED) -> Path:
