@@ -24,6 +24,7 @@ import io
 import os
 import posixpath
 import struct
+import sys
 import tarfile
 import zipfile
 import zlib
@@ -278,7 +279,7 @@ def _kaggle(arch: Archives, splits, val_layout, val_labels, notes) -> tuple[dict
             name = info.filename
             parts = name[len(KAGGLE_DATA) :].split("/") if name.startswith(KAGGLE_DATA) else []
             if len(parts) == 3 and parts[0] == "train" and not parts[1].startswith(".") and L.is_image(parts[2]):
-                train.append((f"{parts[1]}/{parts[2]}", parts[1], _zip_location(zpath, info)))
+                train.append((f"{parts[1]}/{parts[2]}", sys.intern(parts[1]), _zip_location(zpath, info)))
             elif len(parts) == 2 and parts[0] == "val" and L.is_image(parts[1]):
                 val.append((parts[1], _zip_location(zpath, info)))
             elif "/" not in name:
