@@ -6,8 +6,9 @@ to 256 distinct files, so the source costs no disk and stays in the page cache: 
 the tools' own work and memory grow, not the disk). Each step runs as its own command (default
 workers: all cores), timed from outside; its peak anonymous memory is RssAnon summed over its
 process tree, sampled every 20 ms (RSS would also count LMDB's mapped file pages, which the kernel
-can reclaim). Guards printed: records/s at the larger size >= 0.85x the smaller's; anonymous
-memory growth < 0.5 KB per added record.
+can reclaim). Guards printed: records/s at the larger size >= 0.85x the smaller's (also computed
+from CPU time per record, which other jobs on a shared machine disturb less); anonymous memory
+growth < 0.5 KB per added record.
 
     python benchmarks/bench_scale.py                         # 11,000 and 110,000 files (~10 min on 2 cores)
     python benchmarks/bench_scale.py --small 2000            # quick check
@@ -139,14 +140,16 @@ def main(small: int, factor: int, repeat: int, cache: Path | None) -> None:
     click.echo(f"\n| step | {small:,} records | {large:,} records | rate ratio (>= 0.85) | CPU/record ratio "
                "| anon KB per added record (< 0.5) |")  # fmt: skip
     click.echo("|---|---|---|---|---|---|")
-    ok = True
+    ok = cpu_ok = True
     for step in STEPS:
         (r1, c1, m1), (r2, c2, m2) = res[small][step], res[large][step]
         ratio, per = r2 / r1, (m2 - m1) / (large - small)
         ok &= ratio >= 0.85 and per < 0.5
+        cpu_ok &= c1 / c2 >= 0.85 and per < 0.5
         click.echo(f"| {step} | {r1:,.0f} rec/s, {c1:.2f} ms CPU, {m1 / 1024:.0f} MB | {r2:,.0f} rec/s, "
                    f"{c2:.2f} ms CPU, {m2 / 1024:.0f} MB | {ratio:.2f} | {c1 / c2:.2f} | {per:.3f} |")  # fmt: skip
-    click.echo(f"guards: {'met' if ok else 'NOT met'}")
+    click.echo(f"guards on the wall rate: {'met' if ok else 'NOT met'}; on CPU time per record (the same work, "
+               f"less sensitive to the other jobs on a shared machine): {'met' if cpu_ok else 'NOT met'}")  # fmt: skip
 
 
 if __name__ == "__main__":
