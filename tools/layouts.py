@@ -371,6 +371,10 @@ def detect_source(
         found["train"] = _class_folder_split("train", train_dir)
     if "val" in splits and (val_dir := _split_dir("val", src, VAL_CANDIDATES, notes)):
         found["val"] = _val_split(src, val_dir, val_layout, val_labels, notes)
+    if not found:
+        notes.append(
+            f"nor ImageNet's archives ({archives.OFFICIAL_TRAIN}, {archives.OFFICIAL_VAL}, {archives.KAGGLE_ZIP})"
+        )
     return finish_source(src, found, allow_missing_classes, notes)
 
 
