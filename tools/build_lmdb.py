@@ -1,4 +1,4 @@
-"""``alexnet-prep build-lmdb``: an ImageNet tree -> LMDB shards of shorter-side-256 centre crops.
+"""``alexnet-prep build-lmdb``: an ImageNet tree or its archives -> LMDB shards of shorter-side-256 centre crops.
 
 §2 of the paper: "rescale the image such that the shorter side was of length 256, and then
 cropped out the central 256x256 patch". Nothing else: no warping to a square (Caffe's
@@ -14,6 +14,9 @@ transactions of ``commit_every`` records. After a kill at any moment the same co
 shard's last committed key and continues after it; source files that were rejected before it are
 recognised as gaps and checked again for their reason. ``crc32.npy`` is written when a shard is
 finished; ``manifest.json`` says ``complete: false`` until every shard is.
+
+Archives (``tools/archives.py``): the workers read each member at its offset in the archive; the
+records are the ones a build of the extracted tree writes.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from alexnet.pipeline import constants as C
 from alexnet.pipeline import images
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
+from alexnet.tools import archives
 from alexnet.tools.layouts import VAL_LAYOUTS, detect_source, read_class_names
 
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
@@ -115,10 +119,11 @@ class ShardTask:
     path: str  # absolute shard directory
     source_root: str
     start: int  # first position
-    items: list[tuple[str, int]]  # (relpath, label) of positions start, start+1, ...
+    items: list[tuple[str, int, tuple | None]]  # (relpath, label, location in archives) of positions start, ...
     quality: int
     commit_every: int
     map_size: int
+    archives: tuple[str, ...] = ()  # the archives the locations point into; () for a tree
 
 
 @dataclass
@@ -200,13 +205,19 @@ def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def _stored_jpeg(root: str, rel: str, quality: int) -> bytes:
-    """A source file as the JPEG to store; ``images.Rejected`` with the reason when it cannot be one."""
+def _stored_jpeg(task: ShardTask, rel: str, location: tuple | None) -> bytes:
+    """A source file as the JPEG to store; ``images.Rejected`` with the reason when it cannot be one.
+
+    An archive member that cannot be read is a damaged archive, not a bad image: AlexnetError stops the build.
+    """
+    if location is not None:
+        return prepare_image(archives.read_member(task.archives, rel, location), quality=task.quality)
     try:
-        with open(os.path.join(root, rel), "rb") as f:
-            return prepare_image(f.read(), quality=quality)
+        with open(os.path.join(task.source_root, rel), "rb") as f:
+            data = f.read()
     except OSError as e:  # unreadable source file (permissions, I/O error)
         raise images.Rejected(f"unreadable ({e.strerror or e})") from None
+    return prepare_image(data, quality=task.quality)
 
 
 def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
@@ -248,12 +259,12 @@ def build_shard(task: ShardTask) -> ShardResult:
             env = A.open_shard(path, readonly=False, map_size=map_size)
         _report(len(present), flush=True)
         batch: list[tuple[bytes, bytes]] = []
-        for offset, (rel, label) in enumerate(task.items):
+        for offset, (rel, label, location) in enumerate(task.items):
             pos = task.start + offset
             if pos in present:
                 continue
             try:
-                jpeg = _stored_jpeg(task.source_root, rel, task.quality)
+                jpeg = _stored_jpeg(task, rel, location)
             except images.Rejected as e:
                 rejected.append((rel, str(e)))
                 _report(1)
@@ -342,7 +353,9 @@ def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
 
     Tasks are made only when dispatched, so at most a few shards' file lists exist at a time.
     """
-    names = read_class_names(source.root, source.classes)
+    names = (
+        list(source.class_names) if source.class_names is not None else read_class_names(source.root, source.classes)
+    )
     manifest = A.Manifest(classes=source.classes, splits={}, class_names=names, complete=False)
     plans: list[ShardPlan] = []
     orders, labels = {}, {}
@@ -359,12 +372,14 @@ def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
 
     def make_task(plan: ShardPlan) -> ShardTask:
         split, order, lab = source.splits[plan.split], orders[plan.split], labels[plan.split]
-        items = [(split.relpaths[int(order[p])], int(lab[int(order[p])])) for p in range(plan.start, plan.stop)]
+        locs = split.locations
+        items = [(split.relpaths[i], int(lab[i]), None if locs is None else tuple(int(x) for x in locs[i]))
+                 for i in map(int, order[plan.start : plan.stop])]  # fmt: skip
         # ~40 KB per record at quality 95; the map grows on demand anyway.
         map_size = cfg.initial_map_size or max(64 << 20, (plan.stop - plan.start) * 64 << 10)
         path = cfg.data_dir / manifest.splits[plan.split].shards[plan.index].path
         return ShardTask(plan.split, plan.index, str(path), str(split.root), plan.start, items, cfg.jpeg_quality,
-                         cfg.commit_every, map_size)  # fmt: skip
+                         cfg.commit_every, map_size, split.archives)  # fmt: skip
 
     return manifest, plans, make_task
 
@@ -506,7 +521,7 @@ def _build(cfg: BuildConfig, pool: _Workers):
     """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
     source = detect_source(
         cfg.source, splits=cfg.splits, val_layout=cfg.val_layout, val_labels=cfg.val_labels,
-        allow_missing_classes=cfg.allow_missing_classes,
+        allow_missing_classes=cfg.allow_missing_classes, progress=cfg.progress,
     )  # fmt: skip
     for note in source.notes:
         click.echo(f"note: {note}", err=True)
@@ -530,7 +545,8 @@ def _build(cfg: BuildConfig, pool: _Workers):
     manifest.build = options
     manifest.source = {
         "root": str(Path(cfg.source).resolve()),
-        "splits": {n: {"dir": str(s.root), "files": len(s), "label_file": s.label_file} for n, s in source.splits.items()},
+        "splits": {n: {"dir": str(s.root), "files": len(s), "label_file": s.label_file, **_archives_of(s)}
+                   for n, s in source.splits.items()},
     }  # fmt: skip
     A.write_manifest(cfg.data_dir, manifest)  # complete=False until every shard is finished
 
@@ -544,6 +560,11 @@ def _build(cfg: BuildConfig, pool: _Workers):
     )
     results = _run_tasks(pool, plans, make_task, total, cfg.progress)
     return manifest, results, state
+
+
+def _archives_of(split) -> dict:
+    """How the manifest describes an archive source (a tree's description has no such entry)."""
+    return {"archives": [a for a in split.archives if a]} if split.archives else {}
 
 
 def _finish(cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], state: str, workers: int,
@@ -595,6 +616,8 @@ Examples:
   alexnet-prep build-lmdb /imagenet --data-dir /fast/lmdb --workers 32
   alexnet-prep build-lmdb /kaggle/imagenet-object-localization-challenge   # Kaggle layout, detected
   alexnet-prep build-lmdb /imagenet --val-labels /imagenet/devkit/data/ILSVRC2012_validation_ground_truth.txt
+  alexnet-prep build-lmdb /downloads        # ILSVRC2012_img_{train,val}.tar + devkit .tar.gz, read in place
+  alexnet-prep build-lmdb /downloads/imagenet-object-localization-challenge.zip   # Kaggle's zip, in place
   alexnet-prep build-lmdb sample/ --data-dir demo/data --overwrite
 
 \b
@@ -613,7 +636,7 @@ def _choice_option(name: str, choices, help: str):
 
 
 @click.command("build-lmdb", epilog=EPILOG)
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
 @data_dir_option
 @int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
 @int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
@@ -637,7 +660,9 @@ def _choice_option(name: str, choices, help: str):
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
 def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_quality, seed, splits, val_layout,
                        val_labels, allow_missing_classes, overwrite, commit_every, no_progress) -> None:  # fmt: skip
-    """Turn an ImageNet tree (train/<wnid>/*.JPEG, val/ in any usual label format) into LMDB shards.
+    """Turn ImageNet into LMDB shards: a tree (train/<wnid>/*.JPEG, val/ in any usual label format), or the
+    archives as downloaded, read without extracting (SRC: the folder of ILSVRC2012_img_train.tar,
+    ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz, or one of them; or Kaggle's zip or its folder).
 
     Each image is rescaled so its shorter side is 256 and its central 256x256 patch is stored as
     a JPEG inside a Caffe Datum (paper section 2), in a seeded global shuffle, in parallel.

@@ -20,6 +20,7 @@ EPILOG = """\b
 Examples:
   alexnet-prep make-sample sample/               # the built-in sample dataset
   alexnet-prep build-lmdb /imagenet              # ImageNet tree -> ./data LMDB shards
+  alexnet-prep build-lmdb /downloads             # ImageNet's archives (tars + devkit, or Kaggle's zip), in place
   alexnet-prep pca-stats                         # mean image + RGB PCA -> ./data
   alexnet-prep verify --sample 1000              # check records against the manifest
   alexnet-prep preview --split train --n 16 --out preview.npz

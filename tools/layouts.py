@@ -52,6 +52,10 @@ class SplitSource:
     relpaths: tuple[str, ...]  # sorted, POSIX separators
     wnids: tuple[str, ...]  # parallel to relpaths
     label_file: str = ""  # where the labels came from (flat val layouts)
+    # Read from archives (tools/archives.py): the archives, and each file's place in them (parallel
+    # to relpaths, dtype archives.LOCATION); None for a tree, whose files are ``root / relpath``.
+    archives: tuple[str, ...] = ()
+    locations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -74,6 +78,7 @@ class DatasetSource:
     classes: list[str]  # sorted wnids: label order
     splits: dict[str, SplitSource]
     notes: tuple[str, ...] = ()  # things worth telling the user (a split not found, labels without files)
+    class_names: tuple[str, ...] | None = None  # None: read_class_names(root) (archives bring their own)
 
 
 # Files that name the classes ("<wnid> <name>" per line), looked for at the source root.
@@ -86,16 +91,21 @@ def read_class_names(src: Path, classes: list[str]) -> list[str]:
     for name in CLASS_NAME_FILES:
         path = Path(src) / name
         if path.is_file():
-            names = {}
-            for line in path.read_text(errors="replace").splitlines():
-                wnid, _, text = line.strip().partition(" ")
-                if wnid:
-                    names[wnid] = text.strip() or wnid
-            return [names.get(w, w) for w in classes]
+            return parse_class_names(path.read_text(errors="replace"), classes)
     return []
 
 
-def _is_image(name: str) -> bool:
+def parse_class_names(text: str, classes: list[str]) -> list[str]:
+    """Names aligned with ``classes`` from ``<wnid> <name>`` lines (a class not named gets its wnid)."""
+    names = {}
+    for line in text.splitlines():
+        wnid, _, name = line.strip().partition(" ")
+        if wnid:
+            names[wnid] = name.strip() or wnid
+    return [names.get(w, w) for w in classes]
+
+
+def is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
 
 
@@ -115,7 +125,7 @@ def _flat_images(split_dir: Path) -> tuple[list[str], bool]:
     with os.scandir(split_dir) as it:
         entries = list(it)
     has_dirs = any(e.is_dir() and not e.name.startswith(".") for e in entries)
-    return sorted(e.name for e in entries if _is_image(e.name) and e.is_file()), has_dirs
+    return sorted(e.name for e in entries if is_image(e.name) and e.is_file()), has_dirs
 
 
 def _find_file(src: Path, split_dir: Path, names: tuple[str, ...]) -> Path | None:
@@ -139,44 +149,43 @@ def _number(name: str) -> int:
     return int(m.group(1))
 
 
-def _read_kaggle_csv(path: Path) -> dict[str, str]:
-    """``ImageId`` (file stem) -> wnid (first token of ``PredictionString``)."""
+def read_kaggle_csv(f, path) -> dict[str, str]:
+    """``ImageId`` (file stem) -> wnid (first token of ``PredictionString``), from the text stream ``f``."""
     out: dict[str, str] = {}
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-            raise AlexnetError(f"{path}: expected the header 'ImageId,PredictionString', found {header}")
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            tokens = row[1].split() if len(row) > 1 else []
-            if not tokens:
-                raise AlexnetError(f"{path}:{lineno}: no wnid in PredictionString")
-            out[row[0].strip()] = tokens[0]
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+        raise AlexnetError(f"{path}: expected the header 'ImageId,PredictionString', found {header}")
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        tokens = row[1].split() if len(row) > 1 else []
+        if not tokens:
+            raise AlexnetError(f"{path}:{lineno}: no wnid in PredictionString")
+        out[row[0].strip()] = tokens[0]
     return out
 
 
-def read_devkit_meta(path: Path) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid of the leaf synsets of the devkit's ``meta.mat``."""
+def read_devkit_meta(path, where=None) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid of the leaf synsets of the devkit's ``meta.mat`` (a path or a binary stream)."""
     from scipy.io import loadmat
 
+    where = where or path
     try:
-        synsets = loadmat(str(path), squeeze_me=True)["synsets"]
+        synsets = loadmat(path if hasattr(path, "read") else str(path), squeeze_me=True)["synsets"]
         ids = np.atleast_1d(synsets["ILSVRC2012_ID"])
         wnids = np.atleast_1d(synsets["WNID"])
         children = np.atleast_1d(synsets["num_children"])
     except (KeyError, ValueError, OSError, TypeError) as e:
-        raise AlexnetError(f"{path} is not a devkit meta.mat with a 'synsets' table: {e}") from None
+        raise AlexnetError(f"{where} is not a devkit meta.mat with a 'synsets' table: {e}") from None
     # Leaves (num_children == 0) are the 1000 classes; the internal WordNet nodes follow them.
     return {int(i): str(w) for i, w, c in zip(ids, wnids, children, strict=True) if int(c) == 0}
 
 
-def _read_devkit(gt_path: Path, meta_path: Path) -> dict[int, str]:
+def devkit_table(ground_truth: str, id_to_wnid: dict[int, str], gt_path, meta_path) -> dict[int, str]:
     """Validation file number -> wnid, through the devkit's ID order (not the sorted order)."""
-    id_to_wnid = read_devkit_meta(meta_path)
     out: dict[int, str] = {}
-    for number, line in enumerate(gt_path.read_text().split(), start=1):
+    for number, line in enumerate(ground_truth.split(), start=1):
         try:
             ilsvrc_id = int(line)
         except ValueError:
@@ -227,7 +236,8 @@ def _find_label_file(src: Path, split_dir: Path, layout: str, num_images: int) -
 def _label_table(src: Path, split_dir: Path, layout: str, label_file: Path, names: list[str]) -> tuple[dict, list]:
     """``(label table, each file's key into it)`` from a flat layout's label file."""
     if layout == "kaggle-csv":
-        return _read_kaggle_csv(label_file), [Path(n).stem for n in names]
+        with open(label_file, newline="") as f:
+            return read_kaggle_csv(f, label_file), label_keys(layout, names)
     if layout == "devkit":
         meta = label_file.parent / DEVKIT_META
         if not meta.is_file():
@@ -236,8 +246,18 @@ def _label_table(src: Path, split_dir: Path, layout: str, label_file: Path, name
             raise AlexnetError(
                 f"{label_file} needs the devkit's {DEVKIT_META} beside it to map ILSVRC2012_IDs to wnids"
             )
-        return _read_devkit(label_file, meta), [_number(n) for n in names]
+        table = devkit_table(label_file.read_text(), read_devkit_meta(meta), label_file, meta)
+        return table, label_keys(layout, names)
     return _read_list(label_file), names
+
+
+def label_keys(layout: str, names: list[str]) -> list:
+    """Each flat validation file's key into its layout's label table."""
+    if layout == "kaggle-csv":
+        return [Path(n).stem for n in names]
+    if layout == "devkit":
+        return [_number(n) for n in names]
+    return names
 
 
 def _flat_val(
@@ -251,6 +271,12 @@ def _flat_val(
     if not label_file.is_file():
         raise AlexnetError(f"label file not found: {label_file}")
     table, keys = _label_table(src, split_dir, layout, label_file, names)
+    return SplitSource("val", split_dir, layout, tuple(names), labelled(table, keys, names, label_file, split_dir, notes),
+                       str(label_file))  # fmt: skip
+
+
+def labelled(table: dict, keys: list, names: list[str], label_file, split_dir, notes: list[str]) -> tuple[str, ...]:
+    """The wnid of each flat validation file; every file must have one."""
     missing = [n for n, k in zip(names, keys, strict=True) if k not in table]
     if missing:
         raise AlexnetError(
@@ -258,8 +284,8 @@ def _flat_val(
             "is it the label file of this copy?"
         )
     if len(table) > len(names):
-        notes.append(f"{label_file.name} labels {len(table)} files, {len(names)} are present in {split_dir}")
-    return SplitSource("val", split_dir, layout, tuple(names), tuple(table[k] for k in keys), str(label_file))
+        notes.append(f"{Path(str(label_file)).name} labels {len(table)} files, {len(names)} are present in {split_dir}")
+    return tuple(table[k] for k in keys)
 
 
 def _split_dir(name: str, src: Path, candidates: tuple[str, ...], notes: list[str]) -> Path | None:
@@ -325,9 +351,18 @@ def detect_source(
     val_layout: str = "auto",
     val_labels: Path | None = None,
     allow_missing_classes: bool = False,
+    progress: bool = False,
 ) -> DatasetSource:
-    """Find the splits under ``src``, list their files (sorted) and label them."""
+    """Find the splits under ``src`` (a tree, or ImageNet's archives), list their files (sorted) and label them."""
+    from alexnet.tools import archives
+
     src = Path(src)
+    found_archives = archives.find_archives(src)
+    if found_archives is not None:
+        return archives.detect_archive_source(
+            found_archives, splits=splits, val_layout=val_layout, val_labels=val_labels,
+            allow_missing_classes=allow_missing_classes, progress=progress,
+        )  # fmt: skip
     if not src.is_dir():
         raise AlexnetError(f"source {src} is not a directory")
     notes: list[str] = []
@@ -336,6 +371,17 @@ def detect_source(
         found["train"] = _class_folder_split("train", train_dir)
     if "val" in splits and (val_dir := _split_dir("val", src, VAL_CANDIDATES, notes)):
         found["val"] = _val_split(src, val_dir, val_layout, val_labels, notes)
+    if not found:
+        notes.append(
+            f"nor ImageNet's archives ({archives.OFFICIAL_TRAIN}, {archives.OFFICIAL_VAL}, {archives.KAGGLE_ZIP})"
+        )
+    return finish_source(src, found, allow_missing_classes, notes)
+
+
+def finish_source(
+    src: Path, found: dict[str, SplitSource], allow_missing_classes: bool, notes: list[str]
+) -> DatasetSource:
+    """The classes of the splits found (sorted wnids), checked present in every split."""
     if not found:
         raise AlexnetError(f"no ImageNet splits under {src}: " + "; ".join(notes))
     found = _resolve_integer_labels(found)
