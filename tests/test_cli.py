@@ -61,7 +61,7 @@ def test_prep_warns_when_plain_pillow_shadows_simd(monkeypatch):
 # "No such option" (exit 2), and the command's own options are listed in its --help.
 OWN_OPTIONS = {
     "eval": (["--lr", "5"], ["--checkpoint", "--ten-crop", "--data-dir", "--batch-size", "--mean", "--threads"]),
-    "bench": (["--epochs", "3"], ["--steps", "--lr", "--batch-size", "--lrn", "--threads", "--channels-last"]),
+    "bench": (["--epochs", "3"], ["--steps", "--lr", "--batch-size", "--lrn", "--threads", "--precision", "--compile"]),
     "predict": (["--lr", "5"], ["--checkpoint", "--ten-crop", "--gpus", "--batch-size"]),
     "export": (["--lr", "5"], ["--checkpoint", "--out"]),
     "report": (["--lr", "5"], ["--checkpoint", "--out", "--preview"]),
