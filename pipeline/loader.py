@@ -4,7 +4,7 @@
     loader = create_loader(data_dir, "train", data, batch_size=128, seed=0, device="cuda:0")
     for images, labels in loader:        # one epoch: len(loader) batches
         ...
-    state = loader.state_dict()          # {"epoch", "consumed", "seed", ...}: plain, the same on every replica
+    state = loader.state_dict()          # {"version", "epoch", "consumed", "seed", ...}: plain, the same on every replica
     loader.load_state_dict(state)        # the next batch is the one an uninterrupted run would get
 
 Order (``shuffle="global"``, the default): each epoch's permutation, each replica's strided share of
@@ -37,6 +37,9 @@ from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
 from .errors import AlexnetError
 
 SHUFFLES = ("global", "buffer")
+# The loader state's version in checkpoints. 2: the draws come from one stream per field (order.py);
+# a state without it was saved by a run whose images were drawn otherwise, and is refused.
+STATE_VERSION = 2
 
 
 def opt(default, help, **extra):
@@ -269,6 +272,7 @@ class DaliLoader:
     def state_dict(self) -> dict:
         """The job's position: plain types, identical on every replica (safe for ``torch.load(weights_only=True)``)."""
         return {
+            "version": STATE_VERSION,
             "epoch": int(self.epoch),
             "consumed": int(self.consumed),
             "seed": int(self.seed),
@@ -280,6 +284,11 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
+        version = state.get("version")
+        if version != STATE_VERSION:
+            when = "from before the per-field draw streams" if version is None else f"version {version}"
+            raise AlexnetError(f"the checkpoint's loader state is {when}, this alexnet reads version {STATE_VERSION}: "
+                               "restart the run from scratch")  # fmt: skip
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:

@@ -12,8 +12,9 @@ crop, a flip and three lighting alphas for every image it sees. Both are pure fu
 * validation reads the records in key order with the same strided shares; its last batch is
   partial, and every record is read exactly once per epoch over the replicas;
 * the draws of epoch ``e`` are arrays indexed by record position (the key's ``{position:08d}``),
-  seeded by (seed, e): the same record in the same epoch gets the same crop, flip and lighting
-  whatever the number of replicas, pipelines or devices.
+  one generator stream per field seeded by (seed, e, field): the same record in the same epoch
+  gets the same crop, flip and lighting whatever the number of replicas, pipelines or devices,
+  and whatever the number of records (a stream's first P values do not depend on its length).
 
 Imports neither DALI nor torch: ``alexnet-prep order`` prints an epoch's order without either.
 """
@@ -29,10 +30,11 @@ from . import artifacts as A
 from . import constants as C
 from .errors import AlexnetError, ContractError
 
-# Third words of the generators' seed sequences: the order and the draws of one (seed, epoch) are
-# independent streams (numpy's SeedSequence mixes every word).
+# Third words of the generators' seed sequences: the order and each field of the draws of one
+# (seed, epoch) are independent streams (numpy's SeedSequence mixes every word). One stream per field:
+# drawn from one stream in turn, the mirrors and alphas would start after the P crops and so move with P.
 ORDER_STREAM = 1
-DRAWS_STREAM = 2
+CROP_STREAM, MIRROR_STREAM, ALPHA_STREAM = 2, 3, 4
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
@@ -66,11 +68,15 @@ class Draws:
 
 
 def epoch_draws(num_positions: int, seed: int, epoch: int) -> Draws:
-    """The draws of every record position in ``epoch``, in the paper's distributions (``Draws``)."""
-    rng = np.random.default_rng([seed, epoch, DRAWS_STREAM])
-    crop_xy = rng.integers(0, C.CROP_POSITIONS, (num_positions, 2), dtype=np.int32)
-    mirror = (rng.random(num_positions) < C.MIRROR_PROBABILITY).astype(np.int32)
-    alpha = rng.normal(0.0, C.LIGHTING_STD, (num_positions, 3)).astype(np.float32)
+    """The draws of every record position in ``epoch``, in the paper's distributions (``Draws``); row
+    ``p`` is a function of (seed, epoch, p) only: each field has its own stream, read in position order."""
+
+    def rng(stream: int) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, stream])
+
+    crop_xy = rng(CROP_STREAM).integers(0, C.CROP_POSITIONS, (num_positions, 2), dtype=np.int32)
+    mirror = (rng(MIRROR_STREAM).random(num_positions) < C.MIRROR_PROBABILITY).astype(np.int32)
+    alpha = rng(ALPHA_STREAM).normal(0.0, C.LIGHTING_STD, (num_positions, 3)).astype(np.float32)
     return Draws(crop_xy=crop_xy, mirror=mirror, alpha=alpha)
 
 

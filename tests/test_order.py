@@ -93,6 +93,18 @@ def test_flip_and_lighting_distributions_and_purity():
     assert not np.array_equal(d.crop_xy, other.crop_xy)  # a new draw for every record every epoch
 
 
+@pytest.mark.parametrize("p", [1, 7, 1000])
+def test_draws_of_a_position_do_not_depend_on_the_number_of_positions(p):
+    """Row k is a function of (seed, epoch, k): positions 0..P-1 draw the same with P and with 2P
+    positions (one stream per field; from one stream the mirrors would start after the 2P crops)."""
+    small, large = epoch_draws(p, 9, 2), epoch_draws(2 * p, 9, 2)
+    for f in ("crop_xy", "mirror", "alpha"):
+        assert np.array_equal(getattr(small, f), getattr(large, f)[:p]), f
+    fields = [small.crop_xy[:, 0], small.mirror, small.alpha[:, 0]]
+    if p > 100:  # and the fields' streams are not one another's
+        assert all(abs(np.corrcoef(a, b)[0, 1]) < 0.15 for a, b in [(fields[0], fields[1]), (fields[1], fields[2])])
+
+
 @pytest.fixture(scope="module")
 def gapped(tmp_path_factory):
     """The builder's sample dataset (rejected files leave gaps in the positions), with stats added."""

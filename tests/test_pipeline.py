@@ -258,8 +258,8 @@ def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
             if epoch == 1 and i == 1:
                 state = loader.state_dict()
             stream.append((epoch, i, images, labels))
-    assert state == {"epoch": 1, "consumed": 16, "seed": 9, "split": "train", "batch_size": 8, "shuffle": "global",
-                     "replicas": 1}  # fmt: skip
+    assert state == {"version": 2, "epoch": 1, "consumed": 16, "seed": 9, "split": "train", "batch_size": 8,
+                     "shuffle": "global", "replicas": 1}  # fmt: skip
     torch.save(state, "/dev/null")  # plain types: checkpoints can hold it
     resumed = _loader(data, "train", 8, num_threads=2, seed=9)
     resumed.load_state_dict(state)
@@ -325,6 +325,11 @@ def test_mismatched_states_are_refused_in_one_line(data):
                         (_loader(data, "val", 4, seed=4), "split")]:  # fmt: skip
         with pytest.raises(AlexnetError, match=f"'{what}'"):
             other.load_state_dict(state)
+    old = {key: v for key, v in state.items() if key != "version"}  # a checkpoint from before the draw streams
+    for bad in (old, {**state, "version": 3}):
+        with pytest.raises(AlexnetError, match="restart the run") as e:
+            _loader(data, "train", 4, seed=4).load_state_dict(bad)
+        assert "\n" not in str(e.value)
     with pytest.raises(AlexnetError, match="not possible here"):  # nvJPEG without a GPU: said at once
         next(iter(_loader(data, "train", 4, decoder="mixed")))
 
@@ -389,9 +394,21 @@ def test_bench_pipeline_cli(data):
     assert "images/s" in r.output and "(global shuffle)" in r.output and "1 pipeline(s)" in r.output
     args = ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "4", "--pipelines", "2"]
     r = CliRunner().invoke(prep, args)
-    assert r.exit_code == 0 and "2 pipeline(s) of 2 threads" in r.output, r.output
+    assert r.exit_code == 0 and f"2 pipeline(s) of {DataConfig().num_threads} threads" in r.output, r.output
     r = CliRunner().invoke(prep, [*args, "--shuffle", "buffer"])
     assert r.exit_code == 0 and "(buffer shuffle)" in r.output and "1 pipeline(s)" in r.output, r.output
+
+
+def test_bench_pipeline_defaults_are_the_trainers():
+    """bench-pipeline measures what alexnet-train runs at its defaults (tools do not import the trainer)."""
+    from alexnet.tools.preview import bench_pipeline_command
+    from alexnet.trainer.config import TrainConfig
+
+    train = TrainConfig()
+    defaults = {p.name: p.default for p in bench_pipeline_command.params}
+    assert defaults["batch_size"] == train.optim.batch_size == 128
+    assert (defaults["threads"], defaults["pipelines"], defaults["shuffle"]) == (
+        train.data.num_threads, train.data.pipelines, train.data.shuffle)  # fmt: skip
 
 
 def test_order_cli_prints_what_the_loader_delivers(data):
