@@ -113,9 +113,9 @@ def decoded_records(data: Path, split: str, positions: np.ndarray, gpu: bool = F
     from nvidia.dali import fn, pipeline_def, types
 
     from alexnet.pipeline.loader import DataConfig
-    from alexnet.pipeline.order import SplitIndex
+    from alexnet.pipeline.order import SplitIndex, unpacked
 
-    jpegs, _labels = SplitIndex(data, split).read(np.asarray(positions))
+    jpegs = unpacked(*SplitIndex(data, split).read(np.asarray(positions))[:2])
     hw = {"hw_decoder_load": DataConfig().hw_decoder_load} if gpu else {}
 
     @pipeline_def(batch_size=len(jpegs), num_threads=2, device_id=0 if gpu else None)

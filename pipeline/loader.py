@@ -9,7 +9,8 @@
 
 Order (``shuffle="global"``, the default): each epoch's permutation, each replica's strided share of
 it and every image's draws are those of pipeline/order.py; the records are read from LMDB by key and
-handed to DALI with their draws. The job's position is (epoch, records consumed in it), so a state
+handed to DALI with their draws, in DALI's reader processes (``workers`` per pipeline, spawned: the
+thread that drives training only runs the pipeline; ``workers=0`` reads on it, the same bits). The job's position is (epoch, records consumed in it), so a state
 saved with one replica count (or pipeline count) resumes with another on the same permutation.
 
 Pipelines. With ``pipelines=K`` pipeline ``j`` prepares the replica's batches ``j, j + K, ...`` and
@@ -64,7 +65,15 @@ def field_problems(obj) -> list[str]:
 class DataConfig:
     """The user's data-loading settings, each default written once here (the run config's ``data`` section)."""
 
-    num_threads: int = opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads", "--workers"))
+    num_threads: int = opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads",))
+    # Two reader processes per pipeline: one reads a batch while the other's waits in DALI's queue; a
+    # batch of 128 costs one of them ~1-2 ms warm (benchmarks/bench_feed_thread.py), so at 2 pipelines
+    # x 2 they keep up with ~30,000 img/s; more help only reads from a cold page cache. Spawning them
+    # costs ~2 s per pipeline build.
+    workers: int = opt(
+        2, "Processes per pipeline that read and parse the records (global shuffle, val); 0: on the training thread.",
+        min=0,
+    )  # fmt: skip
     prefetch: int = opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
     hw_decoder_load: float = opt(
         0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0, max=1
@@ -110,7 +119,11 @@ def device_id_for(device: str) -> int | None:
 class _Source:
     """``fn.external_source`` callback of pipeline ``j`` of ``k``: the replica's batches ``j, j + k, ...``
     counted from (epoch, consumed), read from LMDB, with their draws. DALI calls it with 0, 1, 2, ...
-    (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue)."""
+    (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue).
+
+    A pure function of the iteration, so DALI may call it in its reader processes (``workers``): it
+    is pickled into each, where the index opens its own LMDB environments on the first read.
+    """
 
     def __init__(self, plan: O.ReplicaPlan, epoch: int, consumed: int, j: int, k: int):
         self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
@@ -122,11 +135,13 @@ class _Source:
             later, t = divmod(t - first, self.plan.steps(0))  # full epochs in between, and the batch
             epoch, consumed = epoch + 1 + later, 0
         positions = self.plan.batch(epoch, consumed, t)
-        jpegs, labels = self.plan.index.read(positions)
+        jpegs, lengths, labels = self.plan.index.read(positions)
+        columns = [lengths, labels, positions]  # one int64 array per batch (dali_pipeline.external_inputs)
         if not self.plan.training:
-            return jpegs, labels, positions
+            return jpegs, np.stack(columns, axis=1)
         d = self.plan.draws(epoch)
-        return jpegs, labels, positions, d.crop_xy[positions], d.mirror[positions], d.alpha[positions]
+        ints = np.column_stack([*columns, d.crop_xy[positions], d.mirror[positions]])
+        return jpegs, ints, d.alpha[positions]
 
 
 class DaliLoader:

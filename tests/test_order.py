@@ -18,6 +18,7 @@ from alexnet.pipeline.order import (
     epoch_order,
     replica_indices,
     replica_steps,
+    unpacked,
 )
 
 
@@ -120,7 +121,8 @@ def test_split_index_maps_records_to_positions_across_gaps(gapped):
     index = SplitIndex(gapped, "train")
     keys = [A.parse_key(k)[0] for s in A.read_manifest(gapped).shard_paths(gapped, "train") for k, _ in A.iter_shard(s)]
     assert index.positions.tolist() == keys and len(keys) < index.num_positions  # there are gaps
-    jpegs, labels = index.read(index.positions[::-1])
+    jpegs, lengths, labels = index.read(index.positions[::-1])
+    jpegs = unpacked(jpegs, lengths)
     datums = [
         A.Datum.decode(v) for s in A.read_manifest(gapped).shard_paths(gapped, "train") for _, v in A.iter_shard(s)
     ]

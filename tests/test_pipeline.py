@@ -64,8 +64,9 @@ def data(tmp_path_factory):
 
 def _loader(root, split, batch_size, *, seed=0, rank=0, world=1, device="cpu", dtype="float32", ten_crop=False,
             with_draws=False, **data):  # fmt: skip
-    """A loader with one DALI thread unless told (the 2-core CI machine)."""
-    cfg = DataConfig(**{"num_threads": 1, **data})
+    """A loader with one DALI thread and the reads on this thread unless told (the 2-core CI machine;
+    spawning reader processes costs ~2 s a loader, and they deliver the same bits: test below)."""
+    cfg = DataConfig(**{"num_threads": 1, "workers": 0, **data})
     return create_loader(root, split, cfg, batch_size=batch_size, seed=seed, rank=rank, world=world, device=device,
                          dtype=dtype, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
 
@@ -217,6 +218,24 @@ def test_pipelines_deliver_the_same_stream_and_draws(data, split):
             assert d1.keys() == dk.keys() and all(np.array_equal(d1[key], dk[key]) for key in d1)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_reader_processes_deliver_bitwise_what_the_training_thread_reads(data, split):
+    """``workers`` moves the LMDB reads and the record parsing into DALI's reader processes and changes
+    nothing delivered: the same images, labels, positions and draws as ``workers=0`` (in the thread),
+    over two epochs, with 1 and 2 reader processes and 2 pipelines."""
+
+    def run(workers, pipelines=1):
+        loader = _loader(data, split, 4, seed=3, workers=workers, pipelines=pipelines, with_draws=True)
+        return [b for _ in range(2) for b in loader]
+
+    ref = run(0)
+    assert len(ref) == (2 * 3 if split == "val" else 2 * 6)
+    for workers, pipelines in [(1, 1), (2, 2)]:
+        for (x0, y0, d0), (x, y, d) in zip(ref, run(workers, pipelines), strict=True):
+            assert torch.equal(x0, x) and torch.equal(y0, y)
+            assert d0.keys() == d.keys() and all(np.array_equal(d0[key], d[key]) for key in d0)
+
+
 def test_val_centre_and_ten_patch_geometry(data):
     raw, raw_labels = _decoded(data, "val")
     mean_image = A.read_mean_image(data).astype(np.float64)
@@ -295,7 +314,7 @@ def test_resume_with_another_replica_or_pipeline_count_continues_the_permutation
     """Global batch 6: 2 replicas x 3 for two steps, then 3 replicas x 2 (or 1 x 6) to the epoch's end:
     the records are the uninterrupted epoch's, none repeated or skipped, with the same draws."""
     full, end = _job(data, 1, 6)
-    first, state = _job(data, 2, 3, steps=2, pipelines=pipelines)
+    first, state = _job(data, 2, 3, steps=2, pipelines=pipelines, workers=pipelines - 1)  # and reader processes
     assert state["consumed"] == 12 and state["replicas"] == 2
     for world in (3, 1):
         rest, end2 = _job(data, world, 6 // world, state=state, pipelines=3 - pipelines)
