@@ -222,7 +222,7 @@ class Bench:
         # The full graph behind the caffe reader (the buffer shuffle's input; the global shuffle feeds
         # the same graph through external_source, timed as "loader").
         self.spec0 = PipelineSpec(data=DataConfig(num_threads=self.th), is_training=True, batch_size=self.b,
-                                  device_id=self.dev_id, dtype="float32", ten_crop=False, seed=1,
+                                  device_id=self.dev_id, dtype="float32", channels_last=False, ten_crop=False, seed=1,
                                   reader=(tuple(self.paths), 0, 1))  # fmt: skip
         self.rates: dict[str, float] = {}
 

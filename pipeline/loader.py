@@ -147,12 +147,15 @@ class _Source:
 class DaliLoader:
     """The loader of one split for replica ``rank`` of ``world``: ``batch_size`` images per batch on this
     replica (§5's 128 is the global batch: the caller divides it), delivered on ``device`` in ``dtype``
-    ("float32" | "float16" | "bfloat16": DALI has none, cast from float32 on delivery); ``ten_crop``
-    (val): [B, 10, 3, 224, 224]; ``with_draws``: also a dict of record positions (+ train: the draws)."""
+    ("float32" | "float16": written by DALI | "bfloat16": DALI has none, one cast from float32 on the
+    device); ``channels_last``: NCHW-shaped images in channels_last memory (DALI writes HWC, torch
+    views it: no copy; the step's layout), else NCHW-contiguous; ``ten_crop`` (val): [B, 10, 3, 224,
+    224] (channels last within each patch); ``with_draws``: also a dict of record positions (+ train:
+    the draws)."""
 
     def __init__(self, data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, device: str = "cpu", dtype: str = "float32", ten_crop: bool = False,
-                 with_draws: bool = False):  # fmt: skip
+                 world: int = 1, device: str = "cpu", dtype: str = "float32", channels_last: bool = False,
+                 ten_crop: bool = False, with_draws: bool = False):  # fmt: skip
         if split not in A.SPLITS:
             raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
         if batch_size < 1 or not 0 <= rank < world:
@@ -173,8 +176,8 @@ class DaliLoader:
         self.plan = O.ReplicaPlan(self.index, seed, rank, world, batch_size, self.is_training)
         self.spec = PipelineSpec(
             data=data, is_training=self.is_training, batch_size=batch_size, device_id=device_id_for(device),
-            dtype="float32" if dtype == "bfloat16" else dtype, ten_crop=ten_crop, seed=seed,
-            reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
+            dtype="float32" if dtype == "bfloat16" else dtype, channels_last=channels_last, ten_crop=ten_crop,
+            seed=seed, reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
         )  # fmt: skip
         self.num_pipelines = data.resolved_pipelines(device)
         if self.is_training and self._steps(0) < 1:
@@ -246,8 +249,10 @@ class DaliLoader:
         import torch
 
         images = self._to_torch(outputs[0])
+        if self.spec.channels_last:  # [..., H, W, C] as [..., C, H, W]: a view, channels_last memory
+            images = images.movedim(-1, -3)
         if self.dtype == "bfloat16":
-            images = images.to(torch.bfloat16)
+            images = images.to(torch.bfloat16)  # one pass on the device; keeps the memory format
         labels = self._to_torch(outputs[1]).reshape(-1)
         if not self.with_draws:
             return images, labels

@@ -63,12 +63,12 @@ def data(tmp_path_factory):
 
 
 def _loader(root, split, batch_size, *, seed=0, rank=0, world=1, device="cpu", dtype="float32", ten_crop=False,
-            with_draws=False, **data):  # fmt: skip
+            with_draws=False, channels_last=False, **data):  # fmt: skip
     """A loader with one DALI thread and the reads on this thread unless told (the 2-core CI machine;
     spawning reader processes costs ~2 s a loader, and they deliver the same bits: test below)."""
     cfg = DataConfig(**{"num_threads": 1, "workers": 0, **data})
     return create_loader(root, split, cfg, batch_size=batch_size, seed=seed, rank=rank, world=world, device=device,
-                         dtype=dtype, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
+                         dtype=dtype, channels_last=channels_last, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
 
 
 def _decoded(root, split):
@@ -389,6 +389,24 @@ def test_half_precision_outputs_round_the_float32_batch(data, dtype):
     # The float32 result rounded once: bfloat16 by torch (exact), float16 by DALI (within one unit in the last place).
     ulp = 2.0**-10 if dtype == "float16" else 0.0
     torch.testing.assert_close(x.float(), ref.to(x.dtype).float(), rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_channels_last_delivery_is_a_view_of_the_same_batch(data, dtype):
+    """channels_last: DALI writes HWC and the loader views it as NCHW (channels_last memory, no copy):
+    the same values as the NCHW-contiguous delivery, in every dtype, for train, centre and ten patches;
+    the ten patches still reshape to [10 B, 3, 224, 224] as the evaluator does."""
+    cases = [("train", {}), ("val", {}), ("val", {"ten_crop": True})]
+    for split, kw in cases:
+        (x, y), (xc, yc) = (next(iter(_loader(data, split, 4, dtype=dtype, seed=8, channels_last=c, roi_decode=c,
+                                              **kw))) for c in (False, True))  # fmt: skip
+        assert xc.shape == x.shape and xc.dtype == x.dtype == getattr(torch, dtype) and torch.equal(y, yc)
+        assert x.is_contiguous() and not xc.is_contiguous()
+        flat = xc.reshape(-1, 3, 224, 224)
+        assert flat.is_contiguous(memory_format=torch.channels_last) and flat.data_ptr() == xc.data_ptr()
+        # train: roi_decode's float32 differs in the last bits, which a half type may round one step apart
+        ulp = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype] if split == "train" else 0.0
+        torch.testing.assert_close(xc.float(), x.float(), rtol=ulp, atol=1e-3 if split == "train" else 0.0)
 
 
 def test_bad_inputs_are_clear_errors(data, tmp_path):
