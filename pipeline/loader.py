@@ -233,11 +233,41 @@ class DaliLoader:
         for _ in range(len(self)):
             if not self._pipes:
                 self._build()
-            outputs = self._pipes[self._turn % len(self._pipes)].run()  # the pipelines take turns
+            outputs = self._run(self._pipes[self._turn % len(self._pipes)])  # the pipelines take turns
             self._turn += 1
             self.consumed = min(self.consumed + self.global_batch, self.num_records)
             yield self._delivered(outputs)
         self._next_epoch()
+
+    def _run(self, pipe):
+        """``pipe.run()``; when DALI fails on a batch, the record it could not decode, in one line."""
+        try:
+            return pipe.run()
+        except RuntimeError:  # DALI's operator errors; the pipeline is unusable after one
+            # The batch due, and every one DALI may have read ahead (its queue, and its readers').
+            ahead = 1 + (self.data.prefetch + self.data.workers) * len(self._pipes)
+            self._drop()
+            culprit = None if self.buffer else self._undecodable(ahead)
+            if culprit is None:
+                raise
+            (shard, key), reason = self.plan.index.where(culprit[0]), culprit[1]
+            raise AlexnetError(
+                f"record {key.decode(errors='replace')!r} in shard {shard} is not a decodable image ({reason}); "
+                f"check the dataset: alexnet-prep verify --data-dir {self.data_dir}"
+            ) from None
+
+    def _undecodable(self, batches: int) -> tuple[int, str] | None:
+        """(position, reason) of the first record PIL cannot decode in the replica's next ``batches``."""
+        from .images import Rejected, decode_image
+
+        for k in range(min(batches, len(self))):
+            positions = self.plan.batch(self.epoch, self.consumed, k)
+            for pos, jpeg in zip(positions.tolist(), O.unpacked(*self.plan.index.read(positions)[:2]), strict=True):
+                try:
+                    decode_image(jpeg.tobytes(), draft=False)
+                except Rejected as e:
+                    return pos, str(e)
+        return None
 
     def _next_epoch(self) -> None:
         self.epoch += 1

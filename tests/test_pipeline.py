@@ -409,6 +409,38 @@ def test_channels_last_delivery_is_a_view_of_the_same_batch(data, dtype):
         torch.testing.assert_close(xc.float(), x.float(), rtol=ulp, atol=1e-3 if split == "train" else 0.0)
 
 
+@pytest.fixture(scope="module")
+def corrupt(data, tmp_path_factory):
+    """A copy of the dataset with garbage in place of the JPEG of one train and one val record (through LMDB)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("corrupt") / "data"
+    shutil.copytree(data, root)
+    keys = {}
+    for split, shard in (("train", 1), ("val", 0)):
+        env = A.open_shard(A.read_manifest(root).shard_paths(root, split)[shard], readonly=False, map_size=1 << 26)
+        with env.begin(write=True) as txn:
+            key, value = list(txn.cursor())[2]
+            txn.put(key, A.Datum(data=b"not a jpeg" * 50, label=A.Datum.decode(value).label, height=256,
+                                 width=256).encode())  # fmt: skip
+        env.close()
+        keys[split] = key.decode()
+    return root, keys
+
+
+@pytest.mark.parametrize("split,ten_crop,workers", [("train", False, 0), ("train", False, 1), ("val", True, 0)])
+def test_a_corrupt_record_is_named_in_one_line(corrupt, split, ten_crop, workers):
+    """DALI fails on the batch; the loader checks that batch's records (and the ones DALI read ahead)
+    with PIL and names the shard, the key and the command that checks the whole dataset."""
+    root, keys = corrupt
+    loader = _loader(root, split, 4, ten_crop=ten_crop, workers=workers, prefetch=2)
+    with pytest.raises(AlexnetError) as e:
+        for _ in range(2):
+            list(loader)
+    text = str(e.value)
+    assert keys[split] in text and f"{split}-0000" in text and "alexnet-prep verify" in text and "\n" not in text
+
+
 def test_bad_inputs_are_clear_errors(data, tmp_path):
     with pytest.raises(AlexnetError, match="ten_crop"):
         _loader(data, "train", 8, ten_crop=True)
