@@ -26,6 +26,9 @@ the epoch.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -127,6 +130,17 @@ class _Source:
 
     def __init__(self, plan: O.ReplicaPlan, epoch: int, consumed: int, j: int, k: int):
         self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in a reader process: it dies with the process that trains (killed, OOM included),
+        where DALI's readers would wait for tasks for ever."""
+        self.__dict__.update(state)
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # the parent died before that
+                os._exit(1)
 
     def __call__(self, iteration: int):
         t = self.j + iteration * self.k  # the batch's place in the replica's stream
