@@ -64,10 +64,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=TC.BATCH_SIZE)
     ap.add_argument("--batches", type=int, default=30, help="timed batches per measurement")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, help="reader processes per pipeline (default: DataConfig's)")
     ap.add_argument("--cold", action="store_true", help="drop the shards from the page cache before each measurement")
     args = ap.parse_args()
     from bench_pipeline import synth_dataset
 
+    if args.workers is not None:
+        CONFIGS["global"] = {"workers": args.workers}
     data = args.data_dir or synth_dataset(Path.home() / ".cache/alexnet/bench_pipeline", 6000)
     cfg = DataConfig()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load avg "

@@ -386,8 +386,9 @@ def read_mean_image(data_dir: Path) -> np.ndarray:
 # --------------------------------------------------------------------------- records
 
 
-def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
-    """Open one shard's LMDB environment (``lmdb`` imported lazily)."""
+def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30, readahead: bool = False):
+    """Open one shard's LMDB environment (``lmdb`` imported lazily); ``readahead``: let the OS read
+    ahead of a page fault (LMDB's default; off here, as for reads spread over more data than RAM)."""
     import lmdb
 
     path = Path(path)
@@ -401,7 +402,7 @@ def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
         lock=not readonly,
         map_size=map_size,
         subdir=True,
-        readahead=False,
+        readahead=readahead,
         meminit=False,
         max_readers=512,
     )
