@@ -476,8 +476,8 @@ def test_bench_pipeline_defaults_are_the_trainers():
     train = TrainConfig()
     defaults = {p.name: p.default for p in bench_pipeline_command.params}
     assert defaults["batch_size"] == train.optim.batch_size == 128
-    assert (defaults["threads"], defaults["pipelines"], defaults["shuffle"]) == (
-        train.data.num_threads, train.data.pipelines, train.data.shuffle)  # fmt: skip
+    assert (defaults["threads"], defaults["workers"], defaults["pipelines"], defaults["shuffle"]) == (
+        train.data.num_threads, train.data.workers, train.data.pipelines, train.data.shuffle)  # fmt: skip
 
 
 def test_order_cli_prints_what_the_loader_delivers(data):

@@ -28,7 +28,8 @@ def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, epoch: int =
     manifest.shard_paths(data_dir, split)  # the split exists
     if manifest.splits[split].num_records < n:
         raise AlexnetError(f"the {split} split has {manifest.splits[split].num_records} records, fewer than --n {n}")
-    data = DataConfig(num_threads=2, prefetch=1, mean=mean, lighting_scale=lighting_scale)
+    # One batch: the reads on this thread (spawning reader processes would cost more than they save).
+    data = DataConfig(num_threads=2, prefetch=1, workers=0, mean=mean, lighting_scale=lighting_scale)
     loader = create_loader(data_dir, split, data, batch_size=n, seed=seed, with_draws=True)
     loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
     images, labels, draws = next(iter(loader))
@@ -150,12 +151,21 @@ Examples:
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per batch.")
 @click.option("--threads", type=click.IntRange(1), default=_DATA.num_threads, show_default=True,
               help="DALI CPU threads per pipeline.")  # fmt: skip
+@click.option("--workers", type=click.IntRange(0), default=_DATA.workers, show_default=True,
+              help="Reader processes per pipeline (0: the reads on the calling thread).")  # fmt: skip
 @click.option("--pipelines", type=click.IntRange(0), default=_DATA.pipelines, show_default=True,
               help="Pipelines taking turns (0: the trainer's, 2 on a GPU and 1 on the CPU; buffer shuffle: 1).")  # fmt: skip
 @click.option("--shuffle", type=click.Choice(SHUFFLES), default=_DATA.shuffle, show_default=True,
               help="global: a fresh permutation each epoch (random reads); buffer: the sequential reader.")  # fmt: skip
 def bench_pipeline_command(
-    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, pipelines: int, shuffle: str
+    data_dir: Path,
+    device: str,
+    batches: int,
+    batch_size: int,
+    threads: int,
+    workers: int,
+    pipelines: int,
+    shuffle: str,
 ) -> None:
     """Run the train pipeline alone (read, decode, augment, deliver) and print its images/s."""
     dev = "cuda:0" if device == "gpu" else "cpu"
@@ -164,11 +174,11 @@ def bench_pipeline_command(
 
         if not torch.cuda.is_available():
             raise AlexnetError("--device gpu: no CUDA GPU is visible")
-    data = dataclasses.replace(_DATA, num_threads=threads, pipelines=pipelines, shuffle=shuffle)
+    data = dataclasses.replace(_DATA, num_threads=threads, workers=workers, pipelines=pipelines, shuffle=shuffle)
     rate = bench_pipeline(data_dir, dev, batches, batch_size, data)
     click.echo(
         f"train pipeline on {device} ({shuffle} shuffle): {rate:,.0f} images/s (batch {batch_size}, "
-        f"{batches} batches, {data.resolved_pipelines(dev)} pipeline(s) of {threads} threads)"
+        f"{batches} batches, {data.resolved_pipelines(dev)} pipeline(s) of {threads} threads, {workers} readers)"
     )
 
 
