@@ -113,9 +113,9 @@ def decoded_records(data: Path, split: str, positions: np.ndarray, gpu: bool = F
     from nvidia.dali import fn, pipeline_def, types
 
     from alexnet.pipeline.loader import DataConfig
-    from alexnet.pipeline.order import SplitIndex
+    from alexnet.pipeline.order import SplitIndex, unpacked
 
-    jpegs, _labels = SplitIndex(data, split).read(np.asarray(positions))
+    jpegs = unpacked(*SplitIndex(data, split).read(np.asarray(positions))[:2])
     hw = {"hw_decoder_load": DataConfig().hw_decoder_load} if gpu else {}
 
     @pipeline_def(batch_size=len(jpegs), num_threads=2, device_id=0 if gpu else None)
@@ -222,7 +222,7 @@ class Bench:
         # The full graph behind the caffe reader (the buffer shuffle's input; the global shuffle feeds
         # the same graph through external_source, timed as "loader").
         self.spec0 = PipelineSpec(data=DataConfig(num_threads=self.th), is_training=True, batch_size=self.b,
-                                  device_id=self.dev_id, dtype="float32", ten_crop=False, seed=1,
+                                  device_id=self.dev_id, dtype="float32", channels_last=False, ten_crop=False, seed=1,
                                   reader=(tuple(self.paths), 0, 1))  # fmt: skip
         self.rates: dict[str, float] = {}
 

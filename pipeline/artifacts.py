@@ -148,29 +148,7 @@ class Datum:
 
     @classmethod
     def decode(cls, buf: bytes) -> Datum:
-        fields: dict[int, Any] = {}
-        i = 0
-        n = len(buf)
-        while i < n:
-            tag, i = _read_varint(buf, i)
-            num, wire = tag >> 3, tag & 7
-            if wire == 0:
-                value, i = _read_varint(buf, i)
-                if value >= 1 << 63:
-                    value -= 1 << 64
-                fields[num] = value
-            elif wire == 2:
-                length, i = _read_varint(buf, i)
-                if i + length > n:
-                    raise ContractError("truncated Datum field")
-                fields[num] = bytes(buf[i : i + length])
-                i += length
-            elif wire == 5:
-                i += 4
-            elif wire == 1:
-                i += 8
-            else:
-                raise ContractError(f"unsupported wire type {wire} in Datum")
+        fields = {num: bytes(buf[v[0] : v[1]]) if num == 4 else v for num, v in _datum_fields(buf)}
         if 4 not in fields:
             raise ContractError("Datum without data")
         return cls(
@@ -181,6 +159,44 @@ class Datum:
             channels=int(fields.get(1, 0)),
             encoded=bool(fields.get(7, 0)),
         )
+
+
+def _datum_fields(buf) -> Iterator[tuple[int, Any]]:
+    """The fields of an encoded Datum in order: ``(number, value)`` for varints (signed int64) and
+    ``(number, (start, stop))`` for length-delimited fields (a span of ``buf``: nothing is copied)."""
+    i, n = 0, len(buf)
+    while i < n:
+        tag, i = _read_varint(buf, i)
+        num, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, i = _read_varint(buf, i)
+            yield num, value - (1 << 64) if value >= 1 << 63 else value
+        elif wire == 2:
+            length, i = _read_varint(buf, i)
+            if i + length > n:
+                raise ContractError("truncated Datum field")
+            yield num, (i, i + length)
+            i += length
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ContractError(f"unsupported wire type {wire} in Datum")
+
+
+def datum_jpeg(buf) -> tuple[np.ndarray, int]:
+    """The JPEG bytes of an encoded Datum as a uint8 view of ``buf`` (no copy: valid while ``buf`` is)
+    and its label; the scan stops at the label, which ``Datum.encode`` writes right after the data."""
+    span, label = None, 0
+    for num, value in _datum_fields(buf):
+        if num == 4:
+            span = value
+        elif num == 5:
+            label = value
+            if span is not None:
+                break
+    if span is None:
+        raise ContractError("Datum without data")
+    return np.frombuffer(buf, dtype=np.uint8, count=span[1] - span[0], offset=span[0]), int(label)
 
 
 def crc32(value: bytes) -> int:
@@ -374,8 +390,9 @@ def read_mean_image(data_dir: Path) -> np.ndarray:
 REBUILD_HINT = "rebuild the dataset (alexnet-prep build-lmdb SRC --data-dir DIR --overwrite)"
 
 
-def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
-    """Open one shard's LMDB environment (``lmdb`` imported lazily)."""
+def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30, readahead: bool = False):
+    """Open one shard's LMDB environment (``lmdb`` imported lazily); ``readahead``: let the OS read
+    ahead of a page fault (LMDB's default; off here, as for reads spread over more data than RAM)."""
     import lmdb
 
     path = Path(path)
@@ -390,7 +407,7 @@ def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30):
             lock=not readonly,
             map_size=map_size,
             subdir=True,
-            readahead=False,
+            readahead=readahead,
             meminit=False,
             max_readers=512,
         )

@@ -15,10 +15,12 @@ record and the image's random draws, so the order is only a matter of speed):
    folded into the normalisation step as a per-image shift;
 5. a 224x224 crop at integer offsets (x, y), each uniform over all 33 values (a continuous position
    would make the edge offsets half as likely), and a horizontal flip with probability 0.5; output
-   NCHW float32 or float16. ``roi_decode`` decodes only the crop window instead (same result).
+   CHW, or HWC (``channels_last``: the loader's NCHW view in channels_last memory, no copy), float32
+   or float16 (written by the same operator). ``roi_decode`` decodes only the crop window instead.
 
 Validation (always through ``fn.external_source``, in key order): the centre crop (offset 16, 16),
-or the ten patches of §4.1 stacked as ``[10, 3, 224, 224]`` per image in ``TEN_CROP_ORDER``; no lighting.
+or the ten patches of §4.1 stacked as ``[10, 3, 224, 224]`` (or ``[10, 224, 224, 3]``) per image in
+``TEN_CROP_ORDER``; no lighting.
 
 Outputs: images, labels, the records' positions (global: int64; buffer: DALI's ``source_info``,
 see ``record_positions``), and in training the draws (``offsets``, ``mirror``, ``alpha``), so the
@@ -50,6 +52,9 @@ TEN_CROP_ORDER = tuple(
 # shuffle="buffer": records held by the reader's shuffle buffer (each ~30-60 kB of JPEG): ~200 MB.
 SHUFFLE_BUFFER = 4096
 MAX_OFFSET = C.STORED_SIZE - C.CROP_SIZE  # 32: offsets 0..32, 33 positions per axis
+# Shared-memory bytes per record for the reader processes: a stored 256x256 JPEG at q95 is ~30-60 kB
+# (README), and a batch's rows are as long as its longest JPEG.
+JPEG_BYTES_HINT = 96 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class PipelineSpec:
     batch_size: int  # images per batch of this pipeline
     device_id: int | None  # None: DALI's CPU-only mode
     dtype: str  # "float32" | "float16" (bfloat16 is cast by the loader)
+    channels_last: bool  # images HWC (the loader's torch view: NCHW-shaped, channels_last memory); else CHW
     ten_crop: bool  # val: the ten patches of §4.1
     seed: int  # DALI's own seed; only shuffle="buffer" draws with it
     # shuffle="buffer" train only: (shard paths, shard_id, num_shards) for fn.readers.caffe; else None.
@@ -91,13 +97,31 @@ def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
 
 def external_inputs(spec: PipelineSpec, source):
     """jpegs, labels, positions (+ train: offsets, mirror, alpha) from ``source(iteration)`` (the loader's
-    batches in its order, with the draws of pipeline/order.py)."""
+    batches in its order, with the draws of pipeline/order.py).
+
+    With ``workers`` > 0 DALI calls ``source`` in that many worker processes (parallel external source,
+    one batch per call), ``workers`` batches ahead, and passes their outputs through shared memory: the
+    reads and the record parsing leave the process that trains (a thread would share its GIL).
+    The source gives three arrays per batch (``loader._Source``): the JPEGs as rows of one uint8 array
+    (``SplitIndex.read``), one int64 row per record (JPEG length, label, position; train: crop x, y,
+    mirror) and, in training, the alphas: DALI takes an array at the cost of one sample, where a list
+    of 128 JPEGs and six outputs cost ~1 ms of Python per batch on the thread that runs the pipeline.
+    DALI cuts the columns apart and each JPEG row to its length in its own threads.
+    """
     from nvidia.dali import fn, types
 
-    dtypes, ndims = [types.UINT8, types.INT64, types.INT64], [1, 0, 0]
-    if spec.is_training:  # the draws
-        dtypes, ndims = dtypes + [types.INT32, types.INT32, types.FLOAT], ndims + [1, 0, 1]
-    return fn.external_source(source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=ndims)
+    dtypes = [types.UINT8, types.INT64] + ([types.FLOAT] if spec.is_training else [])
+    workers = spec.data.workers
+    parallel = {"parallel": True, "prefetch_queue_depth": workers, "bytes_per_sample_hint": JPEG_BYTES_HINT}
+    rows, ints, *alpha = fn.external_source(
+        source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=[1] * len(dtypes),
+        **(parallel if workers else {}),
+    )  # fmt: skip
+    jpegs = fn.slice(rows, start=[0], shape=fn.cast(ints[0:1], dtype=types.INT32), axes=[0])
+    out = [jpegs, ints[1], ints[2]]
+    if spec.is_training:
+        out += [fn.cast(ints[3:5], dtype=types.INT32), fn.cast(ints[5], dtype=types.INT32), alpha[0]]
+    return out
 
 
 def reader_inputs(spec: PipelineSpec):
@@ -154,21 +178,25 @@ class _Graph:
         and flip equals cutting the mean at the crop's own offset and mirroring it with the image."""
         return images - self.mean_const if self.image_mean else images
 
-    def normalised(self, images, px, py, flip, norm_mean, *, window: bool = False):
+    def normalised(self, images, px, py, flip, norm_mean, *, window: bool = False, final: bool = True):
         """``images`` cut at pixel offset (32 px, 32 py) unless they are the crop ``window`` already,
-        mirrored if ``flip``, minus ``norm_mean`` per channel; CHW float32."""
+        mirrored if ``flip``, minus ``norm_mean`` per channel; CHW or HWC (``channels_last``), float32,
+        or float16 when ``final`` and the spec asks for it (rounded once, in the same pass)."""
         from nvidia.dali import fn
 
         cut = {} if window else {"crop": (C.CROP_SIZE, C.CROP_SIZE), "crop_pos_x": px, "crop_pos_y": py}
+        half = final and self.spec.dtype == "float16"
         return fn.crop_mirror_normalize(
-            images, mirror=flip, mean=norm_mean, std=[1.0, 1.0, 1.0], output_layout="CHW",
-            dtype=self.types.FLOAT, **cut,
+            images, mirror=flip, mean=norm_mean, std=[1.0, 1.0, 1.0],
+            output_layout="HWC" if self.spec.channels_last else "CHW",
+            dtype=self.types.FLOAT16 if half else self.types.FLOAT, **cut,
         )  # fmt: skip
 
-    def delivered(self, out, labels):
+    def delivered(self, out, labels, *, cast: bool = False):
+        """The outputs as the loader takes them (``cast``: ``out`` is float32 and float16 is asked for)."""
         from nvidia.dali import fn
 
-        out = fn.cast(out, dtype=self.types.FLOAT16) if self.spec.dtype == "float16" else out
+        out = fn.cast(out, dtype=self.types.FLOAT16) if cast and self.spec.dtype == "float16" else out
         # Labels delivered on the GPU by DALI: a host-to-device copy in the loader would wait for the GPU.
         return out, labels.gpu() if self.gpu else labels
 
@@ -189,9 +217,10 @@ def train_graph(g: _Graph, jpegs, labels, positions, offsets, mirror, alpha):
             jpegs, device=g.decoder, output_type=types.RGB, crop=(C.CROP_SIZE, C.CROP_SIZE),
             crop_pos_x=pos[0], crop_pos_y=pos[1], **g.decoder_args,
         ))  # fmt: skip
-        out = g.normalised(images, pos[0], pos[1], mirror, norm_mean, window=True)
-        if g.image_mean:
-            out = out - g.normalised(g.mean_const, pos[0], pos[1], mirror, g.base_mean)
+        out = g.normalised(images, pos[0], pos[1], mirror, norm_mean, window=True, final=not g.image_mean)
+        if g.image_mean:  # float32 difference, rounded to float16 (if asked) once, after it
+            out = out - g.normalised(g.mean_const, pos[0], pos[1], mirror, g.base_mean, final=False)
+            return (*g.delivered(out, labels, cast=True), positions, offsets, mirror, alpha)
     else:
         out = g.normalised(g.centred(g.decode(jpegs)), pos[0], pos[1], mirror, norm_mean)
     return (*g.delivered(out, labels), positions, offsets, mirror, alpha)
@@ -220,9 +249,12 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
     dali.require()  # one line naming the extra to install, instead of an ImportError
     from nvidia.dali import pipeline_def
 
+    # Reader processes are spawned, not forked: CUDA is initialised in the training process.
+    readers = {"py_num_workers": spec.data.workers, "py_start_method": "spawn"} if source and spec.data.workers else {}
+
     @pipeline_def(
         batch_size=spec.batch_size, num_threads=spec.data.num_threads, device_id=spec.device_id,
-        seed=spec.seed, prefetch_queue_depth=spec.data.prefetch,
+        seed=spec.seed, prefetch_queue_depth=spec.data.prefetch, **readers,
     )  # fmt: skip
     def pipe():
         inputs = reader_inputs(spec) if spec.reader is not None else external_inputs(spec, source)

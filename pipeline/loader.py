@@ -4,12 +4,13 @@
     loader = create_loader(data_dir, "train", data, batch_size=128, seed=0, device="cuda:0")
     for images, labels in loader:        # one epoch: len(loader) batches
         ...
-    state = loader.state_dict()          # {"epoch", "consumed", "seed", ...}: plain, the same on every replica
+    state = loader.state_dict()          # {"version", "epoch", "consumed", "seed", ...}: plain, the same on every replica
     loader.load_state_dict(state)        # the next batch is the one an uninterrupted run would get
 
 Order (``shuffle="global"``, the default): each epoch's permutation, each replica's strided share of
 it and every image's draws are those of pipeline/order.py; the records are read from LMDB by key and
-handed to DALI with their draws. The job's position is (epoch, records consumed in it), so a state
+handed to DALI with their draws, in DALI's reader processes (``workers`` per pipeline, spawned: the
+thread that drives training only runs the pipeline; ``workers=0`` reads on it, the same bits). The job's position is (epoch, records consumed in it), so a state
 saved with one replica count (or pipeline count) resumes with another on the same permutation.
 
 Pipelines. With ``pipelines=K`` pipeline ``j`` prepares the replica's batches ``j, j + K, ...`` and
@@ -25,6 +26,9 @@ the epoch.
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -37,6 +41,9 @@ from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
 from .errors import AlexnetError
 
 SHUFFLES = ("global", "buffer")
+# The loader state's version in checkpoints. 2: the draws come from one stream per field (order.py);
+# a state without it was saved by a run whose images were drawn otherwise, and is refused.
+STATE_VERSION = 2
 
 
 def opt(default, help, **extra):
@@ -61,7 +68,15 @@ def field_problems(obj) -> list[str]:
 class DataConfig:
     """The user's data-loading settings, each default written once here (the run config's ``data`` section)."""
 
-    num_threads: int = opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads", "--workers"))
+    num_threads: int = opt(4, "DALI CPU threads per pipeline.", min=1, aliases=("--threads",))
+    # Two reader processes per pipeline: one reads a batch while the other's waits in DALI's queue; a
+    # batch of 128 costs one of them ~1-2 ms warm (benchmarks/bench_feed_thread.py), so at 2 pipelines
+    # x 2 they keep up with ~30,000 img/s; more help only reads from a cold page cache. Spawning them
+    # costs ~2 s per pipeline build.
+    workers: int = opt(
+        2, "Processes per pipeline that read and parse the records (global shuffle, val); 0: on the training thread.",
+        min=0,
+    )  # fmt: skip
     prefetch: int = opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
     hw_decoder_load: float = opt(
         0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0, max=1
@@ -107,10 +122,25 @@ def device_id_for(device: str) -> int | None:
 class _Source:
     """``fn.external_source`` callback of pipeline ``j`` of ``k``: the replica's batches ``j, j + k, ...``
     counted from (epoch, consumed), read from LMDB, with their draws. DALI calls it with 0, 1, 2, ...
-    (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue)."""
+    (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue).
+
+    A pure function of the iteration, so DALI may call it in its reader processes (``workers``): it
+    is pickled into each, where the index opens its own LMDB environments on the first read.
+    """
 
     def __init__(self, plan: O.ReplicaPlan, epoch: int, consumed: int, j: int, k: int):
         self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in a reader process: it dies with the process that trains (killed, OOM included),
+        where DALI's readers would wait for tasks for ever."""
+        self.__dict__.update(state)
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # the parent died before that
+                os._exit(1)
 
     def __call__(self, iteration: int):
         t = self.j + iteration * self.k  # the batch's place in the replica's stream
@@ -119,22 +149,27 @@ class _Source:
             later, t = divmod(t - first, self.plan.steps(0))  # full epochs in between, and the batch
             epoch, consumed = epoch + 1 + later, 0
         positions = self.plan.batch(epoch, consumed, t)
-        jpegs, labels = self.plan.index.read(positions)
+        jpegs, lengths, labels = self.plan.index.read(positions)
+        columns = [lengths, labels, positions]  # one int64 array per batch (dali_pipeline.external_inputs)
         if not self.plan.training:
-            return jpegs, labels, positions
+            return jpegs, np.stack(columns, axis=1)
         d = self.plan.draws(epoch)
-        return jpegs, labels, positions, d.crop_xy[positions], d.mirror[positions], d.alpha[positions]
+        ints = np.column_stack([*columns, d.crop_xy[positions], d.mirror[positions]])
+        return jpegs, ints, d.alpha[positions]
 
 
 class DaliLoader:
     """The loader of one split for replica ``rank`` of ``world``: ``batch_size`` images per batch on this
     replica (§5's 128 is the global batch: the caller divides it), delivered on ``device`` in ``dtype``
-    ("float32" | "float16" | "bfloat16": DALI has none, cast from float32 on delivery); ``ten_crop``
-    (val): [B, 10, 3, 224, 224]; ``with_draws``: also a dict of record positions (+ train: the draws)."""
+    ("float32" | "float16": written by DALI | "bfloat16": DALI has none, one cast from float32 on the
+    device); ``channels_last``: NCHW-shaped images in channels_last memory (DALI writes HWC, torch
+    views it: no copy; the step's layout), else NCHW-contiguous; ``ten_crop`` (val): [B, 10, 3, 224,
+    224] (channels last within each patch); ``with_draws``: also a dict of record positions (+ train:
+    the draws)."""
 
     def __init__(self, data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, device: str = "cpu", dtype: str = "float32", ten_crop: bool = False,
-                 with_draws: bool = False):  # fmt: skip
+                 world: int = 1, device: str = "cpu", dtype: str = "float32", channels_last: bool = False,
+                 ten_crop: bool = False, with_draws: bool = False):  # fmt: skip
         if split not in A.SPLITS:
             raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
         if batch_size < 1 or not 0 <= rank < world:
@@ -155,8 +190,8 @@ class DaliLoader:
         self.plan = O.ReplicaPlan(self.index, seed, rank, world, batch_size, self.is_training)
         self.spec = PipelineSpec(
             data=data, is_training=self.is_training, batch_size=batch_size, device_id=device_id_for(device),
-            dtype="float32" if dtype == "bfloat16" else dtype, ten_crop=ten_crop, seed=seed,
-            reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
+            dtype="float32" if dtype == "bfloat16" else dtype, channels_last=channels_last, ten_crop=ten_crop,
+            seed=seed, reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
         )  # fmt: skip
         self.num_pipelines = data.resolved_pipelines(device)
         if self.is_training and self._steps(0) < 1:
@@ -212,11 +247,41 @@ class DaliLoader:
         for _ in range(len(self)):
             if not self._pipes:
                 self._build()
-            outputs = self._pipes[self._turn % len(self._pipes)].run()  # the pipelines take turns
+            outputs = self._run(self._pipes[self._turn % len(self._pipes)])  # the pipelines take turns
             self._turn += 1
             self.consumed = min(self.consumed + self.global_batch, self.num_records)
             yield self._delivered(outputs)
         self._next_epoch()
+
+    def _run(self, pipe):
+        """``pipe.run()``; when DALI fails on a batch, the record it could not decode, in one line."""
+        try:
+            return pipe.run()
+        except RuntimeError:  # DALI's operator errors; the pipeline is unusable after one
+            # The batch due, and every one DALI may have read ahead (its queue, and its readers').
+            ahead = 1 + (self.data.prefetch + self.data.workers) * len(self._pipes)
+            self._drop()
+            culprit = None if self.buffer else self._undecodable(ahead)
+            if culprit is None:
+                raise
+            (shard, key), reason = self.plan.index.where(culprit[0]), culprit[1]
+            raise AlexnetError(
+                f"record {key.decode(errors='replace')!r} in shard {shard} is not a decodable image ({reason}); "
+                f"check the dataset: alexnet-prep verify --data-dir {self.data_dir}"
+            ) from None
+
+    def _undecodable(self, batches: int) -> tuple[int, str] | None:
+        """(position, reason) of the first record PIL cannot decode in the replica's next ``batches``."""
+        from .images import Rejected, decode_image
+
+        for k in range(min(batches, len(self))):
+            positions = self.plan.batch(self.epoch, self.consumed, k)
+            for pos, jpeg in zip(positions.tolist(), O.unpacked(*self.plan.index.read(positions)[:2]), strict=True):
+                try:
+                    decode_image(jpeg.tobytes(), draft=False)
+                except Rejected as e:
+                    return pos, str(e)
+        return None
 
     def _next_epoch(self) -> None:
         self.epoch += 1
@@ -228,8 +293,10 @@ class DaliLoader:
         import torch
 
         images = self._to_torch(outputs[0])
+        if self.spec.channels_last:  # [..., H, W, C] as [..., C, H, W]: a view, channels_last memory
+            images = images.movedim(-1, -3)
         if self.dtype == "bfloat16":
-            images = images.to(torch.bfloat16)
+            images = images.to(torch.bfloat16)  # one pass on the device; keeps the memory format
         labels = self._to_torch(outputs[1]).reshape(-1)
         if not self.with_draws:
             return images, labels
@@ -269,6 +336,7 @@ class DaliLoader:
     def state_dict(self) -> dict:
         """The job's position: plain types, identical on every replica (safe for ``torch.load(weights_only=True)``)."""
         return {
+            "version": STATE_VERSION,
             "epoch": int(self.epoch),
             "consumed": int(self.consumed),
             "seed": int(self.seed),
@@ -280,6 +348,11 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
+        version = state.get("version")
+        if version != STATE_VERSION:
+            when = "from before the per-field draw streams" if version is None else f"version {version}"
+            raise AlexnetError(f"the checkpoint's loader state is {when}, this alexnet reads version {STATE_VERSION}: "
+                               "restart the run from scratch")  # fmt: skip
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:

@@ -12,8 +12,9 @@ crop, a flip and three lighting alphas for every image it sees. Both are pure fu
 * validation reads the records in key order with the same strided shares; its last batch is
   partial, and every record is read exactly once per epoch over the replicas;
 * the draws of epoch ``e`` are arrays indexed by record position (the key's ``{position:08d}``),
-  seeded by (seed, e): the same record in the same epoch gets the same crop, flip and lighting
-  whatever the number of replicas, pipelines or devices.
+  one generator stream per field seeded by (seed, e, field): the same record in the same epoch
+  gets the same crop, flip and lighting whatever the number of replicas, pipelines or devices,
+  and whatever the number of records (a stream's first P values do not depend on its length).
 
 Imports neither DALI nor torch: ``alexnet-prep order`` prints an epoch's order without either.
 """
@@ -29,10 +30,11 @@ from . import artifacts as A
 from . import constants as C
 from .errors import AlexnetError, ContractError
 
-# Third words of the generators' seed sequences: the order and the draws of one (seed, epoch) are
-# independent streams (numpy's SeedSequence mixes every word).
+# Third words of the generators' seed sequences: the order and each field of the draws of one
+# (seed, epoch) are independent streams (numpy's SeedSequence mixes every word). One stream per field:
+# drawn from one stream in turn, the mirrors and alphas would start after the P crops and so move with P.
 ORDER_STREAM = 1
-DRAWS_STREAM = 2
+CROP_STREAM, MIRROR_STREAM, ALPHA_STREAM = 2, 3, 4
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
@@ -66,11 +68,15 @@ class Draws:
 
 
 def epoch_draws(num_positions: int, seed: int, epoch: int) -> Draws:
-    """The draws of every record position in ``epoch``, in the paper's distributions (``Draws``)."""
-    rng = np.random.default_rng([seed, epoch, DRAWS_STREAM])
-    crop_xy = rng.integers(0, C.CROP_POSITIONS, (num_positions, 2), dtype=np.int32)
-    mirror = (rng.random(num_positions) < C.MIRROR_PROBABILITY).astype(np.int32)
-    alpha = rng.normal(0.0, C.LIGHTING_STD, (num_positions, 3)).astype(np.float32)
+    """The draws of every record position in ``epoch``, in the paper's distributions (``Draws``); row
+    ``p`` is a function of (seed, epoch, p) only: each field has its own stream, read in position order."""
+
+    def rng(stream: int) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, stream])
+
+    crop_xy = rng(CROP_STREAM).integers(0, C.CROP_POSITIONS, (num_positions, 2), dtype=np.int32)
+    mirror = (rng(MIRROR_STREAM).random(num_positions) < C.MIRROR_PROBABILITY).astype(np.int32)
+    alpha = rng(ALPHA_STREAM).normal(0.0, C.LIGHTING_STD, (num_positions, 3)).astype(np.float32)
     return Draws(crop_xy=crop_xy, mirror=mirror, alpha=alpha)
 
 
@@ -109,31 +115,62 @@ class SplitIndex:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def read(self, positions: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-        """The JPEG bytes (uint8 arrays) and labels of the records at ``positions``, read by key.
+    def __getstate__(self) -> dict:
+        """Pickled (for the loader's reader processes) without open environments: each opens its own."""
+        return {**self.__dict__, "_envs": None}
+
+    def read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The JPEG bytes and labels of the records at ``positions``, read by key: ``(jpegs, lengths,
+        labels)``, record ``i``'s JPEG being ``jpegs[i, :lengths[i]]`` (``unpacked``).
 
         Each read is one B-tree seek to the key prefix ``{position:08d}_`` (the key's source path is
-        not needed); the shards stay open, read-only, for the reader's life.
+        not needed). The JPEG is found in the record without a copy (``A.datum_jpeg``) and copied
+        once, into its row of one (batch, longest JPEG) array: DALI takes a batch of one array at the
+        cost of one, where a list of 128 arrays costs ~1 ms of Python per batch on the thread that
+        runs the pipeline. The shards stay open, read-only, for the reader's life.
         """
         if self._envs is None:
-            self._envs = [A.open_shard(path) for path in self.shard_paths]
+            # Readahead on: a record spans ~10 pages, and without it each is its own read from disk.
+            self._envs = [A.open_shard(path, readahead=True) for path in self.shard_paths]
         shards = np.searchsorted(self.shard_first, positions, side="right") - 1
-        jpegs, labels = [], np.empty(len(positions), dtype=np.int64)
+        views, labels = [], np.empty(len(positions), dtype=np.int64)
         txns, cursors = [], {}
-        for i, (pos, shard) in enumerate(zip(positions.tolist(), shards.tolist(), strict=True)):
-            if shard not in cursors:
-                txns.append(self._envs[shard].begin(buffers=True))
-                cursors[shard] = txns[-1].cursor()
-            cursor = cursors[shard]
-            prefix = b"%0*d_" % (A.KEY_POSITION_DIGITS, pos)
-            if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
-                raise ContractError(f"record {pos} is missing from {self.shard_paths[shard]}")
-            datum = A.Datum.decode(cursor.value())
-            jpegs.append(np.frombuffer(datum.data, dtype=np.uint8))
-            labels[i] = datum.label
-        for txn in txns:
-            txn.abort()  # read-only: ends the snapshot
-        return jpegs, labels
+        try:
+            for i, (pos, shard) in enumerate(zip(positions.tolist(), shards.tolist(), strict=True)):
+                if shard not in cursors:
+                    txns.append(self._envs[shard].begin(buffers=True))
+                    cursors[shard] = txns[-1].cursor()
+                cursor = cursors[shard]
+                prefix = b"%0*d_" % (A.KEY_POSITION_DIGITS, pos)
+                if not cursor.set_range(prefix) or not bytes(cursor.key()).startswith(prefix):
+                    raise ContractError(f"record {pos} is missing from {self.shard_paths[shard]}")
+                jpeg, labels[i] = A.datum_jpeg(cursor.value())
+                views.append(jpeg)
+            lengths = np.array([len(v) for v in views], dtype=np.int32)
+            jpegs = np.empty((len(views), int(lengths.max(initial=0))), dtype=np.uint8)
+            for row, view in zip(jpegs, views, strict=True):
+                row[: len(view)] = view  # the one copy, while the read transaction holds the page
+        finally:
+            for txn in txns:
+                txn.abort()  # read-only: ends the snapshot (the views die with it)
+        return jpegs, lengths, labels
+
+    def where(self, position: int) -> tuple[Path, bytes]:
+        """The shard and the key of the record at ``position`` (for error messages)."""
+        shard = int(np.searchsorted(self.shard_first, position, side="right") - 1)
+        env = A.open_shard(self.shard_paths[shard])
+        try:
+            with env.begin() as txn:
+                cursor = txn.cursor()
+                cursor.set_range(b"%0*d_" % (A.KEY_POSITION_DIGITS, position))
+                return self.shard_paths[shard], bytes(cursor.key())
+        finally:
+            env.close()
+
+
+def unpacked(jpegs: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    """The JPEGs of ``SplitIndex.read`` as a list of uint8 arrays (views)."""
+    return [row[:n] for row, n in zip(jpegs, lengths.tolist(), strict=True)]
 
 
 def _scan_positions(shard_path: Path) -> np.ndarray:

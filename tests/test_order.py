@@ -18,6 +18,7 @@ from alexnet.pipeline.order import (
     epoch_order,
     replica_indices,
     replica_steps,
+    unpacked,
 )
 
 
@@ -93,6 +94,18 @@ def test_flip_and_lighting_distributions_and_purity():
     assert not np.array_equal(d.crop_xy, other.crop_xy)  # a new draw for every record every epoch
 
 
+@pytest.mark.parametrize("p", [1, 7, 1000])
+def test_draws_of_a_position_do_not_depend_on_the_number_of_positions(p):
+    """Row k is a function of (seed, epoch, k): positions 0..P-1 draw the same with P and with 2P
+    positions (one stream per field; from one stream the mirrors would start after the 2P crops)."""
+    small, large = epoch_draws(p, 9, 2), epoch_draws(2 * p, 9, 2)
+    for f in ("crop_xy", "mirror", "alpha"):
+        assert np.array_equal(getattr(small, f), getattr(large, f)[:p]), f
+    fields = [small.crop_xy[:, 0], small.mirror, small.alpha[:, 0]]
+    if p > 100:  # and the fields' streams are not one another's
+        assert all(abs(np.corrcoef(a, b)[0, 1]) < 0.15 for a, b in [(fields[0], fields[1]), (fields[1], fields[2])])
+
+
 @pytest.fixture(scope="module")
 def gapped(tmp_path_factory):
     """The builder's sample dataset (rejected files leave gaps in the positions), with stats added."""
@@ -108,7 +121,8 @@ def test_split_index_maps_records_to_positions_across_gaps(gapped):
     index = SplitIndex(gapped, "train")
     keys = [A.parse_key(k)[0] for s in A.read_manifest(gapped).shard_paths(gapped, "train") for k, _ in A.iter_shard(s)]
     assert index.positions.tolist() == keys and len(keys) < index.num_positions  # there are gaps
-    jpegs, labels = index.read(index.positions[::-1])
+    jpegs, lengths, labels = index.read(index.positions[::-1])
+    jpegs = unpacked(jpegs, lengths)
     datums = [
         A.Datum.decode(v) for s in A.read_manifest(gapped).shard_paths(gapped, "train") for _, v in A.iter_shard(s)
     ]

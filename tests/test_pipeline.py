@@ -63,11 +63,12 @@ def data(tmp_path_factory):
 
 
 def _loader(root, split, batch_size, *, seed=0, rank=0, world=1, device="cpu", dtype="float32", ten_crop=False,
-            with_draws=False, **data):  # fmt: skip
-    """A loader with one DALI thread unless told (the 2-core CI machine)."""
-    cfg = DataConfig(**{"num_threads": 1, **data})
+            with_draws=False, channels_last=False, **data):  # fmt: skip
+    """A loader with one DALI thread and the reads on this thread unless told (the 2-core CI machine;
+    spawning reader processes costs ~2 s a loader, and they deliver the same bits: test below)."""
+    cfg = DataConfig(**{"num_threads": 1, "workers": 0, **data})
     return create_loader(root, split, cfg, batch_size=batch_size, seed=seed, rank=rank, world=world, device=device,
-                         dtype=dtype, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
+                         dtype=dtype, channels_last=channels_last, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
 
 
 def _decoded(root, split):
@@ -217,6 +218,24 @@ def test_pipelines_deliver_the_same_stream_and_draws(data, split):
             assert d1.keys() == dk.keys() and all(np.array_equal(d1[key], dk[key]) for key in d1)
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_reader_processes_deliver_bitwise_what_the_training_thread_reads(data, split):
+    """``workers`` moves the LMDB reads and the record parsing into DALI's reader processes and changes
+    nothing delivered: the same images, labels, positions and draws as ``workers=0`` (in the thread),
+    over two epochs, with 1 and 2 reader processes and 2 pipelines."""
+
+    def run(workers, pipelines=1):
+        loader = _loader(data, split, 4, seed=3, workers=workers, pipelines=pipelines, with_draws=True)
+        return [b for _ in range(2) for b in loader]
+
+    ref = run(0)
+    assert len(ref) == (2 * 3 if split == "val" else 2 * 6)
+    for workers, pipelines in [(1, 1), (2, 2)]:
+        for (x0, y0, d0), (x, y, d) in zip(ref, run(workers, pipelines), strict=True):
+            assert torch.equal(x0, x) and torch.equal(y0, y)
+            assert d0.keys() == d.keys() and all(np.array_equal(d0[key], d[key]) for key in d0)
+
+
 def test_val_centre_and_ten_patch_geometry(data):
     raw, raw_labels = _decoded(data, "val")
     mean_image = A.read_mean_image(data).astype(np.float64)
@@ -258,8 +277,8 @@ def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
             if epoch == 1 and i == 1:
                 state = loader.state_dict()
             stream.append((epoch, i, images, labels))
-    assert state == {"epoch": 1, "consumed": 16, "seed": 9, "split": "train", "batch_size": 8, "shuffle": "global",
-                     "replicas": 1}  # fmt: skip
+    assert state == {"version": 2, "epoch": 1, "consumed": 16, "seed": 9, "split": "train", "batch_size": 8,
+                     "shuffle": "global", "replicas": 1}  # fmt: skip
     torch.save(state, "/dev/null")  # plain types: checkpoints can hold it
     resumed = _loader(data, "train", 8, num_threads=2, seed=9)
     resumed.load_state_dict(state)
@@ -295,7 +314,7 @@ def test_resume_with_another_replica_or_pipeline_count_continues_the_permutation
     """Global batch 6: 2 replicas x 3 for two steps, then 3 replicas x 2 (or 1 x 6) to the epoch's end:
     the records are the uninterrupted epoch's, none repeated or skipped, with the same draws."""
     full, end = _job(data, 1, 6)
-    first, state = _job(data, 2, 3, steps=2, pipelines=pipelines)
+    first, state = _job(data, 2, 3, steps=2, pipelines=pipelines, workers=pipelines - 1)  # and reader processes
     assert state["consumed"] == 12 and state["replicas"] == 2
     for world in (3, 1):
         rest, end2 = _job(data, world, 6 // world, state=state, pipelines=3 - pipelines)
@@ -325,6 +344,11 @@ def test_mismatched_states_are_refused_in_one_line(data):
                         (_loader(data, "val", 4, seed=4), "split")]:  # fmt: skip
         with pytest.raises(AlexnetError, match=f"'{what}'"):
             other.load_state_dict(state)
+    old = {key: v for key, v in state.items() if key != "version"}  # a checkpoint from before the draw streams
+    for bad in (old, {**state, "version": 3}):
+        with pytest.raises(AlexnetError, match="restart the run") as e:
+            _loader(data, "train", 4, seed=4).load_state_dict(bad)
+        assert "\n" not in str(e.value)
     with pytest.raises(AlexnetError, match="not possible here"):  # nvJPEG without a GPU: said at once
         next(iter(_loader(data, "train", 4, decoder="mixed")))
 
@@ -367,6 +391,56 @@ def test_half_precision_outputs_round_the_float32_batch(data, dtype):
     torch.testing.assert_close(x.float(), ref.to(x.dtype).float(), rtol=ulp, atol=ulp)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_channels_last_delivery_is_a_view_of_the_same_batch(data, dtype):
+    """channels_last: DALI writes HWC and the loader views it as NCHW (channels_last memory, no copy):
+    the same values as the NCHW-contiguous delivery, in every dtype, for train, centre and ten patches;
+    the ten patches still reshape to [10 B, 3, 224, 224] as the evaluator does."""
+    cases = [("train", {}), ("val", {}), ("val", {"ten_crop": True})]
+    for split, kw in cases:
+        (x, y), (xc, yc) = (next(iter(_loader(data, split, 4, dtype=dtype, seed=8, channels_last=c, roi_decode=c,
+                                              **kw))) for c in (False, True))  # fmt: skip
+        assert xc.shape == x.shape and xc.dtype == x.dtype == getattr(torch, dtype) and torch.equal(y, yc)
+        assert x.is_contiguous() and not xc.is_contiguous()
+        flat = xc.reshape(-1, 3, 224, 224)
+        assert flat.is_contiguous(memory_format=torch.channels_last) and flat.data_ptr() == xc.data_ptr()
+        # train: roi_decode's float32 differs in the last bits, which a half type may round one step apart
+        ulp = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype] if split == "train" else 0.0
+        torch.testing.assert_close(xc.float(), x.float(), rtol=ulp, atol=1e-3 if split == "train" else 0.0)
+
+
+@pytest.fixture(scope="module")
+def corrupt(data, tmp_path_factory):
+    """A copy of the dataset with garbage in place of the JPEG of one train and one val record (through LMDB)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("corrupt") / "data"
+    shutil.copytree(data, root)
+    keys = {}
+    for split, shard in (("train", 1), ("val", 0)):
+        env = A.open_shard(A.read_manifest(root).shard_paths(root, split)[shard], readonly=False, map_size=1 << 26)
+        with env.begin(write=True) as txn:
+            key, value = list(txn.cursor())[2]
+            txn.put(key, A.Datum(data=b"not a jpeg" * 50, label=A.Datum.decode(value).label, height=256,
+                                 width=256).encode())  # fmt: skip
+        env.close()
+        keys[split] = key.decode()
+    return root, keys
+
+
+@pytest.mark.parametrize("split,ten_crop,workers", [("train", False, 0), ("train", False, 1), ("val", True, 0)])
+def test_a_corrupt_record_is_named_in_one_line(corrupt, split, ten_crop, workers):
+    """DALI fails on the batch; the loader checks that batch's records (and the ones DALI read ahead)
+    with PIL and names the shard, the key and the command that checks the whole dataset."""
+    root, keys = corrupt
+    loader = _loader(root, split, 4, ten_crop=ten_crop, workers=workers, prefetch=2)
+    with pytest.raises(AlexnetError) as e:
+        for _ in range(2):
+            list(loader)
+    text = str(e.value)
+    assert keys[split] in text and f"{split}-0000" in text and "alexnet-prep verify" in text and "\n" not in text
+
+
 def test_bad_inputs_are_clear_errors(data, tmp_path):
     with pytest.raises(AlexnetError, match="ten_crop"):
         _loader(data, "train", 8, ten_crop=True)
@@ -389,9 +463,21 @@ def test_bench_pipeline_cli(data):
     assert "images/s" in r.output and "(global shuffle)" in r.output and "1 pipeline(s)" in r.output
     args = ["bench-pipeline", "--data-dir", str(data), "--batches", "3", "--batch-size", "4", "--pipelines", "2"]
     r = CliRunner().invoke(prep, args)
-    assert r.exit_code == 0 and "2 pipeline(s) of 2 threads" in r.output, r.output
+    assert r.exit_code == 0 and f"2 pipeline(s) of {DataConfig().num_threads} threads" in r.output, r.output
     r = CliRunner().invoke(prep, [*args, "--shuffle", "buffer"])
     assert r.exit_code == 0 and "(buffer shuffle)" in r.output and "1 pipeline(s)" in r.output, r.output
+
+
+def test_bench_pipeline_defaults_are_the_trainers():
+    """bench-pipeline measures what alexnet-train runs at its defaults (tools do not import the trainer)."""
+    from alexnet.tools.preview import bench_pipeline_command
+    from alexnet.trainer.config import TrainConfig
+
+    train = TrainConfig()
+    defaults = {p.name: p.default for p in bench_pipeline_command.params}
+    assert defaults["batch_size"] == train.optim.batch_size == 128
+    assert (defaults["threads"], defaults["workers"], defaults["pipelines"], defaults["shuffle"]) == (
+        train.data.num_threads, train.data.workers, train.data.pipelines, train.data.shuffle)  # fmt: skip
 
 
 def test_order_cli_prints_what_the_loader_delivers(data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from pathlib import Path
@@ -13,19 +14,22 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.pipeline.loader import SHUFFLES
+from alexnet.pipeline.loader import SHUFFLES, DataConfig
+
+_DATA = DataConfig()  # the trainer's data defaults (the run config's data section)
 
 
 def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, epoch: int = 0, mean: str = "image",
                   lighting_scale: str = C.DEFAULT_LIGHTING_SCALE) -> dict[str, np.ndarray]:  # fmt: skip
     """The first ``n`` images of ``epoch`` in delivery order (one replica), through the real pipeline, with their draws."""
-    from alexnet.pipeline.loader import DataConfig, create_loader
+    from alexnet.pipeline.loader import create_loader
 
     manifest = A.read_manifest(data_dir)
     manifest.shard_paths(data_dir, split)  # the split exists
     if manifest.splits[split].num_records < n:
         raise AlexnetError(f"the {split} split has {manifest.splits[split].num_records} records, fewer than --n {n}")
-    data = DataConfig(num_threads=2, prefetch=1, mean=mean, lighting_scale=lighting_scale)
+    # One batch: the reads on this thread (spawning reader processes would cost more than they save).
+    data = DataConfig(num_threads=2, prefetch=1, workers=0, mean=mean, lighting_scale=lighting_scale)
     loader = create_loader(data_dir, split, data, batch_size=n, seed=seed, with_draws=True)
     loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
     images, labels, draws = next(iter(loader))
@@ -110,16 +114,12 @@ def preview_command(
     click.echo(f"wrote {out} ({n} {split} images) and {png}")
 
 
-def bench_pipeline(
-    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, warmup: int = 3, pipelines: int = 1,
-    shuffle: str = "global",
-) -> float:  # fmt: skip
-    """Images/s of the train pipeline alone, delivered as torch tensors on ``device``."""
+def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, data, warmup: int = 3) -> float:
+    """Images/s of the train pipeline alone (``data``: a ``DataConfig``), delivered as torch tensors on ``device``."""
     import torch
 
-    from alexnet.pipeline.loader import DataConfig, create_loader
+    from alexnet.pipeline.loader import create_loader
 
-    data = DataConfig(num_threads=threads, pipelines=pipelines, shuffle=shuffle)
     loader = create_loader(data_dir, "train", data, batch_size=batch_size, device=device)
 
     def sync():
@@ -139,24 +139,33 @@ def bench_pipeline(
 
 @click.command("bench-pipeline", epilog="""\b
 Examples:
-  alexnet-prep bench-pipeline --device cpu --batches 50 --threads 2
+  alexnet-prep bench-pipeline --device cpu --batches 50
   alexnet-prep bench-pipeline --device gpu --batches 200 --threads 5 --pipelines 3
   alexnet-prep bench-pipeline --shuffle buffer    # the sequential caffe reader
 """)  # fmt: skip
 @data_dir_option
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--batches", type=click.IntRange(1), default=50, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per pipeline batch.")
-@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="DALI CPU threads per pipeline.")
-@click.option(
-    "--pipelines",
-    type=click.IntRange(1),
-    help="Pipelines taking turns (default: 3 on a GPU, where one decodes one batch at a time; 1 on the CPU).",
-)
-@click.option("--shuffle", type=click.Choice(SHUFFLES), default="global", show_default=True,
+# The defaults are alexnet-train's: §5's batch of 128 (tests/test_pipeline.py checks that they agree)
+# and the data section's threads and pipelines (DataConfig).
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per batch.")
+@click.option("--threads", type=click.IntRange(1), default=_DATA.num_threads, show_default=True,
+              help="DALI CPU threads per pipeline.")  # fmt: skip
+@click.option("--workers", type=click.IntRange(0), default=_DATA.workers, show_default=True,
+              help="Reader processes per pipeline (0: the reads on the calling thread).")  # fmt: skip
+@click.option("--pipelines", type=click.IntRange(0), default=_DATA.pipelines, show_default=True,
+              help="Pipelines taking turns (0: the trainer's, 2 on a GPU and 1 on the CPU; buffer shuffle: 1).")  # fmt: skip
+@click.option("--shuffle", type=click.Choice(SHUFFLES), default=_DATA.shuffle, show_default=True,
               help="global: a fresh permutation each epoch (random reads); buffer: the sequential reader.")  # fmt: skip
 def bench_pipeline_command(
-    data_dir: Path, device: str, batches: int, batch_size: int, threads: int, pipelines: int | None, shuffle: str
+    data_dir: Path,
+    device: str,
+    batches: int,
+    batch_size: int,
+    threads: int,
+    workers: int,
+    pipelines: int,
+    shuffle: str,
 ) -> None:
     """Run the train pipeline alone (read, decode, augment, deliver) and print its images/s."""
     dev = "cuda:0" if device == "gpu" else "cpu"
@@ -165,11 +174,11 @@ def bench_pipeline_command(
 
         if not torch.cuda.is_available():
             raise AlexnetError("--device gpu: no CUDA GPU is visible")
-    pipelines = 1 if shuffle == "buffer" else pipelines or (3 if device == "gpu" else 1)
-    rate = bench_pipeline(data_dir, dev, batches, batch_size, threads, pipelines=pipelines, shuffle=shuffle)
+    data = dataclasses.replace(_DATA, num_threads=threads, workers=workers, pipelines=pipelines, shuffle=shuffle)
+    rate = bench_pipeline(data_dir, dev, batches, batch_size, data)
     click.echo(
         f"train pipeline on {device} ({shuffle} shuffle): {rate:,.0f} images/s (batch {batch_size}, "
-        f"{batches} batches, {pipelines} pipeline(s) of {threads} threads)"
+        f"{batches} batches, {data.resolved_pipelines(dev)} pipeline(s) of {threads} threads, {workers} readers)"
     )
 
 
@@ -195,6 +204,7 @@ def order_command(data_dir: Path, split: str, epoch: int, replica: int, replicas
     order is decided by DALI's reader as it reads, and has no such listing.
     """
     from alexnet.pipeline.order import replica_order
+
     if batch_size % replicas:
         raise AlexnetError(f"--batch-size {batch_size} does not divide over {replicas} replicas")
     positions = replica_order(data_dir, split, epoch, seed=seed, rank=replica, world=replicas,

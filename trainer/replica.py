@@ -107,7 +107,7 @@ def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = 
     """The pipeline's loader for this replica: its share of ``split``, batches on its first device."""
     from alexnet.pipeline.loader import create_loader
 
-    from .precision import loader_dtype
+    from .precision import channels_last, loader_dtype
 
     info, device = replica.info, replica.devices[0]
     return create_loader(
@@ -116,4 +116,5 @@ def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = 
         seed=config.run.seed, rank=info.rank, world=info.world_size,
         device=str(device) if device.type == "cuda" else "cpu", ten_crop=ten_crop,
         dtype=loader_dtype(config.model.precision, device),  # half the bytes under bf16/fp16
+        channels_last=channels_last(device),  # what the step consumes: no transpose on the device
     )  # fmt: skip
