@@ -154,7 +154,7 @@ ROWS = [
     ("make-sample-in-proc", prep, ["make-sample", "/proc/foo"], 1, "choose a directory you can write"),
     ("make-sample-under-a-file", prep, ["make-sample", "{afile}/s"], 1, "choose a directory you can write"),
     ("build-lmdb-missing-source", prep, ["build-lmdb", "{w}/nosrc", "--data-dir", "{w}/d1"], 2, "does not exist"),
-    ("build-lmdb-source-is-a-file", prep, ["build-lmdb", "{afile}", "--data-dir", "{w}/d2"], 2, "is a file"),
+    ("build-lmdb-source-is-a-file", prep, ["build-lmdb", "{afile}", "--data-dir", "{w}/d2"], 1, "is not one of ImageNet's archives"),
     ("build-lmdb-data-dir-under-a-file", prep, ["build-lmdb", "{w}/sample", "--data-dir", "{afile}/d", "--workers", "1"],
      1, UNDER_FILE),
     ("build-lmdb-full-disk", prep, ["build-lmdb", "{w}/sample", "--data-dir", "{full_data}", "--workers", "1"], 1,
