@@ -6,8 +6,8 @@ own ``train()`` on a small sample (``make-sample``, built with the real tools) a
 centre-crop evaluation every ``--eval-every`` epochs and the epoch checkpoints the trainer writes,
 while a thread samples every ``--interval`` seconds:
 
-- ``RssAnon`` from ``/proc/self/status``: the process's anonymous memory (heap, tensors, DALI's host
-  buffers), not the page cache of the LMDB files it reads;
+- ``RssAnon`` from ``/proc/PID/status``, summed over the process and its reader processes: anonymous
+  memory (heap, tensors, DALI's host buffers), not the page cache of the LMDB files it reads;
 - on a GPU host also ``torch.cuda.memory_allocated()`` (the caching allocator's live tensors).
 
 It prints the growth after the first epoch and its evaluation (they allocate the model, the
@@ -24,6 +24,7 @@ the run starts afresh each time); ``soak.json`` there holds every sample.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,11 +40,17 @@ GOAL_MB = 50.0
 
 
 def rss_anon_mb() -> float:
-    """This process's RssAnon (MB) from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+    """RssAnon (MB) summed over this process and its children (DALI's reader processes are children
+    since the reads left the training thread: a leak there counts too)."""
+    from bench_build_lmdb import _tree_pids
+
+    total_kb = 0
+    for pid in _tree_pids(os.getpid()):
+        with contextlib.suppress(OSError):  # a child that has just exited
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total_kb += int(line.split()[1])
+    return total_kb / 1024
 
 
 class Sampler(threading.Thread):
