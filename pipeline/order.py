@@ -99,6 +99,9 @@ class SplitIndex:
                     f"shard {path} of {split} is missing: check with alexnet-prep verify, or " + A.REBUILD_HINT
                 )
             if shard.num_records == shard.stop_position - shard.first_position:
+                # Opened once here, so that a damaged shard is one line now rather than an error in a
+                # reader process later (the reads happen there).
+                A.open_shard(path).close()
                 parts.append(np.arange(shard.first_position, shard.stop_position, dtype=np.int64))
             else:
                 parts.append(_scan_positions(path))
