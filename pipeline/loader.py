@@ -130,6 +130,7 @@ class _Source:
 
     def __init__(self, plan: O.ReplicaPlan, epoch: int, consumed: int, j: int, k: int):
         self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
+        self.parent = os.getpid()  # the training process (the reader processes' parent)
 
     def __setstate__(self, state: dict) -> None:
         """Unpickled in a reader process: it dies with the process that trains (killed, OOM included),
@@ -139,7 +140,8 @@ class _Source:
             import ctypes
 
             ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-            if os.getppid() == 1:  # the parent died before that
+            # The parent died before that. (Not "ppid == 1": in a container the trainer may be PID 1.)
+            if os.getppid() != self.parent:
                 os._exit(1)
 
     def __call__(self, iteration: int):
@@ -257,13 +259,17 @@ class DaliLoader:
         """``pipe.run()``; when DALI fails on a batch, the record it could not decode, in one line."""
         try:
             return pipe.run()
-        except RuntimeError:  # DALI's operator errors; the pipeline is unusable after one
+        except RuntimeError as error:  # DALI's operator errors; the pipeline is unusable after one
             # The batch due, and every one DALI may have read ahead (its queue, and its readers').
             ahead = 1 + (self.data.prefetch + self.data.workers) * len(self._pipes)
             self._drop()
             culprit = None if self.buffer else self._undecodable(ahead)
-            if culprit is None:
-                raise
+            if culprit is None:  # the buffer shuffle's reader, or a record PIL decodes: DALI's first line
+                first = next((line for line in str(error).splitlines() if line.strip()), "no message")
+                raise AlexnetError(
+                    f"the {self.split} pipeline failed: {first}; check the dataset: alexnet-prep verify "
+                    f"--data-dir {self.data_dir}"
+                ) from None
             (shard, key), reason = self.plan.index.where(culprit[0]), culprit[1]
             raise AlexnetError(
                 f"record {key.decode(errors='replace')!r} in shard {shard} is not a decodable image ({reason}); "

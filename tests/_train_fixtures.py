@@ -81,6 +81,18 @@ def write_dataset(
     return data_dir
 
 
+def garble_record(data_dir: Path, split: str, shard: int = 0, index: int = 0) -> str:
+    """Garbage in place of the JPEG of one record (the ``index``-th of the split's ``shard``-th shard),
+    written through LMDB: a valid shard holding an undecodable record. Returns its key."""
+    env = A.open_shard(A.read_manifest(data_dir).shard_paths(data_dir, split)[shard], readonly=False, map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        key, value = list(txn.cursor())[index]
+        txn.put(key, A.Datum(data=b"not a jpeg" * 50, label=A.Datum.decode(value).label, height=256,
+                             width=256).encode())  # fmt: skip
+    env.close()
+    return key.decode()
+
+
 def train_watched(config, on_step=None):
     """``alexnet.trainer.train.train(config)`` with ``on_step(step, epoch, labels)`` called after every
     optimiser step (it may raise to stop the run like a crash, or signal the process); returns

@@ -414,18 +414,11 @@ def corrupt(data, tmp_path_factory):
     """A copy of the dataset with garbage in place of the JPEG of one train and one val record (through LMDB)."""
     import shutil
 
+    from _train_fixtures import garble_record
+
     root = tmp_path_factory.mktemp("corrupt") / "data"
     shutil.copytree(data, root)
-    keys = {}
-    for split, shard in (("train", 1), ("val", 0)):
-        env = A.open_shard(A.read_manifest(root).shard_paths(root, split)[shard], readonly=False, map_size=1 << 26)
-        with env.begin(write=True) as txn:
-            key, value = list(txn.cursor())[2]
-            txn.put(key, A.Datum(data=b"not a jpeg" * 50, label=A.Datum.decode(value).label, height=256,
-                                 width=256).encode())  # fmt: skip
-        env.close()
-        keys[split] = key.decode()
-    return root, keys
+    return root, {split: garble_record(root, split, shard, 2) for split, shard in (("train", 1), ("val", 0))}
 
 
 @pytest.mark.parametrize("split,ten_crop,workers", [("train", False, 0), ("train", False, 1), ("val", True, 0)])

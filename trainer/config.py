@@ -39,7 +39,7 @@ RESUME_MUTABLE = frozenset(
         *("data_dir", "run_dir", "gpus", "epochs", "max_steps", "time_limit_minutes", "resume", "progress"),
         *("checkpoint_minutes", "checkpoint_every_steps", "keep_epochs", "log_every_steps"),
         *("stall_intervals", "stall_band", "explode_factor", "cuda_graph", "compile"),
-        *("num_threads", "prefetch", "hw_decoder_load", "roi_decode", "decoder", "pipelines"),
+        *("num_threads", "workers", "prefetch", "hw_decoder_load", "roi_decode", "decoder", "pipelines"),
     }
 )
 

@@ -17,7 +17,7 @@ from alexnet.pipeline.artifacts import read_manifest
 from alexnet.pipeline.errors import AlexnetError
 
 from . import distributed as D
-from .precision import autocast, channels_last
+from .precision import autocast, channels_last, set_tf32
 
 
 def average_patch_softmax(logits: torch.Tensor, patches: int) -> torch.Tensor:
@@ -125,6 +125,7 @@ def _probabilities(net, images: torch.Tensor, ten_crop: bool, precision: str) ->
         images = images.reshape(images.shape[0] * C.TEN_CROP, *images.shape[2:])
     if channels_last(images.device):
         images = images.contiguous(memory_format=torch.channels_last)
+    set_tf32(precision, images.device)  # the checkpoint's arithmetic (fp32: no TF32), process-wide
     with autocast(precision, images.device):
         logits = net(images)
     return average_patch_softmax(logits, C.TEN_CROP) if ten_crop else torch.softmax(logits.float(), dim=1)
@@ -159,19 +160,25 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
         members = [_member(config, Path(p), manifest, given or {}, replica) for p in checkpoints]
         replica.say(replica.note)
         groups: dict[Any, list[Member]] = {}
-        for m in members:  # one loader per preprocessing
-            groups.setdefault(m.data, []).append(m)
+        for m in members:  # one loader per preprocessing and input dtype (the checkpoint's precision)
+            groups.setdefault((m.data, m.precision), []).append(m)
         first = members[0]
         results: dict[str, Any] = {"checkpoint": str(first.path), "checkpoints": [str(m.path) for m in members],
                                    "step": first.ck.get("step"), "epoch": first.ck.get("epoch")}  # fmt: skip
         metrics = _metrics_log(config, first.path, replica, t0) if len(members) == 1 else None
         per_replica = max(config.optim.batch_size // replica.info.world_size, 1)
         for ten in (False, True) if ten_crop else (False,):
-            pairs = [([m.model for m in group], create_loader_for(dataclasses.replace(config, data=data), "val",
-                      replica, ten_crop=ten, batch_size=per_replica)) for data, group in groups.items()]  # fmt: skip
-            res = evaluate_average(pairs, ten_crop=ten, precision=[m.precision for g in groups.values() for m in g],
-                                   info=replica.info,
-                                   progress=config.run.progress)  # fmt: skip
+            pairs = [([m.model for m in group], create_loader_for(config.replace(**vars(data), precision=precision),
+                      "val", replica, ten_crop=ten, batch_size=per_replica))
+                     for (data, precision), group in groups.items()]  # fmt: skip
+            res = evaluate_average(
+                pairs,
+                ten_crop=ten,
+                precision=[m.precision for g in groups.values() for m in g],
+                info=replica.info,
+                progress=config.run.progress,
+            )
+            del pairs  # the loaders and their reader processes, before the ten patches' ones start
             results["ten_crop" if ten else "centre_crop"] = res
             if metrics is not None:
                 metrics.write({"kind": "eval", "split": "val", "ten_crop": ten, "step": first.ck.get("step"),

@@ -134,6 +134,7 @@ class Trainer:
             self.model, self.optimizer, config.model, list(replica.devices), self.info.world_size
         )
         self.step_note = self.step_fn.note  # what the step runs (precision, graph, compile), for the first line
+        self.scaler = self.step_fn.scaler  # fp16's loss scaler (its scale is part of an exact resume), else None
         self.train_loader = create_loader_for(config, "train", replica)
         self.val_loader = None  # built at the first evaluation
         self.state = RunState()
@@ -154,6 +155,12 @@ class Trainer:
         """Model, optimiser, schedule, counters, generators and pipeline position from last.pt."""
         path, state = self.checkpoints.last, self.state
         ck = ckpt_io.load_checkpoint(path)
+        fc8 = ck["model"].get("fc8.weight")
+        if fc8 is not None and fc8.shape[0] != self.config.run.num_classes:
+            raise AlexnetError(
+                f"{path} was trained on {fc8.shape[0]} classes, the dataset at {self.data_dir} has "
+                f"{self.config.run.num_classes}: resume with the dataset it was trained on (--data-dir)"
+            )
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         try:
@@ -164,6 +171,8 @@ class Trainer:
         state.best_top1_err, state.last_eval = ck.get("best_top1_err"), dict(ck.get("last_eval") or {})
         state.elapsed_before = float(ck.get("elapsed_s") or 0.0)
         self.watch.load_state_dict(ck.get("loss_watch") or {})
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
         self._restore_replica(ck)
         if self.train_loader.note:  # the buffer shuffle replays or restarts the epoch
             self.replica.say(f"note: {self.train_loader.note}")
@@ -319,6 +328,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(), "epoch": state.epoch, "step": state.step,
             "batch_in_epoch": state.batch_in_epoch, "world_size": self.info.world_size, "rng": rngs,
             "loader": self.train_loader.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": self.config.to_dict(), "best_top1_err": state.best_top1_err, "last_eval": state.last_eval,
             "elapsed_s": state.elapsed_before + time.monotonic() - self.t0, "loss_watch": self.watch.state_dict(),
             "dataset": self.dataset_entry, "reason": reason,
@@ -355,7 +365,9 @@ class Trainer:
         point.record["loss"] = values[0]
         norms = self.norms.as_dict(values[1:]) if self.norms is not None else {}
         point.record.update(norms)
-        finite = all(math.isfinite(v) for v in [values[0], *(v for d in norms.values() for v in d.values())])
+        # The loss and the weights decide; not the gradients: under --precision fp16 the loss scaler skips a
+        # step whose gradients overflowed (inf) by design, and a NaN gradient reaches the weights a step later.
+        finite = all(math.isfinite(v) for v in [values[0], *norms.get("weight_norm", {}).values()])
         return IntervalRead(values[0], point.first, point.record["step"], finite)
 
     def _flush(self) -> None:
