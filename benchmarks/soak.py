@@ -151,7 +151,7 @@ def main(work: Path, steps: int, batch_size: int, train_per_class: int, val_per_
     cfg = TrainConfig.create(
         data_dir=str(data), run_dir=str(run), gpus="0" if cuda else "cpu", batch_size=batch_size, epochs=0,
         max_steps=steps, num_threads=threads, progress=False, eval_every_epochs=eval_every, keep_epochs=1,
-        checkpoint_minutes=0.0,
+        checkpoint_minutes=0.0, stop_after_last_plateau=False,  # the plateau schedule would end a soak early
     )  # fmt: skip
     sampler = Sampler(interval, cuda)
     sampler.sample()
