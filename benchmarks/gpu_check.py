@@ -109,30 +109,38 @@ def main() -> None:
     out: dict = {"machine": versions(), "batch": batch, "pipeline_images_per_s": {}, "train": [], "split": []}
     t0 = time.monotonic()
 
+    args.out.mkdir(parents=True, exist_ok=True)
+
     def say(line: str) -> None:
+        """One line per figure, and the results file rewritten after each: a time limit keeps what was done."""
         print(f"[{time.monotonic() - t0:6.1f} s] {line}", flush=True)
+        (args.out / "gpu_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
 
     for shuffle in ("global", "buffer"):
         rate = pipeline_rate(TrainConfig.create(**base, shuffle=shuffle), batches=4 if smoke else 200)
         out["pipeline_images_per_s"][shuffle] = rate
         say(f"pipeline, {shuffle} shuffle: {rate:,.0f} images/s")
+    # The defaults' figures first, the compiles (about a minute each) last: what a time limit cuts.
     kinds = {"eager": (False, False), "graphed": (True, False), "compiled": (True, True)}
-    for precision in ("fp32", "bf16"):
-        for kind, (graph, compiled) in kinds.items():
-            if compiled and not args.compile:
-                continue
-            config = TrainConfig.create(**base, precision=precision, cuda_graph=graph, compile=compiled)
-            res = benchmark(config, warmup=warmup, steps=steps)
-            out["train"].append({"kind": kind, **res})
-            say(f"train {precision} {kind} ({res['step']}): synthetic {res['synthetic_images_per_s']:,.0f}, "
-                f"fed {res['pipeline_images_per_s']:,.0f} images/s (ratio {res['ratio']:.3f})")  # fmt: skip
-    for compiled in (False, True) if args.compile else (False,):
-        rate = split_on_one_device(device, batch, "bf16", compiled, steps)
-        out["split"].append({"precision": "bf16", "compiled": compiled, "synthetic_images_per_s": rate})
-        say(f"split form, both columns on one {device}, bf16{', compiled' if compiled else ''}: {rate:,.0f} images/s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    say(f"wrote {args.out / 'gpu_check.json'}")
+    order = [(p, k) for k in kinds for p in ("bf16", "fp32") if args.compile or not kinds[k][1]]
+    order.insert(2, ("bf16", "split"))  # eager, the split form's only step: after the first two figures
+    for precision, kind in order:
+        if kind == "split":
+            rate = split_on_one_device(device, batch, precision, False, steps)
+            out["split"].append({"precision": precision, "compiled": False, "synthetic_images_per_s": rate})
+            say(f"split form, both columns on one {device}, {precision}: {rate:,.0f} images/s")
+            continue
+        graph, compiled = kinds[kind]
+        config = TrainConfig.create(**base, precision=precision, cuda_graph=graph, compile=compiled)
+        res = benchmark(config, warmup=warmup, steps=steps)
+        out["train"].append({"kind": kind, **res})
+        say(f"train {precision} {kind} ({res['step']}): synthetic {res['synthetic_images_per_s']:,.0f}, "
+            f"fed {res['pipeline_images_per_s']:,.0f} images/s (ratio {res['ratio']:.3f})")  # fmt: skip
+    if args.compile:
+        rate = split_on_one_device(device, batch, "bf16", True, steps)
+        out["split"].append({"precision": "bf16", "compiled": True, "synthetic_images_per_s": rate})
+        say(f"split form, both columns on one {device}, bf16, compiled: {rate:,.0f} images/s")
+    say(f"done: {args.out / 'gpu_check.json'}")
 
 
 if __name__ == "__main__":
