@@ -327,7 +327,7 @@ def test_averaged_probabilities_are_the_mean_of_each_models_own(run, channel_ckp
 
 
 def test_eval_of_averaged_checkpoints_equals_a_direct_computation(run, channel_ckpt):
-    from alexnet.trainer.evaluate import evaluate, evaluate_average, topk_correct
+    from alexnet.trainer.evaluate import evaluate, evaluate_average, topk_counts
 
     data, ckpt = run
     models = [load_predictor(c, None, torch.device("cpu")).model for c in (ckpt, channel_ckpt)]
@@ -335,7 +335,7 @@ def test_eval_of_averaged_checkpoints_equals_a_direct_computation(run, channel_c
     for (a, labels), (b, _) in zip(_val_loader(data, "image"), _val_loader(data, "channel"), strict=True):
         with torch.no_grad():
             probs = (torch.softmax(models[0](a), 1) + torch.softmax(models[1](b), 1)) / 2
-        c1 += topk_correct(probs, labels)[0]
+        c1 += int(topk_counts(probs, labels)[0])
         seen += len(labels)
     r = _eval_cli(data, ckpt, channel_ckpt)
     assert r.exit_code == 0, r.output

@@ -20,7 +20,7 @@ from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer import constants as TC
 from alexnet.trainer.config import TrainConfig, merge_for_resume
 from alexnet.trainer.distributed import DistInfo, replica_gpus
-from alexnet.trainer.evaluate import average_patch_softmax, topk_correct
+from alexnet.trainer.evaluate import average_patch_softmax, topk_counts
 from alexnet.trainer.optim import PaperSGD, create_optimizer
 from alexnet.trainer.schedule import PlateauSchedule, StepSchedule
 
@@ -231,10 +231,10 @@ def test_ten_patch_average_of_softmax_on_known_input():
     assert average_patch_softmax(torch.tensor(one), C.TEN_CROP).argmax(1).item() == 1
 
 
-def test_topk_correct():
+def test_topk_counts():
     probs = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0, 0.0], [0.5, 0.2, 0.1, 0.08, 0.07, 0.05]])
-    assert topk_correct(probs, torch.tensor([3, 5])) == (1, 1)  # class 5 is 6th in row 2
-    assert topk_correct(probs, torch.tensor([0, 0])) == (1, 2)
+    assert topk_counts(probs, torch.tensor([3, 5])).tolist() == [1, 1]  # class 5 is 6th in row 2
+    assert topk_counts(probs, torch.tensor([0, 0])).tolist() == [1, 2]
 
 
 # --------------------------------------------------------------------------- devices

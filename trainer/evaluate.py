@@ -38,12 +38,6 @@ def topk_counts(probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> torch.
     return torch.stack([(top[:, :1] == labels).sum(), (top == labels).any(dim=1).sum()])
 
 
-def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int = 5) -> tuple[int, int]:
-    """:func:`topk_counts` read on the host."""
-    c1, c5 = topk_counts(probs, labels, k).tolist()
-    return c1, c5
-
-
 @torch.no_grad()
 def evaluate(
     net: torch.nn.Module,

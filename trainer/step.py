@@ -150,11 +150,15 @@ class GraphedStep(EagerStep):
         return self._loss.clone()  # the next replay overwrites the static loss
 
 
+def one_gpu(devices: list[torch.device], replicas: int) -> bool:
+    """Where a CUDA graph can replay the step: one CUDA device in a single process."""
+    return len(devices) == 1 and devices[0].type == "cuda" and replicas == 1
+
+
 def uses_cuda_graph(cuda_graph: bool, devices: list[torch.device], replicas: int, precision: str = "auto") -> bool:
-    """``--cuda-graph`` (the default) applies to one CUDA device in a single process, and not to fp16
-    (its loss scaler reads the host); else eager."""
-    one_gpu = len(devices) == 1 and devices[0].type == "cuda" and replicas == 1
-    return cuda_graph and one_gpu and resolve_precision(precision, devices[0]) != "fp16"
+    """``--cuda-graph`` (the default) applies on :func:`one_gpu`, and not to fp16 (its loss scaler reads
+    the host); else eager."""
+    return cuda_graph and one_gpu(devices, replicas) and resolve_precision(precision, devices[0]) != "fp16"
 
 
 def create_step(model, optimizer, model_cfg, devices: list[torch.device], replicas: int) -> EagerStep:
@@ -169,7 +173,7 @@ def create_step(model, optimizer, model_cfg, devices: list[torch.device], replic
         step = GraphedStep(model, optimizer, precision=precision)
     else:
         step = EagerStep(model, optimizer, precision=precision)
-    if model_cfg.cuda_graph and precision == "fp16" and uses_cuda_graph(True, devices, replicas, "bf16"):
+    if model_cfg.cuda_graph and precision == "fp16" and one_gpu(devices, replicas):
         step.note += " (no CUDA graph under fp16: its loss scaler reads the overflow flag on the host)"
     if model_cfg.compile:
         step.note += ", forward compiled"
