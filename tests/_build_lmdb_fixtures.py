@@ -58,3 +58,17 @@ def all_records(data_dir: Path) -> dict[str, list[tuple[bytes, bytes]]]:
         ]
         for split in m.splits
     }
+
+
+def committed_records(data) -> int:
+    """Records committed so far in the shards of a build in progress (read through LMDB's lock, as a reader)."""
+    import lmdb
+
+    n = 0
+    for lock in data.glob("*/*/lock.mdb"):
+        try:
+            with lmdb.open(str(lock.parent), readonly=True, lock=True, subdir=True) as env:
+                n += env.stat()["entries"]
+        except lmdb.Error:  # the writer is creating it
+            pass
+    return n

@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from _build_lmdb_fixtures import BUILD_ARGS, all_records, run_prep
+from _build_lmdb_fixtures import BUILD_ARGS, all_records, committed_records, run_prep
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
@@ -201,19 +201,6 @@ def slow_archives(tmp_path_factory):
     return base / "archives", clean
 
 
-def _committed(data) -> int:
-    import lmdb
-
-    n = 0
-    for lock in data.glob("*/*/lock.mdb"):
-        try:
-            with lmdb.open(str(lock.parent), readonly=True, lock=True, subdir=True) as env:
-                n += env.stat()["entries"]
-        except lmdb.Error:
-            pass
-    return n
-
-
 @pytest.mark.parametrize("at_least", [2, 12])
 def test_killed_archive_build_resumes_to_the_same_records(slow_archives, tmp_path, at_least):
     src, clean = slow_archives
@@ -221,7 +208,7 @@ def test_killed_archive_build_resumes_to_the_same_records(slow_archives, tmp_pat
     cmd = [*BUILD_CMD, str(src), "--data-dir", str(data), "--workers", "2", "--commit-every", "2", *BUILD_ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and _committed(data) < at_least:
+    while proc.poll() is None and time.monotonic() < deadline and committed_records(data) < at_least:
         time.sleep(0.01)
     stopped_part_way = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)

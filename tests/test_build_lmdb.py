@@ -9,7 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-from _build_lmdb_fixtures import BUILD_ARGS, all_records, clean_build, run_prep, sample_info, sample_tree
+from _build_lmdb_fixtures import (
+    BUILD_ARGS,
+    all_records,
+    clean_build,
+    committed_records,
+    run_prep,
+    sample_info,
+    sample_tree,
+)
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
@@ -316,20 +324,6 @@ def _build(src, data):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def _committed(data) -> int:
-    """Records committed so far in the shards of a build in progress (read through LMDB's lock, as a reader)."""
-    import lmdb
-
-    n = 0
-    for lock in data.glob("*/*/lock.mdb"):
-        try:
-            with lmdb.open(str(lock.parent), readonly=True, lock=True, subdir=True) as env:
-                n += env.stat()["entries"]
-        except lmdb.Error:  # the writer is creating it
-            pass
-    return n
-
-
 def _start_build(src, data, at_least: int):
     """Start the build in its own session and return it once ``at_least`` records are committed, still running."""
     import time
@@ -337,7 +331,7 @@ def _start_build(src, data, at_least: int):
     proc = subprocess.Popen([*BUILD_CMD, str(src), "--data-dir", str(data), *INTERRUPTED_ARGS],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline and _committed(data) < at_least:
+    while proc.poll() is None and time.monotonic() < deadline and committed_records(data) < at_least:
         time.sleep(0.01)
     if proc.poll() is not None or time.monotonic() >= deadline:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -449,7 +443,7 @@ def test_sigterm_stops_cleanly_and_kill9_of_the_parent_takes_the_workers(slow_sr
     assert proc.returncode == 130 and "run the same command again to resume" in err and "Traceback" not in err
     assert all(_gone(w) for w in workers)
     # kill -9 of the main process alone: the workers die with it (no orphan keeps writing a shard).
-    proc = _start_build(slow_src, data, _committed(data) + 2)
+    proc = _start_build(slow_src, data, committed_records(data) + 2)
     workers = [pid for pid in _tree_of_session(proc.pid) if pid != proc.pid]
     proc.kill()
     proc.wait(timeout=60)  # not communicate(): an orphaned worker would hold the pipes open
