@@ -6,7 +6,8 @@ All three do the same per-image work over the same LMDB shards: read the Datum, 
 subtract the mean image at the crop offset, random 224 crop, flip, PCA lighting, NCHW float32.
 The baseline does it with PIL (the active PIL: pillow-simd here) and numpy in DataLoader workers.
 The three are measured in turn in every round, in a rotating order; the script prints the rates and the ratios
-(targets: global / buffer >= 0.95, global / DataLoader >= 2.5; issue 21's: >= 2x with --rounds 3).
+(targets: global / DataLoader >= 2x, medians of 3 rounds (issue 21; it was 2.5x with the reads on the
+training thread, issue 15); global / buffer >= 0.95 (issue 15)).
 
     .venv/bin/python benchmarks/bench_pipeline.py [--data-dir DIR] [--images 6000] [--threads 2] [--rounds 6]
 
@@ -226,7 +227,7 @@ def main() -> None:
     print("median img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in med.items()))
     print("CPU ms per image (independent of other load on the machine): "
           + ", ".join(f"{name} {v:.2f}" for name, v in cpu.items()))  # fmt: skip
-    for num, den, target in (("global", "buffer", 0.95), ("global", "DataLoader", 2.5)):
+    for num, den, target in (("global", "buffer", 0.95), ("global", "DataLoader", 2.0)):
         per_round = sorted(a[0] / b[0] for a, b in zip(rates[num], rates[den], strict=True))
         print(f"{num} / {den}: per-round median {np.median(per_round):.2f}x (min {per_round[0]:.2f}x, "
               f"max {per_round[-1]:.2f}x; target >= {target}x)")  # fmt: skip
