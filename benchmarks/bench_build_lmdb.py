@@ -242,18 +242,17 @@ def _mem_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_build(tree: Path, out: Path) -> tuple[float, str, int, int, int]:
-    """Wall time, output, peak summed RSS and PSS (KB) over the process tree, max single-process ru_maxrss (KB)."""
-    prep = Path(sys.executable).parent / "alexnet-prep"
-    cmd = [str(prep), "build-lmdb", str(tree), "--data-dir", str(out), "--overwrite", "--no-progress"]
-    peak = [0, 0]
+def run_sampled(cmd: list[str], measure) -> tuple[float, str, list[int]]:
+    """Run ``cmd``; wall seconds, its output, and the peak of each of ``measure(pid)``'s values summed over
+    its process tree, sampled every 20 ms (exits with the output if the command fails)."""
+    peak: list[int] = []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def sample():
         while proc.poll() is None:
-            totals = [sum(v) for v in zip(*(_mem_kb(p) for p in _tree_pids(proc.pid)), strict=True)] or [0, 0]
-            peak[0], peak[1] = max(peak[0], totals[0]), max(peak[1], totals[1])
+            totals = [sum(v) for v in zip(*(measure(p) for p in _tree_pids(proc.pid)), strict=True)]
+            peak[:] = [max(a, b) for a, b in zip(peak or totals, totals, strict=True)]
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -262,9 +261,18 @@ def run_build(tree: Path, out: Path) -> tuple[float, str, int, int, int]:
     elapsed = time.perf_counter() - t0
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"build-lmdb failed:\n{output}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{output}")
+    return elapsed, output, peak
+
+
+def run_build(tree: Path, out: Path) -> tuple[float, str, int, int, int]:
+    """Wall time, output, peak summed RSS and PSS (KB) over the process tree, max single-process ru_maxrss (KB)."""
+    prep = Path(sys.executable).parent / "alexnet-prep"
+    cmd = [str(prep), "build-lmdb", str(tree), "--data-dir", str(out), "--overwrite", "--no-progress"]
+    elapsed, output, peak = run_sampled(cmd, _mem_kb)
+    rss, pss = peak or (0, 0)
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return elapsed, output, peak[0], peak[1], maxrss
+    return elapsed, output, rss, pss, maxrss
 
 
 def same_pixels(baseline_dir: Path, built: Path, n: int = 100) -> float:

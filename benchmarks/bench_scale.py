@@ -20,16 +20,13 @@ import io
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import click
 import numpy as np
-from bench_build_lmdb import _tree_pids, cpu_pressure
+from bench_build_lmdb import cpu_pressure, run_sampled
 
 CLASSES = 1000
 DISTINCT = 256
@@ -73,27 +70,12 @@ def _anon_kb(pid: int) -> int:
     return 0
 
 
-def run_sampled(cmd: list[str]) -> tuple[float, float, int]:
+def run_measured(cmd: list[str]) -> tuple[float, float, int]:
     """Wall seconds, CPU seconds (all its processes) and peak RssAnon (KB) summed over its process tree."""
-    peak = [0]
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def sample():
-        while proc.poll() is None:
-            peak[0] = max(peak[0], sum(_anon_kb(p) for p in _tree_pids(proc.pid)))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    output, _ = proc.communicate()
-    wall = time.perf_counter() - t0
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{output}")
+    wall, _, peak = run_sampled(cmd, lambda pid: (_anon_kb(pid),))
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), peak[0]
+    return wall, (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime), (peak or [0])[0]
 
 
 def measure(files: int, cache: Path, tmp: Path) -> dict[str, tuple[float, float, int]]:
@@ -108,7 +90,7 @@ def measure(files: int, cache: Path, tmp: Path) -> dict[str, tuple[float, float,
     }
     out = {}
     for step, cmd in cmds.items():
-        wall, cpu, anon = run_sampled(cmd)
+        wall, cpu, anon = run_measured(cmd)
         out[step] = (files / wall, 1e3 * cpu / files, anon)
         click.echo(f"{files:>8} {step:<11} {files / wall:8.1f} records/s  CPU {1e3 * cpu / files:.3f} ms/record  "
                    f"peak anon {anon / 1024:6.1f} MB  "
