@@ -27,6 +27,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 # docker/Dockerfile's CPU variant built with podman and the main path run inside it (root; ~10-20 min).
@@ -35,7 +36,7 @@ image-test:
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check . || true
+	$(BIN)/ruff format --check .
 
 bench: install
 	$(BIN)/python benchmarks/run_all.py

@@ -51,8 +51,12 @@ def cached_fraction(root: Path) -> float:
     """Share of the source's bytes in the page cache (util-linux ``fincore``), to show the drop worked."""
     files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
     try:
-        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE",
-                              *map(str, files)], capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES,SIZE", *map(str, files)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return float("nan")
     res = size = 0
@@ -76,8 +80,12 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 @click.option("--images", type=click.IntRange(1), default=3000, show_default=True)
 @click.option("--classes", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--repeat", type=click.IntRange(1), default=3, show_default=True)
-@click.option("--tree", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Cached JPEG tree (bench_build_lmdb's). Default: ~/.cache/alexnet/bench-build-lmdb.")  # fmt: skip
+@click.option(
+    "--tree",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cached JPEG tree (bench_build_lmdb's). Default: ~/.cache/alexnet/bench-build-lmdb.",
+)
 def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     """Archive vs extracted tree: images/s of build-lmdb with cold caches, median ratio; pca-stats, verify."""
     from alexnet.tools.build_lmdb import default_workers
@@ -92,9 +100,11 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
         stamp.write_text("")
     n = sum(1 for _ in (tree / "train").glob("*/*.JPEG"))
     size = (archives / AR.OFFICIAL_TRAIN).stat().st_size
-    click.echo(f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({default_workers()} workers), "
-               f"shared with other jobs (load average {os.getloadavg()[0]:.2f}); {n} JPEGs, "
-               f"mean {size / n / 1e3:.0f} KB; {AR.OFFICIAL_TRAIN} {size / 1e6:.0f} MB")  # fmt: skip
+    click.echo(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs ({default_workers()} workers), "
+        f"shared with other jobs (load average {os.getloadavg()[0]:.2f}); {n} JPEGs, "
+        f"mean {size / n / 1e3:.0f} KB; {AR.OFFICIAL_TRAIN} {size / 1e6:.0f} MB"
+    )
     prep = str(Path(sys.executable).parent / "alexnet-prep")
     rates: dict[str, list[float]] = {"tree": [], "archives": []}
     cpu: dict[str, list[float]] = {"tree": [], "archives": []}
@@ -110,21 +120,30 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
                 ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 rates[kind].append(n / wall)
                 cpu[kind].append(1e3 * ((ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)) / n)
-                click.echo(f"[{r + 1}/{repeat}] {kind:<8} {n / wall:7.1f} images/s, CPU {cpu[kind][-1]:.2f} ms/image "
-                           f"(source {100 * cached:.0f}% cached before; load {os.getloadavg()[0]:.2f}, "
-                           f"CPU pressure {cpu_pressure()})")  # fmt: skip
+                click.echo(
+                    f"[{r + 1}/{repeat}] {kind:<8} {n / wall:7.1f} images/s, CPU {cpu[kind][-1]:.2f} ms/image "
+                    f"(source {100 * cached:.0f}% cached before; load {os.getloadavg()[0]:.2f}, "
+                    f"CPU pressure {cpu_pressure()})"
+                )
         med = {k: statistics.median(v) for k, v in rates.items()}
         ratios = [a / t for a, t in zip(rates["archives"], rates["tree"], strict=True)]
-        click.echo(f"median: tree {med['tree']:.1f} images/s, archives {med['archives']:.1f} images/s; "
-                   f"ratio archives / tree: median of medians {med['archives'] / med['tree']:.2f}x, "
-                   f"per round {', '.join(f'{x:.2f}' for x in ratios)} (target >= 0.9)")  # fmt: skip
-        click.echo(f"CPU ms/image (median): tree {statistics.median(cpu['tree']):.2f}, "
-                   f"archives {statistics.median(cpu['archives']):.2f}")  # fmt: skip
+        click.echo(
+            f"median: tree {med['tree']:.1f} images/s, archives {med['archives']:.1f} images/s; "
+            f"ratio archives / tree: median of medians {med['archives'] / med['tree']:.2f}x, "
+            f"per round {', '.join(f'{x:.2f}' for x in ratios)} (target >= 0.9)"
+        )
+        click.echo(
+            f"CPU ms/image (median): tree {statistics.median(cpu['tree']):.2f}, "
+            f"archives {statistics.median(cpu['archives']):.2f}"
+        )
         same = all(
             list(A.iter_shard(a)) == list(A.iter_shard(b))
-            for a, b in zip(A.read_manifest(out["tree"]).shard_paths(out["tree"], "train"),
-                            A.read_manifest(out["archives"]).shard_paths(out["archives"], "train"), strict=True)
-        )  # fmt: skip
+            for a, b in zip(
+                A.read_manifest(out["tree"]).shard_paths(out["tree"], "train"),
+                A.read_manifest(out["archives"]).shard_paths(out["archives"], "train"),
+                strict=True,
+            )
+        )
         click.echo(f"datasets equal record for record: {same}")
         data = out["archives"]
         disk = sum(p.stat().st_size for p in data.rglob("*") if p.is_file())

@@ -54,8 +54,12 @@ def _octave(rng, h, w, freq, amp, channels):
 
     small = rng.normal(0, amp, (max(2, h * freq // 500), max(2, w * freq // 500), channels)).astype(np.float32)
     return np.stack(
-        [np.asarray(Image.fromarray(small[..., c], mode="F").resize((w, h), Image.Resampling.BICUBIC)) for c in
-         range(channels)], -1)  # fmt: skip
+        [
+            np.asarray(Image.fromarray(small[..., c], mode="F").resize((w, h), Image.Resampling.BICUBIC))
+            for c in range(channels)
+        ],
+        -1,
+    )
 
 
 def photo(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
@@ -170,8 +174,9 @@ def baseline_plain_pillow(py: Path, tree: Path, out: Path, shim: Path) -> tuple[
         + inspect.getsource(baseline)
         + f"\nn, t = baseline(Path({str(tree)!r}), Path({str(out)!r}))\nprint(n, t, PIL.__version__)\n"
     )
-    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, check=True,
-                       env={**os.environ, "PYTHONPATH": str(shim)})  # fmt: skip
+    r = subprocess.run(
+        [str(py), "-c", code], capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(shim)}
+    )
     n, t, version = r.stdout.split()
     return int(n), float(t), version
 
@@ -301,8 +306,12 @@ def same_pixels(baseline_dir: Path, built: Path, n: int = 100) -> float:
     show_default=True,
     help="Alternate baseline and build-lmdb this many times; the best (fastest) run of each counts.",
 )
-@click.option("--tree", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the generated JPEG tree lives (cached). Default: ~/.cache/alexnet/bench-build-lmdb.")  # fmt: skip
+@click.option(
+    "--tree",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the generated JPEG tree lives (cached). Default: ~/.cache/alexnet/bench-build-lmdb.",
+)
 def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     """Single-process Pillow loop vs build-lmdb (default workers): images/s, ratio, peak memory."""
     from alexnet.pipeline.images import pil_summary
@@ -315,8 +324,10 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     for p in files:  # warm the page cache for both contenders
         p.read_bytes()
     workers = default_workers()
-    click.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores ({workers} usable), "
-               f"load average {os.getloadavg()[0]:.2f}, CPU pressure {cpu_pressure()}; PIL: {pil_summary()}")  # fmt: skip
+    click.echo(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores ({workers} usable), "
+        f"load average {os.getloadavg()[0]:.2f}, CPU pressure {cpu_pressure()}; PIL: {pil_summary()}"
+    )
     click.echo(f"tree: {len(files)} JPEGs, mean {total_bytes / len(files) / 1e3:.0f} KB")
     plain_py = plain_pillow_python(tree.parent)
     base_runs, build_runs, plain_runs = [], [], []
@@ -346,31 +357,45 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
         t_base, cpu_base = min(base_runs)
         t_build, cpu_build, output, _, _, _ = min(build_runs, key=lambda b: b[0])
         rate_base, rate_build = n / t_base, n / t_build
-        click.echo(f"baseline (1 process, plain loop): {n} images in {t_base:.1f} s = {rate_base:.1f} images/s, "
-                   f"CPU {1e3 * cpu_base / n:.2f} ms/image")  # fmt: skip
-        click.echo(f"build-lmdb ({workers} workers):         {n} images in {t_build:.1f} s = {rate_build:.1f} images/s, "
-                   f"CPU {1e3 * cpu_build / n:.2f} ms/image (wall time of the whole command, all processes' CPU)")  # fmt: skip
+        click.echo(
+            f"baseline (1 process, plain loop): {n} images in {t_base:.1f} s = {rate_base:.1f} images/s, "
+            f"CPU {1e3 * cpu_base / n:.2f} ms/image"
+        )
+        click.echo(
+            f"build-lmdb ({workers} workers):         {n} images in {t_build:.1f} s = {rate_build:.1f} images/s, "
+            f"CPU {1e3 * cpu_build / n:.2f} ms/image (wall time of the whole command, all processes' CPU)"
+        )
         for line in output.strip().splitlines():
             click.echo(f"    | {line}")
         rate_plain = n / min(plain_runs)
         click.echo(f"baseline (1 process, plain loop) under plain Pillow {plain_version}: {rate_plain:.1f} images/s")
-        click.echo(f"ratio build-lmdb / plain-Pillow loop (the issue's baseline): {rate_build / rate_plain:.2f}x "
-                   "(target >= 3.0x)")  # fmt: skip
+        click.echo(
+            f"ratio build-lmdb / plain-Pillow loop (the issue's baseline): {rate_build / rate_plain:.2f}x "
+            "(target >= 3.0x)"
+        )
         click.echo(f"ratio build-lmdb / the same loop under pillow-simd: {rate_build / rate_base:.2f}x")
-        click.echo(f"CPU per image, baseline / build-lmdb: {cpu_base / cpu_build:.2f}x "
-                   f"(x {workers} cores = {workers * cpu_base / cpu_build:.2f}x: the ratio on an otherwise idle machine)")  # fmt: skip
+        click.echo(
+            f"CPU per image, baseline / build-lmdb: {cpu_base / cpu_build:.2f}x "
+            f"(x {workers} cores = {workers * cpu_base / cpu_build:.2f}x: the ratio on an otherwise idle machine)"
+        )
         peak_rss = max(b[3] for b in build_runs)
         peak_pss = max(b[4] for b in build_runs)
         maxrss = max(b[5] for b in build_runs)
-        click.echo(f"build-lmdb peak memory: sum over its processes {peak_pss / 1024:.0f} MB PSS "
-                   f"({peak_rss / 1024:.0f} MB RSS, shared pages counted in each process), "
-                   f"largest single process {maxrss / 1024:.0f} MB RSS")  # fmt: skip
-        click.echo(f"same work: mean |pixel difference| between the two outputs "
-                   f"{same_pixels(tmp / 'baseline', tmp / 'built'):.3f} grey levels")  # fmt: skip
+        click.echo(
+            f"build-lmdb peak memory: sum over its processes {peak_pss / 1024:.0f} MB PSS "
+            f"({peak_rss / 1024:.0f} MB RSS, shared pages counted in each process), "
+            f"largest single process {maxrss / 1024:.0f} MB RSS"
+        )
+        click.echo(
+            f"same work: mean |pixel difference| between the two outputs "
+            f"{same_pixels(tmp / 'baseline', tmp / 'built'):.3f} grey levels"
+        )
     stages = profile_stages(tree)
     total = sum(stages.values())
-    click.echo(f"baseline stages (ms/image, {total:.2f} total): " + ", ".join(
-        f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in stages.items()))  # fmt: skip
+    click.echo(
+        f"baseline stages (ms/image, {total:.2f} total): "
+        + ", ".join(f"{k} {v:.2f} ({100 * v / total:.0f}%)" for k, v in stages.items())
+    )
 
 
 if __name__ == "__main__":

@@ -73,23 +73,32 @@ def main() -> None:
         CONFIGS["global"] = {"workers": args.workers}
     data = args.data_dir or synth_dataset(Path.home() / ".cache/alexnet/bench_pipeline", 6000)
     cfg = DataConfig()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load avg "
-          f"{os.getloadavg()[0]:.1f} | dataset {data} | batch {args.batch_size} | DataConfig defaults: {cfg}"
-          f"{' | cold page cache' if args.cold else ''}")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load avg "
+        f"{os.getloadavg()[0]:.1f} | dataset {data} | batch {args.batch_size} | DataConfig defaults: {cfg}"
+        f"{' | cold page cache' if args.cold else ''}"
+    )
     res: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
     for r in range(args.rounds):
         for name in list(res)[r % 3 :] + list(res)[: r % 3]:  # a rotating order
             res[name].append(measure(data, CONFIGS[name], args.batch_size, args.batches, args.cold))
-        print(f"round {r + 1}: " + " | ".join(f"{k} {v[-1][0]:.2f} thread-CPU ms/batch, {v[-1][1]:,.0f} img/s"
-                                          for k, v in res.items()), flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}: "
+            + " | ".join(f"{k} {v[-1][0]:.2f} thread-CPU ms/batch, {v[-1][1]:,.0f} img/s" for k, v in res.items()),
+            flush=True,
+        )
     ms = {k: float(np.median([x[0] for x in v])) for k, v in res.items()}
     rate = {k: float(np.median([x[1] for x in v])) for k, v in res.items()}
-    print(f"median consuming-thread CPU per batch of {args.batch_size}: global {ms['global']:.2f} ms, buffer "
-          f"{ms['buffer']:.2f} ms, difference {ms['global'] - ms['buffer']:+.2f} ms (target <= +0.5 ms)")  # fmt: skip
+    print(
+        f"median consuming-thread CPU per batch of {args.batch_size}: global {ms['global']:.2f} ms, buffer "
+        f"{ms['buffer']:.2f} ms, difference {ms['global'] - ms['buffer']:+.2f} ms (target <= +0.5 ms)"
+    )
     print(f"the reads on the training thread (workers=0): {ms['global-in-thread']:.2f} ms per batch")
-    print(f"median rate: global {rate['global']:,.0f} img/s, buffer {rate['buffer']:,.0f} img/s, ratio "
-          f"{rate['global'] / rate['buffer']:.2f}x{' (target >= 0.8x cold)' if args.cold else ''}; in-thread "
-          f"{rate['global-in-thread']:,.0f} img/s")  # fmt: skip
+    print(
+        f"median rate: global {rate['global']:,.0f} img/s, buffer {rate['buffer']:,.0f} img/s, ratio "
+        f"{rate['global'] / rate['buffer']:.2f}x{' (target >= 0.8x cold)' if args.cold else ''}; in-thread "
+        f"{rate['global-in-thread']:,.0f} img/s"
+    )
 
 
 if __name__ == "__main__":

@@ -84,13 +84,19 @@ def main(batch_size: int, rounds: int, log_every_steps: int) -> None:
         times["step"].append(_cpu_time(step))
     step_s, before_s, after_s = (statistics.median(times[k]) for k in ("step", "before", "after"))
     interval = log_every_steps * step_s
-    click.echo(f"torch threads: {torch.get_num_threads()}, batch {batch_size}, 1000 classes, "
-               f"process CPU time (all threads), medians of {rounds} alternating rounds")  # fmt: skip
+    click.echo(
+        f"torch threads: {torch.get_num_threads()}, batch {batch_size}, 1000 classes, "
+        f"process CPU time (all threads), medians of {rounds} alternating rounds"
+    )
     click.echo(f"training step: {step_s * 1000:.0f} ms")
-    click.echo(f"layer norms, per tensor (before): {before_s * 1000:.1f} ms, "
-               f"{100 * before_s / interval:.3f}% of a {log_every_steps}-step interval")  # fmt: skip
-    click.echo(f"layer norms, multi-tensor (after): {after_s * 1000:.1f} ms, "
-               f"{100 * after_s / interval:.3f}% of a {log_every_steps}-step interval")  # fmt: skip
+    click.echo(
+        f"layer norms, per tensor (before): {before_s * 1000:.1f} ms, "
+        f"{100 * before_s / interval:.3f}% of a {log_every_steps}-step interval"
+    )
+    click.echo(
+        f"layer norms, multi-tensor (after): {after_s * 1000:.1f} ms, "
+        f"{100 * after_s / interval:.3f}% of a {log_every_steps}-step interval"
+    )
     click.echo(f"after/before: {after_s / before_s:.2f}x; largest relative difference of a norm: {worst:.1e}")
     assert math.isfinite(worst) and worst < 1e-4, worst
 

@@ -111,8 +111,10 @@ def _parts(model: AlexNet, batch: int, precision: str, reps: int) -> None:
         rounds["multi-tensor"].append(_cpu_ms(opt.step, devices, reps))
         rounds["per-tensor loop"].append(_cpu_ms(lambda: _loop_update(params, velocities), devices, reps))
     med = {k: statistics.median(v) for k, v in rounds.items()}
-    print(f"PaperSGD update, {len(params)} tensors: multi-tensor {med['multi-tensor']:.2f} ms, "
-          f"per-tensor loop {med['per-tensor loop']:.2f} ms (thread CPU time, medians of 3 rounds of {reps})")  # fmt: skip
+    print(
+        f"PaperSGD update, {len(params)} tensors: multi-tensor {med['multi-tensor']:.2f} ms, "
+        f"per-tensor loop {med['per-tensor loop']:.2f} ms (thread CPU time, medians of 3 rounds of {reps})"
+    )
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.bfloat16)
     x = torch.relu(torch.randn(batch, 96, 55, 55, device=model.input_device) * 11).to(dtype)
     norm = model.norm1
@@ -123,8 +125,10 @@ def _parts(model: AlexNet, batch: int, precision: str, reps: int) -> None:
             rounds[f"{dtype} denominator"].append(_cpu_ms(lambda: _lrn_low(norm, x), devices, reps))
     med = {k: statistics.median(v) for k, v in rounds.items()}
     (a, fa), (b, fb) = med.items()
-    print(f"LRN forward on conv1's output [{batch}, 96, 55, 55] in {dtype}: {a} {fa:.2f} ms, {b} {fb:.2f} ms "
-          f"({fa / fb:.2f}x; thread CPU time, medians of 3 rounds of {reps})")  # fmt: skip
+    print(
+        f"LRN forward on conv1's output [{batch}, 96, 55, 55] in {dtype}: {a} {fa:.2f} ms, {b} {fb:.2f} ms "
+        f"({fa / fb:.2f}x; thread CPU time, medians of 3 rounds of {reps})"
+    )
 
 
 def _rate(step, devices: list[torch.device], batch: int, steps: int) -> float:
@@ -163,12 +167,16 @@ def main(device, second_device, batch, steps, warmup, rounds, precision, compile
     print(
         f"torch {torch.__version__} | {name} | threads {torch.get_num_threads()} | params {count_parameters(grouped):,}"
     )
-    print(f"batch {batch}, {rounds} rounds of {steps} steps (+{warmup} warm-up), {precision}, "
-          f"channels_last={channels_last(first)}")  # fmt: skip
+    print(
+        f"batch {batch}, {rounds} rounds of {steps} steps (+{warmup} warm-up), {precision}, "
+        f"channels_last={channels_last(first)}"
+    )
 
     diffs = _check(models, check_batch)
-    print("same function (fp32 logits vs CPU float64, max |diff| / max |logit|): "
-          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))  # fmt: skip
+    print(
+        "same function (fp32 logits vs CPU float64, max |diff| / max |logit|): "
+        + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+    )
     set_tf32(precision, first)
     steppers = {label: _stepper(model, batch, precision) for label, model in models.items()}
     for label, step in steppers.items():
@@ -188,8 +196,10 @@ def main(device, second_device, batch, steps, warmup, rounds, precision, compile
     labels = list(medians)
     print(f"split / grouped: {medians[labels[1]] / medians[labels[0]]:.3f}")
     if compiled:
-        print(f"compiled / eager: grouped {medians[labels[2]] / medians[labels[0]]:.3f}, "
-              f"split {medians[labels[3]] / medians[labels[1]]:.3f}")  # fmt: skip
+        print(
+            f"compiled / eager: grouped {medians[labels[2]] / medians[labels[0]]:.3f}, "
+            f"split {medians[labels[3]] / medians[labels[1]]:.3f}"
+        )
     if parts:
         _parts(grouped, batch, precision, reps=5 if first.type == "cpu" else 50)
     if max(diffs.values()) > 1e-4:

@@ -43,8 +43,13 @@ def _octave(rng: np.random.Generator, cells: int, amp: float, channels: int) -> 
     from PIL import Image
 
     small = rng.normal(0, amp, (cells, cells, channels)).astype(np.float32)
-    return np.stack([np.asarray(Image.fromarray(small[..., c], mode="F").resize((S, S), Image.Resampling.BICUBIC))
-                     for c in range(channels)], -1)  # fmt: skip
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(small[..., c], mode="F").resize((S, S), Image.Resampling.BICUBIC))
+            for c in range(channels)
+        ],
+        -1,
+    )
 
 
 def photo(rng: np.random.Generator) -> np.ndarray:
@@ -145,8 +150,12 @@ def per_image_costs(jpegs: list[bytes], n: int = 256, rounds: int = 5) -> dict[s
             m.add(im)
         m.finalize()
 
-    fns = {"decode (PIL)": decode, "decode + moments": decode_and_moments,
-           "moments, compiled kernel": lambda: moments(True), "moments, numpy path": lambda: moments(False)}  # fmt: skip
+    fns = {
+        "decode (PIL)": decode,
+        "decode + moments": decode_and_moments,
+        "moments, compiled kernel": lambda: moments(True),
+        "moments, numpy path": lambda: moments(False),
+    }
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(rounds):
         for k, f in fns.items():
@@ -166,8 +175,9 @@ def dali_decode(jpegs: list[bytes], batch: int = 32, device: str = "cpu") -> np.
 
     @pipeline_def(batch_size=batch, num_threads=2, device_id=None if device == "cpu" else 0, prefetch_queue_depth=1)
     def pipe():
-        return fn.decoders.image(fn.external_source(name="jpegs", dtype=types.UINT8), device=device,
-                                 output_type=types.RGB)  # fmt: skip
+        return fn.decoders.image(
+            fn.external_source(name="jpegs", dtype=types.UINT8), device=device, output_type=types.RGB
+        )
 
     p = pipe()
     p.build()
@@ -217,19 +227,33 @@ def compare_decoders(jpegs: list[bytes], device: str = "cpu") -> dict[str, float
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--compare", type=click.IntRange(min=0), default=300, show_default=True,
-              help="Records decoded by both PIL and DALI's CPU decoder (0: skip).")  # fmt: skip
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Default: ~/.cache/alexnet/bench-pca-stats.")  # fmt: skip
-@click.option("--dali-device", type=click.Choice(["cpu", "mixed"]), default="cpu", show_default=True,
-              help="DALI decoder compared with PIL: cpu (CPU-only mode) or mixed (nvJPEG, needs a GPU).")  # fmt: skip
-def main(records: int, shards: int, workers: int, repeat: int, compare: int, data_dir: Path | None,
-         dali_device: str) -> None:  # fmt: skip
+@click.option(
+    "--compare",
+    type=click.IntRange(min=0),
+    default=300,
+    show_default=True,
+    help="Records decoded by both PIL and DALI's CPU decoder (0: skip).",
+)
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None, help="Default: ~/.cache/alexnet/bench-pca-stats."
+)
+@click.option(
+    "--dali-device",
+    type=click.Choice(["cpu", "mixed"]),
+    default="cpu",
+    show_default=True,
+    help="DALI decoder compared with PIL: cpu (CPU-only mode) or mixed (nvJPEG, needs a GPU).",
+)
+def main(
+    records: int, shards: int, workers: int, repeat: int, compare: int, data_dir: Path | None, dali_device: str
+) -> None:
     root = data_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet" / "bench-pca-stats"
     make_dataset(root, records, shards)
     jpegs = all_jpegs(root)  # also warms the page cache
-    click.echo(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
-               f"decoder {P.decoder_name()}; {len(jpegs)} records, mean JPEG {np.mean([len(j) for j in jpegs]) / 1e3:.1f} kB")  # fmt: skip
+    click.echo(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; "
+        f"decoder {P.decoder_name()}; {len(jpegs)} records, mean JPEG {np.mean([len(j) for j in jpegs]) / 1e3:.1f} kB"
+    )
     click.echo(f"\n{'run':>4} {'decode-only img/s':>18} {'pca-stats img/s':>16} {'ratio':>6}")
     ratios = []
     for r in range(repeat):
@@ -244,8 +268,10 @@ def main(records: int, shards: int, workers: int, repeat: int, compare: int, dat
         click.echo(
             f"{r + 1:>4} {n_d / t_d:>18.1f} {n_s / t_s:>16.1f} {ratios[-1]:>6.2f}   (load {os.getloadavg()[0]:.2f})"
         )
-    click.echo(f"ratio pca-stats / decode-only with {workers} workers: median {np.median(ratios):.2f} "
-               f"(min {min(ratios):.2f}, max {max(ratios):.2f}); target >= 0.8")  # fmt: skip
+    click.echo(
+        f"ratio pca-stats / decode-only with {workers} workers: median {np.median(ratios):.2f} "
+        f"(min {min(ratios):.2f}, max {max(ratios):.2f}); target >= 0.8"
+    )
     click.echo("\nper image, one process (ms, best of 5 alternated rounds):")
     for k, v in per_image_costs(jpegs).items():
         click.echo(f"  {k:<46} {v:.3f}")

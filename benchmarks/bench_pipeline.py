@@ -48,8 +48,13 @@ def synth_dataset(root: Path, n: int) -> Path:
     records = [(f"synth/{i}.JPEG", photo_jpeg(i), i % 10) for i in range(n)]
     split = A.write_split(root, "train", records, 1, seed=None, map_size=1 << 32)
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)], splits={"train": split}))
-    stats = A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0], eigvec=np.eye(3).tolist(),
-                    n_images=n, n_pixels=n * 65536)  # fmt: skip
+    stats = A.Stats(
+        mean_rgb=[124.0, 116.0, 104.0],
+        eigval=[5000.0, 300.0, 60.0],
+        eigvec=np.eye(3).tolist(),
+        n_images=n,
+        n_pixels=n * 65536,
+    )
     A.write_stats(root, stats, np.full((256, 256, 3), 120.0, np.float32))
     return root
 
@@ -112,8 +117,15 @@ def measure(batches_iter, pids, batch: int, batches: int) -> tuple[float, float]
 
 def rate_torch(data_dir: Path, batch: int, workers: int, batches: int) -> tuple[float, float]:
     ds = TorchBaseline(data_dir)
-    dl = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                                     persistent_workers=True, prefetch_factor=2)  # fmt: skip
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=True,
+        prefetch_factor=2,
+    )
 
     def endless():
         while True:
@@ -186,8 +198,10 @@ def cold_reads(data_dir: Path, batch: int) -> None:
         t0 = time.perf_counter()
         read()
         dt = time.perf_counter() - t0
-        print(f"cold read, {name}: {n / dt:,.0f} records/s, {size / dt / 1e6:,.0f} MB/s ({n} records, {size / 1e6:,.0f} MB)",
-              flush=True)  # fmt: skip
+        print(
+            f"cold read, {name}: {n / dt:,.0f} records/s, {size / dt / 1e6:,.0f} MB/s ({n} records, {size / 1e6:,.0f} MB)",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -204,10 +218,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = args.data_dir or synth_dataset(Path.home() / ".cache/alexnet/bench_pipeline", args.images)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} "
-          f"| PIL {PIL.__version__} | DALI {nvidia.dali.__version__}")  # fmt: skip
-    print(f"dataset {data}: batch {args.batch_size}, {args.batches} timed batches per measurement, "
-          f"DALI {args.threads} threads vs DataLoader {args.threads} workers, in a rotating order, {args.rounds} rounds")  # fmt: skip
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores | torch {torch.__version__} "
+        f"| PIL {PIL.__version__} | DALI {nvidia.dali.__version__}"
+    )
+    print(
+        f"dataset {data}: batch {args.batch_size}, {args.batches} timed batches per measurement, "
+        f"DALI {args.threads} threads vs DataLoader {args.threads} workers, in a rotating order, {args.rounds} rounds"
+    )
     if args.cold_read:
         cold_reads(data, args.batch_size)
     rates: dict[str, list[tuple[float, float]]] = {"DataLoader": [], "global": [], "buffer": []}
@@ -220,17 +238,25 @@ def main() -> None:
             else:
                 rates[name].append(rate_dali(data, args.batch_size, args.threads, args.batches, name))
             gc.collect()  # the DataLoader's workers and the pipelines end before the next measurement
-        print(f"round {r + 1}: " + " | ".join(f"{name} {v[-1][0]:7.1f} img/s ({v[-1][1]:.2f} CPU ms/img)"
-                                          for name, v in rates.items()) + f" (load avg before {load:.1f})", flush=True)  # fmt: skip
+        print(
+            f"round {r + 1}: "
+            + " | ".join(f"{name} {v[-1][0]:7.1f} img/s ({v[-1][1]:.2f} CPU ms/img)" for name, v in rates.items())
+            + f" (load avg before {load:.1f})",
+            flush=True,
+        )
     med = {name: np.median([x[0] for x in v]) for name, v in rates.items()}
     cpu = {name: np.median([x[1] for x in v]) for name, v in rates.items()}
     print("median img/s: " + ", ".join(f"{name} {v:.1f}" for name, v in med.items()))
-    print("CPU ms per image (independent of other load on the machine): "
-          + ", ".join(f"{name} {v:.2f}" for name, v in cpu.items()))  # fmt: skip
+    print(
+        "CPU ms per image (independent of other load on the machine): "
+        + ", ".join(f"{name} {v:.2f}" for name, v in cpu.items())
+    )
     for num, den, target in (("global", "buffer", 0.95), ("global", "DataLoader", 2.0)):
         per_round = sorted(a[0] / b[0] for a, b in zip(rates[num], rates[den], strict=True))
-        print(f"{num} / {den}: per-round median {np.median(per_round):.2f}x (min {per_round[0]:.2f}x, "
-              f"max {per_round[-1]:.2f}x; target >= {target}x)")  # fmt: skip
+        print(
+            f"{num} / {den}: per-round median {np.median(per_round):.2f}x (min {per_round[0]:.2f}x, "
+            f"max {per_round[-1]:.2f}x; target >= {target}x)"
+        )
 
 
 if __name__ == "__main__":

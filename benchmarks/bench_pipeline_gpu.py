@@ -76,9 +76,13 @@ def synth(root: Path, records: int, distinct: int = 4096, shards: int = 4) -> Pa
     splits = {"train": write("train", records, shards), "val": write("val", 1000, 1)}
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(TC.NUM_CLASSES)], splits=splits))
     mean_image = np.random.default_rng(1).uniform(100, 140, A.MEAN_IMAGE_SHAPE).astype(np.float32)
-    stats = A.Stats(mean_rgb=[124.0, 116.0, 104.0], eigval=[5000.0, 300.0, 60.0],
-                    eigvec=np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0].tolist(),
-                    n_images=records, n_pixels=records * 65536)  # fmt: skip
+    stats = A.Stats(
+        mean_rgb=[124.0, 116.0, 104.0],
+        eigval=[5000.0, 300.0, 60.0],
+        eigvec=np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0].tolist(),
+        n_images=records,
+        n_pixels=records * 65536,
+    )
     A.write_stats(root, stats, mean_image)
     return root
 
@@ -154,12 +158,25 @@ def gpu_vs_cpu_check(data: Path, threads: int, device: str = "cuda:0", n: int = 
     mean_image = A.read_mean_image(data).astype(np.float64)
     stats = A.read_stats(data)
     s = lighting_scale_values(stats.eigval, C.DEFAULT_LIGHTING_SCALE)
-    corner = {"top-left": (0, 0), "top-right": (32, 0), "bottom-left": (0, 32), "bottom-right": (32, 32),
-              "centre": (16, 16)}  # fmt: skip
+    corner = {
+        "top-left": (0, 0),
+        "top-right": (32, 0),
+        "bottom-left": (0, 32),
+        "bottom-right": (32, 32),
+        "centre": (16, 16),
+    }
     ok = True
     for split in ("train", "val"):
-        loader = create_loader(data, split, DataConfig(num_threads=threads), batch_size=n, seed=3, with_draws=True,
-                               device=device, ten_crop=split == "val")  # fmt: skip
+        loader = create_loader(
+            data,
+            split,
+            DataConfig(num_threads=threads),
+            batch_size=n,
+            seed=3,
+            with_draws=True,
+            device=device,
+            ten_crop=split == "val",
+        )
         images, labels, draws = next(iter(loader))
         got = images.float().cpu().numpy()
         gpu = device != "cpu"
@@ -180,11 +197,17 @@ def gpu_vs_cpu_check(data: Path, threads: int, device: str = "cuda:0", n: int = 
         ok &= good
         if gpu and split == "train":
             cpu_raw = decoded_records(data, split, draws["index"]).astype(np.float64)
-            print(f"  decoders alone on these records: |nvJPEG - libjpeg-turbo| mean "
-                  f"{np.abs(raw + mean_image - cpu_raw).mean():.3f} grey levels", flush=True)  # fmt: skip
-        print(f"  {split}: {tuple(images.shape)} {images.dtype} on {images.device}; |pipeline - numpy(same decode)| "
-              f"mean {diff.mean():.3f}, 99.9th pct {np.quantile(diff, 0.999):.2f}, max {diff.max():.1f} grey levels "
-              f"-> {'OK' if good else 'MISMATCH'}", flush=True)  # fmt: skip
+            print(
+                f"  decoders alone on these records: |nvJPEG - libjpeg-turbo| mean "
+                f"{np.abs(raw + mean_image - cpu_raw).mean():.3f} grey levels",
+                flush=True,
+            )
+        print(
+            f"  {split}: {tuple(images.shape)} {images.dtype} on {images.device}; |pipeline - numpy(same decode)| "
+            f"mean {diff.mean():.3f}, 99.9th pct {np.quantile(diff, 0.999):.2f}, max {diff.max():.1f} grey levels "
+            f"-> {'OK' if good else 'MISMATCH'}",
+            flush=True,
+        )
     return ok
 
 
@@ -221,9 +244,17 @@ class Bench:
         self.stats, self.mean_image = A.read_stats(self.data), A.read_mean_image(self.data)
         # The full graph behind the caffe reader (the buffer shuffle's input; the global shuffle feeds
         # the same graph through external_source, timed as "loader").
-        self.spec0 = PipelineSpec(data=DataConfig(num_threads=self.th), is_training=True, batch_size=self.b,
-                                  device_id=self.dev_id, dtype="float32", channels_last=False, ten_crop=False, seed=1,
-                                  reader=(tuple(self.paths), 0, 1))  # fmt: skip
+        self.spec0 = PipelineSpec(
+            data=DataConfig(num_threads=self.th),
+            is_training=True,
+            batch_size=self.b,
+            device_id=self.dev_id,
+            dtype="float32",
+            channels_last=False,
+            ten_crop=False,
+            seed=1,
+            reader=(tuple(self.paths), 0, 1),
+        )
         self.rates: dict[str, float] = {}
 
     def record(self, name: str, make) -> None:
@@ -239,11 +270,22 @@ class Bench:
 
         from alexnet.pipeline.dali_pipeline import SHUFFLE_BUFFER
 
-        @pipeline_def(batch_size=self.b, num_threads=threads or self.th, device_id=self.dev_id, seed=1 + part[0],
-                      prefetch_queue_depth=2)  # fmt: skip
+        @pipeline_def(
+            batch_size=self.b,
+            num_threads=threads or self.th,
+            device_id=self.dev_id,
+            seed=1 + part[0],
+            prefetch_queue_depth=2,
+        )
         def pipe():
-            jpegs, labels = fn.readers.caffe(path=self.paths, random_shuffle=True, initial_fill=SHUFFLE_BUFFER,
-                                             pad_last_batch=True, shard_id=part[0], num_shards=part[1])  # fmt: skip
+            jpegs, labels = fn.readers.caffe(
+                path=self.paths,
+                random_shuffle=True,
+                initial_fill=SHUFFLE_BUFFER,
+                pad_last_batch=True,
+                shard_id=part[0],
+                num_shards=part[1],
+            )
             if kind == "read":
                 return labels
             hw_arg = {} if self.dry else {"hw_decoder_load": hw}
@@ -306,13 +348,17 @@ class Bench:
         alone; the fastest global loader's (name, pipelines, threads)."""
         multi = ((1, self.th), (2, max(2, min(8, self.th))), (3, max(2, min(5, self.th))))  # (pipelines, threads)
         for k, threads in multi:
-            self.record(f"loader (torch, {self.device}) x{k} pipelines, {threads} thr",
-                        lambda k=k, threads=threads: self.loader_rate(roi, hw, k, threads))  # fmt: skip
+            self.record(
+                f"loader (torch, {self.device}) x{k} pipelines, {threads} thr",
+                lambda k=k, threads=threads: self.loader_rate(roi, hw, k, threads),
+            )
         self.record(
             f"loader buffer shuffle x1 pipeline, {self.th} thr", lambda: self.loader_rate(roi, hw, 1, self.th, "buffer")
         )
-        self.record(f"global read alone (LMDB by key + Datum, {self.b} records)",
-                    lambda: read_rate(self.data, self.b, self.args.batches))  # fmt: skip
+        self.record(
+            f"global read alone (LMDB by key + Datum, {self.b} records)",
+            lambda: read_rate(self.data, self.b, self.args.batches),
+        )
         loaders = {key: v for key, v in self.rates.items() if key.startswith("loader (torch")}
         key = max(loaders, key=loaders.get) if loaders else None
         k_best, th_best = next(((k, t) for k, t in multi if key and f" x{k} pipelines, {t} thr" in key), (1, self.th))
@@ -323,8 +369,10 @@ class Bench:
         chain = [("read", "read")] if "read" in self.rates else []
         if k_best > 1:  # the same stages with k_best pipelines taking turns
             parts = [(i, k_best) for i in range(k_best)]
-            self.record(f"read+decode hw_load={hw} x{k_best}",
-                        lambda: time_pipe([self.stage("decode", hw, th_best, p) for p in parts], self.args.batches))  # fmt: skip
+            self.record(
+                f"read+decode hw_load={hw} x{k_best}",
+                lambda: time_pipe([self.stage("decode", hw, th_best, p) for p in parts], self.args.batches),
+            )
             self.record(f"full roi_decode={roi} hw_load={hw} x{k_best}", lambda: self.full(roi, hw, th_best, k_best))
             keys = (f"read+decode hw_load={hw} x{k_best}", f"full roi_decode={roi} hw_load={hw} x{k_best}")
         else:
@@ -358,13 +406,18 @@ def main() -> None:
 
     dry = args.cpu_dry_run
     gpu_name = "CPU-only dry run" if dry else torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
-    print(f"{platform.node()}: {gpu_name}, {os.cpu_count()} CPU cores | torch {torch.__version__} "
-          f"| DALI {nvidia.dali.__version__}", flush=True)  # fmt: skip
+    print(
+        f"{platform.node()}: {gpu_name}, {os.cpu_count()} CPU cores | torch {torch.__version__} "
+        f"| DALI {nvidia.dali.__version__}",
+        flush=True,
+    )
     t0 = time.perf_counter()
     bench = Bench(args)
-    print(f"dataset {bench.data}: {A.read_manifest(bench.data).splits['train'].num_records} train records, ready in "
-          f"{time.perf_counter() - t0:.1f} s; batch {bench.b}, {bench.th} DALI threads, {args.batches} batches per stage",
-          flush=True)  # fmt: skip
+    print(
+        f"dataset {bench.data}: {A.read_manifest(bench.data).splits['train'].num_records} train records, ready in "
+        f"{time.perf_counter() - t0:.1f} s; batch {bench.b}, {bench.th} DALI threads, {args.batches} batches per stage",
+        flush=True,
+    )
     if not args.skip_check:
         print("GPU vs CPU pipeline check (first batch, same seed):", flush=True)
         try:
@@ -374,9 +427,11 @@ def main() -> None:
     roi, hw, best = bench.stages()
     loader_key, k_best, th_best = bench.loaders(roi, hw)
     final = summarise(bench.rates, bench.chain(roi, hw, best, k_best, th_best), loader_key)
-    print(f"target >= 28,000 img/s on one H100 at batch 128 (moonshot 40,000): loader {final:,.0f} img/s -> "
-          f"{'MET' if final >= 28000 else 'NOT MET'}; fastest settings: roi_decode={roi}, hw_decoder_load={hw}, "
-          f"{k_best} pipeline(s) of {th_best} threads")  # fmt: skip
+    print(
+        f"target >= 28,000 img/s on one H100 at batch 128 (moonshot 40,000): loader {final:,.0f} img/s -> "
+        f"{'MET' if final >= 28000 else 'NOT MET'}; fastest settings: roi_decode={roi}, hw_decoder_load={hw}, "
+        f"{k_best} pipeline(s) of {th_best} threads"
+    )
 
 
 if __name__ == "__main__":

@@ -92,35 +92,52 @@ def measure(files: int, cache: Path, tmp: Path) -> dict[str, tuple[float, float,
     for step, cmd in cmds.items():
         wall, cpu, anon = run_measured(cmd)
         out[step] = (files / wall, 1e3 * cpu / files, anon)
-        click.echo(f"{files:>8} {step:<11} {files / wall:8.1f} records/s  CPU {1e3 * cpu / files:.3f} ms/record  "
-                   f"peak anon {anon / 1024:6.1f} MB  "
-                   f"(load {os.getloadavg()[0]:.2f}, CPU pressure {cpu_pressure()})")  # fmt: skip
+        click.echo(
+            f"{files:>8} {step:<11} {files / wall:8.1f} records/s  CPU {1e3 * cpu / files:.3f} ms/record  "
+            f"peak anon {anon / 1024:6.1f} MB  "
+            f"(load {os.getloadavg()[0]:.2f}, CPU pressure {cpu_pressure()})"
+        )
     return out
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--small", type=click.IntRange(CLASSES), default=11_000, show_default=True)
 @click.option("--factor", type=click.IntRange(2), default=10, show_default=True)
-@click.option("--repeat", type=click.IntRange(1), default=2, show_default=True,
-              help="Rounds, the order of the sizes swapped every round; each step's best rate counts.")  # fmt: skip
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the layouts are kept. Default: ~/.cache/alexnet/bench-scale.")  # fmt: skip
+@click.option(
+    "--repeat",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Rounds, the order of the sizes swapped every round; each step's best rate counts.",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the layouts are kept. Default: ~/.cache/alexnet/bench-scale.",
+)
 def main(small: int, factor: int, repeat: int, cache: Path | None) -> None:
     """records/s and peak anonymous memory of the three data tools at two sizes; the guards."""
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet" / "bench-scale"
     large = small * factor
-    click.echo(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs "
-               f"(load average {os.getloadavg()[0]:.2f}); {CLASSES} classes, {small} and {large} files")  # fmt: skip
+    click.echo(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs "
+        f"(load average {os.getloadavg()[0]:.2f}); {CLASSES} classes, {small} and {large} files"
+    )
     runs: dict[int, list] = {small: [], large: []}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for r in range(repeat):  # small, large, large, small, ...: a drifting load favours neither
             for n in (small, large) if r % 2 == 0 else (large, small):
                 runs[n].append(measure(n, cache, Path(tmp)))
     # Best rate (least disturbed by the other jobs), lowest CPU per record, highest memory of the rounds.
-    res = {n: {s: (max(x[s][0] for x in v), min(x[s][1] for x in v), max(x[s][2] for x in v)) for s in STEPS}
-           for n, v in runs.items()}  # fmt: skip
-    click.echo(f"\n| step | {small:,} records | {large:,} records | rate ratio (>= 0.85) | CPU/record ratio "
-               "| anon KB per added record (< 0.5) |")  # fmt: skip
+    res = {
+        n: {s: (max(x[s][0] for x in v), min(x[s][1] for x in v), max(x[s][2] for x in v)) for s in STEPS}
+        for n, v in runs.items()
+    }
+    click.echo(
+        f"\n| step | {small:,} records | {large:,} records | rate ratio (>= 0.85) | CPU/record ratio "
+        "| anon KB per added record (< 0.5) |"
+    )
     click.echo("|---|---|---|---|---|---|")
     ok = cpu_ok = True
     for step in STEPS:
@@ -128,10 +145,14 @@ def main(small: int, factor: int, repeat: int, cache: Path | None) -> None:
         ratio, per = r2 / r1, (m2 - m1) / (large - small)
         ok &= ratio >= 0.85 and per < 0.5
         cpu_ok &= c1 / c2 >= 0.85 and per < 0.5
-        click.echo(f"| {step} | {r1:,.0f} rec/s, {c1:.2f} ms CPU, {m1 / 1024:.0f} MB | {r2:,.0f} rec/s, "
-                   f"{c2:.2f} ms CPU, {m2 / 1024:.0f} MB | {ratio:.2f} | {c1 / c2:.2f} | {per:.3f} |")  # fmt: skip
-    click.echo(f"guards on the wall rate: {'met' if ok else 'NOT met'}; on CPU time per record (the same work, "
-               f"less sensitive to the other jobs on a shared machine): {'met' if cpu_ok else 'NOT met'}")  # fmt: skip
+        click.echo(
+            f"| {step} | {r1:,.0f} rec/s, {c1:.2f} ms CPU, {m1 / 1024:.0f} MB | {r2:,.0f} rec/s, "
+            f"{c2:.2f} ms CPU, {m2 / 1024:.0f} MB | {ratio:.2f} | {c1 / c2:.2f} | {per:.3f} |"
+        )
+    click.echo(
+        f"guards on the wall rate: {'met' if ok else 'NOT met'}; on CPU time per record (the same work, "
+        f"less sensitive to the other jobs on a shared machine): {'met' if cpu_ok else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -146,8 +146,10 @@ def main() -> None:
     v = versions()
     machine = ", ".join(v["gpus"]) if cuda else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     print(f"\nalexnet training throughput ({machine}; torch {v['torch']}, DALI {v['dali']})")
-    print(f"  {res['device_note']}; batch {batch}; {res['step']}; {warmup} warm-up + {steps} timed steps; "
-          f"{threads} DALI threads, prefetch {args.prefetch}, hw_decoder_load {args.hw_decoder_load}{', roi_decode' if args.roi_decode else ''}")  # fmt: skip
+    print(
+        f"  {res['device_note']}; batch {batch}; {res['step']}; {warmup} warm-up + {steps} timed steps; "
+        f"{threads} DALI threads, prefetch {args.prefetch}, hw_decoder_load {args.hw_decoder_load}{', roi_decode' if args.roi_decode else ''}"
+    )
     print(f"  synthetic batches  : {res['synthetic_images_per_s']:9.1f} images/s")
     print(f"  pipeline batches   : {res['pipeline_images_per_s']:9.1f} images/s")
     verdict = "meets" if res["ratio"] >= 0.95 else "below"

@@ -134,8 +134,10 @@ def main() -> None:
         config = TrainConfig.create(**base, precision=precision, cuda_graph=graph, compile=compiled)
         res = benchmark(config, warmup=warmup, steps=steps)
         out["train"].append({"kind": kind, **res})
-        say(f"train {precision} {kind} ({res['step']}): synthetic {res['synthetic_images_per_s']:,.0f}, "
-            f"fed {res['pipeline_images_per_s']:,.0f} images/s (ratio {res['ratio']:.3f})")  # fmt: skip
+        say(
+            f"train {precision} {kind} ({res['step']}): synthetic {res['synthetic_images_per_s']:,.0f}, "
+            f"fed {res['pipeline_images_per_s']:,.0f} images/s (ratio {res['ratio']:.3f})"
+        )
     if args.compile:
         rate = split_on_one_device(device, batch, "bf16", True, steps)
         out["split"].append({"precision": "bf16", "compiled": True, "synthetic_images_per_s": rate})

@@ -48,8 +48,20 @@ def _run(args: list[str], env: dict[str, str] | None = None) -> None:
 def build_sample(work: Path, train_per_class: int, val_per_class: int) -> Path:
     sample, data = work / "sample", work / "data"
     if not (sample / "sample_info.json").exists():
-        _run([_bin("alexnet-prep"), "make-sample", str(sample), "--classes", "10", "--awkward",
-              "--train-per-class", str(train_per_class), "--val-per-class", str(val_per_class)])  # fmt: skip
+        _run(
+            [
+                _bin("alexnet-prep"),
+                "make-sample",
+                str(sample),
+                "--classes",
+                "10",
+                "--awkward",
+                "--train-per-class",
+                str(train_per_class),
+                "--val-per-class",
+                str(val_per_class),
+            ]
+        )
     if not (data / "stats.json").exists():
         _run([_bin("alexnet-prep"), "build-lmdb", str(sample), "--data-dir", str(data)])
         _run([_bin("alexnet-prep"), "pca-stats", "--data-dir", str(data)])
@@ -58,9 +70,25 @@ def build_sample(work: Path, train_per_class: int, val_per_class: int) -> Path:
 
 def train(data: Path, run: Path, lrn: str, steps: int, threads: int) -> None:
     """alexnet-train at its defaults (the paper's recipe) but for the CPU, the length and the LRN form."""
-    args = [_bin("alexnet-train"), "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu",
-            "--max-steps", str(steps), "--log-every-steps", "1", "--lrn", lrn, "--threads", "1",
-            "--checkpoint-minutes", "5"]  # fmt: skip
+    args = [
+        _bin("alexnet-train"),
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(run),
+        "--gpus",
+        "cpu",
+        "--max-steps",
+        str(steps),
+        "--log-every-steps",
+        "1",
+        "--lrn",
+        lrn,
+        "--threads",
+        "1",
+        "--checkpoint-minutes",
+        "5",
+    ]
     if (run / "checkpoints" / "last.pt").exists():
         args.append("--resume")
     # One DALI thread decodes ahead; torch takes the other threads.
@@ -91,29 +119,49 @@ def summary_rows(results: dict[str, dict], steps: int) -> list[str]:
 
 def figure(results: dict[str, dict], out: Path, num_classes: int) -> None:
     loss = line_plot(
-        [Series(f"lrn {k}", sorted(c["loss"]), [c["loss"][s] for s in sorted(c["loss"])], color=COLOURS[k])
-         for k, c in results.items()],
+        [
+            Series(f"lrn {k}", sorted(c["loss"]), [c["loss"][s] for s in sorted(c["loss"])], color=COLOURS[k])
+            for k, c in results.items()
+        ],
         Axes("Training loss, paper's defaults (batch 128, lr 0.01)", "step", "cross-entropy loss"),
-    )  # fmt: skip
+    )
     err = line_plot(
-        [Series(f"lrn {k}", [s for _, s, _ in c["val_top1_err"]], [100 * e for _, _, e in c["val_top1_err"]],
-                color=COLOURS[k], markers=True) for k, c in results.items()],
-        Axes("Val top-1 error (centre crop)", "step", "error (%)", ylim=(0.0, 100.0),
-             hlines=((100 * (1 - 1 / num_classes), "chance"),)),
-    )  # fmt: skip
+        [
+            Series(
+                f"lrn {k}",
+                [s for _, s, _ in c["val_top1_err"]],
+                [100 * e for _, _, e in c["val_top1_err"]],
+                color=COLOURS[k],
+                markers=True,
+            )
+            for k, c in results.items()
+        ],
+        Axes(
+            "Val top-1 error (centre crop)",
+            "step",
+            "error (%)",
+            ylim=(0.0, 100.0),
+            hlines=((100 * (1 - 1 / num_classes), "chance"),),
+        ),
+    )
     hstack([loss, err]).save(out)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--work", type=click.Path(file_okay=False, path_type=Path),
-              default=Path.home() / ".cache" / "alexnet" / "recipe-check", show_default=True,
-              help="Sample, dataset and runs (reused and resumed).")  # fmt: skip
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path.home() / ".cache" / "alexnet" / "recipe-check",
+    show_default=True,
+    help="Sample, dataset and runs (reused and resumed).",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=120, show_default=True, help="Optimiser steps per run.")
 @click.option("--train-per-class", type=click.IntRange(min=13), default=500, show_default=True)
 @click.option("--val-per-class", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="torch threads.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "recipe_check.png",
-              show_default=True)  # fmt: skip
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), default=ROOT / "recipe_check.png", show_default=True
+)
 def main(work: Path, steps: int, train_per_class: int, val_per_class: int, threads: int, out: Path) -> None:
     """Train the paper's recipe from scratch on the CPU with both LRN forms and print the curves."""
     work = work / f"sample-{train_per_class}-{val_per_class}"
@@ -125,11 +173,20 @@ def main(work: Path, steps: int, train_per_class: int, val_per_class: int, threa
         results[lrn] = curves(run)
     num_classes = len(json.loads((data / "manifest.json").read_text())["classes"])
     figure(results, out, num_classes)
-    out.with_suffix(".json").write_text(json.dumps({k: {"loss": {str(s): v for s, v in c["loss"].items()},
-                                                        "val_top1_err": c["val_top1_err"]}
-                                                    for k, c in results.items()}, indent=1) + "\n")  # fmt: skip
-    click.echo(f"\nchance: {100 * (1 - 1 / num_classes):.1f}% top-1 error, loss ln({num_classes}) = "
-               f"{math.log(num_classes):.3f}")  # fmt: skip
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                k: {"loss": {str(s): v for s, v in c["loss"].items()}, "val_top1_err": c["val_top1_err"]}
+                for k, c in results.items()
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    click.echo(
+        f"\nchance: {100 * (1 - 1 / num_classes):.1f}% top-1 error, loss ln({num_classes}) = "
+        f"{math.log(num_classes):.3f}"
+    )
     click.echo("\n".join(summary_rows(results, steps)))
     click.echo(f"\nfigure: {out}")
 

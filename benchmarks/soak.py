@@ -85,11 +85,23 @@ def build_sample(work: Path, train_per_class: int, val_per_class: int) -> Path:
     steps = []
     if not (sample / "sample_info.json").exists():
         shutil.rmtree(sample, ignore_errors=True)
-        steps.append(["make-sample", str(sample), "--classes", "10", "--train-per-class", str(train_per_class),
-                      "--val-per-class", str(val_per_class)])  # fmt: skip
+        steps.append(
+            [
+                "make-sample",
+                str(sample),
+                "--classes",
+                "10",
+                "--train-per-class",
+                str(train_per_class),
+                "--val-per-class",
+                str(val_per_class),
+            ]
+        )
     if not (data / "stats.json").exists():
-        steps += [["build-lmdb", str(sample), "--data-dir", str(data), "--workers", "1"],
-                  ["pca-stats", "--data-dir", str(data)]]  # fmt: skip
+        steps += [
+            ["build-lmdb", str(sample), "--data-dir", str(data), "--workers", "1"],
+            ["pca-stats", "--data-dir", str(data)],
+        ]
     for args in steps:
         click.secho("$ alexnet-prep " + " ".join(args), bold=True, err=True)
         r = CliRunner().invoke(prep, args, catch_exceptions=False)
@@ -117,17 +129,32 @@ def growth(samples: list[tuple[float, float, float | None]], t1: float, column: 
     n = max(len(after) // 10, 2)
     first, last = statistics.median(v for _, v in after[:n]), statistics.median(v for _, v in after[-n:])
     hours = (after[-n // 2][0] - after[n // 2][0]) / 3600
-    return {"start_mb": first, "end_mb": last, "growth_mb": last - first, "peak_mb": max(v for _, v in after),
-            "mb_per_hour": (last - first) / hours if hours > 0 else 0.0}  # fmt: skip
+    return {
+        "start_mb": first,
+        "end_mb": last,
+        "growth_mb": last - first,
+        "peak_mb": max(v for _, v in after),
+        "mb_per_hour": (last - first) / hours if hours > 0 else 0.0,
+    }
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/alexnet-soak"),
-              show_default=True, help="Folder for the sample, the dataset, the run and soak.json.")  # fmt: skip
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("/tmp/alexnet-soak"),
+    show_default=True,
+    help="Folder for the sample, the dataset, the run and soak.json.",
+)
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--train-per-class", type=click.IntRange(min=2), default=40, show_default=True,
-              help="Of 10 classes: 400 images, 25 steps per epoch at batch 16.")  # fmt: skip
+@click.option(
+    "--train-per-class",
+    type=click.IntRange(min=2),
+    default=40,
+    show_default=True,
+    help="Of 10 classes: 400 images, 25 steps per epoch at batch 16.",
+)
 @click.option("--val-per-class", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option(
     "--eval-every", type=click.IntRange(min=1), default=2, show_default=True, help="Epochs between evaluations."
@@ -136,8 +163,16 @@ def growth(samples: list[tuple[float, float, float | None]], t1: float, column: 
     "--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Seconds between samples."
 )
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="DALI threads.")
-def main(work: Path, steps: int, batch_size: int, train_per_class: int, val_per_class: int, eval_every: int,
-         interval: float, threads: int) -> None:  # fmt: skip
+def main(
+    work: Path,
+    steps: int,
+    batch_size: int,
+    train_per_class: int,
+    val_per_class: int,
+    eval_every: int,
+    interval: float,
+    threads: int,
+) -> None:
     """Train >= 1,000 CPU steps at batch 16 and report the growth of anonymous memory after epoch 1."""
     import torch
 
@@ -149,10 +184,19 @@ def main(work: Path, steps: int, batch_size: int, train_per_class: int, val_per_
     shutil.rmtree(run, ignore_errors=True)  # a fresh run: one process's memory from its start
     cuda = torch.cuda.is_available()
     cfg = TrainConfig.create(
-        data_dir=str(data), run_dir=str(run), gpus="0" if cuda else "cpu", batch_size=batch_size, epochs=0,
-        max_steps=steps, num_threads=threads, progress=False, eval_every_epochs=eval_every, keep_epochs=1,
-        checkpoint_minutes=0.0, stop_after_last_plateau=False,  # the plateau schedule would end a soak early
-    )  # fmt: skip
+        data_dir=str(data),
+        run_dir=str(run),
+        gpus="0" if cuda else "cpu",
+        batch_size=batch_size,
+        epochs=0,
+        max_steps=steps,
+        num_threads=threads,
+        progress=False,
+        eval_every_epochs=eval_every,
+        keep_epochs=1,
+        checkpoint_minutes=0.0,
+        stop_after_last_plateau=False,  # the plateau schedule would end a soak early
+    )
     sampler = Sampler(interval, cuda)
     sampler.sample()
     sampler.start()
@@ -169,22 +213,34 @@ def report(work: Path, run: Path, sampler: Sampler, summary: dict, seconds: floa
     t1 = warmed_up(run)
     host = growth(samples, t1, 1) if t1 is not None else None
     device = growth(samples, t1, 2) if t1 is not None and cuda else None
-    out = {"steps": summary["steps"], "epochs": summary["epochs_completed"], "seconds": round(seconds, 1),
-           "cpu_count": os.cpu_count(), "python": sys.version.split()[0], "rss_anon": host, "cuda_allocated": device,
-           "goal_mb": GOAL_MB, "samples": samples}  # fmt: skip
+    out = {
+        "steps": summary["steps"],
+        "epochs": summary["epochs_completed"],
+        "seconds": round(seconds, 1),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "rss_anon": host,
+        "cuda_allocated": device,
+        "goal_mb": GOAL_MB,
+        "samples": samples,
+    }
     (work / "soak.json").write_text(json.dumps(out, indent=1) + "\n")
-    click.echo(f"soak: {summary['steps']} steps, {summary['epochs_completed']} epochs in {seconds / 60:.1f} min, "
-               f"{len(samples)} samples; {work / 'soak.json'}")  # fmt: skip
+    click.echo(
+        f"soak: {summary['steps']} steps, {summary['epochs_completed']} epochs in {seconds / 60:.1f} min, "
+        f"{len(samples)} samples; {work / 'soak.json'}"
+    )
     if host is None:
         click.echo("  fewer than 20 samples after the first evaluation: run more steps (or a smaller --interval)")
         return
     for name, g in (("RssAnon", host), ("CUDA allocated", device)):
         if g is not None:
             verdict = "ok" if g["growth_mb"] < GOAL_MB else "OVER THE GOAL"
-            click.echo(f"  {name:<15}: {g['start_mb']:8.1f} MB after the first epoch and evaluation, "
-                       f"{g['end_mb']:8.1f} MB at the end: growth {g['growth_mb']:+.1f} MB "
-                       f"({g['mb_per_hour']:+.1f} MB/h; peak {g['peak_mb']:.1f} MB while a checkpoint is "
-                       f"serialised)  goal < {GOAL_MB:.0f} MB: {verdict}")  # fmt: skip
+            click.echo(
+                f"  {name:<15}: {g['start_mb']:8.1f} MB after the first epoch and evaluation, "
+                f"{g['end_mb']:8.1f} MB at the end: growth {g['growth_mb']:+.1f} MB "
+                f"({g['mb_per_hour']:+.1f} MB/h; peak {g['peak_mb']:.1f} MB while a checkpoint is "
+                f"serialised)  goal < {GOAL_MB:.0f} MB: {verdict}"
+            )
 
 
 if __name__ == "__main__":

@@ -114,9 +114,13 @@ def external_inputs(spec: PipelineSpec, source):
     workers = spec.data.workers
     parallel = {"parallel": True, "prefetch_queue_depth": workers, "bytes_per_sample_hint": JPEG_BYTES_HINT}
     rows, ints, *alpha = fn.external_source(
-        source=source, num_outputs=len(dtypes), batch=True, dtype=dtypes, ndim=[1] * len(dtypes),
+        source=source,
+        num_outputs=len(dtypes),
+        batch=True,
+        dtype=dtypes,
+        ndim=[1] * len(dtypes),
         **(parallel if workers else {}),
-    )  # fmt: skip
+    )
     jpegs = fn.slice(rows, start=[0], shape=fn.cast(ints[0:1], dtype=types.INT32), axes=[0])
     out = [jpegs, ints[1], ints[2]]
     if spec.is_training:
@@ -132,9 +136,13 @@ def reader_inputs(spec: PipelineSpec):
 
     paths, shard_id, num_shards = spec.reader
     jpegs, labels = fn.readers.caffe(
-        path=list(paths), shard_id=shard_id, num_shards=num_shards, random_shuffle=True,
-        initial_fill=SHUFFLE_BUFFER, stick_to_shard=True,
-    )  # fmt: skip
+        path=list(paths),
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=True,
+        initial_fill=SHUFFLE_BUFFER,
+        stick_to_shard=True,
+    )
     source = fn.get_property(jpegs, key="source_info")  # "<shard> at key <position>_<relpath>"
     # §4.1: integer offsets, each uniform over 0..32 (every one of the 33x33 equally likely).
     offsets = fn.random.uniform(values=list(range(MAX_OFFSET + 1)), shape=[2], dtype=types.INT32)
@@ -187,10 +195,14 @@ class _Graph:
         cut = {} if window else {"crop": (C.CROP_SIZE, C.CROP_SIZE), "crop_pos_x": px, "crop_pos_y": py}
         half = final and self.spec.dtype == "float16"
         return fn.crop_mirror_normalize(
-            images, mirror=flip, mean=norm_mean, std=[1.0, 1.0, 1.0],
+            images,
+            mirror=flip,
+            mean=norm_mean,
+            std=[1.0, 1.0, 1.0],
             output_layout="HWC" if self.spec.channels_last else "CHW",
-            dtype=self.types.FLOAT16 if half else self.types.FLOAT, **cut,
-        )  # fmt: skip
+            dtype=self.types.FLOAT16 if half else self.types.FLOAT,
+            **cut,
+        )
 
     def delivered(self, out, labels, *, cast: bool = False):
         """The outputs as the loader takes them (``cast``: ``out`` is float32 and float16 is asked for)."""
@@ -213,10 +225,17 @@ def train_graph(g: _Graph, jpegs, labels, positions, offsets, mirror, alpha):
         # Decode only the crop window (region decoding); the mean image's patch is then cut at the
         # same offset and mirrored alike. On the CPU it saves nothing (libjpeg still entropy-decodes
         # every block; benchmarks/results_pipeline.md), so it is off by default.
-        images = g.on_device(fn.decoders.image_crop(
-            jpegs, device=g.decoder, output_type=types.RGB, crop=(C.CROP_SIZE, C.CROP_SIZE),
-            crop_pos_x=pos[0], crop_pos_y=pos[1], **g.decoder_args,
-        ))  # fmt: skip
+        images = g.on_device(
+            fn.decoders.image_crop(
+                jpegs,
+                device=g.decoder,
+                output_type=types.RGB,
+                crop=(C.CROP_SIZE, C.CROP_SIZE),
+                crop_pos_x=pos[0],
+                crop_pos_y=pos[1],
+                **g.decoder_args,
+            )
+        )
         out = g.normalised(images, pos[0], pos[1], mirror, norm_mean, window=True, final=not g.image_mean)
         if g.image_mean:  # float32 difference, rounded to float16 (if asked) once, after it
             out = out - g.normalised(g.mean_const, pos[0], pos[1], mirror, g.base_mean, final=False)
@@ -253,9 +272,13 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
     readers = {"py_num_workers": spec.data.workers, "py_start_method": "spawn"} if source and spec.data.workers else {}
 
     @pipeline_def(
-        batch_size=spec.batch_size, num_threads=spec.data.num_threads, device_id=spec.device_id,
-        seed=spec.seed, prefetch_queue_depth=spec.data.prefetch, **readers,
-    )  # fmt: skip
+        batch_size=spec.batch_size,
+        num_threads=spec.data.num_threads,
+        device_id=spec.device_id,
+        seed=spec.seed,
+        prefetch_queue_depth=spec.data.prefetch,
+        **readers,
+    )
     def pipe():
         inputs = reader_inputs(spec) if spec.reader is not None else external_inputs(spec, source)
         graph = _Graph(spec, mean_image, stats)

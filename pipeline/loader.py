@@ -74,9 +74,10 @@ class DataConfig:
     # x 2 they keep up with ~30,000 img/s; more help only reads from a cold page cache. Spawning them
     # costs ~2 s per pipeline build.
     workers: int = opt(
-        2, "Processes per pipeline that read and parse the records (global shuffle, val); 0: on the training thread.",
+        2,
+        "Processes per pipeline that read and parse the records (global shuffle, val); 0: on the training thread.",
         min=0,
-    )  # fmt: skip
+    )
     prefetch: int = opt(3, "Batches each pipeline prepares ahead (3 keeps an H100 fed).", min=1)
     hw_decoder_load: float = opt(
         0.9, "GPU: share of JPEGs for the hardware decoder (DALI's default 0.65; 0.9 measured best).", min=0, max=1
@@ -94,8 +95,12 @@ class DataConfig:
     lighting_scale: str = opt(
         C.DEFAULT_LIGHTING_SCALE, "§4.1 PCA lighting convention (docs/DEVIATIONS.md A2).", choices=C.LIGHTING_SCALES
     )
-    shuffle: str = opt("global", "global: a fresh permutation of the split every epoch (random reads); buffer: the sequential "
-                        "reader through a 4,096-record shuffle buffer, for data beyond page cache (README).", choices=SHUFFLES)  # fmt: skip
+    shuffle: str = opt(
+        "global",
+        "global: a fresh permutation of the split every epoch (random reads); buffer: the sequential "
+        "reader through a 4,096-record shuffle buffer, for data beyond page cache (README).",
+        choices=SHUFFLES,
+    )
 
     def __post_init__(self) -> None:
         problems = field_problems(self)
@@ -169,9 +174,22 @@ class DaliLoader:
     224] (channels last within each patch); ``with_draws``: also a dict of record positions (+ train:
     the draws)."""
 
-    def __init__(self, data_dir: Path, split: str, data: DataConfig, *, batch_size: int, seed: int = 0, rank: int = 0,
-                 world: int = 1, device: str = "cpu", dtype: str = "float32", channels_last: bool = False,
-                 ten_crop: bool = False, with_draws: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        data_dir: Path,
+        split: str,
+        data: DataConfig,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        device: str = "cpu",
+        dtype: str = "float32",
+        channels_last: bool = False,
+        ten_crop: bool = False,
+        with_draws: bool = False,
+    ):
         if split not in A.SPLITS:
             raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
         if batch_size < 1 or not 0 <= rank < world:
@@ -191,10 +209,16 @@ class DaliLoader:
         self.buffer = data.shuffle == "buffer" and self.is_training
         self.plan = O.ReplicaPlan(self.index, seed, rank, world, batch_size, self.is_training)
         self.spec = PipelineSpec(
-            data=data, is_training=self.is_training, batch_size=batch_size, device_id=device_id_for(device),
-            dtype="float32" if dtype == "bfloat16" else dtype, channels_last=channels_last, ten_crop=ten_crop,
-            seed=seed, reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
-        )  # fmt: skip
+            data=data,
+            is_training=self.is_training,
+            batch_size=batch_size,
+            device_id=device_id_for(device),
+            dtype="float32" if dtype == "bfloat16" else dtype,
+            channels_last=channels_last,
+            ten_crop=ten_crop,
+            seed=seed,
+            reader=(tuple(str(p) for p in self.index.shard_paths), rank, world) if self.buffer else None,
+        )
         self.num_pipelines = data.resolved_pipelines(device)
         if self.is_training and self._steps(0) < 1:
             raise AlexnetError(
@@ -357,8 +381,10 @@ class DaliLoader:
         version = state.get("version")
         if version != STATE_VERSION:
             when = "from before the per-field draw streams" if version is None else f"version {version}"
-            raise AlexnetError(f"the checkpoint's loader state is {when}, this alexnet reads version {STATE_VERSION}: "
-                               "restart the run from scratch")  # fmt: skip
+            raise AlexnetError(
+                f"the checkpoint's loader state is {when}, this alexnet reads version {STATE_VERSION}: "
+                "restart the run from scratch"
+            )
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}
         if theirs != mine:
@@ -372,8 +398,10 @@ class DaliLoader:
             self.note = f"buffer shuffle saved by {state['replicas']} replica(s): epoch {self.epoch + 1} restarts"
             self.consumed = 0
         elif self.buffer and consumed:
-            self.note = (f"buffer shuffle: decoding the {consumed // self.global_batch} batches epoch {self.epoch + 1} "
-                         "had consumed again to reach its position (the global shuffle resumes at once)")  # fmt: skip
+            self.note = (
+                f"buffer shuffle: decoding the {consumed // self.global_batch} batches epoch {self.epoch + 1} "
+                "had consumed again to reach its position (the global shuffle resumes at once)"
+            )
         self._drop()
 
 

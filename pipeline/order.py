@@ -224,8 +224,9 @@ class ReplicaPlan:
         return self._cached(self._draws, epoch, lambda: epoch_draws(self.index.num_positions, self.seed, epoch))
 
 
-def replica_order(data_dir: Path, split: str, epoch: int, *, seed: int, rank: int, world: int,
-                  batch_size: int) -> np.ndarray:  # fmt: skip
+def replica_order(
+    data_dir: Path, split: str, epoch: int, *, seed: int, rank: int, world: int, batch_size: int
+) -> np.ndarray:
     """Record positions in the order replica ``rank`` of ``world`` receives them in ``epoch`` (from its
     start), as the loader delivers them: ``alexnet-prep order``."""
     if not 0 <= rank < world:

@@ -40,8 +40,13 @@ def main() -> None:
     info = D.dist_info_from_env()
     D.init_process_group(info, on_gpu=False, first_gpu=None)
     model = build()
-    step = create_step(model, create_optimizer(model, 0.01, 0.9, 5e-4), TrainConfig.create(compile=True).model,
-                       [torch.device("cpu")], info.world_size)  # fmt: skip
+    step = create_step(
+        model,
+        create_optimizer(model, 0.01, 0.9, 5e-4),
+        TrainConfig.create(compile=True).model,
+        [torch.device("cpu")],
+        info.world_size,
+    )
     assert isinstance(step, DDPStep) and "compiled" in step.note
     share = GLOBAL_BATCH // info.world_size
     for x, y in batches():

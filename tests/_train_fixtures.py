@@ -87,8 +87,9 @@ def garble_record(data_dir: Path, split: str, shard: int = 0, index: int = 0) ->
     env = A.open_shard(A.read_manifest(data_dir).shard_paths(data_dir, split)[shard], readonly=False, map_size=1 << 26)
     with env.begin(write=True) as txn:
         key, value = list(txn.cursor())[index]
-        txn.put(key, A.Datum(data=b"not a jpeg" * 50, label=A.Datum.decode(value).label, height=256,
-                             width=256).encode())  # fmt: skip
+        txn.put(
+            key, A.Datum(data=b"not a jpeg" * 50, label=A.Datum.decode(value).label, height=256, width=256).encode()
+        )
     env.close()
     return key.decode()
 

@@ -43,8 +43,19 @@ def world(tmp_path_factory):
     w = tmp_path_factory.mktemp("bad")
     data = write_dataset(w / "data", num_classes=4, train_per_class=2, val_per_class=1)
     write_dataset(w / "data6", num_classes=6, train_per_class=1, val_per_class=1)
-    fit(TrainConfig.create(data_dir=str(data), run_dir=str(w / "run"), gpus="cpu", batch_size=4, epochs=0,
-                           max_steps=1, num_threads=1, progress=False, checkpoint_minutes=0.0))  # fmt: skip
+    fit(
+        TrainConfig.create(
+            data_dir=str(data),
+            run_dir=str(w / "run"),
+            gpus="cpu",
+            batch_size=4,
+            epochs=0,
+            max_steps=1,
+            num_threads=1,
+            progress=False,
+            checkpoint_minutes=0.0,
+        )
+    )
     make_sample(w / "sample", num_classes=3, train_per_class=20, val_per_class=4)
     ckpt = w / "run" / "checkpoints" / "last.pt"
     (w / "afile").write_text("a regular file\n")
@@ -180,8 +191,17 @@ ROWS = [
 def test_bad_input_is_one_line_and_a_non_zero_exit(world, tool, args, status, message, monkeypatch, request):
     w = world
     monkeypatch.chdir(w)
-    paths = {"w": w, "data": w / "data", "data6": w / "data6", "run": w / "run", "afile": w / "afile",
-             "miss": w / "miss", "corrupt": w / "corrupt", "badrec": w / "badrec", **{n: w / f"{n}.pt" for n in ("notes", "empty", "trunc", "other")}}  # fmt: skip
+    paths = {
+        "w": w,
+        "data": w / "data",
+        "data6": w / "data6",
+        "run": w / "run",
+        "afile": w / "afile",
+        "miss": w / "miss",
+        "corrupt": w / "corrupt",
+        "badrec": w / "badrec",
+        **{n: w / f"{n}.pt" for n in ("notes", "empty", "trunc", "other")},
+    }
     text = " ".join(args)
     if "{full_run}" in text:
         paths["full_run"] = _full_run(w)

@@ -63,9 +63,15 @@ def _photo(w, h, seed=0):
 
 @pytest.mark.parametrize(
     "size, resized",
-    [((500, 375), (341, 256)), ((375, 500), (256, 341)), ((256, 256), (256, 256)), ((31, 23), (345, 256)),
-     ((4000, 3000), (341, 256)), ((1000, 256), (1000, 256))],
-)  # fmt: skip
+    [
+        ((500, 375), (341, 256)),
+        ((375, 500), (256, 341)),
+        ((256, 256), (256, 256)),
+        ((31, 23), (345, 256)),
+        ((4000, 3000), (341, 256)),
+        ((1000, 256), (1000, 256)),
+    ],
+)
 def test_centre_crop_box(size, resized):
     got, box = IMG.centre_crop_box(*size)
     assert got == resized and min(got) == C.RESIZE_SHORTER
@@ -328,8 +334,13 @@ def _start_build(src, data, at_least: int):
     """Start the build in its own session and return it once ``at_least`` records are committed, still running."""
     import time
 
-    proc = subprocess.Popen([*BUILD_CMD, str(src), "--data-dir", str(data), *INTERRUPTED_ARGS],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*BUILD_CMD, str(src), "--data-dir", str(data), *INTERRUPTED_ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and committed_records(data) < at_least:
         time.sleep(0.01)
@@ -386,8 +397,16 @@ def test_resume_with_other_options_refused(slow_src, tmp_path):
 def test_map_full_grows_instead_of_failing(src, built, tmp_path):
     """A tiny initial LMDB map: the builder grows it (env.set_mapsize) and the result is unchanged."""
     data = tmp_path / "d"
-    cfg = B.BuildConfig(source=src, data_dir=data, workers=2, train_shards=3, val_shards=2, seed=3,
-                        initial_map_size=64 << 10, progress=False)  # fmt: skip
+    cfg = B.BuildConfig(
+        source=src,
+        data_dir=data,
+        workers=2,
+        train_shards=3,
+        val_shards=2,
+        seed=3,
+        initial_map_size=64 << 10,
+        progress=False,
+    )
     B.build_lmdb(cfg)
     assert all_records(data) == all_records(built)
 

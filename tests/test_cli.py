@@ -41,8 +41,12 @@ def test_console_scripts_installed_and_fast_errors(tmp_path):
         assert r.returncode == 0, r.stderr
         assert "Examples:" in r.stdout
     # Bad input: one clear line on stderr, non-zero exit, no traceback.
-    r = subprocess.run([str(BIN / "alexnet-prep"), "pca-stats", "--data-dir", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = subprocess.run(
+        [str(BIN / "alexnet-prep"), "pca-stats", "--data-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1

@@ -74,7 +74,7 @@ def _manifest():
                     A.ShardInfo(path="train/train-00000-of-00001", num_records=3, first_position=0, stop_position=4)
                 ],
             )
-        },  # fmt: skip
+        },
         build={"resize_shorter": 256, "jpeg_quality": 95},
         rejected=[{"split": "train", "path": "x.JPEG", "reason": "zero-byte file"}],
     )
@@ -115,9 +115,14 @@ def test_stats_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     mean_image = rng.uniform(0, 255, A.MEAN_IMAGE_SHAPE).astype(np.float32)
     s = A.Stats(
-        mean_rgb=[120.0, 110.0, 100.0], eigval=[3.0, 2.0, 1.0], eigvec=np.eye(3).tolist(),
-        n_images=10, n_pixels=10 * 256 * 256, covariance=np.diag([3.0, 2.0, 1.0]).tolist(), source={"split": "train"},
-    )  # fmt: skip
+        mean_rgb=[120.0, 110.0, 100.0],
+        eigval=[3.0, 2.0, 1.0],
+        eigvec=np.eye(3).tolist(),
+        n_images=10,
+        n_pixels=10 * 256 * 256,
+        covariance=np.diag([3.0, 2.0, 1.0]).tolist(),
+        source={"split": "train"},
+    )
     A.write_stats(tmp_path, s, mean_image)
     assert A.read_stats(tmp_path) == s
     back = A.read_mean_image(tmp_path)

@@ -42,10 +42,19 @@ def _launch(config: TrainConfig, out: Path, kill_at: int = 0, term_at: int = 0) 
     cfg_path = out / "config-in.json"
     cfg_path.write_text(json.dumps(config.to_dict()))
     args = [
-        str(TORCHRUN), "--nnodes", "1", "--nproc-per-node", str(WORLD),
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(HERE / "_ddp_worker.py"), str(cfg_path), str(out),
-    ]  # fmt: skip
+        str(TORCHRUN),
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(HERE / "_ddp_worker.py"),
+        str(cfg_path),
+        str(out),
+    ]
     if kill_at:
         args.append(str(kill_at))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TERM_AT": str(term_at)}
@@ -55,16 +64,29 @@ def _launch(config: TrainConfig, out: Path, kill_at: int = 0, term_at: int = 0) 
 @pytest.fixture(scope="module")
 def ddp_data(tmp_path_factory):
     return write_dataset(
-        tmp_path_factory.mktemp("ddp") / "data", num_classes=RECORDS // 2, train_per_class=2, val_per_class=1,
-        unique_labels=True, num_shards=2,
-    )  # fmt: skip
+        tmp_path_factory.mktemp("ddp") / "data",
+        num_classes=RECORDS // 2,
+        train_per_class=2,
+        val_per_class=1,
+        unique_labels=True,
+        num_shards=2,
+    )
 
 
 def _config(data: Path, run_dir: Path, **kw) -> TrainConfig:
     base = dict(
-        data_dir=str(data), run_dir=str(run_dir), gpus="cpu", batch_size=GLOBAL_BATCH, epochs=0, max_steps=STEPS,
-        lr=1e-3, log_every_steps=1, num_threads=1, progress=False, checkpoint_minutes=0.0,
-    )  # fmt: skip
+        data_dir=str(data),
+        run_dir=str(run_dir),
+        gpus="cpu",
+        batch_size=GLOBAL_BATCH,
+        epochs=0,
+        max_steps=STEPS,
+        lr=1e-3,
+        log_every_steps=1,
+        num_threads=1,
+        progress=False,
+        checkpoint_minutes=0.0,
+    )
     base.update(kw)
     return TrainConfig.create(**base)
 
@@ -158,8 +180,10 @@ def test_resume_with_one_replica_continues_the_epochs_permutation(ddp_data, unin
     r = _launch(_config(ddp_data, run, checkpoint_every_steps=3), tmp_path, kill_at=4)
     assert r.returncode != 0
     seen: dict[int, list[int]] = {}
-    summary, _ = train_watched(_config(ddp_data, run, resume=True),
-                               on_step=lambda step, epoch, labels: seen.setdefault(step, sorted(labels.reshape(-1).tolist())))  # fmt: skip
+    summary, _ = train_watched(
+        _config(ddp_data, run, resume=True),
+        on_step=lambda step, epoch, labels: seen.setdefault(step, sorted(labels.reshape(-1).tolist())),
+    )
     want: dict[int, list[int]] = {}
     for batches in _labels(uninterrupted):
         for b in batches:

@@ -78,8 +78,10 @@ def test_layer_norms_leave_out_missing_gradients_and_match_per_tensor_norms():
     for name, p in model.named_parameters():
         if name.startswith("fc7.") or name == "conv2.columns.1.weight":
             p.grad = None
-    weights = {layer: [p for n, p in model.named_parameters() if n.split(".")[0] == layer and p.ndim > 1]
-               for layer in LEARNED_LAYERS}  # fmt: skip
+    weights = {
+        layer: [p for n, p in model.named_parameters() if n.split(".")[0] == layer and p.ndim > 1]
+        for layer in LEARNED_LAYERS
+    }
     assert len(weights["conv2"]) == 2  # both columns
     norms = LayerNorms(model, LEARNED_LAYERS)
     values = norms.compute(torch.device("cpu"))

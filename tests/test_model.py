@@ -91,15 +91,23 @@ def test_parameter_count_and_canonical_layout():
     assert conv == 2_334_080  # ALEXNET.md: conv 2,334,080; fc 58,631,144
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {
-        "conv1.weight": (96, 3, 11, 11), "conv1.bias": (96,),
-        "conv2.weight": (256, 48, 5, 5), "conv2.bias": (256,),
-        "conv3.weight": (384, 256, 3, 3), "conv3.bias": (384,),
-        "conv4.weight": (384, 192, 3, 3), "conv4.bias": (384,),
-        "conv5.weight": (256, 192, 3, 3), "conv5.bias": (256,),
-        "fc6.weight": (4096, 9216), "fc6.bias": (4096,),
-        "fc7.weight": (4096, 4096), "fc7.bias": (4096,),
-        "fc8.weight": (1000, 4096), "fc8.bias": (1000,),
-    }  # fmt: skip
+        "conv1.weight": (96, 3, 11, 11),
+        "conv1.bias": (96,),
+        "conv2.weight": (256, 48, 5, 5),
+        "conv2.bias": (256,),
+        "conv3.weight": (384, 256, 3, 3),
+        "conv3.bias": (384,),
+        "conv4.weight": (384, 192, 3, 3),
+        "conv4.bias": (384,),
+        "conv5.weight": (256, 192, 3, 3),
+        "conv5.bias": (256,),
+        "fc6.weight": (4096, 9216),
+        "fc6.bias": (4096,),
+        "fc7.weight": (4096, 4096),
+        "fc7.bias": (4096,),
+        "fc8.weight": (1000, 4096),
+        "fc8.bias": (1000,),
+    }
     assert model.canonical_shapes() == {k: torch.Size(v) for k, v in shapes.items()}
 
 
@@ -124,12 +132,25 @@ def test_stage_sizes(devices, images):
     maps = {name: sum(s[0] for call in calls for s in call) for name, calls in seen.items()}
     sizes = {name: {s[1] for call in calls for s in call} for name, calls in seen.items()}
     assert sizes == {
-        "conv1": {55}, "pool1": {27}, "conv2": {27}, "pool2": {13},
-        "conv3": {13}, "conv4": {13}, "conv5": {13}, "pool5": {6},
-    }  # fmt: skip
+        "conv1": {55},
+        "pool1": {27},
+        "conv2": {27},
+        "pool2": {13},
+        "conv3": {13},
+        "conv4": {13},
+        "conv5": {13},
+        "pool5": {6},
+    }
     assert maps == {
-        "conv1": 96, "pool1": 96, "conv2": 256, "pool2": 256, "conv3": 384, "conv4": 384, "conv5": 256, "pool5": 256,
-    }  # fmt: skip
+        "conv1": 96,
+        "pool1": 96,
+        "conv2": 256,
+        "pool2": 256,
+        "conv3": 384,
+        "conv4": 384,
+        "conv5": 256,
+        "pool5": 256,
+    }
     if devices:  # split: every stage ran once per column, half of the maps each
         assert all(len(calls) == 2 and len(calls[0]) == 1 for n, calls in seen.items() if n.startswith("conv"))
         assert seen["pool5"] == [[(128, 6, 6)], [(128, 6, 6)]]

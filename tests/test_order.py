@@ -111,8 +111,13 @@ def gapped(tmp_path_factory):
     """The builder's sample dataset (rejected files leave gaps in the positions), with stats added."""
     data = tmp_path_factory.mktemp("gapped") / "data"
     shutil.copytree(clean_build(tmp_path_factory.getbasetemp()), data)
-    stats = A.Stats(mean_rgb=[120.0, 115.0, 100.0], eigval=[900.0, 100.0, 20.0], eigvec=np.eye(3).tolist(),
-                    n_images=1, n_pixels=65536)  # fmt: skip
+    stats = A.Stats(
+        mean_rgb=[120.0, 115.0, 100.0],
+        eigval=[900.0, 100.0, 20.0],
+        eigvec=np.eye(3).tolist(),
+        n_images=1,
+        n_pixels=65536,
+    )
     A.write_stats(data, stats, np.full(A.MEAN_IMAGE_SHAPE, 120.0, np.float32))
     return data
 
@@ -132,11 +137,29 @@ def test_split_index_maps_records_to_positions_across_gaps(gapped):
 
 def test_order_cli_equals_the_loaders_delivered_positions(gapped):
     for split, epoch, rank, world in [("train", 1, 1, 2), ("val", 0, 0, 1)]:
-        r = run_prep(["order", "--data-dir", str(gapped), "--split", split, "--epoch", str(epoch), "--seed", "2",
-                      "--replica", str(rank), "--replicas", str(world), "--batch-size", str(4 * world)])  # fmt: skip
+        r = run_prep(
+            [
+                "order",
+                "--data-dir",
+                str(gapped),
+                "--split",
+                split,
+                "--epoch",
+                str(epoch),
+                "--seed",
+                "2",
+                "--replica",
+                str(rank),
+                "--replicas",
+                str(world),
+                "--batch-size",
+                str(4 * world),
+            ]
+        )
         assert r.exit_code == 0, r.output
-        loader = create_loader(gapped, split, DataConfig(num_threads=1), batch_size=4, seed=2, rank=rank, world=world,
-                               with_draws=True)  # fmt: skip
+        loader = create_loader(
+            gapped, split, DataConfig(num_threads=1), batch_size=4, seed=2, rank=rank, world=world, with_draws=True
+        )
         loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
         delivered = [int(i) for _x, _y, d in loader for i in d["index"]]
         assert [int(v) for v in r.output.split()] == delivered and delivered

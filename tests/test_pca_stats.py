@@ -413,9 +413,14 @@ def test_run_tasks_runs_each_task_once_and_returns_one_state_per_worker():
     assert P.run_tasks([5, 6], 1, _collect, list) == [[5, 6]]  # one worker runs here
 
 
-@pytest.mark.parametrize("fn, message", [(_fail_on_three, "a worker failed: ValueError: record three is bad"),
-                                         (_die_on_three, "a worker process died (exit code 3)"),
-                                         (_interrupted_on_three, "a worker process stopped without its results")])  # fmt: skip
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (_fail_on_three, "a worker failed: ValueError: record three is bad"),
+        (_die_on_three, "a worker process died (exit code 3)"),
+        (_interrupted_on_three, "a worker process stopped without its results"),
+    ],
+)
 def test_run_tasks_reports_a_failing_or_dying_worker(fn, message):
     with pytest.raises(AlexnetError, match=re.escape(message)):
         P.run_tasks(list(range(8)), 2, fn, list)

@@ -56,19 +56,49 @@ def data(tmp_path_factory):
     )
     A.write_manifest(root, manifest)
     mean_image = rng.uniform(60, 200, (256, 256, 3)).astype(np.float32)
-    stats = A.Stats(mean_rgb=[120.0, 115.0, 100.0], eigval=EIGVAL.tolist(), eigvec=EIGVEC.tolist(),
-                    n_images=N_TRAIN, n_pixels=N_TRAIN * 65536)  # fmt: skip
+    stats = A.Stats(
+        mean_rgb=[120.0, 115.0, 100.0],
+        eigval=EIGVAL.tolist(),
+        eigvec=EIGVEC.tolist(),
+        n_images=N_TRAIN,
+        n_pixels=N_TRAIN * 65536,
+    )
     A.write_stats(root, stats, mean_image)
     return root
 
 
-def _loader(root, split, batch_size, *, seed=0, rank=0, world=1, device="cpu", dtype="float32", ten_crop=False,
-            with_draws=False, channels_last=False, **data):  # fmt: skip
+def _loader(
+    root,
+    split,
+    batch_size,
+    *,
+    seed=0,
+    rank=0,
+    world=1,
+    device="cpu",
+    dtype="float32",
+    ten_crop=False,
+    with_draws=False,
+    channels_last=False,
+    **data,
+):
     """A loader with one DALI thread and the reads on this thread unless told (the 2-core CI machine;
     spawning reader processes costs ~2 s a loader, and they deliver the same bits: test below)."""
     cfg = DataConfig(**{"num_threads": 1, "workers": 0, **data})
-    return create_loader(root, split, cfg, batch_size=batch_size, seed=seed, rank=rank, world=world, device=device,
-                         dtype=dtype, channels_last=channels_last, ten_crop=ten_crop, with_draws=with_draws)  # fmt: skip
+    return create_loader(
+        root,
+        split,
+        cfg,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world=world,
+        device=device,
+        dtype=dtype,
+        channels_last=channels_last,
+        ten_crop=ten_crop,
+        with_draws=with_draws,
+    )
 
 
 def _decoded(root, split):
@@ -101,8 +131,9 @@ def _reference(raw, mean_image, xy, mirror, alpha, s):
 def test_preview_matches_numpy_reimplementation(data, tmp_path):
     """Every preview image equals a numpy re-implementation of §2/§4.1 applied to the raw record."""
     out = tmp_path / "p.npz"
-    r = CliRunner().invoke(prep, ["preview", "--data-dir", str(data), "--split", "train", "--n", "12", "--seed", "5",
-                                  "--out", str(out)])  # fmt: skip
+    r = CliRunner().invoke(
+        prep, ["preview", "--data-dir", str(data), "--split", "train", "--n", "12", "--seed", "5", "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert out.with_suffix(".png").exists()
     z = np.load(out)
@@ -248,8 +279,13 @@ def test_val_centre_and_ten_patch_geometry(data):
     labels = torch.cat([y for _, y in batches]).numpy()
     assert imgs_c.shape == (N_VAL, 3, 224, 224) and imgs_t.shape == (N_VAL, 10, 3, 224, 224)
     assert labels.tolist() == raw_labels.tolist()
-    offsets = {"top-left": (0, 0), "top-right": (32, 0), "bottom-left": (0, 32), "bottom-right": (32, 32),
-               "centre": (16, 16)}  # fmt: skip
+    offsets = {
+        "top-left": (0, 0),
+        "top-right": (32, 0),
+        "bottom-left": (0, 32),
+        "bottom-right": (32, 32),
+        "centre": (16, 16),
+    }
     for k in range(N_VAL):
         full = raw[k].astype(np.float64) - mean_image
         np.testing.assert_allclose(imgs_c[k].transpose(1, 2, 0), full[16:240, 16:240], atol=1e-3)
@@ -277,8 +313,16 @@ def test_save_restore_mid_epoch_gives_the_identical_next_batch(data):
             if epoch == 1 and i == 1:
                 state = loader.state_dict()
             stream.append((epoch, i, images, labels))
-    assert state == {"version": 2, "epoch": 1, "consumed": 16, "seed": 9, "split": "train", "batch_size": 8,
-                     "shuffle": "global", "replicas": 1}  # fmt: skip
+    assert state == {
+        "version": 2,
+        "epoch": 1,
+        "consumed": 16,
+        "seed": 9,
+        "split": "train",
+        "batch_size": 8,
+        "shuffle": "global",
+        "replicas": 1,
+    }
     torch.save(state, "/dev/null")  # plain types: checkpoints can hold it
     resumed = _loader(data, "train", 8, num_threads=2, seed=9)
     resumed.load_state_dict(state)
@@ -329,8 +373,12 @@ def test_resume_with_another_replica_or_pipeline_count_continues_the_permutation
 
 def _rows(images, labels, draws):
     for j, i in enumerate(draws["index"]):
-        row = (int(draws["crop_xy"][j][0]), int(draws["crop_xy"][j][1]), int(draws["mirror"][j]),
-               tuple(draws["alpha"][j].tolist()))  # fmt: skip
+        row = (
+            int(draws["crop_xy"][j][0]),
+            int(draws["crop_xy"][j][1]),
+            int(draws["mirror"][j]),
+            tuple(draws["alpha"][j].tolist()),
+        )
         yield images[j], int(labels[j]), i, row
 
 
@@ -339,9 +387,12 @@ def test_mismatched_states_are_refused_in_one_line(data):
     next(iter(loader))
     state = loader.state_dict()
     _loader(data, "train", 4, seed=4, roi_decode=True, pipelines=2).load_state_dict(state)  # other forms: fine
-    for other, what in [(_loader(data, "train", 4, seed=5), "seed"), (_loader(data, "train", 8, seed=4), "batch_size"),
-                        (_loader(data, "train", 4, seed=4, shuffle="buffer"), "shuffle"),
-                        (_loader(data, "val", 4, seed=4), "split")]:  # fmt: skip
+    for other, what in [
+        (_loader(data, "train", 4, seed=5), "seed"),
+        (_loader(data, "train", 8, seed=4), "batch_size"),
+        (_loader(data, "train", 4, seed=4, shuffle="buffer"), "shuffle"),
+        (_loader(data, "val", 4, seed=4), "split"),
+    ]:
         with pytest.raises(AlexnetError, match=f"'{what}'"):
             other.load_state_dict(state)
     old = {key: v for key, v in state.items() if key != "version"}  # a checkpoint from before the draw streams
@@ -398,8 +449,10 @@ def test_channels_last_delivery_is_a_view_of_the_same_batch(data, dtype):
     the ten patches still reshape to [10 B, 3, 224, 224] as the evaluator does."""
     cases = [("train", {}), ("val", {}), ("val", {"ten_crop": True})]
     for split, kw in cases:
-        (x, y), (xc, yc) = (next(iter(_loader(data, split, 4, dtype=dtype, seed=8, channels_last=c, roi_decode=c,
-                                              **kw))) for c in (False, True))  # fmt: skip
+        (x, y), (xc, yc) = (
+            next(iter(_loader(data, split, 4, dtype=dtype, seed=8, channels_last=c, roi_decode=c, **kw)))
+            for c in (False, True)
+        )
         assert xc.shape == x.shape and xc.dtype == x.dtype == getattr(torch, dtype) and torch.equal(y, yc)
         assert x.is_contiguous() and not xc.is_contiguous()
         flat = xc.reshape(-1, 3, 224, 224)
@@ -470,13 +523,32 @@ def test_bench_pipeline_defaults_are_the_trainers():
     defaults = {p.name: p.default for p in bench_pipeline_command.params}
     assert defaults["batch_size"] == train.optim.batch_size == 128
     assert (defaults["threads"], defaults["workers"], defaults["pipelines"], defaults["shuffle"]) == (
-        train.data.num_threads, train.data.workers, train.data.pipelines, train.data.shuffle)  # fmt: skip
+        train.data.num_threads,
+        train.data.workers,
+        train.data.pipelines,
+        train.data.shuffle,
+    )
 
 
 def test_order_cli_prints_what_the_loader_delivers(data):
     for split, epoch, rank, world in [("train", 2, 1, 3), ("train", 0, 0, 1), ("val", 1, 0, 2)]:
-        args = ["order", "--data-dir", str(data), "--split", split, "--epoch", str(epoch), "--seed", "6",
-                "--replica", str(rank), "--replicas", str(world), "--batch-size", str(2 * world)]  # fmt: skip
+        args = [
+            "order",
+            "--data-dir",
+            str(data),
+            "--split",
+            split,
+            "--epoch",
+            str(epoch),
+            "--seed",
+            "6",
+            "--replica",
+            str(rank),
+            "--replicas",
+            str(world),
+            "--batch-size",
+            str(2 * world),
+        ]
         r = CliRunner().invoke(prep, args)
         assert r.exit_code == 0, r.output
         loader = _loader(data, split, 2, seed=6, rank=rank, world=world, with_draws=True)
@@ -509,8 +581,9 @@ def test_gpu_train_batch_matches_numpy_reimplementation(data, roi_decode):
     assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64 and images.shape == (8, 3, 224, 224)
     assert labels.cpu().tolist() == raw_labels[d["index"]].tolist()
     for i in range(8):
-        ref = _reference(raw[d["index"][i]], mean_image, d["crop_xy"][i], d["mirror"][i], d["alpha"][i],
-                         np.sqrt(EIGVAL))  # fmt: skip
+        ref = _reference(
+            raw[d["index"][i]], mean_image, d["crop_xy"][i], d["mirror"][i], d["alpha"][i], np.sqrt(EIGVAL)
+        )
         assert np.abs(images[i].cpu().numpy().transpose(1, 2, 0) - ref).mean() < 1.0
 
 
@@ -534,8 +607,7 @@ def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
     dev = torch.device("cuda:0")
     loader = _loader(data, "train", 4, num_threads=2, device="cuda:0", pipelines=2, prefetch=3, with_draws=True, seed=2)
     model = AlexNet(num_classes=N_CLASSES, devices=[dev]).train()
-    step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), precision="bf16",
-                            eager_steps=1)  # fmt: skip
+    step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), precision="bf16", eager_steps=1)
     losses, seen = [], []
     for _ in range(2):
         for images, labels, draws in loader:

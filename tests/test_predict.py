@@ -33,8 +33,18 @@ def run(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("predict")
     data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=2)
-    cfg = TrainConfig.create(data_dir=str(data), run_dir=str(base / "run"), gpus="cpu", batch_size=4, epochs=0,
-                      max_steps=3, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0)  # fmt: skip
+    cfg = TrainConfig.create(
+        data_dir=str(data),
+        run_dir=str(base / "run"),
+        gpus="cpu",
+        batch_size=4,
+        epochs=0,
+        max_steps=3,
+        lr=1e-3,
+        num_threads=1,
+        progress=False,
+        checkpoint_minutes=0.0,
+    )
     train(cfg)
     return data, base / "run" / "checkpoints" / "last.pt"
 
@@ -109,8 +119,17 @@ def test_cli_json_lines_parse_and_bad_files_get_one_line_each(run, tmp_path):
     _, ckpt = run
     good = _photo(tmp_path / "good.jpg")
     (tmp_path / "notes.txt").write_text("not an image")
-    args = ["predict", "--checkpoint", str(ckpt), "--gpus", "cpu", "--json",
-            str(good), str(tmp_path / "notes.txt"), str(tmp_path / "missing.jpg")]  # fmt: skip
+    args = [
+        "predict",
+        "--checkpoint",
+        str(ckpt),
+        "--gpus",
+        "cpu",
+        "--json",
+        str(good),
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "missing.jpg"),
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output  # some files failed; the others were predicted
     lines = [json.loads(x) for x in r.stdout.splitlines()]
@@ -176,8 +195,12 @@ def test_export_runs_in_plain_pytorch_without_the_package(run, tmp_path):
     torch.save(batch, tmp_path / "batch.pt")
     script = tmp_path / "load.py"
     script.write_text(CLEAN_LOAD)
-    res = subprocess.run([sys.executable, str(script), str(ROOT), str(out), str(tmp_path / "batch.pt"),
-                          str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, str(script), str(ROOT), str(out), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     got = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
@@ -226,8 +249,19 @@ def test_a_run_trained_with_the_channel_mean_carries_it(run, tmp_path):
     from alexnet.trainer.train import train
 
     data, _ = run
-    cfg = TrainConfig.create(data_dir=str(data), run_dir=str(tmp_path / "run"), gpus="cpu", batch_size=4, epochs=0,
-                      max_steps=1, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0, mean="channel")  # fmt: skip
+    cfg = TrainConfig.create(
+        data_dir=str(data),
+        run_dir=str(tmp_path / "run"),
+        gpus="cpu",
+        batch_size=4,
+        epochs=0,
+        max_steps=1,
+        lr=1e-3,
+        num_threads=1,
+        progress=False,
+        checkpoint_minutes=0.0,
+        mean="channel",
+    )
     train(cfg)
     mean = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["dataset"]["mean_image"].numpy()
     expected = np.broadcast_to(np.asarray(A.read_stats(data).mean_rgb, dtype=np.float32), (256, 256, 3))
@@ -265,9 +299,20 @@ def channel_ckpt(run, tmp_path_factory):
 
     data, _ = run
     base = tmp_path_factory.mktemp("channel")
-    cfg = TrainConfig.create(data_dir=str(data), run_dir=str(base / "run"), gpus="cpu", batch_size=4, epochs=0,
-                      max_steps=3, lr=1e-3, num_threads=1, progress=False, checkpoint_minutes=0.0, mean="channel",
-                      seed=1)  # fmt: skip
+    cfg = TrainConfig.create(
+        data_dir=str(data),
+        run_dir=str(base / "run"),
+        gpus="cpu",
+        batch_size=4,
+        epochs=0,
+        max_steps=3,
+        lr=1e-3,
+        num_threads=1,
+        progress=False,
+        checkpoint_minutes=0.0,
+        mean="channel",
+        seed=1,
+    )
     train(cfg)
     return base / "run" / "checkpoints" / "last.pt"
 
@@ -281,8 +326,19 @@ def _val_loader(data, mean: str, ten_crop: bool = False):
 def _eval_cli(data, *ckpts, extra=()):
     from alexnet.trainer.cli import main
 
-    args = ["eval", "--data-dir", str(data), "--gpus", "cpu", "--batch-size", "4", "--threads", "1", "--no-progress",
-            *extra]  # fmt: skip
+    args = [
+        "eval",
+        "--data-dir",
+        str(data),
+        "--gpus",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
     for c in ckpts:
         args += ["--checkpoint", str(c)]
     return CliRunner().invoke(main, args)
@@ -355,6 +411,17 @@ def test_checkpoints_of_other_classes_are_not_averaged(run, tmp_path):
     ck["dataset"]["classes"] = list(reversed(ck["dataset"]["classes"]))
     other = tmp_path / "other.pt"
     ckpt_io.save_checkpoint(other, ck)
-    r = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--checkpoint", str(other), "--gpus", "cpu",
-                                  str(_photo(tmp_path / "x.jpg"))])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "predict",
+            "--checkpoint",
+            str(ckpt),
+            "--checkpoint",
+            str(other),
+            "--gpus",
+            "cpu",
+            str(_photo(tmp_path / "x.jpg")),
+        ],
+    )
     assert r.exit_code == 1 and "other classes" in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -62,12 +62,20 @@ def write_run(run, *, with_checkpoint=True, preview=True, conv1=None):
     run.mkdir(parents=True)
     lines = []
     for step in range(0, 200, 10):
-        lines.append({"step": step, "epoch": step / 50, "loss": 2.3 * math.exp(-step / 80) + 0.05,
-                      "lr": 0.01 if step < 150 else 0.001, "images_per_s": 100.0 + step % 7,
-                      "elapsed_s": 0.5 * step})  # fmt: skip
+        lines.append(
+            {
+                "step": step,
+                "epoch": step / 50,
+                "loss": 2.3 * math.exp(-step / 80) + 0.05,
+                "lr": 0.01 if step < 150 else 0.001,
+                "images_per_s": 100.0 + step % 7,
+                "elapsed_s": 0.5 * step,
+            }
+        )
     for epoch, (t1, t5) in enumerate([(0.8, 0.45), (0.5, 0.2), (0.55, 0.25), (0.4, 0.15)], 1):
-        lines.append({"split": "val", "top1_err": t1, "top5_err": t5, "ten_crop": False,
-                      "step": 50 * epoch, "epoch": epoch})  # fmt: skip
+        lines.append(
+            {"split": "val", "top1_err": t1, "top5_err": t5, "ten_crop": False, "step": 50 * epoch, "epoch": epoch}
+        )
     lines.append({"split": "val", "top1_err": 0.35, "top5_err": 0.12, "ten_crop": True, "step": 200, "epoch": 4})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (run / "config.json").write_text(json.dumps({"model": {"num_classes": NUM_CLASSES}, "batch_size": 32}))

@@ -92,8 +92,11 @@ def test_precision_resolution_and_loader_dtype():
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("auto", gpu) == "bf16"
     assert resolve_precision("fp16", cpu) == "fp16"
     assert [loader_dtype(p, gpu) for p in ("auto", "fp32", "bf16", "fp16")] == [
-        "bfloat16", "float32", "bfloat16", "float16",
-    ]  # fmt: skip
+        "bfloat16",
+        "float32",
+        "bfloat16",
+        "float16",
+    ]
     assert loader_dtype("auto", cpu) == "float32"
     with pytest.raises(AlexnetError, match="precision 'tf32'"):
         resolve_precision("tf32", cpu)
@@ -262,8 +265,9 @@ def test_fp16_and_bf16_steps_learn_on_the_gpu():
     for precision in ("bf16", "fp16"):
         torch.manual_seed(0)
         model = AlexNet(num_classes=10, devices=[dev]).to(memory_format=torch.channels_last).eval()
-        step = create_step(model, create_optimizer(model, 0.01, 0.9, 5e-4),
-                           TrainConfig.create(precision=precision).model, [dev], 1)  # fmt: skip
+        step = create_step(
+            model, create_optimizer(model, 0.01, 0.9, 5e-4), TrainConfig.create(precision=precision).model, [dev], 1
+        )
         x, y = torch.randn(16, 3, 224, 224, device=dev) * 50, torch.arange(16, device=dev) % 10
         losses = [float(step(x, y)) for _ in range(12)]
         assert losses[-1] < losses[0], (precision, losses)

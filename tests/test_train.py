@@ -277,27 +277,73 @@ def test_auto_gpus_never_falls_back_to_the_cpu_silently(local_world, cuda, messa
         # torchrun
         ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, DistInfo(5, 8, 1, 4)),
         # srun, 2 nodes x 4 tasks: without the SLURM variables rank 5 would look like local replica 5 of 8
-        ({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-          "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NODEID": "1"}, DistInfo(5, 8, 1, 4)),
-        ({"SLURM_STEP_NUM_TASKS": "7", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-          "SLURM_STEP_TASKS_PER_NODE": "4,3", "SLURM_NODEID": "1"}, DistInfo(5, 7, 1, 3)),
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "8",
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+                "SLURM_NODEID": "1",
+            },
+            DistInfo(5, 8, 1, 4),
+        ),
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "7",
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "4,3",
+                "SLURM_NODEID": "1",
+            },
+            DistInfo(5, 7, 1, 3),
+        ),
         # the batch script of sbatch -n 4 is one process, not a launch of 4
         ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "4"}, DistInfo()),
         # torchrun's WORLD_SIZE/RANK beside SLURM's local variables
-        ({"WORLD_SIZE": "8", "RANK": "6", "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}, DistInfo(6, 8, 2, 4)),
+        (
+            {"WORLD_SIZE": "8", "RANK": "6", "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"},
+            DistInfo(6, 8, 2, 4),
+        ),
         # mpirun inside an sbatch script: the batch script's SLURM_PROCID (0 everywhere) must not win
-        ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "OMPI_COMM_WORLD_SIZE": "4",
-          "OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
-         DistInfo(2, 4, 0, 2)),
+        (
+            {
+                "SLURM_NTASKS": "8",
+                "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_RANK": "2",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            },
+            DistInfo(2, 4, 0, 2),
+        ),
         # mpirun whose daemons srun started (2 nodes): the step has 2 tasks, Open MPI's world is 8
-        ({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
-          "SLURM_NODEID": "1", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5",
-          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, DistInfo(5, 8, 1, 4)),
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_PROCID": "1",
+                "SLURM_LOCALID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+                "SLURM_NODEID": "1",
+                "OMPI_COMM_WORLD_SIZE": "8",
+                "OMPI_COMM_WORLD_RANK": "5",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+            },
+            DistInfo(5, 8, 1, 4),
+        ),
         # mpirun (Open MPI)
-        ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-          "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, DistInfo(3, 4, 1, 2)),
+        (
+            {
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            },
+            DistInfo(3, 4, 1, 2),
+        ),
     ],
-)  # fmt: skip
+)
 def test_launcher_environments(env, want):
     from alexnet.trainer.distributed import dist_info_from_env
 
@@ -345,9 +391,15 @@ def test_math_sanity():
 # --------------------------------------------------------------------------- real runs (DALI CPU-only, LMDB)
 
 RUN_KW = dict(
-    gpus="cpu", batch_size=4, epochs=0, lr=1e-3, log_every_steps=1, num_threads=1, progress=False,
+    gpus="cpu",
+    batch_size=4,
+    epochs=0,
+    lr=1e-3,
+    log_every_steps=1,
+    num_threads=1,
+    progress=False,
     checkpoint_minutes=0.0,
-)  # fmt: skip
+)
 STEPS = 6  # 4 steps per epoch (16 records / 4): crosses an epoch end and an evaluation
 KILL_AT = 4  # after the step-3 checkpoint, mid-epoch (before epoch 1's end)
 
@@ -462,11 +514,35 @@ def _cli_after_its_first_step(train_data, run):
     import sys
     import time
 
-    args = [sys.executable, "-m", "alexnet.trainer.cli", "--data-dir", str(train_data), "--run-dir", str(run),
-            "--gpus", "cpu", "--batch-size", "4", "--epochs", "0", "--max-steps", "1000", "--lr", "0.001",
-            "--log-every-steps", "1", "--threads", "1", "--no-progress", "--checkpoint-minutes", "0"]  # fmt: skip
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "alexnet.trainer.cli",
+        "--data-dir",
+        str(train_data),
+        "--run-dir",
+        str(run),
+        "--gpus",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "0",
+        "--max-steps",
+        "1000",
+        "--lr",
+        "0.001",
+        "--log-every-steps",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--checkpoint-minutes",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
@@ -496,8 +572,24 @@ def test_cli_resume_without_a_checkpoint_starts_the_run(train_data, tmp_path):
     from alexnet.trainer.cli import main
 
     run = tmp_path / "run"
-    base = ["--data-dir", str(train_data), "--run-dir", str(run), "--gpus", "cpu", "--no-progress",
-            "--batch-size", "4", "--epochs", "0", "--max-steps", "2", "--threads", "1", "--resume"]  # fmt: skip
+    base = [
+        "--data-dir",
+        str(train_data),
+        "--run-dir",
+        str(run),
+        "--gpus",
+        "cpu",
+        "--no-progress",
+        "--batch-size",
+        "4",
+        "--epochs",
+        "0",
+        "--max-steps",
+        "2",
+        "--threads",
+        "1",
+        "--resume",
+    ]
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
     assert "nothing to resume" in r.output and "starting the run" in r.output
@@ -562,8 +654,17 @@ def test_short_run_lowers_the_loss(train_data, tmp_path):
     from alexnet.trainer.model import AlexNet
     from alexnet.trainer.replica import create_loader_for, resolve_replica
 
-    cfg = _cfg(train_data, tmp_path / "run", max_steps=0, epochs=12, batch_size=8, lr=1e-3, keep_epochs=2,
-               schedule="step", step_epochs=(100,))  # fmt: skip
+    cfg = _cfg(
+        train_data,
+        tmp_path / "run",
+        max_steps=0,
+        epochs=12,
+        batch_size=8,
+        lr=1e-3,
+        keep_epochs=2,
+        schedule="step",
+        step_epochs=(100,),
+    )
     _, model = train_watched(cfg)
     trained = [model]
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -585,9 +686,27 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_good_checkpoint(trai
     from alexnet.trainer.cli import main
 
     run = tmp_path / "run"
-    args = ["--data-dir", str(train_data), "--run-dir", str(run), "--gpus", "cpu", "--batch-size", "4",
-            "--max-steps", "6", "--lr", "1e6", "--log-every-steps", "1", "--checkpoint-every-steps", "1",
-            "--threads", "1", "--no-progress"]  # fmt: skip
+    args = [
+        "--data-dir",
+        str(train_data),
+        "--run-dir",
+        str(run),
+        "--gpus",
+        "cpu",
+        "--batch-size",
+        "4",
+        "--max-steps",
+        "6",
+        "--lr",
+        "1e6",
+        "--log-every-steps",
+        "1",
+        "--checkpoint-every-steps",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     err = [x for x in r.output.splitlines() if x.startswith("error:")]
@@ -694,9 +813,24 @@ def test_eval_only_ten_crop_cli_prints_and_logs_both(uninterrupted, train_data, 
     ck.write_bytes((run / "checkpoints" / "last.pt").read_bytes())
     r = CliRunner().invoke(
         main,
-        ["eval", "--data-dir", str(train_data), "--run-dir", str(tmp_path / "eval"), "--gpus", "cpu", "--batch-size", "4",
-         "--threads", "1", "--no-progress", "--ten-crop", "--checkpoint", str(ck)],
-    )  # fmt: skip
+        [
+            "eval",
+            "--data-dir",
+            str(train_data),
+            "--run-dir",
+            str(tmp_path / "eval"),
+            "--gpus",
+            "cpu",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--ten-crop",
+            "--checkpoint",
+            str(ck),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "centre crop" in r.output and "ten patches" in r.output
     evals = _lines(tmp_path / "eval")
@@ -765,9 +899,11 @@ def test_cli_options_are_the_config_fields():
     from alexnet.trainer.config import SECTIONS
 
     every = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
-    for command, extra, names in ((main, {"config_file", "version", *OLD_FLAGS}, every),
-                                  (eval_command, {"checkpoints", "ten_crop"}, every & EVAL_OPTIONS),
-                                  (bench_command, {"config_file", "steps"}, every & BENCH_OPTIONS)):  # fmt: skip
+    for command, extra, names in (
+        (main, {"config_file", "version", *OLD_FLAGS}, every),
+        (eval_command, {"checkpoints", "ten_crop"}, every & EVAL_OPTIONS),
+        (bench_command, {"config_file", "steps"}, every & BENCH_OPTIONS),
+    ):
         options = {p.name: p for p in command.params}
         assert set(options) - extra == names
         defaults = TrainConfig().flat()
@@ -919,8 +1055,13 @@ def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     g = torch.Generator(device=dev).manual_seed(5)
-    batches = [(torch.randn(16, 3, 224, 224, device=dev, generator=g) * 50,
-                torch.randint(0, 10, (16,), device=dev, generator=g)) for _ in range(8)]  # fmt: skip
+    batches = [
+        (
+            torch.randn(16, 3, 224, 224, device=dev, generator=g) * 50,
+            torch.randint(0, 10, (16,), device=dev, generator=g),
+        )
+        for _ in range(8)
+    ]
     kw = {"precision": "bf16"}
     results = []
     for graphed in (False, True):

@@ -123,8 +123,10 @@ def tar_members(fd: int, start: int, size: int, where: str) -> list[tuple[str, i
         with tarfile.open(fileobj=window, mode="r:") as tf:
             for ti in tf:
                 if ti.offset_data + ti.size > size:
-                    raise AlexnetError(f"{where}: member {ti.name} is cut short ({ti.size} bytes declared, "
-                                       f"{max(0, size - ti.offset_data)} present); {_BROKEN}")  # fmt: skip
+                    raise AlexnetError(
+                        f"{where}: member {ti.name} is cut short ({ti.size} bytes declared, "
+                        f"{max(0, size - ti.offset_data)} present); {_BROKEN}"
+                    )
                 if ti.isreg():
                     out.append((ti.name, start + ti.offset_data, ti.size))
                 tf.members = []  # the listing is ours; tarfile need not keep it
@@ -149,20 +151,23 @@ def _index_train_tar(path: Path, progress: bool) -> list[tuple[str, str, tuple]]
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        inner = [(m, off, n) for m, off, n in tar_members(fd, 0, os.fstat(fd).st_size, str(path))
-                 if m.endswith(".tar")]  # fmt: skip
+        inner = [(m, off, n) for m, off, n in tar_members(fd, 0, os.fstat(fd).st_size, str(path)) if m.endswith(".tar")]
 
         def one(member):
             name, off, n = member
             wnid = posixpath.basename(_member_name(name))[: -len(".tar")]
             found = tar_members(fd, off, n, f"{path}: member {name}")
-            return [(f"{wnid}/{posixpath.basename(m)}", wnid, (0, TAR, o, s, 0)) for m, o, s in found
-                    if L.is_image(posixpath.basename(m))]  # fmt: skip
+            return [
+                (f"{wnid}/{posixpath.basename(m)}", wnid, (0, TAR, o, s, 0))
+                for m, o, s in found
+                if L.is_image(posixpath.basename(m))
+            ]
 
         items = []
-        with ThreadPoolExecutor(INDEX_THREADS) as pool, tqdm(
-            total=len(inner), unit="tar", desc=f"indexing {path.name}", disable=not progress, leave=False
-        ) as bar:  # fmt: skip
+        with (
+            ThreadPoolExecutor(INDEX_THREADS) as pool,
+            tqdm(total=len(inner), unit="tar", desc=f"indexing {path.name}", disable=not progress, leave=False) as bar,
+        ):
             for part in pool.map(one, inner):
                 items += part
                 bar.update(1)
@@ -206,12 +211,14 @@ def _split(name: str, root: Path, layout: str, items: list, archives: tuple[str,
         raise AlexnetError(f"{root} holds no {name} images")
     items.sort(key=lambda t: t[0])
     rel, wnids, locs = zip(*items, strict=True)
-    return L.SplitSource(name, root, layout, rel, wnids, archives=archives,
-                         locations=np.array(list(locs), dtype=LOCATION), **kw)  # fmt: skip
+    return L.SplitSource(
+        name, root, layout, rel, wnids, archives=archives, locations=np.array(list(locs), dtype=LOCATION), **kw
+    )
 
 
-def _val_labels(arch: Archives, where: Path, names: list[str], val_layout: str, val_labels: Path | None,
-                notes: list[str]) -> tuple[str, tuple[str, ...], str]:  # fmt: skip
+def _val_labels(
+    arch: Archives, where: Path, names: list[str], val_layout: str, val_labels: Path | None, notes: list[str]
+) -> tuple[str, tuple[str, ...], str]:
     """``(layout, wnid of each name, label file)`` of flat validation files: --val-labels, the devkit archive,
     or a label file beside the archives (an extracted devkit included)."""
     if val_layout == "class-folders":
@@ -239,8 +246,9 @@ def _official(arch: Archives, splits, val_layout, val_labels, notes, progress) -
         if name in splits and name not in arch.files:
             notes.append(f"no {name} split ({archive} is not in {arch.folder})")
     if "train" in splits and "train" in arch.files:
-        found["train"] = _split("train", arch.files["train"], "class-folders",
-                                _index_train_tar(arch.files["train"], progress), archives)  # fmt: skip
+        found["train"] = _split(
+            "train", arch.files["train"], "class-folders", _index_train_tar(arch.files["train"], progress), archives
+        )
     if "val" in splits and "val" in arch.files:
         path = arch.files["val"]
         members = sorted(_index_val_tar(path))
@@ -254,8 +262,10 @@ def _official(arch: Archives, splits, val_layout, val_labels, notes, progress) -
 def _zip_location(zpath: Path, info: zipfile.ZipInfo) -> tuple:
     kinds = {zipfile.ZIP_STORED: ZIP_STORED, zipfile.ZIP_DEFLATED: ZIP_DEFLATED}
     if info.compress_type not in kinds or info.flag_bits & 1:
-        raise AlexnetError(f"{zpath}: member {info.filename} is encrypted or uses compression method "
-                           f"{info.compress_type} (only stored and deflated members are read)")  # fmt: skip
+        raise AlexnetError(
+            f"{zpath}: member {info.filename} is encrypted or uses compression method "
+            f"{info.compress_type} (only stored and deflated members are read)"
+        )
     return (0, kinds[info.compress_type], info.header_offset, info.compress_size, info.CRC)
 
 

@@ -56,9 +56,20 @@ MAX_SMALL_SHARDS = 16  # small datasets still get up to 16 shards (>= 256 images
 MIN_SHARD_IMAGES = 256
 # Options that decide the bytes written: a build resumes only when all of these are unchanged.
 _OUTPUT_OPTIONS = (
-    "resize_shorter", "stored_size", "jpeg_quality", "resample", "draft_min_factor", "exif_orientation",
-    "seed", "num_shards", "splits", "layouts", "source_digests", "classes", "pil",
-)  # fmt: skip
+    "resize_shorter",
+    "stored_size",
+    "jpeg_quality",
+    "resample",
+    "draft_min_factor",
+    "exif_orientation",
+    "seed",
+    "num_shards",
+    "splits",
+    "layouts",
+    "source_digests",
+    "classes",
+    "pil",
+)
 
 
 # --------------------------------------------------------------------------- one image
@@ -173,8 +184,13 @@ def _worker_main(conn) -> None:
         except AlexnetError as e:
             conn.send(("error", str(e)))
         except Exception as e:  # report it with its shard instead of dying silently
-            conn.send(("error", f"shard {task.path}: {type(e).__name__}: {e} (a full disk? free space and run the "
-                                "same command again: it resumes)"))  # fmt: skip
+            conn.send(
+                (
+                    "error",
+                    f"shard {task.path}: {type(e).__name__}: {e} (a full disk? free space and run the "
+                    "same command again: it resumes)",
+                )
+            )
 
 
 _unreported = 0
@@ -303,9 +319,12 @@ def build_shard(task: ShardTask) -> ShardResult:
 def _git_revision() -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
-        )  # fmt: skip
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -373,13 +392,25 @@ def _plan(cfg: BuildConfig, source, shards: dict[str, int]):
     def make_task(plan: ShardPlan) -> ShardTask:
         split, order, lab = source.splits[plan.split], orders[plan.split], labels[plan.split]
         locs = split.locations
-        items = [(split.relpaths[i], int(lab[i]), None if locs is None else tuple(int(x) for x in locs[i]))
-                 for i in map(int, order[plan.start : plan.stop])]  # fmt: skip
+        items = [
+            (split.relpaths[i], int(lab[i]), None if locs is None else tuple(int(x) for x in locs[i]))
+            for i in map(int, order[plan.start : plan.stop])
+        ]
         # ~40 KB per record at quality 95; the map grows on demand anyway.
         map_size = cfg.initial_map_size or max(64 << 20, (plan.stop - plan.start) * 64 << 10)
         path = cfg.data_dir / manifest.splits[plan.split].shards[plan.index].path
-        return ShardTask(plan.split, plan.index, str(path), str(split.root), plan.start, items, cfg.jpeg_quality,
-                         cfg.commit_every, map_size, split.archives)  # fmt: skip
+        return ShardTask(
+            plan.split,
+            plan.index,
+            str(path),
+            str(split.root),
+            plan.start,
+            items,
+            cfg.jpeg_quality,
+            cfg.commit_every,
+            map_size,
+            split.archives,
+        )
 
     return manifest, plans, make_task
 
@@ -520,9 +551,13 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
 def _build(cfg: BuildConfig, pool: _Workers):
     """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
     source = detect_source(
-        cfg.source, splits=cfg.splits, val_layout=cfg.val_layout, val_labels=cfg.val_labels,
-        allow_missing_classes=cfg.allow_missing_classes, progress=cfg.progress,
-    )  # fmt: skip
+        cfg.source,
+        splits=cfg.splits,
+        val_layout=cfg.val_layout,
+        val_labels=cfg.val_labels,
+        allow_missing_classes=cfg.allow_missing_classes,
+        progress=cfg.progress,
+    )
     for note in source.notes:
         click.echo(f"note: {note}", err=True)
     given = {"train": cfg.train_shards, "val": cfg.val_shards}
@@ -545,9 +580,11 @@ def _build(cfg: BuildConfig, pool: _Workers):
     manifest.build = options
     manifest.source = {
         "root": str(Path(cfg.source).resolve()),
-        "splits": {n: {"dir": str(s.root), "files": len(s), "label_file": s.label_file, **_archives_of(s)}
-                   for n, s in source.splits.items()},
-    }  # fmt: skip
+        "splits": {
+            n: {"dir": str(s.root), "files": len(s), "label_file": s.label_file, **_archives_of(s)}
+            for n, s in source.splits.items()
+        },
+    }
     A.write_manifest(cfg.data_dir, manifest)  # complete=False until every shard is finished
 
     total = sum(p.stop - p.start for p in plans)
@@ -567,8 +604,9 @@ def _archives_of(split) -> dict:
     return {"archives": [a for a in split.archives if a]} if split.archives else {}
 
 
-def _finish(cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], state: str, workers: int,
-            elapsed: float) -> None:  # fmt: skip
+def _finish(
+    cfg: BuildConfig, manifest: A.Manifest, results: list[ShardResult], state: str, workers: int, elapsed: float
+) -> None:
     """Fill the manifest from the shards' results, write rejected.tsv and the complete manifest, summarise."""
     by_shard = {(r.split, r.index): r for r in results}
     rejected: list[dict[str, str]] = []
@@ -641,11 +679,19 @@ def _choice_option(name: str, choices, help: str):
 @int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
 @int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
 @int_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
-@int_option("--jpeg-quality", "Quality of the stored JPEGs (95: the authors' own preparation).",
-             default=DEFAULT_JPEG_QUALITY, lo=1, hi=100)  # fmt: skip
+@int_option(
+    "--jpeg-quality",
+    "Quality of the stored JPEGs (95: the authors' own preparation).",
+    default=DEFAULT_JPEG_QUALITY,
+    lo=1,
+    hi=100,
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
-@_choice_option("--splits", ["train,val", "train", "val"],
-                "Which splits to build (a split not found in SRC is skipped with a note).")  # fmt: skip
+@_choice_option(
+    "--splits",
+    ["train,val", "train", "val"],
+    "Which splits to build (a split not found in SRC is skipped with a note).",
+)
 @_choice_option("--val-layout", ("auto", *VAL_LAYOUTS), "Force how validation labels are read instead of detecting it.")
 @click.option(
     "--val-labels",
@@ -655,11 +701,29 @@ def _choice_option(name: str, choices, help: str):
 )
 @click.option("--allow-missing-classes", is_flag=True, help="Build even when a class has no images in a split.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing dataset in --data-dir and rebuild it.")
-@int_option("--commit-every", "Records per LMDB transaction (what an interruption can cost).",
-             default=DEFAULT_COMMIT_EVERY, lo=1)  # fmt: skip
+@int_option(
+    "--commit-every",
+    "Records per LMDB transaction (what an interruption can cost).",
+    default=DEFAULT_COMMIT_EVERY,
+    lo=1,
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
-def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_quality, seed, splits, val_layout,
-                       val_labels, allow_missing_classes, overwrite, commit_every, no_progress) -> None:  # fmt: skip
+def build_lmdb_command(
+    src,
+    data_dir,
+    workers,
+    train_shards,
+    val_shards,
+    jpeg_quality,
+    seed,
+    splits,
+    val_layout,
+    val_labels,
+    allow_missing_classes,
+    overwrite,
+    commit_every,
+    no_progress,
+) -> None:
     """Turn ImageNet into LMDB shards: a tree (train/<wnid>/*.JPEG, val/ in any usual label format), or the
     archives as downloaded, read without extracting (SRC: the folder of ILSVRC2012_img_train.tar,
     ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz, or one of them; or Kaggle's zip or its folder).
@@ -668,9 +732,19 @@ def build_lmdb_command(src, data_dir, workers, train_shards, val_shards, jpeg_qu
     a JPEG inside a Caffe Datum (paper section 2), in a seeded global shuffle, in parallel.
     """
     cfg = BuildConfig(
-        source=src, data_dir=data_dir, workers=workers, train_shards=train_shards, val_shards=val_shards,
-        jpeg_quality=jpeg_quality, seed=seed, splits=tuple(splits.split(",")), val_layout=val_layout,
-        val_labels=val_labels, allow_missing_classes=allow_missing_classes, overwrite=overwrite,
-        commit_every=commit_every, progress=not no_progress,
-    )  # fmt: skip
+        source=src,
+        data_dir=data_dir,
+        workers=workers,
+        train_shards=train_shards,
+        val_shards=val_shards,
+        jpeg_quality=jpeg_quality,
+        seed=seed,
+        splits=tuple(splits.split(",")),
+        val_layout=val_layout,
+        val_labels=val_labels,
+        allow_missing_classes=allow_missing_classes,
+        overwrite=overwrite,
+        commit_every=commit_every,
+        progress=not no_progress,
+    )
     build_lmdb(cfg)

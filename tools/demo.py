@@ -48,10 +48,20 @@ def _run(args: list[str], log: list[str], env: dict[str, str] | None = None) -> 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
-              help="Folder for the sample tree, dataset, run and report.")  # fmt: skip
-@click.option("--steps", type=click.IntRange(min=1), default=DEMO_STEPS, show_default=True,
-              help="Training steps of 128 images (the result depends on this, not on the machine).")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo"),
+    show_default=True,
+    help="Folder for the sample tree, dataset, run and report.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=DEMO_STEPS,
+    show_default=True,
+    help="Training steps of 128 images (the result depends on this, not on the machine).",
+)
 @click.option("--fresh", is_flag=True, help="Delete OUT first (otherwise finished steps are reused).")
 def main(out: Path, steps: int, fresh: bool) -> None:
     """Run the whole AlexNet path on the built-in sample, on the CPU."""
@@ -69,24 +79,73 @@ def main(out: Path, steps: int, fresh: bool) -> None:
     _run([prep, "build-lmdb", str(sample), "--data-dir", str(data)], log)
     _run([prep, "verify", "--data-dir", str(data)], log)
     _run([prep, "pca-stats", "--data-dir", str(data)], log)
-    _run([prep, "preview", "--data-dir", str(data), "--split", "train", "--n", "16", "--seed", "0",
-          "--out", str(out / "preview.npz")], log)  # fmt: skip
-    train_args = [train, "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu", "--threads", "1",
-                  "--max-steps", str(steps)]  # fmt: skip
+    _run(
+        [
+            prep,
+            "preview",
+            "--data-dir",
+            str(data),
+            "--split",
+            "train",
+            "--n",
+            "16",
+            "--seed",
+            "0",
+            "--out",
+            str(out / "preview.npz"),
+        ],
+        log,
+    )
+    train_args = [
+        train,
+        "--data-dir",
+        str(data),
+        "--run-dir",
+        str(run),
+        "--gpus",
+        "cpu",
+        "--threads",
+        "1",
+        "--max-steps",
+        str(steps),
+    ]
     if (run / "checkpoints" / "last.pt").exists():
         train_args.append("--resume")
     _run(train_args, log, CPU_ENV)
-    _run([train, "eval", "--data-dir", str(data), "--run-dir", str(run), "--gpus", "cpu", "--ten-crop",
-          "--threads", "1", "--checkpoint", str(run / "checkpoints" / "last.pt")], log, CPU_ENV)  # fmt: skip
+    _run(
+        [
+            train,
+            "eval",
+            "--data-dir",
+            str(data),
+            "--run-dir",
+            str(run),
+            "--gpus",
+            "cpu",
+            "--ten-crop",
+            "--threads",
+            "1",
+            "--checkpoint",
+            str(run / "checkpoints" / "last.pt"),
+        ],
+        log,
+        CPU_ENV,
+    )
     _run([train, "report", str(run), "--out", str(report), "--preview", str(out / "preview.png")], log)
     firsts: dict[Path, Path] = {}  # the trained model on two image files of two classes
     for f in sorted((sample / "val").rglob("*.JPEG")):
         firsts.setdefault(f.parent, f)
     examples = list(firsts.values())[:2]
-    _run([train, "predict", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--gpus", "cpu",
-          *map(str, examples)], log, CPU_ENV)  # fmt: skip
-    _run([train, "export", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", str(out / "alexnet.pt2")],
-         log, CPU_ENV)  # fmt: skip
+    _run(
+        [train, "predict", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--gpus", "cpu", *map(str, examples)],
+        log,
+        CPU_ENV,
+    )
+    _run(
+        [train, "export", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--out", str(out / "alexnet.pt2")],
+        log,
+        CPU_ENV,
+    )
 
     (out / "commands.txt").write_text("\n".join(log) + "\n")
     click.secho(f"\ndemo finished in {(time.monotonic() - t0) / 60:.1f} min", bold=True)

@@ -271,8 +271,14 @@ def _flat_val(
     if not label_file.is_file():
         raise AlexnetError(f"label file not found: {label_file}")
     table, keys = _label_table(src, split_dir, layout, label_file, names)
-    return SplitSource("val", split_dir, layout, tuple(names), labelled(table, keys, names, label_file, split_dir, notes),
-                       str(label_file))  # fmt: skip
+    return SplitSource(
+        "val",
+        split_dir,
+        layout,
+        tuple(names),
+        labelled(table, keys, names, label_file, split_dir, notes),
+        str(label_file),
+    )
 
 
 def labelled(table: dict, keys: list, names: list[str], label_file, split_dir, notes: list[str]) -> tuple[str, ...]:
@@ -360,9 +366,13 @@ def detect_source(
     found_archives = archives.find_archives(src)
     if found_archives is not None:
         return archives.detect_archive_source(
-            found_archives, splits=splits, val_layout=val_layout, val_labels=val_labels,
-            allow_missing_classes=allow_missing_classes, progress=progress,
-        )  # fmt: skip
+            found_archives,
+            splits=splits,
+            val_layout=val_layout,
+            val_labels=val_labels,
+            allow_missing_classes=allow_missing_classes,
+            progress=progress,
+        )
     if not src.is_dir():
         raise AlexnetError(f"source {src} is not a directory")
     notes: list[str] = []

@@ -186,8 +186,9 @@ class PixelMoments:
 
     def add(self, image: np.ndarray) -> None:
         if image.dtype != np.uint8 or image.shape != self.image_shape:
-            raise ValueError(f"expected a uint8 image [{', '.join(map(str, self.image_shape))}], "
-                             f"got {image.dtype} {image.shape}")  # fmt: skip
+            raise ValueError(
+                f"expected a uint8 image [{', '.join(map(str, self.image_shape))}], got {image.dtype} {image.shape}"
+            )
         if self._pix is None:
             if self.use_kernel:
                 self._pix = np.zeros(self.image_shape, dtype=np.uint16)
@@ -374,8 +375,10 @@ def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple
     for sh, p in zip(split.shards, paths, strict=True):
         keys = _shard_keys(p)
         if len(keys) != sh.num_records:
-            raise AlexnetError(f"shard {sh.path} has {len(keys)} records, the manifest says {sh.num_records} "
-                               "(check with alexnet-prep verify)")  # fmt: skip
+            raise AlexnetError(
+                f"shard {sh.path} has {len(keys)} records, the manifest says {sh.num_records} "
+                "(check with alexnet-prep verify)"
+            )
         shard_keys.append(keys)
     total = sum(len(k) for k in shard_keys)
     if cfg.sample and cfg.sample < total:
@@ -418,8 +421,9 @@ def _worker(task_fn, make_state, tasks, results) -> None:
         results.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run_tasks(tasks: list, workers: int, task_fn, make_state, on_progress=lambda r: None,
-              on_start=lambda: None) -> list:  # fmt: skip
+def run_tasks(
+    tasks: list, workers: int, task_fn, make_state, on_progress=lambda r: None, on_start=lambda: None
+) -> list:
     """Run ``task_fn(task, state)`` over ``tasks`` in ``workers`` processes, each with one ``make_state()``.
 
     Each worker keeps its state across all the tasks it takes (a pca-stats worker accumulates every
@@ -442,8 +446,9 @@ def run_tasks(tasks: list, workers: int, task_fn, make_state, on_progress=lambda
         task_q.put(task)
     for _ in range(workers):
         task_q.put(None)
-    procs = [ctx.Process(target=_worker, args=(task_fn, make_state, task_q, result_q), daemon=True)
-             for _ in range(workers)]  # fmt: skip
+    procs = [
+        ctx.Process(target=_worker, args=(task_fn, make_state, task_q, result_q), daemon=True) for _ in range(workers)
+    ]
     states = []
     try:
         for proc in procs:
@@ -489,8 +494,16 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
     bars = []
 
     def start() -> None:  # after the workers are forked: tqdm's monitor thread is not forked with them
-        bars.append(tqdm(total=total, unit="img", desc="pca-stats", disable=not config.progress,
-                         file=sys.stderr, dynamic_ncols=True))  # fmt: skip
+        bars.append(
+            tqdm(
+                total=total,
+                unit="img",
+                desc="pca-stats",
+                disable=not config.progress,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        )
 
     def progress(result: tuple[int, list[str]]) -> None:
         nonlocal n_skipped
@@ -507,8 +520,10 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
     moments = functools.reduce(PixelMoments.merge, states)
     if n_skipped > config.max_skipped * total:
         listed = "; ".join(skipped[:3])
-        raise AlexnetError(f"{n_skipped} of {total} records did not decode (more than --max-skipped "
-                           f"{config.max_skipped:g}); nothing written. First: {listed}")  # fmt: skip
+        raise AlexnetError(
+            f"{n_skipped} of {total} records did not decode (more than --max-skipped "
+            f"{config.max_skipped:g}); nothing written. First: {listed}"
+        )
     if moments.n_images == 0:
         raise AlexnetError("no record decoded; nothing written")
     f = moments.finalize()
@@ -578,8 +593,13 @@ Examples:
 @int_option("--sample", "Use a seeded random sample of N train records (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
 @int_option("--workers", "Decoding processes (0: one per CPU core).")
-@click.option("--max-skipped", type=click.FloatRange(0.0, 1.0), default=PcaStatsConfig.max_skipped,
-              show_default=True, help="Fail (writing nothing) if more than this fraction of records does not decode.")  # fmt: skip
+@click.option(
+    "--max-skipped",
+    type=click.FloatRange(0.0, 1.0),
+    default=PcaStatsConfig.max_skipped,
+    show_default=True,
+    help="Fail (writing nothing) if more than this fraction of records does not decode.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def pca_stats_command(data_dir: Path, sample: int, seed: int, workers: int, max_skipped: float, no_progress: bool):
     """Mean image and RGB PCA of the train records: writes stats.json and mean_image.npy (§2, §4.1)."""

@@ -19,8 +19,16 @@ from alexnet.pipeline.loader import SHUFFLES, DataConfig
 _DATA = DataConfig()  # the trainer's data defaults (the run config's data section)
 
 
-def preview_batch(data_dir: Path, split: str, n: int, seed: int, *, epoch: int = 0, mean: str = "image",
-                  lighting_scale: str = C.DEFAULT_LIGHTING_SCALE) -> dict[str, np.ndarray]:  # fmt: skip
+def preview_batch(
+    data_dir: Path,
+    split: str,
+    n: int,
+    seed: int,
+    *,
+    epoch: int = 0,
+    mean: str = "image",
+    lighting_scale: str = C.DEFAULT_LIGHTING_SCALE,
+) -> dict[str, np.ndarray]:
     """The first ``n`` images of ``epoch`` in delivery order (one replica), through the real pipeline, with their draws."""
     from alexnet.pipeline.loader import create_loader
 
@@ -80,21 +88,30 @@ def contact_sheet(batch: dict[str, np.ndarray], data_dir: Path, classes: list[st
     return sheet
 
 
-@click.command("preview", epilog="""\b
+@click.command(
+    "preview",
+    epilog="""\b
 Examples:
   alexnet-prep preview --split train --n 16 --seed 0 --epoch 2 --out preview.npz
   alexnet-prep preview --split val --n 8 --out val.npz
-""")  # fmt: skip
+""",
+)
 @data_dir_option
 @click.option("--split", type=click.Choice(A.SPLITS), default="train", show_default=True)
 @click.option("--n", "n", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order and the random draws.")
 @click.option("--epoch", type=click.IntRange(0), default=0, show_default=True, help="Epoch (0 = the first).")
 @click.option("--mean", type=click.Choice(["image", "channel"]), default="image", show_default=True)
-@click.option("--lighting-scale", type=click.Choice(C.LIGHTING_SCALES), default=C.DEFAULT_LIGHTING_SCALE,
-              show_default=True)  # fmt: skip
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("preview.npz"),
-              show_default=True, help="The .npz; the PNG sheet is written beside it (same name, .png).")  # fmt: skip
+@click.option(
+    "--lighting-scale", type=click.Choice(C.LIGHTING_SCALES), default=C.DEFAULT_LIGHTING_SCALE, show_default=True
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("preview.npz"),
+    show_default=True,
+    help="The .npz; the PNG sheet is written beside it (same name, .png).",
+)
 def preview_command(
     data_dir: Path, split: str, n: int, seed: int, epoch: int, mean: str, lighting_scale: str, out: Path
 ) -> None:
@@ -122,8 +139,15 @@ def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, d
     from alexnet.pipeline.loader import create_loader
 
     gpu = device.startswith("cuda")
-    loader = create_loader(data_dir, "train", data, batch_size=batch_size, device=device,
-                           dtype="bfloat16" if gpu else "float32", channels_last=gpu)  # fmt: skip
+    loader = create_loader(
+        data_dir,
+        "train",
+        data,
+        batch_size=batch_size,
+        device=device,
+        dtype="bfloat16" if gpu else "float32",
+        channels_last=gpu,
+    )
 
     def sync():
         if gpu:
@@ -140,26 +164,49 @@ def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, d
     return batches * batch_size / (time.perf_counter() - t0)
 
 
-@click.command("bench-pipeline", epilog="""\b
+@click.command(
+    "bench-pipeline",
+    epilog="""\b
 Examples:
   alexnet-prep bench-pipeline --device cpu --batches 50
   alexnet-prep bench-pipeline --device gpu --batches 200 --threads 5 --pipelines 3
   alexnet-prep bench-pipeline --shuffle buffer    # the sequential caffe reader
-""")  # fmt: skip
+""",
+)
 @data_dir_option
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--batches", type=click.IntRange(1), default=50, show_default=True)
 # The defaults are alexnet-train's: §5's batch of 128 (tests/test_pipeline.py checks that they agree)
 # and the data section's threads and pipelines (DataConfig).
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per batch.")
-@click.option("--threads", type=click.IntRange(1), default=_DATA.num_threads, show_default=True,
-              help="DALI CPU threads per pipeline.")  # fmt: skip
-@click.option("--workers", type=click.IntRange(0), default=_DATA.workers, show_default=True,
-              help="Reader processes per pipeline (0: the reads on the calling thread).")  # fmt: skip
-@click.option("--pipelines", type=click.IntRange(0), default=_DATA.pipelines, show_default=True,
-              help="Pipelines taking turns (0: the trainer's, 2 on a GPU and 1 on the CPU; buffer shuffle: 1).")  # fmt: skip
-@click.option("--shuffle", type=click.Choice(SHUFFLES), default=_DATA.shuffle, show_default=True,
-              help="global: a fresh permutation each epoch (random reads); buffer: the sequential reader.")  # fmt: skip
+@click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=_DATA.num_threads,
+    show_default=True,
+    help="DALI CPU threads per pipeline.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0),
+    default=_DATA.workers,
+    show_default=True,
+    help="Reader processes per pipeline (0: the reads on the calling thread).",
+)
+@click.option(
+    "--pipelines",
+    type=click.IntRange(0),
+    default=_DATA.pipelines,
+    show_default=True,
+    help="Pipelines taking turns (0: the trainer's, 2 on a GPU and 1 on the CPU; buffer shuffle: 1).",
+)
+@click.option(
+    "--shuffle",
+    type=click.Choice(SHUFFLES),
+    default=_DATA.shuffle,
+    show_default=True,
+    help="global: a fresh permutation each epoch (random reads); buffer: the sequential reader.",
+)
 def bench_pipeline_command(
     data_dir: Path,
     device: str,
@@ -185,11 +232,14 @@ def bench_pipeline_command(
     )
 
 
-@click.command("order", epilog="""\b
+@click.command(
+    "order",
+    epilog="""\b
 Examples:
   alexnet-prep order --split train --epoch 2                  # replica 0 of 1, epoch 2
   alexnet-prep order --epoch 5 --replica 3 --replicas 8       # what rank 3 of 8 saw in epoch 5
-""")  # fmt: skip
+""",
+)
 @data_dir_option
 @click.option("--split", type=click.Choice(A.SPLITS), default="train", show_default=True)
 @click.option("--epoch", type=click.IntRange(0), default=0, show_default=True, help="Epoch (0 = the first).")
@@ -197,10 +247,16 @@ Examples:
 @click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Replicas (world size).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The run's seed.")
 # The default is alexnet-train's (§5's 128; tests/test_order.py checks that they agree).
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
-              help="The run's global batch; training drops the final partial one.")  # fmt: skip
-def order_command(data_dir: Path, split: str, epoch: int, replica: int, replicas: int, seed: int,
-                  batch_size: int) -> None:  # fmt: skip
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=128,
+    show_default=True,
+    help="The run's global batch; training drops the final partial one.",
+)
+def order_command(
+    data_dir: Path, split: str, epoch: int, replica: int, replicas: int, seed: int, batch_size: int
+) -> None:
     """Print the record positions one replica receives in one epoch, in order, one per line (nothing is decoded).
 
     The order of the default global shuffle (the trainer's; val: key order). The buffer shuffle's
@@ -210,6 +266,7 @@ def order_command(data_dir: Path, split: str, epoch: int, replica: int, replicas
 
     if batch_size % replicas:
         raise AlexnetError(f"--batch-size {batch_size} does not divide over {replicas} replicas")
-    positions = replica_order(data_dir, split, epoch, seed=seed, rank=replica, world=replicas,
-                              batch_size=batch_size // replicas)  # fmt: skip
+    positions = replica_order(
+        data_dir, split, epoch, seed=seed, rank=replica, world=replicas, batch_size=batch_size // replicas
+    )
     click.echo("\n".join(str(p) for p in positions.tolist()))

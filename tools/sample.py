@@ -34,11 +34,26 @@ from alexnet.pipeline.errors import AlexnetError
 
 # Real ILSVRC-2012 wnids (sorted order is the label order), for real-looking trees.
 REAL_WNIDS = (
-    "n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331",
-    "n01498041", "n01514668", "n01514859", "n01518878", "n02102040", "n02979186",
-    "n03000684", "n03028079", "n03394916", "n03417042", "n03425413", "n03445777",
+    "n01440764",
+    "n01443537",
+    "n01484850",
+    "n01491361",
+    "n01494475",
+    "n01496331",
+    "n01498041",
+    "n01514668",
+    "n01514859",
+    "n01518878",
+    "n02102040",
+    "n02979186",
+    "n03000684",
+    "n03028079",
+    "n03394916",
+    "n03417042",
+    "n03425413",
+    "n03445777",
     "n03888605",
-)  # fmt: skip
+)
 VAL_FORMATS = ("folders", "kaggle", "devkit", "list")
 SHAPES = ("disc", "square", "triangle", "stripes")
 # kind -> whether the builder keeps it (converted to RGB) or rejects it
@@ -190,9 +205,15 @@ def make_sample(
     root = Path(root)
     base = Path(KAGGLE_DATA) if val_format == "kaggle" else Path(".")
     info = SampleInfo(
-        root=str(root), classes=class_wnids(num_classes), val_format=val_format, train_dir=(base / "train").as_posix(),
-        val_dir=(base / "val").as_posix(), train_images=0, val_images=0, seed=seed,
-    )  # fmt: skip
+        root=str(root),
+        classes=class_wnids(num_classes),
+        val_format=val_format,
+        train_dir=(base / "train").as_posix(),
+        val_dir=(base / "val").as_posix(),
+        train_images=0,
+        val_images=0,
+        seed=seed,
+    )
     _write_train(info, train_per_class)
     if awkward:
         _write_awkward(info)
@@ -265,20 +286,32 @@ def _write_val_labels(info: SampleInfo) -> None:
         (root / "val_list.txt").write_text("".join(f"{nm} {w}\n" for nm, w in labels.items()))
 
 
-@click.command("make-sample", epilog="""\b
+@click.command(
+    "make-sample",
+    epilog="""\b
 Examples:
   alexnet-prep make-sample sample/
   alexnet-prep make-sample sample/ --awkward --val-format devkit
   alexnet-prep make-sample sample/ --classes 5 --train-per-class 20 --val-per-class 4
-""")  # fmt: skip
+""",
+)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--classes", "num_classes", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--train-per-class", type=click.IntRange(1), default=60, show_default=True)
 @click.option("--val-per-class", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--val-format", type=click.Choice(VAL_FORMATS), default="folders", show_default=True,
-              help="How validation labels are given (each format the builder accepts).")  # fmt: skip
-@click.option("--awkward", is_flag=True, help="Add ImageNet's odd files: CMYK, PNG named .JPEG, grayscale, tiny, "
-              "very large, EXIF-rotated, truncated and zero-byte.")  # fmt: skip
+@click.option(
+    "--val-format",
+    type=click.Choice(VAL_FORMATS),
+    default="folders",
+    show_default=True,
+    help="How validation labels are given (each format the builder accepts).",
+)
+@click.option(
+    "--awkward",
+    is_flag=True,
+    help="Add ImageNet's odd files: CMYK, PNG named .JPEG, grayscale, tiny, "
+    "very large, EXIF-rotated, truncated and zero-byte.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, val_format, awkward, seed) -> None:
     """Write the built-in sample: a small ImageNet-layout tree of learnable, procedurally drawn images."""
@@ -286,13 +319,20 @@ def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, 
         raise AlexnetError(f"{out} exists and is not empty; choose a new directory")
     try:
         info = make_sample(
-            out, num_classes=num_classes, train_per_class=train_per_class, val_per_class=val_per_class,
-            val_format=val_format, awkward=awkward, seed=seed,
-        )  # fmt: skip
+            out,
+            num_classes=num_classes,
+            train_per_class=train_per_class,
+            val_per_class=val_per_class,
+            val_format=val_format,
+            awkward=awkward,
+            seed=seed,
+        )
     except OSError as e:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
-        raise AlexnetError(f"cannot write the sample to {out}: {e.strerror or e}{where}; choose a directory you "
-                           "can write, e.g. alexnet-prep make-sample sample/") from None  # fmt: skip
+        raise AlexnetError(
+            f"cannot write the sample to {out}: {e.strerror or e}{where}; choose a directory you "
+            "can write, e.g. alexnet-prep make-sample sample/"
+        ) from None
     click.echo(
         f"wrote {info.train_images} train and {info.val_images} val images in {len(info.classes)} classes "
         f"to {out} (val labels: {val_format}{', awkward files: ' + str(len(info.awkward)) if awkward else ''})"

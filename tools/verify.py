@@ -65,8 +65,10 @@ def _check_record(where: str, value: bytes, crc: int | None, num_classes: int, p
         with Image.open(io.BytesIO(d.data)) as im:
             im.load()
             if im.format != "JPEG" or im.mode != "RGB" or im.size != (C.STORED_SIZE, C.STORED_SIZE):
-                problems.append(f"{where}: image is {im.format} {im.mode} {im.size[0]}x{im.size[1]}, expected RGB JPEG "
-                                f"{C.STORED_SIZE}x{C.STORED_SIZE}")  # fmt: skip
+                problems.append(
+                    f"{where}: image is {im.format} {im.mode} {im.size[0]}x{im.size[1]}, expected RGB JPEG "
+                    f"{C.STORED_SIZE}x{C.STORED_SIZE}"
+                )
     except Exception as e:  # any decoder failure is a finding, not a crash
         problems.append(f"{where}: JPEG does not decode ({e})")
 
@@ -111,8 +113,9 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
 
 def _check_split_counts(name: str, split: A.SplitInfo, rejected: list[dict], problems: list[str]) -> None:
     if split.num_records + split.rejected != split.source_count:
-        problems.append(f"{name}: {split.num_records} records + {split.rejected} rejected "
-                        f"!= {split.source_count} source files")  # fmt: skip
+        problems.append(
+            f"{name}: {split.num_records} records + {split.rejected} rejected != {split.source_count} source files"
+        )
     n_rejected = sum(1 for r in rejected if r.get("split") == name)
     if n_rejected != split.rejected:
         problems.append(f"{name}: manifest lists {n_rejected} rejected files, split says {split.rejected}")
@@ -178,8 +181,13 @@ Examples:
 
 @click.command("verify", epilog=EPILOG)
 @data_dir_option
-@click.option("--sample", type=click.IntRange(0), default=0, show_default=True,
-              help="Decode and checksum this many random records per split; 0: all records.")  # fmt: skip
+@click.option(
+    "--sample",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Decode and checksum this many random records per split; 0: all records.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --sample choice.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def verify_command(data_dir: Path, sample: int, seed: int, no_progress: bool) -> None:

@@ -71,8 +71,16 @@ def benchmark(config, *, warmup: int = 3, steps: int = 10) -> dict[str, Any]:
     loader = create_loader_for(config, "train", replica, batch_size=b)
     real = timed(step, pipeline_batches(loader), replica, warmup, steps, b)
     return {
-        "gpus": replica.gpus, "device_note": replica.note, "batch_size": b, "step": step.note,
-        "precision": step.precision, "cuda_graph": isinstance(step, GraphedStep), "compile": config.model.compile,
-        "warmup_steps": warmup, "timed_steps": steps, "synthetic_images_per_s": synthetic,
-        "pipeline_images_per_s": real, "ratio": real / synthetic,
-    }  # fmt: skip
+        "gpus": replica.gpus,
+        "device_note": replica.note,
+        "batch_size": b,
+        "step": step.note,
+        "precision": step.precision,
+        "cuda_graph": isinstance(step, GraphedStep),
+        "compile": config.model.compile,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "synthetic_images_per_s": synthetic,
+        "pipeline_images_per_s": real,
+        "ratio": real / synthetic,
+    }

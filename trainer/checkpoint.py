@@ -220,8 +220,10 @@ def _write_failure(path: Path, e: Exception) -> str:
         full = path.parent.is_dir() and shutil.disk_usage(path.parent).free < (64 << 20)
         why = os.strerror(errno.ENOSPC) if full else (str(e).strip().splitlines() or [type(e).__name__])[0]
     fix = "free some space" if full else "choose a writable --run-dir"
-    return (f"cannot write checkpoint {path}: {why}; {fix} and run the same command with --resume "
-            "(the previous checkpoint is unchanged)")  # fmt: skip
+    return (
+        f"cannot write checkpoint {path}: {why}; {fix} and run the same command with --resume "
+        "(the previous checkpoint is unchanged)"
+    )
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
@@ -300,8 +302,9 @@ def refuse_contradictions(path: Path, ck: dict[str, Any], given: dict[str, Any])
         saved = saved_setting(ck, name)
         if name in given and saved is not None and given[name] != saved:
             flag = name.replace("_", "-")
-            raise AlexnetError(f"{path} was trained with --{flag} {saved}, not {given[name]}: the checkpoint "
-                               f"decides; drop --{flag}")  # fmt: skip
+            raise AlexnetError(
+                f"{path} was trained with --{flag} {saved}, not {given[name]}: the checkpoint decides; drop --{flag}"
+            )
 
 
 def dataset_entry(manifest, mean_image, channel_mean=None) -> dict[str, Any]:

@@ -95,9 +95,12 @@ def _config_options(command, only: Collection[str] | None = None, *, config_file
     if not config_file:
         return command
     return click.option(
-        "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
         help="Start from this config.json (a run's), then apply the options given here.",
-    )(command)  # fmt: skip
+    )(command)
 
 
 def config_options(only: Collection[str] | None = None, *, config_file: bool = True):
@@ -113,15 +116,15 @@ def _names(cls) -> set[str]:
 # eval: where the data and the devices are, how fast the loader works, the batch; the settings a model
 # depends on come from its checkpoint, and --mean and --lrn are accepted only to confirm them.
 TRAIN_ONLY_DATA = {"lighting_scale", "shuffle", "roi_decode"}  # the training pipeline's draws and order
-EVAL_OPTIONS = (
-    {"data_dir", "run_dir", "gpus", "progress", "batch_size", "lrn"}
-    | (_names(SECTIONS["data"]) - TRAIN_ONLY_DATA)
-)  # fmt: skip
+EVAL_OPTIONS = {"data_dir", "run_dir", "gpus", "progress", "batch_size", "lrn"} | (
+    _names(SECTIONS["data"]) - TRAIN_ONLY_DATA
+)
 # bench: one training step's data, model and optimiser settings, on the devices chosen.
 BENCH_OPTIONS = (
     {"data_dir", "gpus", "seed", "batch_size", "lr", "momentum", "weight_decay"}
-    | _names(SECTIONS["data"]) | _names(SECTIONS["model"])
-)  # fmt: skip
+    | _names(SECTIONS["data"])
+    | _names(SECTIONS["model"])
+)
 
 
 def build_config(ctx: click.Context, opts: dict) -> tuple[TrainConfig, dict]:
@@ -163,8 +166,9 @@ def _old_flags(command):
     return command
 
 
-@click.group(cls=LazyGroup, lazy_commands=COMMANDS, invoke_without_command=True, epilog=EPILOG,
-             context_settings=CONTEXT)  # fmt: skip
+@click.group(
+    cls=LazyGroup, lazy_commands=COMMANDS, invoke_without_command=True, epilog=EPILOG, context_settings=CONTEXT
+)
 @config_options()
 @_old_flags
 @version_option("alexnet-train")
@@ -185,8 +189,10 @@ def main(ctx: click.Context, **opts) -> None:
     if ctx.invoked_subcommand is not None:
         typed = [name for name in opts if _typed(ctx, name, env=False)]
         if typed:
-            raise click.UsageError(f"options go after the command: alexnet-train {ctx.invoked_subcommand} "
-                                   f"--{typed[0].replace('_', '-')} ...")  # fmt: skip
+            raise click.UsageError(
+                f"options go after the command: alexnet-train {ctx.invoked_subcommand} "
+                f"--{typed[0].replace('_', '-')} ..."
+            )
         return
     from .train import train
 
@@ -212,9 +218,14 @@ def _resumed(config: TrainConfig, given: dict) -> TrainConfig:
 
 @main.command("eval", context_settings=CONTEXT)
 @config_options(EVAL_OPTIONS, config_file=False)
-@click.option("--checkpoint", "checkpoints", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
-              help="Checkpoint to evaluate; repeated: the average of their softmax outputs (§6's averaged CNNs) "
-              "[default: RUN_DIR/checkpoints/last.pt].")  # fmt: skip
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    type=click.Path(dir_okay=False, path_type=Path),
+    multiple=True,
+    help="Checkpoint to evaluate; repeated: the average of their softmax outputs (§6's averaged CNNs) "
+    "[default: RUN_DIR/checkpoints/last.pt].",
+)
 @click.option("--ten-crop", is_flag=True, help="Also the ten-patch test of §4.1.")
 @click.pass_context
 def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bool, **opts) -> None:
@@ -235,14 +246,21 @@ def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bo
     for key, label in (("centre_crop", "centre crop"), ("ten_crop", "ten patches (§4.1)")):
         if key in res:
             r = res[key]
-            click.echo(f"  {label:<19}: top-1 error {100 * r['top1_err']:6.2f}%  top-5 error "
-                       f"{100 * r['top5_err']:6.2f}%  ({r['images']} images)")  # fmt: skip
+            click.echo(
+                f"  {label:<19}: top-1 error {100 * r['top1_err']:6.2f}%  top-5 error "
+                f"{100 * r['top5_err']:6.2f}%  ({r['images']} images)"
+            )
 
 
 @main.command("bench", context_settings=CONTEXT)
 @config_options(BENCH_OPTIONS)
-@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Timed steps per side (after 3 warm-up steps; 1 when fewer than 10).")  # fmt: skip
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Timed steps per side (after 3 warm-up steps; 1 when fewer than 10).",
+)
 @click.pass_context
 def bench_command(ctx: click.Context, steps: int, **opts) -> None:
     """Training images/s on synthetic batches and on the pipeline's batches (goal: ratio >= 0.95)."""

@@ -70,9 +70,10 @@ class RunSettings:
     eval_every_epochs: int = opt(1, "Centre-crop validation every N epochs (drives the plateau schedule).", min=1)
     log_every_steps: int = opt(10, "A metrics.jsonl train line (and the non-finite loss check) every N steps.", min=1)
     stall_intervals: int = opt(
-        50, "Warn once when the logged loss stays near ln(classes) this many times in a row (0: off; "
-        "docs/TRAINING.md).", min=0,
-    )  # fmt: skip
+        50,
+        "Warn once when the logged loss stays near ln(classes) this many times in a row (0: off; docs/TRAINING.md).",
+        min=0,
+    )
     stall_band: float = opt(0.05, "'Near' for --stall-intervals: within this fraction of ln(classes).", min=0)
     explode_factor: float = opt(3.0, "Warn once when a logged loss exceeds this multiple of the first (0: off).", min=0)
     checkpoint_minutes: float = opt(
@@ -80,9 +81,11 @@ class RunSettings:
     )
     checkpoint_every_steps: int = opt(0, "Also write checkpoints/last.pt every N steps (0: off).", min=0)
     keep_epochs: int = opt(
-        3, "Keep only the newest N epoch-XXXX.pt (about 0.5 GB each at 1000 classes); best.pt and last.pt stay "
-        "(0: keep all).", min=0,
-    )  # fmt: skip
+        3,
+        "Keep only the newest N epoch-XXXX.pt (about 0.5 GB each at 1000 classes); best.pt and last.pt stay "
+        "(0: keep all).",
+        min=0,
+    )
     resume: bool = opt(False, "Continue the run in --run-dir from checkpoints/last.pt (exactly).")
     progress: bool = opt(True, "Progress bars on stderr.")
     num_classes: int = opt(0, "Filled from the dataset's manifest at start.", min=0, cli=False)
@@ -94,19 +97,24 @@ class RunSettings:
 @dataclass(frozen=True)
 class ModelConfig:
     lrn: str = opt(
-        TC.DEFAULT_LRN, "§3.3 response normalisation: 'authors' (alpha/5, as their code ran it) or 'paper-text' "
-        "(alpha as written; docs/DEVIATIONS.md N6).", choices=TC.LRN_FORMS,
-    )  # fmt: skip
+        TC.DEFAULT_LRN,
+        "§3.3 response normalisation: 'authors' (alpha/5, as their code ran it) or 'paper-text' "
+        "(alpha as written; docs/DEVIATIONS.md N6).",
+        choices=TC.LRN_FORMS,
+    )
     precision: str = opt(
-        "auto", "auto: bf16 on a GPU, fp32 on the CPU. fp32: the paper's arithmetic (TF32 off); bf16: autocast, "
+        "auto",
+        "auto: bf16 on a GPU, fp32 on the CPU. fp32: the paper's arithmetic (TF32 off); bf16: autocast, "
         "fp32 weights and LRN denominators, TF32; fp16: autocast with loss scaling (GPUs without bf16). "
-        "docs/DEVIATIONS.md T4.", choices=PRECISIONS,
-    )  # fmt: skip
+        "docs/DEVIATIONS.md T4.",
+        choices=PRECISIONS,
+    )
     cuda_graph: bool = opt(True, "Replay each step as one CUDA graph (one GPU, one process; else eager).")
     compile: bool = opt(
-        False, "torch.compile the forward pass (fused kernels; CUDA graphs and DDP still apply). Compiling "
+        False,
+        "torch.compile the forward pass (fused kernels; CUDA graphs and DDP still apply). Compiling "
         "takes a minute and needs a C compiler.",
-    )  # fmt: skip
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -119,9 +127,10 @@ class OptimConfig:
     momentum: float = opt(TC.MOMENTUM, "§5 momentum.", min=0)
     weight_decay: float = opt(TC.WEIGHT_DECAY, "§5 weight decay, on weights (biases are not decayed).", min=0)
     schedule: str = opt(
-        "plateau", "plateau: /10 when val top-1 stops improving, 3 times (§5); step: /10 at --step-epochs.",
+        "plateau",
+        "plateau: /10 when val top-1 stops improving, 3 times (§5); step: /10 at --step-epochs.",
         choices=SCHEDULES,
-    )  # fmt: skip
+    )
     lr_drop_factor: float = opt(TC.LR_DROP_FACTOR, "Factor of each drop (§5: divided by 10).", min=0)
     lr_drops: int = opt(TC.LR_DROPS, "Drops before termination (§5: three).", min=0)
     plateau_patience: int = opt(3, "Evaluations without improvement before a plateau drop (a choice).", min=1)

@@ -83,9 +83,14 @@ def evaluate_average(
     loaders = [loader for _, loader in groups]
     try:
         bar = tqdm(
-            total=len(loaders[0]), desc="ten-patch eval" if ten_crop else "eval", unit="batch", leave=False,
-            disable=not (progress and info.is_main), file=sys.stderr, dynamic_ncols=True,
-        )  # fmt: skip
+            total=len(loaders[0]),
+            desc="ten-patch eval" if ten_crop else "eval",
+            unit="batch",
+            leave=False,
+            disable=not (progress and info.is_main),
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
         for batches in zip(*loaders, strict=True):
             probs, i = None, 0
             labels = batches[0][1]  # the same records in every group's batch
@@ -157,14 +162,28 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
         for m in members:  # one loader per preprocessing and input dtype (the checkpoint's precision)
             groups.setdefault((m.data, m.precision), []).append(m)
         first = members[0]
-        results: dict[str, Any] = {"checkpoint": str(first.path), "checkpoints": [str(m.path) for m in members],
-                                   "step": first.ck.get("step"), "epoch": first.ck.get("epoch")}  # fmt: skip
+        results: dict[str, Any] = {
+            "checkpoint": str(first.path),
+            "checkpoints": [str(m.path) for m in members],
+            "step": first.ck.get("step"),
+            "epoch": first.ck.get("epoch"),
+        }
         metrics = _metrics_log(config, first.path, replica, t0) if len(members) == 1 else None
         per_replica = max(config.optim.batch_size // replica.info.world_size, 1)
         for ten in (False, True) if ten_crop else (False,):
-            pairs = [([m.model for m in group], create_loader_for(config.replace(**vars(data), precision=precision),
-                      "val", replica, ten_crop=ten, batch_size=per_replica))
-                     for (data, precision), group in groups.items()]  # fmt: skip
+            pairs = [
+                (
+                    [m.model for m in group],
+                    create_loader_for(
+                        config.replace(**vars(data), precision=precision),
+                        "val",
+                        replica,
+                        ten_crop=ten,
+                        batch_size=per_replica,
+                    ),
+                )
+                for (data, precision), group in groups.items()
+            ]
             res = evaluate_average(
                 pairs,
                 ten_crop=ten,
@@ -175,8 +194,16 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
             del pairs  # the loaders and their reader processes, before the ten patches' ones start
             results["ten_crop" if ten else "centre_crop"] = res
             if metrics is not None:
-                metrics.write({"kind": "eval", "split": "val", "ten_crop": ten, "step": first.ck.get("step"),
-                               "epoch": first.ck.get("epoch"), **res})  # fmt: skip
+                metrics.write(
+                    {
+                        "kind": "eval",
+                        "split": "val",
+                        "ten_crop": ten,
+                        "step": first.ck.get("step"),
+                        "epoch": first.ck.get("epoch"),
+                        **res,
+                    }
+                )
         if metrics is not None:
             metrics.close()
         return results
@@ -218,8 +245,10 @@ def _check_mean(path: Path, saved_mean, mean: str, data_dir: Path) -> None:
     if mean == "channel":
         here = np.broadcast_to(np.asarray(read_stats(data_dir).mean_rgb, dtype=np.float32), here.shape)
     if not np.allclose(np.asarray(saved_mean, dtype=np.float32), here, atol=0.05):
-        raise AlexnetError(f"the {mean} mean of the dataset at {data_dir} differs from the one {path} was trained "
-                           "with: evaluate on the dataset it was trained on (--data-dir)")  # fmt: skip
+        raise AlexnetError(
+            f"the {mean} mean of the dataset at {data_dir} differs from the one {path} was trained "
+            "with: evaluate on the dataset it was trained on (--data-dir)"
+        )
 
 
 def _metrics_log(config, checkpoint: Path, replica, t0: float):

@@ -125,8 +125,9 @@ def neighbours_panel(queries: Pass, pool: Pass, idx: torch.Tensor, pred: Predict
     return img
 
 
-def make_figure4(pred: Predictor, data_dir: Path, out_dir: Path, *, val_limit: int = 1000,
-                 train_limit: int = 1000, queries: int = 5) -> dict:  # fmt: skip
+def make_figure4(
+    pred: Predictor, data_dir: Path, out_dir: Path, *, val_limit: int = 1000, train_limit: int = 1000, queries: int = 5
+) -> dict:
     """Both panels and the per-class table; returns their paths, the sample sizes and the table."""
     val = run_split(pred, data_dir, "val", val_limit)
     train = run_split(pred, data_dir, "train", train_limit)
@@ -134,5 +135,10 @@ def make_figure4(pred: Predictor, data_dir: Path, out_dir: Path, *, val_limit: i
     left, right = out_dir / "figure4_predictions.png", out_dir / "figure4_neighbours.png"
     predictions_panel(val, pred).save(left)
     neighbours_panel(val, train, idx, pred).save(right)
-    return {"predictions": left, "neighbours": right, "val_images": len(val.labels),
-            "train_searched": len(train.labels), "class_errors": class_errors(val, pred)}  # fmt: skip
+    return {
+        "predictions": left,
+        "neighbours": right,
+        "val_images": len(val.labels),
+        "train_searched": len(train.labels),
+        "class_errors": class_errors(val, pred),
+    }

@@ -52,10 +52,12 @@ class LayerNorms:
             by_device.setdefault(t.device, []).append((seg, t.detach()))
         # One multi-tensor norm per device (the two columns may be on two GPUs), squared, then one
         # segment sum: a layer's norm over both columns is the root of the sum of their squares.
-        squares = torch.cat([
-            torch.stack(torch._foreach_norm([t for _, t in group])).float().square().to(device, non_blocking=True)
-            for group in by_device.values()
-        ])  # fmt: skip
+        squares = torch.cat(
+            [
+                torch.stack(torch._foreach_norm([t for _, t in group])).float().square().to(device, non_blocking=True)
+                for group in by_device.values()
+            ]
+        )
         index, missing = self._segment(tuple(seg for group in by_device.values() for seg, _ in group), device)
         return torch.zeros(2 * len(self.layers), device=device).index_add_(0, index, squares).sqrt() - missing
 

@@ -39,8 +39,14 @@ def _checkpoint_option(multiple: bool = False):
     help = "A checkpoint written by alexnet-train (e.g. RUN/checkpoints/best.pt)."
     if multiple:
         help += " Repeated: the average of their softmax outputs (§6's averaged CNNs)."
-    return click.option("--checkpoint", "checkpoint", type=click.Path(dir_okay=False, path_type=Path), required=True,
-                        multiple=multiple, help=help)  # fmt: skip
+    return click.option(
+        "--checkpoint",
+        "checkpoint",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=True,
+        multiple=multiple,
+        help=help,
+    )
 
 
 @click.command("predict", epilog=PREDICT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

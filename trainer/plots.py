@@ -110,8 +110,11 @@ def _dashed_line(draw, p0, p1, color, width, dash=6):
     n = max(int(length // dash), 1)
     for i in range(0, n, 2):
         a, b = i / n, min((i + 1) / n, 1.0)
-        draw.line([(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
-                  fill=color, width=width)  # fmt: skip
+        draw.line(
+            [(x0 + (x1 - x0) * a, y0 + (y1 - y0) * a), (x0 + (x1 - x0) * b, y0 + (y1 - y0) * b)],
+            fill=color,
+            width=width,
+        )
 
 
 def _marker(draw, x: float, y: float, r: float, color, hollow: bool) -> None:
@@ -157,8 +160,9 @@ def _draw_labels(img: Image.Image, draw: ImageDraw.ImageDraw, axes: Axes) -> tup
 class _Frame:
     """The plot area's box in pixels and the data range it shows (on a log axis, y0 and y1 are exponents)."""
 
-    def __init__(self, box: tuple[int, int, int, int], axes: Axes, points: list[list[tuple[float, float]]],
-                 markers: bool) -> None:  # fmt: skip
+    def __init__(
+        self, box: tuple[int, int, int, int], axes: Axes, points: list[list[tuple[float, float]]], markers: bool
+    ) -> None:
         self.left, self.top, self.right, self.bottom = box
         self.logy = axes.logy
         xs = [x for ps in points for x, _ in ps]

@@ -109,8 +109,10 @@ def load_predictors(checkpoints: list[Path], data_dir: Path | None, device: torc
     preds = [load_predictor(Path(c), data_dir, device) for c in checkpoints]
     for path, p in zip(checkpoints[1:], preds[1:], strict=True):
         if p.classes != preds[0].classes:
-            raise AlexnetError(f"{path} was trained on other classes than {checkpoints[0]} ({len(p.classes)} vs "
-                               f"{len(preds[0].classes)}): average checkpoints of the same dataset")  # fmt: skip
+            raise AlexnetError(
+                f"{path} was trained on other classes than {checkpoints[0]} ({len(p.classes)} vs "
+                f"{len(preds[0].classes)}): average checkpoints of the same dataset"
+            )
     return preds
 
 

@@ -111,10 +111,15 @@ def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = 
 
     info, device = replica.info, replica.devices[0]
     return create_loader(
-        Path(config.run.data_dir), split, config.data,
+        Path(config.run.data_dir),
+        split,
+        config.data,
         batch_size=batch_size if batch_size is not None else config.optim.batch_size // info.world_size,
-        seed=config.run.seed, rank=info.rank, world=info.world_size,
-        device=str(device) if device.type == "cuda" else "cpu", ten_crop=ten_crop,
+        seed=config.run.seed,
+        rank=info.rank,
+        world=info.world_size,
+        device=str(device) if device.type == "cuda" else "cpu",
+        ten_crop=ten_crop,
         dtype=loader_dtype(config.model.precision, device),  # half the bytes under bf16/fp16
         channels_last=channels_last(device),  # what the step consumes: no transpose on the device
-    )  # fmt: skip
+    )

@@ -190,10 +190,19 @@ def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
     for (split, ten), recs in groups.items():
         last = recs[-1]
         best = min(recs, key=lambda r: float(r["top1_err"]))
-        rows.append(EvalRow(split=split, ten_crop=ten, points=len(recs),
-                            final_top1=_fraction(last["top1_err"], scale), final_top5=_fraction(last.get("top5_err"), scale),
-                            final_epoch=last.get("epoch"), best_top1=_fraction(best["top1_err"], scale),
-                            best_top5=_fraction(best.get("top5_err"), scale), best_epoch=best.get("epoch")))  # fmt: skip
+        rows.append(
+            EvalRow(
+                split=split,
+                ten_crop=ten,
+                points=len(recs),
+                final_top1=_fraction(last["top1_err"], scale),
+                final_top5=_fraction(last.get("top5_err"), scale),
+                final_epoch=last.get("epoch"),
+                best_top1=_fraction(best["top1_err"], scale),
+                best_top5=_fraction(best.get("top5_err"), scale),
+                best_epoch=best.get("epoch"),
+            )
+        )
     rows.sort(key=lambda r: (r.split != "val", r.split, r.ten_crop))
     return rows
 
@@ -230,10 +239,15 @@ def curve_figures(metrics: Metrics, num_classes: int | None) -> dict[str, Any]:
     """``{"loss": Image, "error": Image, "lr": Image}``."""
     tr = [r for r in metrics.train if r.get("step") is not None]
     steps = [r["step"] for r in tr]
-    lr = line_plot([Series("learning rate", steps, [r.get("lr") for r in tr], color=PALETTE[2])],
-                   Axes("Learning rate", "step", "learning rate (log scale)", logy=True))  # fmt: skip
-    return {"loss": _loss_figure(steps, [r.get("loss") for r in tr]), "error": _error_figure(metrics.evals, num_classes),
-            "lr": lr}  # fmt: skip
+    lr = line_plot(
+        [Series("learning rate", steps, [r.get("lr") for r in tr], color=PALETTE[2])],
+        Axes("Learning rate", "step", "learning rate (log scale)", logy=True),
+    )
+    return {
+        "loss": _loss_figure(steps, [r.get("loss") for r in tr]),
+        "error": _error_figure(metrics.evals, num_classes),
+        "lr": lr,
+    }
 
 
 def _loss_figure(steps: list[Any], losses: list[Any]):
@@ -254,8 +268,11 @@ def _error_figure(evals: list[dict[str, Any]], num_classes: int | None):
     split = "val" if "val" in splits else (splits[0] if splits else None)
     series = []
     for ten, tag, dashed in ((False, "centre", False), (True, "ten-patch", True)):
-        recs = [r for r, sp in zip(evals, splits, strict=True)
-                if sp == split and bool(r.get("ten_crop", False)) == ten and r.get("top1_err") is not None]  # fmt: skip
+        recs = [
+            r
+            for r, sp in zip(evals, splits, strict=True)
+            if sp == split and bool(r.get("ten_crop", False)) == ten and r.get("top1_err") is not None
+        ]
         if not recs:
             continue
         xs = [r.get("epoch", r.get("step")) for r in recs]
@@ -421,9 +438,16 @@ def _write_conv1(state: dict[str, Any], ckpt_path: Path, out_dir: Path) -> tuple
         "formula": "sqrt(sum_cyx (w - mean_c w)^2 / sum_cyx (w - mean w)^2) per kernel; column = mean",
         "random_kernel_expectation": RANDOM_KERNEL_COLOURFULNESS,
         "checkpoint": str(ckpt_path),
-        "columns": [{"column": c + 1, "kernels": [c * half, (c + 1) * half - 1], "mean": means[c],
-                     "per_kernel": [round(float(v), 6) for v in columns[c]]} for c in range(2)],
-    }  # fmt: skip
+        "columns": [
+            {
+                "column": c + 1,
+                "kernels": [c * half, (c + 1) * half - 1],
+                "mean": means[c],
+                "per_kernel": [round(float(v), 6) for v in columns[c]],
+            }
+            for c in range(2)
+        ],
+    }
     _write(out_dir / "colourfulness.json", json.dumps(doc, indent=2).encode())
     return means, figure
 
@@ -494,14 +518,18 @@ def _rel(path: Path, out_dir: Path) -> str:
 def _accuracy_markdown(rows: list[EvalRow], num_classes: int | None) -> list[str]:
     lines = ["## Accuracy", ""]
     if rows:
-        lines += ["| split | test | final top-1 err | final top-5 err | at epoch | best top-1 err | best top-5 err | at epoch |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| split | test | final top-1 err | final top-5 err | at epoch | best top-1 err | best top-5 err | at epoch |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
     else:
         lines.append("No evaluation lines in metrics.jsonl yet.")
     for r in rows:
         test = "ten patches (§4.1)" if r.ten_crop else "centre crop"
-        lines.append(f"| {r.split} | {test} | {_pct(r.final_top1)} | {_pct(r.final_top5)} | {r.final_epoch} "
-                     f"| {_pct(r.best_top1)} | {_pct(r.best_top5)} | {r.best_epoch} |")  # fmt: skip
+        lines.append(
+            f"| {r.split} | {test} | {_pct(r.final_top1)} | {_pct(r.final_top5)} | {r.final_epoch} "
+            f"| {_pct(r.best_top1)} | {_pct(r.best_top5)} | {r.best_epoch} |"
+        )
     chance = chance_errors(num_classes)
     if chance:
         c = num_classes
@@ -515,10 +543,13 @@ def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
     steps = [r["step"] for r in tr if r.get("step") is not None]
     epochs, losses, lrs, ips = (_finite(r.get(key) for r in tr) for key in ("epoch", "loss", "lr", "images_per_s"))
     ips_text = f"{statistics.median(ips):,.1f}" if ips else "–"
-    lines = ["## Training", "",
-             f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}",
-             f"- training time: {_duration(training_time_s(tr))}",
-             f"- images/s (median of logged intervals): {ips_text}"]  # fmt: skip
+    lines = [
+        "## Training",
+        "",
+        f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}",
+        f"- training time: {_duration(training_time_s(tr))}",
+        f"- images/s (median of logged intervals): {ips_text}",
+    ]
     if losses:
         lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     if lrs:
@@ -530,13 +561,20 @@ def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
 
 
 def _figure4_markdown(f: dict, out_dir: Path) -> list[str]:
-    lines = ["## Figure 4 (§6.1) and per-class error", "",
-             f"![{CAPTIONS['figure4_predictions']}]({_rel(f['predictions'], out_dir)})", "",
-             f"![{CAPTIONS['figure4_neighbours']}]({_rel(f['neighbours'], out_dir)})", "",
-             f"Neighbours searched among the first {f['train_searched']} training records (a bounded sample, so "
-             f"that the report stays fast); per-class error on the first {f['val_images']} validation records, "
-             "centre crop. The ten worst classes:", "",
-             "| class | name | images | top-1 error |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Figure 4 (§6.1) and per-class error",
+        "",
+        f"![{CAPTIONS['figure4_predictions']}]({_rel(f['predictions'], out_dir)})",
+        "",
+        f"![{CAPTIONS['figure4_neighbours']}]({_rel(f['neighbours'], out_dir)})",
+        "",
+        f"Neighbours searched among the first {f['train_searched']} training records (a bounded sample, so "
+        f"that the report stays fast); per-class error on the first {f['val_images']} validation records, "
+        "centre crop. The ten worst classes:",
+        "",
+        "| class | name | images | top-1 error |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {wnid} | {name} | {n} | {_pct(err)} |" for wnid, name, n, err in f["class_errors"][:10]]
     return lines + [""]
 
@@ -581,19 +619,35 @@ Examples:
 
 @click.command("report", epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder.  [default: RUN_DIR/report]")  # fmt: skip
-@click.option("--preview", "preview_png", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Augmentation preview sheet to include.  [default: RUN_DIR/preview.png if present]")  # fmt: skip
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Checkpoint for the conv1 kernels.  [default: RUN_DIR/checkpoints/last.pt]")  # fmt: skip
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report folder.  [default: RUN_DIR/report]",
+)
+@click.option(
+    "--preview",
+    "preview_png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Augmentation preview sheet to include.  [default: RUN_DIR/preview.png if present]",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Checkpoint for the conv1 kernels.  [default: RUN_DIR/checkpoints/last.pt]",
+)
 def report_command(run_dir: Path, out_dir: Path | None, preview_png: Path | None, checkpoint: Path | None) -> None:
     """Training curves, conv1 kernels per column (Figure 3) and a markdown summary for RUN_DIR."""
     res = build_report(run_dir, out_dir, preview_png, checkpoint)
     for r in res.rows:
         test = "ten patches" if r.ten_crop else "centre crop"
-        click.echo(f"{r.split} {test}: top-1 error {_pct(r.final_top1)}, top-5 error {_pct(r.final_top5)} "
-                   f"(best top-1 {_pct(r.best_top1)} at epoch {r.best_epoch})")  # fmt: skip
+        click.echo(
+            f"{r.split} {test}: top-1 error {_pct(r.final_top1)}, top-5 error {_pct(r.final_top5)} "
+            f"(best top-1 {_pct(r.best_top1)} at epoch {r.best_epoch})"
+        )
     if res.num_classes:
         click.echo(f"chance: top-1 error {_pct(chance_errors(res.num_classes)[1])} ({res.num_classes} classes)")
     if res.column_scores is not None:

@@ -82,8 +82,9 @@ def versions() -> dict[str, Any]:
 class MetricsLog:
     """``metrics.jsonl`` (append, flushed per line) and, if tensorboardX is importable, TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, t0: float, elapsed_before: float = 0.0,
-                 resume_step: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, run_dir: Path, enabled: bool, t0: float, elapsed_before: float = 0.0, resume_step: int | None = None
+    ) -> None:
         # elapsed_s counts the run's whole training time: a resumed run adds the killed run's time.
         # resume_step: the checkpoint's step; TensorBoard drops the killed run's later events
         # (purge_step), as truncate_metrics drops its later metrics lines.
@@ -103,8 +104,9 @@ class MetricsLog:
             purge = None if resume_step is None else resume_step + 1
             # tensorboardX names files by the second and the host: a nanosecond suffix keeps a resumed
             # run's file apart from the killed run's (and after it in name order, as TensorBoard reads them).
-            self.tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30,
-                                    filename_suffix=f".{time.time_ns()}")  # fmt: skip
+            self.tb = SummaryWriter(
+                str(run_dir / TENSORBOARD_DIR), purge_step=purge, flush_secs=30, filename_suffix=f".{time.time_ns()}"
+            )
 
     def stamp(self) -> dict[str, float]:
         """When a line's values were taken (the trainer writes a train line one log interval later)."""

@@ -135,8 +135,11 @@ class StopPolicy:
         flags = [False, False, False, self.signals.received is not None]
         if log_point:
             minutes = self.run.checkpoint_minutes
-            flags[:3] = [read is not None and not read.finite,
-                         bool(minutes) and now - self.last_checkpoint >= 60 * minutes, self._time_up(now)]  # fmt: skip
+            flags[:3] = [
+                read is not None and not read.finite,
+                bool(minutes) and now - self.last_checkpoint >= 60 * minutes,
+                self._time_up(now),
+            ]
             flags = self._agree(flags)
         elif self.info.enabled:
             flags[3] = False  # several replicas: a signal waits for the next point where they agree

@@ -197,8 +197,13 @@ class Trainer:
             self.config.replace(resume=False).save(self.run_dir / CONFIG_FILE)  # --resume is a command, not the run
             atomic_write_json(self.run_dir / VERSIONS_FILE, versions())
             truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)  # lines after the checkpoint
-        metrics = MetricsLog(self.run_dir, self.info.is_main, self.t0, self.state.elapsed_before,
-                             resume_step=self.state.step if self.resumed else None)  # fmt: skip
+        metrics = MetricsLog(
+            self.run_dir,
+            self.info.is_main,
+            self.t0,
+            self.state.elapsed_before,
+            resume_step=self.state.step if self.resumed else None,
+        )
         if metrics.note:
             self.replica.say(metrics.note)
         return metrics
@@ -213,8 +218,9 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
         replica = self.replica
-        replica.say(replica.note + (f"; {self.info.world_size} replicas" if self.info.enabled else "")
-                    + f"; {self.step_note}")  # fmt: skip
+        replica.say(
+            replica.note + (f"; {self.info.world_size} replicas" if self.info.enabled else "") + f"; {self.step_note}"
+        )
         self.model.train()
         reason = ""
         try:
@@ -290,11 +296,13 @@ class Trainer:
         cfg, state = self.config, self.state
         if self.val_loader is None:
             self.val_loader = create_loader_for(cfg, "val", self.replica)
-        res = evaluate(self.model, self.val_loader, precision=cfg.model.precision,
-                       info=self.info, progress=cfg.run.progress)  # fmt: skip
+        res = evaluate(
+            self.model, self.val_loader, precision=cfg.model.precision, info=self.info, progress=cfg.run.progress
+        )
         state.last_eval = res
-        self.metrics.write({"kind": "eval", "split": "val", "ten_crop": False, "step": state.step,
-                            "epoch": state.epoch, **res})  # fmt: skip
+        self.metrics.write(
+            {"kind": "eval", "split": "val", "ten_crop": False, "step": state.step, "epoch": state.epoch, **res}
+        )
         is_best = state.best_top1_err is None or res["top1_err"] < state.best_top1_err
         if is_best:
             state.best_top1_err = res["top1_err"]
@@ -324,15 +332,24 @@ class Trainer:
     def _payload(self, reason: str, rngs: list) -> dict[str, Any]:
         state = self.state
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(), "epoch": state.epoch, "step": state.step,
-            "batch_in_epoch": state.batch_in_epoch, "world_size": self.info.world_size, "rng": rngs,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": state.epoch,
+            "step": state.step,
+            "batch_in_epoch": state.batch_in_epoch,
+            "world_size": self.info.world_size,
+            "rng": rngs,
             "loader": self.train_loader.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "config": self.config.to_dict(), "best_top1_err": state.best_top1_err, "last_eval": state.last_eval,
-            "elapsed_s": state.elapsed_before + time.monotonic() - self.t0, "loss_watch": self.watch.state_dict(),
-            "dataset": self.dataset_entry, "reason": reason,
-        }  # fmt: skip
+            "config": self.config.to_dict(),
+            "best_top1_err": state.best_top1_err,
+            "last_eval": state.last_eval,
+            "elapsed_s": state.elapsed_before + time.monotonic() - self.t0,
+            "loss_watch": self.watch.state_dict(),
+            "dataset": self.dataset_entry,
+            "reason": reason,
+        }
 
     # ------------------------------------------------------------------ metrics and progress
     def _reset_meter(self) -> None:
@@ -352,9 +369,15 @@ class Trainer:
         values = (self.loss_sum / max(self.loss_steps, 1)).reshape(1)
         if self.norms is not None:
             values = torch.cat([values, self.norms.compute(values.device)])
-        record = {"kind": "train", "step": state.step, "epoch": state.epoch,
-                  "epoch_progress": round(state.batch_in_epoch / self.epoch_len, 4), "loss": None,
-                  "lr": self.schedule.lr, "images_per_s": round(rate, 2)}  # fmt: skip
+        record = {
+            "kind": "train",
+            "step": state.step,
+            "epoch": state.epoch,
+            "epoch_progress": round(state.batch_in_epoch / self.epoch_len, 4),
+            "loss": None,
+            "lr": self.schedule.lr,
+            "images_per_s": round(rate, 2),
+        }
         point = LogPoint(record, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values))
         self._reset_meter()
         return point
@@ -389,8 +412,7 @@ class Trainer:
             self.replica.say(alert["message"])
             self.metrics.write(alert, point.stamp)
         if self.bar is not None:
-            self.bar.set_postfix({"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}",
-                                  "lr": f"{rec['lr']:g}"})  # fmt: skip
+            self.bar.set_postfix({"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}", "lr": f"{rec['lr']:g}"})
 
     def _open_bar(self) -> None:
         """One bar per epoch; with --max-steps one bar for the whole run (its ETA is the run's)."""
@@ -401,17 +423,32 @@ class Trainer:
             return
         total, done = (run.max_steps, state.step) if run.max_steps else (self.epoch_len, state.batch_in_epoch)
         desc = "steps" if run.max_steps else f"epoch {state.epoch + 1}" + (f"/{run.epochs}" if run.epochs else "")
-        self.bar = tqdm(total=total, initial=done, unit="step", dynamic_ncols=True, desc=desc, file=sys.stderr,
-                        disable=not (run.progress and self.info.is_main))  # fmt: skip
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            unit="step",
+            dynamic_ncols=True,
+            desc=desc,
+            file=sys.stderr,
+            disable=not (run.progress and self.info.is_main),
+        )
 
     def summary(self, reason: str) -> dict[str, Any]:
         state = self.state
         return {
-            "run_dir": str(self.run_dir), "gpus": self.replica.gpus, "world_size": self.info.world_size,
-            "stop_reason": reason, "signal": self.stop.signals.received, "steps": state.step,
-            "epochs_completed": state.epoch, "final_loss": state.last_loss, "lr": self.schedule.lr,
-            "val_top1_err": state.last_eval.get("top1_err"), "val_top5_err": state.last_eval.get("top5_err"),
+            "run_dir": str(self.run_dir),
+            "gpus": self.replica.gpus,
+            "world_size": self.info.world_size,
+            "stop_reason": reason,
+            "signal": self.stop.signals.received,
+            "steps": state.step,
+            "epochs_completed": state.epoch,
+            "final_loss": state.last_loss,
+            "lr": self.schedule.lr,
+            "val_top1_err": state.last_eval.get("top1_err"),
+            "val_top5_err": state.last_eval.get("top5_err"),
             "best_top1_err": state.best_top1_err,
             "images_per_s": state.images / state.train_seconds if state.train_seconds else None,
-            "elapsed_s": time.monotonic() - self.t0, "checkpoint": str(self.checkpoints.last),
-        }  # fmt: skip
+            "elapsed_s": time.monotonic() - self.t0,
+            "checkpoint": str(self.checkpoints.last),
+        }
