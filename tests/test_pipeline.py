@@ -517,7 +517,7 @@ def test_bench_pipeline_cli(data):
 
 def test_bench_pipeline_defaults_are_the_trainers():
     """bench-pipeline measures what alexnet-train runs at its defaults (tools do not import the trainer)."""
-    from alexnet.tools.preview import bench_pipeline_command
+    from alexnet.tools.bench_pipeline import bench_pipeline_command
     from alexnet.trainer.config import TrainConfig
 
     train = TrainConfig()
