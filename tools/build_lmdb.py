@@ -475,7 +475,7 @@ def _build(cfg: BuildConfig, pool: Pool):
     results = pool.run(
         sorted(plans, key=lambda p: p.start - p.stop),  # largest first
         name=lambda p: f"shard {manifest.splits[p.split].shards[p.index].path}",
-        hint="free space if the disk is full, and run the same command again: it resumes",
+        hint="a full disk? free space and run the same command again: it resumes",
         prepare=make_task,
         bar={"total": total, "unit": "img", "disable": not cfg.progress},
     )
