@@ -41,9 +41,7 @@ from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
 from .errors import AlexnetError
 
 SHUFFLES = ("global", "buffer")
-# The loader state's version in checkpoints. 2: the draws come from one stream per field (order.py);
-# a state without it was saved by a run whose images were drawn otherwise, and is refused.
-STATE_VERSION = 2
+STATE_VERSION = 2  # the loader state's version in checkpoints; another is refused in one line
 
 
 def opt(default, help, **extra):
@@ -378,12 +376,10 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
-        version = state.get("version")
-        if version != STATE_VERSION:
-            when = "from before the per-field draw streams" if version is None else f"version {version}"
+        if state.get("version") != STATE_VERSION:
             raise AlexnetError(
-                f"the checkpoint's loader state is {when}, this alexnet reads version {STATE_VERSION}: "
-                "restart the run from scratch"
+                f"the checkpoint's loader state is version {state.get('version')}, this alexnet reads version "
+                f"{STATE_VERSION}: restart the run from scratch"
             )
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}

@@ -395,11 +395,9 @@ def test_mismatched_states_are_refused_in_one_line(data):
     ]:
         with pytest.raises(AlexnetError, match=f"'{what}'"):
             other.load_state_dict(state)
-    old = {key: v for key, v in state.items() if key != "version"}  # a checkpoint from before the draw streams
-    for bad in (old, {**state, "version": 3}):
-        with pytest.raises(AlexnetError, match="restart the run") as e:
-            _loader(data, "train", 4, seed=4).load_state_dict(bad)
-        assert "\n" not in str(e.value)
+    with pytest.raises(AlexnetError, match="restart the run") as e:
+        _loader(data, "train", 4, seed=4).load_state_dict({**state, "version": 3})
+    assert "\n" not in str(e.value)
     with pytest.raises(AlexnetError, match="not possible here"):  # nvJPEG without a GPU: said at once
         next(iter(_loader(data, "train", 4, decoder="mixed")))
 
