@@ -52,24 +52,8 @@ def test_cli_resume_without_a_checkpoint_starts_the_run(train_data, tmp_path):
     from alexnet.trainer.cli import main
 
     run = tmp_path / "run"
-    base = [
-        "--data-dir",
-        str(train_data),
-        "--run-dir",
-        str(run),
-        "--gpus",
-        "cpu",
-        "--no-progress",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "0",
-        "--max-steps",
-        "2",
-        "--threads",
-        "1",
-        "--resume",
-    ]
+    base = ["--data-dir", str(train_data), "--run-dir", str(run)]
+    base += "--gpus cpu --no-progress --batch-size 4 --epochs 0 --max-steps 2 --threads 1 --resume".split()
     r = CliRunner().invoke(main, base)
     assert r.exit_code == 0, r.output
     assert "nothing to resume" in r.output and "starting the run" in r.output

@@ -53,23 +53,7 @@ def _cli_after_its_first_step(train_data, run):
         str(train_data),
         "--run-dir",
         str(run),
-        "--gpus",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "0",
-        "--max-steps",
-        "1000",
-        "--lr",
-        "0.001",
-        "--log-every-steps",
-        "1",
-        "--threads",
-        "1",
-        "--no-progress",
-        "--checkpoint-minutes",
-        "0",
+        *"--gpus cpu --batch-size 4 --epochs 0 --max-steps 1000 --lr 0.001 --log-every-steps 1 --threads 1 --no-progress --checkpoint-minutes 0".split(),
     ]
     proc = subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -128,27 +112,8 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_last_good_checkpoint(trai
     from alexnet.trainer.cli import main
 
     run = tmp_path / "run"
-    args = [
-        "--data-dir",
-        str(train_data),
-        "--run-dir",
-        str(run),
-        "--gpus",
-        "cpu",
-        "--batch-size",
-        "4",
-        "--max-steps",
-        "6",
-        "--lr",
-        "1e6",
-        "--log-every-steps",
-        "1",
-        "--checkpoint-every-steps",
-        "1",
-        "--threads",
-        "1",
-        "--no-progress",
-    ]
+    args = ["--data-dir", str(train_data), "--run-dir", str(run)]
+    args += "--gpus cpu --batch-size 4 --max-steps 6 --lr 1e6 --log-every-steps 1 --checkpoint-every-steps 1 --threads 1 --no-progress".split()
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     err = [x for x in r.output.splitlines() if x.startswith("error:")]
