@@ -1,0 +1,67 @@
+"""The LRN operator (trainer/lrn.py): registration, compile, and its Triton kernels under the interpreter.
+
+The numerics of the reference (numpy formula, torch's LRN per column, fp64 gradcheck, bf16 effect)
+are in tests/test_model.py; the kernels against the reference in tests/_lrn_interpreted.py, run here.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alexnet.trainer import lrn as L
+from alexnet.trainer.model import LocalResponseNorm
+
+HERE = Path(__file__).resolve().parent
+
+
+def _args(x):
+    return (x, 5, 2e-5, 0.75, 2.0, 48)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_operator_registration(channels_last):
+    """Schema, fake (meta) implementation, autograd registration, as torch.library checks them."""
+    x = torch.randn(2, 96, 4, 3, dtype=torch.float64) * 30
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.alexnet.lrn.default, _args(x.requires_grad_()))
+    torch.library.opcheck(torch.ops.alexnet.lrn_backward.default, (x.detach(), torch.randn_like(x), *_args(x)[1:]))
+
+
+def test_compiled_matches_eager():
+    """torch.compile traces the operator through its fake implementation and differentiates it through
+    its registered backward; the result is the eager one."""
+    norm = LocalResponseNorm(alpha=2e-5, group_size=48)
+    x = (torch.randn(2, 96, 5, 5) * 40).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for fn in (norm, torch.compile(norm, backend="aot_eager", fullgraph=True)):
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf)
+        y.backward(torch.cos(y.detach()))
+        outs.append((y.detach(), leaf.grad))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_size_must_divide_the_maps():
+    with pytest.raises(ValueError, match="10 channels are not a multiple of group_size 4"):
+        LocalResponseNorm(group_size=4)(torch.randn(1, 10, 2, 2))
+
+
+def test_triton_kernels_under_the_interpreter():
+    """The kernels on CPU tensors by Triton's interpreter, in a subprocess (TRITON_INTERPRET=1 must be
+    set before triton is imported and must not reach the other tests)."""
+    pytest.importorskip("triton", reason="triton is in the dev extra on x86_64 (setup.cfg)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "_lrn_interpreted.py")]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_kernels_are_not_used_on_the_cpu():
+    assert not L._uses_kernel(torch.zeros(1))
