@@ -10,8 +10,11 @@ written; views count nothing. ``alexnet::lrn`` and ``alexnet::lrn_backward`` cou
 kernels load and store (trainer/lrn.py ``KERNEL_TENSORS``), not what the CPU reference does.
 
 Two batch sizes (2 and 4 by default) give each operator's bytes as a + b * batch, extrapolated to
-batch 128. "before" runs the norm layers on the reference arithmetic (``lrn_reference``, autograd
-through its operators: what the step ran before the fused operator); "after" runs the step as it is.
+batch 128. "before" is the step before issue 26: the norm layers on the reference arithmetic
+(``lrn_reference``, autograd through its operators) and the update as four multi-tensor passes
+(``optim.foreach_update``); "after" is the step as it is, with ``alexnet::lrn`` and
+``alexnet::paper_sgd_``, whose CUDA kernels load w, g, v and store w, v (20 bytes per parameter, the
+count's rule gives exactly that for the operator).
 
     .venv/bin/python benchmarks/bench_bytes.py [--batch 128] [--rows 25]
 
@@ -31,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from alexnet.trainer import lrn as L
+from alexnet.trainer import optim as O
 from alexnet.trainer.model import AlexNet, LocalResponseNorm
 from alexnet.trainer.optim import create_optimizer
 from alexnet.trainer.step import train_step
@@ -88,9 +92,11 @@ def count_step(batch: int, fused: bool) -> ByteCount:
     optimizer = create_optimizer(model, 0.01, 0.9, 5e-4)
     images = (torch.randn(batch, 3, 224, 224) * 50).bfloat16().contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 1000, (batch,))
-    patch = contextlib.nullcontext() if fused else mock.patch.object(LocalResponseNorm, "forward", _reference_forward)
     count = ByteCount()
-    with patch:
+    with contextlib.ExitStack() as stack:
+        if not fused:
+            stack.enter_context(mock.patch.object(LocalResponseNorm, "forward", _reference_forward))
+            stack.enter_context(mock.patch.object(O, "paper_sgd_", O.foreach_update))
         train_step(model, optimizer, images, labels, precision="bf16")
         with count:
             train_step(model, optimizer, images, labels, precision="bf16")

@@ -1,7 +1,7 @@
 """The LRN operator (trainer/lrn.py): registration, compile, and its Triton kernels under the interpreter.
 
 The numerics of the reference (numpy formula, torch's LRN per column, fp64 gradcheck, bf16 effect)
-are in tests/test_model.py; the kernels against the reference in tests/_lrn_interpreted.py, run here.
+are in tests/test_model.py; the kernels against the reference in tests/_interpreted_kernels.py, run here.
 """
 
 import os
@@ -57,7 +57,7 @@ def test_triton_kernels_under_the_interpreter():
     set before triton is imported and must not reach the other tests)."""
     pytest.importorskip("triton", reason="triton is in the dev extra on x86_64 (setup.cfg)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "_lrn_interpreted.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "_interpreted_kernels.py")]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
@@ -65,3 +65,19 @@ def test_triton_kernels_under_the_interpreter():
 
 def test_kernels_are_not_used_on_the_cpu():
     assert not L._uses_kernel(torch.zeros(1))
+
+
+def test_paper_sgd_operator_registration():
+    """The update operator (trainer/optim.py) as torch.library checks it; on the CPU it is the
+    multi-tensor form (bitwise the per-tensor update: tests/test_step.py)."""
+    from alexnet.trainer.optim import foreach_update
+
+    gen = torch.Generator().manual_seed(0)
+    w, g, v = ([torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)] for _ in range(3))
+    torch.library.opcheck(
+        torch.ops.alexnet.paper_sgd_.default, ([t.clone() for t in w], g, [t.clone() for t in v], 0.01, 0.9, 5e-4)
+    )
+    ours, theirs = ([t.clone() for t in w], [t.clone() for t in v]), ([t.clone() for t in w], [t.clone() for t in v])
+    torch.ops.alexnet.paper_sgd_(ours[0], g, ours[1], 0.01, 0.9, 5e-4)
+    foreach_update(theirs[0], g, theirs[1], 0.01, 0.9, 5e-4)
+    assert all(torch.equal(a, b) for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1], strict=True))

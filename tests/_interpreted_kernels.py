@@ -107,3 +107,28 @@ def test_the_models_norm_layers(form, monkeypatch):
         ref_y, ref_dx = _through_op(norm, x, False, monkeypatch)
         torch.testing.assert_close(y, ref_y, rtol=1e-5, atol=0)
         _close_backward(dx, ref_dx)
+
+
+@pytest.mark.parametrize("weight_decay", [5e-4, 0.0])
+def test_fused_paper_sgd_update(weight_decay):
+    """The fused §5 update (trainer/optim_triton.py) against the multi-tensor one, on a conv weight in
+    channels_last and a bias, float32. numpy has no FMA where the CPU's aten kernels may use one:
+    within 4 float32 ulps of each tensor's scale rather than bitwise."""
+    from alexnet.trainer.optim import foreach_update
+    from alexnet.trainer.optim_triton import fused_update
+
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(8, 3, 5, 5), (1500,)]
+    w = [torch.randn(s, generator=gen) * 0.01 for s in shapes]
+    w[0] = w[0].contiguous(memory_format=torch.channels_last)
+    g = [torch.randn_like(t) for t in w]
+    v = [torch.randn_like(t) * 1e-3 for t in w]
+    ours = [[t.clone() for t in ts] for ts in (w, v)]
+    theirs = [[t.clone() for t in ts] for ts in (w, v)]
+    for _ in range(3):
+        fused_update(ours[0], g, ours[1], 0.01, 0.9, weight_decay)
+        foreach_update(theirs[0], g, theirs[1], 0.01, 0.9, weight_decay)
+    for a, b in zip(ours[0] + ours[1], theirs[0] + theirs[1], strict=True):
+        assert a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=4 * 2**-23 * float(b.abs().max()))  # 4 ulps
+    assert not torch.equal(ours[0][0], w[0])  # the weights moved
