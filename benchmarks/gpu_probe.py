@@ -57,15 +57,15 @@ class Interrupted(Exception):
     """SIGTERM, raised inside the running figure."""
 
 
-def _on_sigterm(signum, frame):
+def on_sigterm(signum, frame):
     raise Interrupted("SIGTERM (time limit)")
 
 
 class Probe:
     """The results file and the figure runner: each figure isolated, the file rewritten after each."""
 
-    def __init__(self, out: Path, budget_s: float, device: torch.device) -> None:
-        self.path, self.device = out / "gpu_probe.json", device
+    def __init__(self, out: Path, budget_s: float, device: torch.device, filename: str = "gpu_probe.json") -> None:
+        self.path, self.device = out / filename, device
         self.deadline = time.monotonic() + budget_s
         self.t0 = time.monotonic()
         self.results: dict = {"machine": machine(device), "figures": {}}
@@ -368,15 +368,17 @@ def figures(device: torch.device, smoke: bool) -> list[tuple[str, tuple, float]]
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("/tmp/gpu-check"), help="folder for gpu_probe.json")
-    p.add_argument("--budget-s", type=float, default=220, help="stop starting figures that would end past this")
+    p.add_argument(
+        "--budget-s", type=float, help="stop starting figures that would end past this [default: 220; --cpu-smoke 1800]"
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="the CPU at toy sizes (checks that every part runs)")
     args = p.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu_probe: torch sees no CUDA GPU (use --cpu-smoke on a CPU machine)", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.cpu_smoke else "cuda", 0 if not args.cpu_smoke else None)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    probe = Probe(args.out, args.budget_s, device)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    probe = Probe(args.out, args.budget_s or (1800 if args.cpu_smoke else 220), device)
     for name, (fn, *fargs), cost in figures(device, args.cpu_smoke):
         probe.run(name, fn, *fargs, cost_s=cost)
     probe.results["done"] = not probe.stopped

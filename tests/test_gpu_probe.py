@@ -93,3 +93,24 @@ def test_an_error_is_isolated_and_the_json_kept(tmp_path):
     assert "in broken" in figures["broken"]["traceback"]
     assert figures["next"]["images_per_s"] == 1.0
     assert figures["too_long"]["skipped"].startswith("budget:")
+
+
+def test_sigterm_ends_with_the_json_written_and_exit_0(tmp_path):
+    """What `timeout` does at its limit: the running figure is written as interrupted, the rest as
+    skipped, and the probe exits 0 (gpu_check.sh runs it under timeout --preserve-status)."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-u", str(ROOT / "benchmarks" / "gpu_probe.py"), "--cpu-smoke", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_probe_env(tmp_path), stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    first = proc.stdout.readline()  # the first figure is done: the second (sgd) is running
+    assert first.split("] ")[1].startswith("lrn:"), first
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0
+    results = json.loads((out / "gpu_probe.json").read_text())
+    figures = results["figures"]
+    assert results["done"] is False and "error" not in figures["lrn"]
+    assert figures["sgd"]["error"].startswith("interrupted: SIGTERM")
+    assert figures["profile"]["skipped"] == "interrupted before it started"
