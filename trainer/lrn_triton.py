@@ -1,4 +1,5 @@
-"""The GPU implementation of ``alexnet::lrn`` (lrn.py): one Triton kernel per direction.
+"""The GPU implementation of ``alexnet::lrn`` and ``alexnet::lrn_backward`` (lrn.py): one Triton
+kernel per direction, compiled from one source (``_lrn``, its ``BACKWARD`` a compile-time constant).
 
 Each program takes a tile of BLOCK_P pixels (n, h, w flattened) by BLOCK_C maps. The window's
 neighbours are loaded from memory at shifted channel offsets, masked to the map's own block of
@@ -54,78 +55,58 @@ def _neighbour(ptr, pixel, c, p_ok, d, C, group, stride_c):
 
 
 @triton.jit
-def _lrn_fwd(
-    x_ptr,
-    y_ptr,
-    P,
-    C,
-    HW,
-    stride_n,
-    stride_pix,
-    stride_c,
-    group,
-    alpha,
-    beta,
-    k,
-    HALF: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+def _window_sum(
+    x_ptr, pixel, c, p_ok, shift, C, group, stride_c, HALF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr
 ):
-    pixel, c, p_ok = _offsets(tl.program_id(0), tl.program_id(1), P, C, HW, stride_n, stride_pix, BLOCK_P, BLOCK_C)
+    """sum of a^2 over the window of map c + shift (within c's block), in float32."""
     total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for d in tl.static_range(-HALF, HALF + 1):
-        v = _neighbour(x_ptr, pixel, c, p_ok, d, C, group, stride_c)
+    for e in tl.static_range(-HALF, HALF + 1):
+        v = _neighbour(x_ptr, pixel, c, p_ok, shift + e, C, group, stride_c)
         total += v * v
-    a = _neighbour(x_ptr, pixel, c, p_ok, 0, C, group, stride_c)
-    y = a * _power(k + alpha * total, -beta)
-    mask = p_ok[:, None] & (c < C)[None, :]
-    offsets = pixel[:, None] + c[None, :] * stride_c
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    return total
 
 
 @triton.jit
-def _lrn_bwd(
+def _lrn(
     x_ptr,
     g_ptr,
-    dx_ptr,
+    out_ptr,
     P,
     C,
     HW,
     stride_n,
     stride_pix,
     stride_c,
-    gstride_n,
-    gstride_pix,
-    gstride_c,
     group,
     alpha,
     beta,
     k,
+    BACKWARD: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_p, pid_c = tl.program_id(0), tl.program_id(1)
-    pixel, c, p_ok = _offsets(pid_p, pid_c, P, C, HW, stride_n, stride_pix, BLOCK_P, BLOCK_C)
-    gpixel, c, p_ok = _offsets(pid_p, pid_c, P, C, HW, gstride_n, gstride_pix, BLOCK_P, BLOCK_C)
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # sum_i g[i] a[i] D[i]^(-beta-1)
-    own = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # g[j] D[j]^-beta
-    for d in tl.static_range(-HALF, HALF + 1):
-        total = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-        for e in tl.static_range(-HALF, HALF + 1):
-            v = _neighbour(x_ptr, pixel, c, p_ok, d + e, C, group, stride_c)
-            total += v * v
-        base = k + alpha * total  # D[j + d] (only where j + d is in j's block; else g_i = 0 below)
-        g_i = _neighbour(g_ptr, gpixel, c, p_ok, d, C, group, gstride_c)
-        a_i = _neighbour(x_ptr, pixel, c, p_ok, d, C, group, stride_c)
-        scaled = g_i * _power(base, -beta)
-        acc += scaled * a_i / base
-        if d == 0:
-            own = scaled
+    """Forward (out = y; g_ptr unused) or backward (out = dx from g = dL/dy): two kernels, one source.
+    All three tensors have x's strides."""
+    pixel, c, p_ok = _offsets(tl.program_id(0), tl.program_id(1), P, C, HW, stride_n, stride_pix, BLOCK_P, BLOCK_C)
     a = _neighbour(x_ptr, pixel, c, p_ok, 0, C, group, stride_c)
-    dx = own - 2.0 * alpha * beta * a * acc
+    if BACKWARD:
+        spread = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # sum_i g[i] a[i] D[i]^(-beta-1)
+        own = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)  # g[j] D[j]^-beta
+        for d in tl.static_range(-HALF, HALF + 1):
+            # D[j + d]; where j + d is outside j's block g_i is 0 and the term vanishes
+            base = k + alpha * _window_sum(x_ptr, pixel, c, p_ok, d, C, group, stride_c, HALF, BLOCK_P, BLOCK_C)
+            g_i = _neighbour(g_ptr, pixel, c, p_ok, d, C, group, stride_c)
+            scaled = g_i * _power(base, -beta)
+            spread += scaled * _neighbour(x_ptr, pixel, c, p_ok, d, C, group, stride_c) / base
+            if d == 0:
+                own = scaled
+        out = own - 2.0 * alpha * beta * a * spread
+    else:
+        base = k + alpha * _window_sum(x_ptr, pixel, c, p_ok, 0, C, group, stride_c, HALF, BLOCK_P, BLOCK_C)
+        out = a * _power(base, -beta)
     mask = p_ok[:, None] & (c < C)[None, :]
-    tl.store(dx_ptr + pixel[:, None] + c[None, :] * stride_c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + pixel[:, None] + c[None, :] * stride_c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _geometry(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
@@ -137,61 +118,40 @@ def _geometry(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     return t, (sn, sw if t.shape[3] > 1 else sh, sc)
 
 
-def _grid(x: Tensor) -> tuple[int, int]:
+def _launch(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float, k: float, group: int) -> Tensor:
+    x, (sn, sp, sc) = _geometry(x)
+    if grad is not None and grad.stride() != x.stride():
+        grad = torch.empty_like(x).copy_(grad)  # dL/dy in x's layout (autograd usually hands it so)
+    out = torch.empty_like(x)
     n, c, h, w = x.shape
-    return triton.cdiv(n * h * w, BLOCK_P), triton.cdiv(c, BLOCK_C)
+    grid = (triton.cdiv(n * h * w, BLOCK_P), triton.cdiv(c, BLOCK_C))
+    _lrn[grid](
+        x,
+        x if grad is None else grad,
+        out,
+        n * h * w,
+        c,
+        h * w,
+        sn,
+        sp,
+        sc,
+        group,
+        alpha,
+        beta,
+        k,
+        BACKWARD=grad is not None,
+        HALF=size // 2,
+        BLOCK_P=BLOCK_P,
+        BLOCK_C=BLOCK_C,
+    )
+    return out
 
 
 def lrn_forward(x: Tensor, size: int, alpha: float, beta: float, k: float, group: int) -> Tensor:
     """y = lrn(x) by the forward kernel; y has x's dtype and memory format."""
-    x, (sn, sp, sc) = _geometry(x)
-    y = torch.empty_like(x)
-    n, c, h, w = x.shape
-    _lrn_fwd[_grid(x)](
-        x,
-        y,
-        n * h * w,
-        c,
-        h * w,
-        sn,
-        sp,
-        sc,
-        group,
-        alpha,
-        beta,
-        k,
-        HALF=size // 2,
-        BLOCK_P=BLOCK_P,
-        BLOCK_C=BLOCK_C,
-    )
-    return y
+    return _launch(x, None, size, alpha, beta, k, group)
 
 
 def lrn_backward(x: Tensor, grad: Tensor, size: int, alpha: float, beta: float, k: float, group: int) -> Tensor:
     """dL/dx by the backward kernel (``grad``: dL/dy in any layout); dx has x's dtype and memory format."""
-    x, (sn, sp, sc) = _geometry(x)
-    grad, (gn, gp, gc) = _geometry(grad)
-    dx = torch.empty_like(x)
-    n, c, h, w = x.shape
-    _lrn_bwd[_grid(x)](
-        x,
-        grad,
-        dx,
-        n * h * w,
-        c,
-        h * w,
-        sn,
-        sp,
-        sc,
-        gn,
-        gp,
-        gc,
-        group,
-        alpha,
-        beta,
-        k,
-        HALF=size // 2,
-        BLOCK_P=BLOCK_P,
-        BLOCK_C=BLOCK_C,
-    )
-    return dx
+    return _launch(x, grad, size, alpha, beta, k, group)
