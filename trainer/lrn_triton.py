@@ -21,6 +21,8 @@ Importing this module imports triton. Tests run the kernels on CPU tensors under
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +41,7 @@ def _power(base, exponent):
 @triton.jit
 def _offsets(pid_p, pid_c, P, C, HW, stride_n, stride_pix, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """The tile's pixel offsets (elements), its maps, and the pixels' mask."""
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p = pid_p.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)  # no int32 overflow on large batches
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     pixel = (p // HW) * stride_n + (p % HW) * stride_pix
     return pixel, c, p < P
@@ -109,6 +111,11 @@ def _lrn(
     tl.store(out_ptr + pixel[:, None] + c[None, :] * stride_c, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it ``t``'s (CPU tensors: the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _geometry(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
     """t (a contiguous copy unless it is contiguous or channels_last) and its (n, pixel, channel)
     strides: in both layouts h and w merge into one pixel stride, the stride of w (of h when w is 1)."""
@@ -125,25 +132,9 @@ def _launch(x: Tensor, grad: Tensor | None, size: int, alpha: float, beta: float
     out = torch.empty_like(x)
     n, c, h, w = x.shape
     grid = (triton.cdiv(n * h * w, BLOCK_P), triton.cdiv(c, BLOCK_C))
-    _lrn[grid](
-        x,
-        x if grad is None else grad,
-        out,
-        n * h * w,
-        c,
-        h * w,
-        sn,
-        sp,
-        sc,
-        group,
-        alpha,
-        beta,
-        k,
-        BACKWARD=grad is not None,
-        HALF=size // 2,
-        BLOCK_P=BLOCK_P,
-        BLOCK_C=BLOCK_C,
-    )
+    args = (x, x if grad is None else grad, out, n * h * w, c, h * w, sn, sp, sc, group, alpha, beta, k)
+    with on_device(x):  # the tensor's GPU, not the current one (the split form's second column)
+        _lrn[grid](*args, BACKWARD=grad is not None, HALF=size // 2, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C)
     return out
 
 

@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .lrn_triton import on_device
+
 BLOCK = 1024
 
 
@@ -41,6 +43,6 @@ def fused_update(
     """The update of each (w, g, v), all float32 with one dense layout (optim.py ``_fusable``)."""
     for w, g, v in zip(params, grads, velocities, strict=True):
         n = w.numel()
-        _paper_sgd[(triton.cdiv(n, BLOCK),)](
-            w, g, v, n, momentum, -lr * weight_decay, -lr, DECAY=bool(weight_decay), BLOCK=BLOCK
-        )
+        grid = (triton.cdiv(n, BLOCK),)
+        with on_device(w):
+            _paper_sgd[grid](w, g, v, n, momentum, -lr * weight_decay, -lr, DECAY=bool(weight_decay), BLOCK=BLOCK)
