@@ -833,9 +833,10 @@ def test_eval_only_ten_crop_cli_prints_and_logs_both(uninterrupted, train_data, 
     )
     assert r.exit_code == 0, r.output
     assert "centre crop" in r.output and "ten patches" in r.output
-    evals = _lines(tmp_path / "eval")
+    evals = [json.loads(x) for x in (tmp_path / "eval" / "evals.jsonl").read_text().splitlines()]
     assert [x["ten_crop"] for x in evals] == [False, True] and all(x["images"] == 8 for x in evals)
-    assert all(x["step"] == STEPS for x in evals)
+    assert all(x["step"] == STEPS and x["checkpoint"] == str(ck) for x in evals)
+    assert not (tmp_path / "eval" / "metrics.jsonl").exists()  # training's log is not the evaluations' place
 
 
 def test_evaluate_ten_crop_matches_a_direct_computation(uninterrupted, train_data):
@@ -886,8 +887,6 @@ def test_cli_bench_prints_both_rates_and_ratio(train_data):
     r = CliRunner().invoke(main, ["bench", *args, "--steps", "2"])
     assert r.exit_code == 0, r.output
     assert "synthetic batches" in r.output and "pipeline batches" in r.output and "ratio" in r.output
-    r = CliRunner().invoke(main, [*args, "--benchmark"])  # the old mode flag names its command
-    assert r.exit_code == 2 and "alexnet-train bench" in r.output
 
 
 def test_cli_options_are_the_config_fields():
@@ -895,12 +894,12 @@ def test_cli_options_are_the_config_fields():
     dataclass default, and no option lacks a field."""
     from dataclasses import fields
 
-    from alexnet.trainer.cli import BENCH_OPTIONS, EVAL_OPTIONS, OLD_FLAGS, bench_command, eval_command, main
+    from alexnet.trainer.cli import BENCH_OPTIONS, EVAL_HELP, EVAL_OPTIONS, bench_command, eval_command, main
     from alexnet.trainer.config import SECTIONS
 
     every = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
     for command, extra, names in (
-        (main, {"config_file", "version", *OLD_FLAGS}, every),
+        (main, {"config_file", "version"}, every),
         (eval_command, {"checkpoints", "ten_crop"}, every & EVAL_OPTIONS),
         (bench_command, {"config_file", "steps"}, every & BENCH_OPTIONS),
     ):
@@ -909,6 +908,9 @@ def test_cli_options_are_the_config_fields():
         defaults = TrainConfig().flat()
         for name in names:
             default = options[name].default
+            if command is eval_command and "default" in EVAL_HELP.get(name, {}):
+                assert default is None, name  # the checkpoint decides
+                continue
             assert default == (",".join(map(str, defaults[name])) if name == "step_epochs" else defaults[name]), name
 
 
@@ -933,19 +935,12 @@ def test_cli_config_file_reruns_a_run_with_fields_overridden(tmp_path, monkeypat
     assert r.exit_code == 2 and "--resume continues the run in --run-dir" in r.output
 
 
-@pytest.mark.parametrize(
-    "args, command",
-    [
-        (["--eval-only", "--ten-crop", "--checkpoint", "x.pt"], "alexnet-train eval"),
-        (["--benchmark", "--benchmark-steps", "5"], "alexnet-train bench"),
-        (["--lr", "0.1", "eval"], "options go after the command: alexnet-train eval --lr"),
-    ],
-)
-def test_cli_old_mode_flags_and_misplaced_options_are_one_line(args, command):
+def test_cli_misplaced_options_are_one_line():
     from alexnet.trainer.cli import main
 
-    r = CliRunner().invoke(main, args)
-    assert r.exit_code == 2 and command in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["--lr", "0.1", "eval"])
+    assert r.exit_code == 2 and "options go after the command: alexnet-train eval --lr" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_report_subcommand_is_registered():
@@ -1018,8 +1013,10 @@ def test_metrics_log_resume_purges_the_killed_runs_later_tensorboard_events(tmp_
 
 
 def test_prune_epoch_checkpoints_keeps_the_newest_and_linked_files(tmp_path):
+    from alexnet.trainer.rundir import epoch_name
+
     for e in (1, 2, 3, 10):
-        (tmp_path / ckpt_io.epoch_name(e)).write_bytes(b"epoch %d" % e)
+        (tmp_path / epoch_name(e)).write_bytes(b"epoch %d" % e)
     os.link(tmp_path / "epoch-0001.pt", tmp_path / "best.pt")  # best.pt shares epoch 1's file
     (tmp_path / "epoch-notes.pt").write_bytes(b"not an epoch checkpoint")
     deleted = ckpt_io.prune_epoch_checkpoints(tmp_path, 2)
