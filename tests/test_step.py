@@ -339,7 +339,10 @@ def test_cuda_graph_applies_only_to_one_cuda_device_in_one_process():
     assert not uses_cuda_graph(on, [torch.device("cuda:0"), torch.device("cuda:1")], 1)
     assert not uses_cuda_graph(on, [torch.device("cuda:0")], 2)
     assert not uses_cuda_graph(False, [torch.device("cuda:0")], 1)
-    # Set before any CUDA context: DALI's streams must not share hardware queues with training.
+    # Set before any CUDA context (replica.py, at import): DALI's streams must not share hardware
+    # queues with training.
+    from alexnet.trainer import replica  # noqa: F401
+
     assert int(os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]) >= 16
 
 
