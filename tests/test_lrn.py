@@ -95,8 +95,9 @@ def test_kernels_on_a_gpu():
     for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8)):
         xd, gd = x.to(dtype), g.to(dtype)
         ref = L.lrn_reference(xd.float(), *hyper)
-        for fn in (L.lrn, torch.compile(L.lrn, fullgraph=True)):
-            torch.testing.assert_close(fn(xd, *hyper).float(), ref, rtol=rtol, atol=0)
+        compiled = torch.compile(lambda t: L.lrn(t, *hyper), fullgraph=True)(xd)
+        for y in (L.lrn(xd, *hyper), compiled):
+            torch.testing.assert_close(y.float(), ref, rtol=rtol, atol=0)
         ref_dx = L.lrn_reference_backward(xd.float(), gd.float(), *hyper)
         scale = float(ref_dx.abs().max())
         torch.testing.assert_close(L.lrn_backward(xd, gd, *hyper).float(), ref_dx, rtol=rtol, atol=rtol * scale)
