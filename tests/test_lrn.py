@@ -107,3 +107,13 @@ def test_kernels_on_a_gpu():
     torch.ops.alexnet.paper_sgd_(ours, [grad], vo, 0.01, 0.9, 5e-4)
     foreach_update(theirs, [grad], vt, 0.01, 0.9, 5e-4)
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=4 * 2**-23 * float(theirs[0].abs().max()))
+
+
+def test_export_holds_plain_operators_only():
+    """torch.export (trainer/export.py) traces the reference arithmetic: the exported file runs in plain
+    PyTorch, where this package's operators are not registered."""
+    norm = LocalResponseNorm(alpha=2e-5, group_size=4)
+    x = torch.randn(2, 8, 3, 3) * 30
+    program = torch.export.export(norm, (x,))
+    assert "alexnet" not in program.graph_module.code
+    torch.testing.assert_close(program.module()(x), norm(x), rtol=1e-6, atol=0)
