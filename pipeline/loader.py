@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,29 +39,12 @@ from . import artifacts as A
 from . import columns as K
 from . import constants as C
 from . import order as O
+from .cli_common import field_problems, opt
 from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
 from .errors import AlexnetError
 
 SHUFFLES = ("global", "buffer")
 STATE_VERSION = 2  # the loader state's version in checkpoints; another is refused in one line
-
-
-def opt(default, help, **extra):
-    """A config field whose metadata carries its meaning and unit (the command-line help) and its
-    checks (``min``, ``max``, ``choices``); the trainer's config sections use it too."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-def field_problems(obj) -> list[str]:
-    """What breaks the fields' ``min``, ``max`` and ``choices`` in a config dataclass (empty if nothing)."""
-    out = []
-    for f in fields(obj):
-        value, meta = getattr(obj, f.name), f.metadata
-        if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
-            out.append(f"{f.name} must be in [{meta.get('min', '-inf')}, {meta.get('max', 'inf')}], not {value!r}")
-        if "choices" in meta and value not in meta["choices"]:
-            out.append(f"{f.name} must be one of {', '.join(meta['choices'])}, not {value!r}")
-    return out
 
 
 @dataclass(frozen=True)

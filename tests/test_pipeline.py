@@ -559,22 +559,6 @@ def test_bench_pipeline_cli(data):
     assert r.exit_code == 0 and "(buffer shuffle)" in r.output and "1 pipeline(s)" in r.output, r.output
 
 
-def test_bench_pipeline_defaults_are_the_trainers():
-    """bench-pipeline measures what alexnet-train runs at its defaults (tools do not import the trainer)."""
-    from alexnet.tools.bench_pipeline import bench_pipeline_command
-    from alexnet.trainer.config import TrainConfig
-
-    train = TrainConfig()
-    defaults = {p.name: p.default for p in bench_pipeline_command.params}
-    assert defaults["batch_size"] == train.optim.batch_size == 128
-    assert (defaults["threads"], defaults["workers"], defaults["pipelines"], defaults["shuffle"]) == (
-        train.data.num_threads,
-        train.data.workers,
-        train.data.pipelines,
-        train.data.shuffle,
-    )
-
-
 def test_order_cli_prints_what_the_loader_delivers(data):
     for split, epoch, rank, world in [("train", 2, 1, 3), ("train", 0, 0, 1), ("val", 1, 0, 2)]:
         args = [
