@@ -10,7 +10,7 @@ preprocessed exactly as a training record was made.
   resize still reduces by at least 2x. Measured against the full decode
   (``tests/test_build_lmdb.py::test_draft_within_tolerance``): mean absolute difference below
   ``DRAFT_TOLERANCE`` grey levels. Every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG)
-  becomes RGB. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
+  becomes RGB; 16-bit greyscale is scaled to 8 bits (PIL would clip it). EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
   loaders (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do;
 - ``resize_centre_crop``: "rescale the image such that the shorter side was of length 256, and
   then cropped out the central 256x256 patch", with PIL's antialiased bilinear filter
@@ -42,6 +42,20 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DRAFT_MIN_FACTOR = 2
 DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
 RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
+
+
+# Greyscale modes of more than 8 bits (16-bit PNGs and TIFFs). PIL's convert("RGB") clips their values
+# at 255 instead of scaling them: a 16-bit photo would be nearly all white.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey_to_8_bits(im):
+    """A 16-bit greyscale image scaled to 8 bits (v * 255 / 65535, rounded), as mode "L"."""
+    import numpy as np
+    from PIL import Image
+
+    wide = np.asarray(im, dtype=np.float64)  # "I" holds 16-bit sources as 32-bit integers
+    return Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
 
 
 class Rejected(Exception):
@@ -84,6 +98,8 @@ def decode_image(data: bytes, *, draft: bool = True):
                 if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
                     im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
             im.load()
+            if im.mode in WIDE_GREY_MODES:
+                im = _grey_to_8_bits(im)
             if im.mode != "RGB":
                 im = im.convert("RGB")
     except UnidentifiedImageError:
@@ -92,7 +108,7 @@ def decode_image(data: bytes, *, draft: bool = True):
         raise Rejected(f"too large ({e})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         text = str(e)
-        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
+        reason = "truncated" if "truncated" in text.lower() or isinstance(e, EOFError) else "undecodable"
         raise Rejected(f"{reason} ({text})" if text else reason) from None
     if min(im.size) < 1:
         raise Rejected("empty image")

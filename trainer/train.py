@@ -104,7 +104,14 @@ def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
         raise AlexnetError(f"the dataset at {config.run.data_dir} has no train split")
     run_dir = Path(D.broadcast_object(config.run.run_dir or str(default_run_dir()), info))
     last_path = run_dir / ckpt_io.CHECKPOINT_DIR / ckpt_io.LAST
-    if config.run.resume and not last_path.exists():  # a requeued job that always passes --resume
+    if info.restart:  # torchrun restarted the group after a failure: continue, --resume or not
+        found = last_path.exists()
+        replica.say(
+            f"torchrun restart {info.restart}: "
+            + ("resuming from the last checkpoint" if found else f"no checkpoint at {last_path}: starting afresh")
+        )
+        config = config.replace(resume=found)
+    elif config.run.resume and not last_path.exists():  # a requeued job that always passes --resume
         replica.say(f"nothing to resume at {last_path}: starting the run")
         config = config.replace(resume=False)
     elif not config.run.resume and last_path.exists():
@@ -178,7 +185,9 @@ class Trainer:
             self.replica.say(f"note: {self.train_loader.note}")
         if self.train_loader.consumed == 0:  # restarted (the buffer shuffle with another replica count)
             state.batch_in_epoch = 0
-        self.replica.say(f"resumed {path} at step {state.step} (epoch {state.epoch}, +{state.batch_in_epoch} batches)")
+        self.replica.say(
+            f"resuming at step {state.step} from {path} (epoch {state.epoch}, +{state.batch_in_epoch} batches)"
+        )
         return True
 
     def _restore_replica(self, ck: dict) -> None:
@@ -196,13 +205,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.config.replace(resume=False).save(self.run_dir / CONFIG_FILE)  # --resume is a command, not the run
             atomic_write_json(self.run_dir / VERSIONS_FILE, versions())
-            truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)  # lines after the checkpoint
+            # Lines after the checkpoint (all of them for a restart that starts afresh: they will be redone).
+            truncate_metrics(self.run_dir / METRICS_FILE, self.state.step if self.resumed else -1)
         metrics = MetricsLog(
             self.run_dir,
             self.info.is_main,
             self.t0,
             self.state.elapsed_before,
-            resume_step=self.state.step if self.resumed else None,
+            resume_step=self.state.step if self.resumed or self.info.restart else None,
         )
         if metrics.note:
             self.replica.say(metrics.note)
@@ -319,6 +329,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, reason: str, *, epoch_end: bool = False, is_best: bool = False) -> None:
         """A checkpoint of every replica's state (gathered to the main replica, which writes it)."""
+        D.peers_alive(self.info)  # a lost replica: exit at once (restarted by torchrun), never a partial checkpoint
         if not epoch_end:
             self._flush()  # no checkpoint from non-finite weights
         state = self.state
