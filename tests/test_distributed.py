@@ -222,3 +222,21 @@ def test_elastic_restart_after_a_lost_replica_resumes_exactly(ddp_data, uninterr
     assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, STEPS + 1))
     # the restarted attempt ran only the remaining steps
     assert [b["step"] for b in _labels(tmp_path)[0]] == list(range(3, STEPS + 1))
+
+
+def test_restart_without_a_checkpoint_starts_afresh_without_old_metrics(ddp_data, tmp_path, monkeypatch, capsys):
+    """A torchrun restart (TORCHELASTIC_RESTART_COUNT=1, here one process) that finds no checkpoint says so,
+    starts at step 0 and drops the failed attempt's metrics instead of appending to them."""
+    from alexnet.trainer.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [{"kind": "train", "step": s, "loss": 9.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stale))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    summary = train(_config(ddp_data, run, max_steps=2, batch_size=4))
+    assert "torchrun restart 1: no checkpoint at" in capsys.readouterr().err
+    assert summary["steps"] == 2
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
+    assert all(x["loss"] != 9.0 for x in lines if x["kind"] == "train")

@@ -352,7 +352,7 @@ def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
 
 def _remove_dataset(data_dir: Path) -> None:
     """--overwrite: delete the files this project writes (never anything else in the folder)."""
-    for split in A.SPLITS:
+    for split in (*A.SPLITS, A.STATS_PENDING_DIR, A.STATS_COMMIT_DIR):
         if (data_dir / split).is_dir():
             shutil.rmtree(data_dir / split)
     for name in (A.MANIFEST_FILE, A.REJECTED_FILE, A.STATS_FILE, A.MEAN_IMAGE_FILE):
