@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 
-.PHONY: install demo test lint bench image-test gpu-check clean
+.PHONY: install demo test lint image-test gpu-check clean
 
 # Exact versions from constraints.txt. torch first, so pip takes the local CPU build instead of the
 # multi-GB CUDA wheels; then the package with the CUDA 13 DALI build (CPU-only mode here; pillow-simd
@@ -38,8 +38,8 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install
-	$(BIN)/python benchmarks/run_all.py
+# Benchmarks have no target: each is a script in benchmarks/ with its own options, and its command
+# is written beside its figures in benchmarks/RESULTS.md.
 
 # On a GPU host with the wheel parts in .gpu/parts (benchmarks/gpu_check.sh pack, here): GPU tests and
 # figures into $(OUT) (default /tmp/gpu-check). Needs no venv: the host's python3 with its torch.

@@ -33,6 +33,9 @@ from bench_build_lmdb import cpu_pressure, make_tree, run_build
 from alexnet.pipeline import artifacts as A
 from alexnet.tools import archives as AR
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture writers
+from _writers import write_official_archives  # noqa: E402
+
 
 def drop_cache(root: Path) -> int:
     """posix_fadvise(DONTNEED) on every file under ``root`` (or ``root`` itself): the next read goes to the disk."""
@@ -96,7 +99,7 @@ def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     stamp = archives / f".complete-{images}-{classes}"
     if not stamp.exists():
         shutil.rmtree(archives, ignore_errors=True)
-        AR.write_official_archives(tree, archives)
+        write_official_archives(tree, archives)
         stamp.write_text("")
     n = sum(1 for _ in (tree / "train").glob("*/*.JPEG"))
     size = (archives / AR.OFFICIAL_TRAIN).stat().st_size

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ import numpy as np
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.tools import pca_stats as P
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture writers
+from _writers import write_split  # noqa: E402
 
 S = C.STORED_SIZE
 
@@ -76,7 +80,7 @@ def make_dataset(root: Path, records: int, shards: int) -> None:
         buf = io.BytesIO()
         Image.fromarray(photo(rng)).save(buf, "JPEG", quality=95)
         recs.append((f"n{p % 10:08d}/n{p % 10:08d}_{p}.JPEG", buf.getvalue(), p % 10))
-    split = A.write_split(root, "train", recs, shards, seed=None, map_size=1 << 32)
+    split = write_split(root, "train", recs, shards, seed=None, map_size=1 << 32)
     split.layout = "bench"
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)], splits={"train": split}))
     marker.write_text(f"{records} {shards}\n")

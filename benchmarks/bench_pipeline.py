@@ -25,6 +25,7 @@ import gc
 import io
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from alexnet.pipeline import constants as C
 from alexnet.pipeline.loader import DataConfig, create_loader
 from alexnet.trainer import constants as TC
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture writers
+from _writers import write_split  # noqa: E402
+
 
 def synth_dataset(root: Path, n: int) -> Path:
     """Photo-like 256x256 JPEGs (gradients, texture, noise; ~40-60 KB at q95) written through the contract."""
@@ -46,7 +50,7 @@ def synth_dataset(root: Path, n: int) -> Path:
     from bench_pipeline_gpu import photo_jpeg  # the same generator as the GPU benchmark
 
     records = [(f"synth/{i}.JPEG", photo_jpeg(i), i % 10) for i in range(n)]
-    split = A.write_split(root, "train", records, 1, seed=None, map_size=1 << 32)
+    split = write_split(root, "train", records, 1, seed=None, map_size=1 << 32)
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(10)], splits={"train": split}))
     stats = A.Stats(
         mean_rgb=[124.0, 116.0, 104.0],

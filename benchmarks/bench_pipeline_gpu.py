@@ -43,6 +43,9 @@ from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.trainer import constants as TC
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture writers
+from _writers import write_split  # noqa: E402
+
 
 def photo_jpeg(i: int) -> bytes:
     """A photo-like 256x256 JPEG (gradient, texture, noise; ~38 KB at q95), seeded by ``i``."""
@@ -71,7 +74,7 @@ def synth(root: Path, records: int, distinct: int = 4096, shards: int = 4) -> Pa
 
     def write(split: str, n: int, n_shards: int) -> A.SplitInfo:
         records = [(f"s/{pos}.JPEG", jpegs[pos % distinct], pos % TC.NUM_CLASSES) for pos in range(n)]
-        return A.write_split(root, split, records, n_shards, seed=None, map_size=1 << 34)
+        return write_split(root, split, records, n_shards, seed=None, map_size=1 << 34)
 
     splits = {"train": write("train", records, shards), "val": write("val", 1000, 1)}
     A.write_manifest(root, A.Manifest(classes=[f"n{i:08d}" for i in range(TC.NUM_CLASSES)], splits=splits))

@@ -32,8 +32,10 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.tools import pca_stats as P
 from alexnet.trainer import constants as TC
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture writers
+from _writers import stats_of_images, write_split  # noqa: E402
 
 DISTINCT_IMAGES = 512  # distinct JPEGs, cycled over the records (decode cost per record is what matters)
 
@@ -70,10 +72,10 @@ def synth_dataset(data_dir: Path, records: int, num_classes: int = TC.NUM_CLASSE
     for split, n, shards in (("train", records, 4), ("val", val_records, 1)):
         recs = [(f"synthetic/{pos}.JPEG", jpegs[pos % DISTINCT_IMAGES], pos % num_classes) for pos in range(n)]
         size = sum(len(jpeg) + 64 for _, jpeg, _ in recs) // shards
-        info = A.write_split(data_dir, split, recs, shards, seed=None, map_size=max(1 << 26, 2 * size))
+        info = write_split(data_dir, split, recs, shards, seed=None, map_size=max(1 << 26, 2 * size))
         info.layout = "synthetic"
         splits[split] = info
-    A.write_stats(data_dir, *P.stats_of_images(np.stack(arrays), {"synthetic": True}))
+    A.write_stats(data_dir, *stats_of_images(np.stack(arrays), {"synthetic": True}))
     classes = [f"n{90000000 + i:08d}" for i in range(num_classes)]
     A.write_manifest(data_dir, A.Manifest(classes=classes, splits=splits, build={"synthetic": True}))
     mean_kb = np.mean([len(j) for j in jpegs]) / 1024

@@ -510,37 +510,3 @@ def read_record_crcs(shard_path: Path) -> np.ndarray:
 
 def write_record_crcs(shard_path: Path, crcs: np.ndarray) -> None:
     _atomic_write_npy(Path(shard_path) / RECORD_CRC_FILE, np.asarray(crcs, dtype=np.uint32))
-
-
-def write_split(
-    data_dir: Path,
-    split: str,
-    records: list[tuple[str, bytes, int]],
-    num_shards: int,
-    seed: int | None = 0,
-    *,
-    map_size: int = 1 << 30,
-) -> SplitInfo:
-    """Write a whole split of already-encoded records ``(relpath, jpeg, label)`` in the contract's order.
-
-    Positions follow ``shuffle_order(n, seed)`` (``seed=None``: the given order), shard ``i`` holds
-    block ``i`` of ``shard_bounds``, with its ``crc32.npy``. Not resumable: for tests, benchmarks and
-    small tools; ``alexnet-prep build-lmdb`` is the resumable, parallel writer of the same layout.
-    """
-    n = len(records)
-    order = np.arange(n) if seed is None else shuffle_order(n, seed)
-    shards = []
-    for i, (start, stop) in enumerate(shard_bounds(n, num_shards)):
-        rel = f"{split}/{shard_name(split, i, num_shards)}"
-        env = open_shard(Path(data_dir) / rel, readonly=False, map_size=map_size)
-        crcs = []
-        with env.begin(write=True) as txn:
-            for pos in range(start, stop):
-                relpath, jpeg, label = records[int(order[pos])]
-                value = Datum(data=jpeg, label=int(label), height=C.STORED_SIZE, width=C.STORED_SIZE).encode()
-                txn.put(make_key(pos, relpath), value)
-                crcs.append(crc32(value))
-        env.close()
-        write_record_crcs(Path(data_dir) / rel, np.array(crcs, dtype=np.uint32))
-        shards.append(ShardInfo(path=rel, num_records=stop - start, first_position=start, stop_position=stop))
-    return SplitInfo(num_records=n, source_count=n, shards=shards)

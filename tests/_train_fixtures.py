@@ -12,10 +12,10 @@ import io
 from pathlib import Path
 
 import numpy as np
+from _writers import stats_of_images, write_split
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.tools import pca_stats as P
 
 
 def _jpeg(arr: np.ndarray) -> bytes:
@@ -41,7 +41,7 @@ def _write_split(data_dir: Path, split: str, images: list[np.ndarray], labels: l
     records = [
         (f"c{lab}/img{src}.JPEG", _jpeg(img), lab) for src, (img, lab) in enumerate(zip(images, labels, strict=True))
     ]
-    info = A.write_split(data_dir, split, records, num_shards, seed, map_size=1 << 28)
+    info = write_split(data_dir, split, records, num_shards, seed, map_size=1 << 28)
     info.layout = "test"
     return info
 
@@ -76,7 +76,7 @@ def write_dataset(
     }
     classes = [f"n{10000000 + i:08d}" for i in range(num_classes)]
     # Stats of the training images, computed by pca-stats' accumulator (tested against numpy there).
-    A.write_stats(data_dir, *P.stats_of_images(np.stack(train), {"split": "train", "test": True}))
+    A.write_stats(data_dir, *stats_of_images(np.stack(train), {"split": "train", "test": True}))
     A.write_manifest(data_dir, A.Manifest(classes=classes, splits=splits, build={"test": True}))
     return data_dir
 

@@ -19,12 +19,13 @@ import zipfile
 import numpy as np
 import pytest
 from _build_lmdb_fixtures import BUILD_ARGS, all_records, committed_records, run_prep
+from _writers import write_kaggle_zip, write_official_archives
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.tools import archives as AR
-from alexnet.tools.layouts import detect_source
 from alexnet.tools.sample import make_sample
+from alexnet.tools.sources import detect_source
 
 SAMPLE_KW = dict(num_classes=4, train_per_class=12, val_per_class=4, awkward=True, seed=0)
 
@@ -40,7 +41,7 @@ def official(tmp_path_factory):
     """(tree, its archives' folder, the tree's build, the archives' build): devkit validation labels."""
     base = tmp_path_factory.mktemp("official")
     make_sample(base / "tree", val_format="devkit", **SAMPLE_KW)
-    AR.write_official_archives(base / "tree", base / "archives")
+    write_official_archives(base / "tree", base / "archives")
     shutil.copy(base / "tree" / "LOC_synset_mapping.txt", base / "archives")
     return base / "tree", base / "archives", _build(base / "tree", base / "tree_data"), base
 
@@ -50,7 +51,7 @@ def kaggle(tmp_path_factory):
     base = tmp_path_factory.mktemp("kaggle")
     make_sample(base / "tree", val_format="kaggle", **SAMPLE_KW)
     (base / "zips").mkdir()
-    AR.write_kaggle_zip(base / "tree", base / "zips" / AR.KAGGLE_ZIP)
+    write_kaggle_zip(base / "tree", base / "zips" / AR.KAGGLE_ZIP)
     return base / "tree", base / "zips" / AR.KAGGLE_ZIP, _build(base / "tree", base / "tree_data"), base
 
 
@@ -87,7 +88,7 @@ def test_official_archives_build_equals_the_tree(official):
 def test_kaggle_zip_build_equals_the_tree(kaggle, compression, tmp_path):
     tree, zpath, tree_data, _ = kaggle
     if compression != zipfile.ZIP_DEFLATED:
-        zpath = AR.write_kaggle_zip(tree, tmp_path / AR.KAGGLE_ZIP, compression)
+        zpath = write_kaggle_zip(tree, tmp_path / AR.KAGGLE_ZIP, compression)
     kinds = set(detect_source(zpath).splits["train"].locations["kind"].tolist())
     assert kinds == {AR.ZIP_DEFLATED if compression == zipfile.ZIP_DEFLATED else AR.ZIP_STORED}
     data = _build(zpath.parent, tmp_path / "d")  # the folder holding the zip
@@ -196,7 +197,7 @@ def slow_archives(tmp_path_factory):
     wnids = sorted(p.name for p in (base / "tree" / "train").iterdir())
     for k in range(SLOW_IMAGES):
         (base / "tree" / "train" / wnids[k % len(wnids)] / f"slow_{k}.png").write_bytes(buf.getvalue())
-    AR.write_official_archives(base / "tree", base / "archives")
+    write_official_archives(base / "tree", base / "archives")
     clean = _build(base / "archives", base / "clean")
     return base / "archives", clean
 

@@ -202,7 +202,7 @@ def test_undecodable_and_not_an_image():
 
 def test_records_follow_the_contract(src, built):
     """Positions = seeded shuffle of the sorted file list; shard blocks from shard_bounds; labels = sorted index."""
-    from alexnet.tools.layouts import detect_source
+    from alexnet.tools.sources import detect_source
 
     m = A.read_manifest(built)
     source = detect_source(src)

@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from _writers import write_split
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
@@ -151,7 +152,7 @@ def _write_shards(tmp_path, images, labels, num_shards=2):
     records = [
         (f"c{lab}/img{src}.JPEG", _jpeg(img), lab) for src, (img, lab) in enumerate(zip(images, labels, strict=True))
     ]
-    split = A.write_split(tmp_path, "train", records, num_shards, seed=0)
+    split = write_split(tmp_path, "train", records, num_shards, seed=0)
     A.write_manifest(tmp_path, A.Manifest(classes=["a", "b", "c"], splits={"train": split}))
     return A.shuffle_order(len(images), seed=0)
 
@@ -212,7 +213,7 @@ def test_atomic_write_respects_umask(tmp_path):
 def test_write_split_follows_the_contract_order(tmp_path):
     """write_split: positions in the seeded shuffle, contiguous shard blocks, checksums beside them."""
     records = [(f"c/{k}.JPEG", bytes([k]) * 10, k % 3) for k in range(11)]
-    split = A.write_split(tmp_path, "train", records, 3, seed=4)
+    split = write_split(tmp_path, "train", records, 3, seed=4)
     order = A.shuffle_order(11, seed=4)
     assert [(s.first_position, s.stop_position) for s in split.shards] == A.shard_bounds(11, 3)
     got = [(A.parse_key(k), A.Datum.decode(v)) for s in split.shards for k, v in A.iter_shard(tmp_path / s.path)]
@@ -222,7 +223,7 @@ def test_write_split_follows_the_contract_order(tmp_path):
         assert A.read_record_crcs(tmp_path / s.path).tolist() == [
             A.crc32(v) for _, v in A.iter_shard(tmp_path / s.path)
         ]
-    identity = A.write_split(tmp_path / "id", "val", records, 1, seed=None)
+    identity = write_split(tmp_path / "id", "val", records, 1, seed=None)
     assert [A.parse_key(k)[1] for k, _ in A.iter_shard(tmp_path / "id" / identity.shards[0].path)] == [
         r[0] for r in records
     ]

@@ -167,7 +167,7 @@ def test_order_cli_equals_the_loaders_delivered_positions(gapped):
 
 def test_order_cli_default_batch_is_the_trainers():
     """alexnet-prep order lists what alexnet-train reads at its defaults (tools do not import the trainer)."""
-    from alexnet.tools.preview import order_command
+    from alexnet.tools.order import order_command
     from alexnet.trainer import constants as TC
     from alexnet.trainer.config import TrainConfig
 

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from _writers import write_split
 from click.testing import CliRunner
 from PIL import Image
 
@@ -32,7 +33,7 @@ def _jpeg(arr):
 def _write_split(root, split, images, labels, num_shards):
     # Identity order (seed=None): position == index, so a record's label and pixels are recoverable.
     records = [(f"x/{k}.JPEG", _jpeg(img), lab) for k, (img, lab) in enumerate(zip(images, labels, strict=True))]
-    return A.write_split(root, split, records, num_shards, seed=None, map_size=1 << 26)
+    return write_split(root, split, records, num_shards, seed=None, map_size=1 << 26)
 
 
 @pytest.fixture(scope="module")
@@ -516,7 +517,7 @@ def test_bench_pipeline_cli(data):
 
 def test_bench_pipeline_defaults_are_the_trainers():
     """bench-pipeline measures what alexnet-train runs at its defaults (tools do not import the trainer)."""
-    from alexnet.tools.preview import bench_pipeline_command
+    from alexnet.tools.bench_pipeline import bench_pipeline_command
     from alexnet.trainer.config import TrainConfig
 
     train = TrainConfig()

@@ -47,7 +47,8 @@ from alexnet.pipeline import images
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import archives
-from alexnet.tools.layouts import VAL_LAYOUTS, detect_source, read_class_names
+from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
+from alexnet.tools.sources import detect_source
 
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
 DEFAULT_COMMIT_EVERY = 256  # records per LMDB transaction: bounds what a kill can lose and memory per worker

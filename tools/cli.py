@@ -12,8 +12,8 @@ COMMANDS = {
     "verify": "alexnet.tools.verify:verify_command",
     "pca-stats": "alexnet.tools.pca_stats:pca_stats_command",
     "preview": "alexnet.tools.preview:preview_command",
-    "bench-pipeline": "alexnet.tools.preview:bench_pipeline_command",
-    "order": "alexnet.tools.preview:order_command",
+    "bench-pipeline": "alexnet.tools.bench_pipeline:bench_pipeline_command",
+    "order": "alexnet.tools.order:order_command",
 }
 
 EPILOG = """\b

@@ -350,42 +350,18 @@ def _check_every_class_present(splits: dict[str, SplitSource], classes: list[str
             notes.append(msg)
 
 
-def detect_source(
-    src: Path,
-    *,
-    splits: tuple[str, ...] = ("train", "val"),
-    val_layout: str = "auto",
-    val_labels: Path | None = None,
-    allow_missing_classes: bool = False,
-    progress: bool = False,
-) -> DatasetSource:
-    """Find the splits under ``src`` (a tree, or ImageNet's archives), list their files (sorted) and label them."""
-    from alexnet.tools import archives
-
-    src = Path(src)
-    found_archives = archives.find_archives(src)
-    if found_archives is not None:
-        return archives.detect_archive_source(
-            found_archives,
-            splits=splits,
-            val_layout=val_layout,
-            val_labels=val_labels,
-            allow_missing_classes=allow_missing_classes,
-            progress=progress,
-        )
+def tree_splits(
+    src: Path, splits: tuple[str, ...], val_layout: str, val_labels: Path | None, notes: list[str]
+) -> dict[str, SplitSource]:
+    """The splits of the extracted tree ``src`` (each file listed, sorted, and labelled); {} when there is none."""
     if not src.is_dir():
         raise AlexnetError(f"source {src} is not a directory")
-    notes: list[str] = []
     found: dict[str, SplitSource] = {}
     if "train" in splits and (train_dir := _split_dir("train", src, TRAIN_CANDIDATES, notes)):
         found["train"] = _class_folder_split("train", train_dir)
     if "val" in splits and (val_dir := _split_dir("val", src, VAL_CANDIDATES, notes)):
         found["val"] = _val_split(src, val_dir, val_layout, val_labels, notes)
-    if not found:
-        notes.append(
-            f"nor ImageNet's archives ({archives.OFFICIAL_TRAIN}, {archives.OFFICIAL_VAL}, {archives.KAGGLE_ZIP})"
-        )
-    return finish_source(src, found, allow_missing_classes, notes)
+    return found
 
 
 def finish_source(

@@ -541,14 +541,6 @@ def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.n
     return f.to_stats(source), f.mean_image
 
 
-def stats_of_images(images: np.ndarray, source: dict) -> tuple[A.Stats, np.ndarray]:
-    """``(Stats, mean_image)`` of in-memory uint8 images ``[n, 256, 256, 3]`` (tests, synthetic datasets)."""
-    moments = PixelMoments()
-    moments.update(images)
-    f = moments.finalize()
-    return f.to_stats(source), f.mean_image
-
-
 # --------------------------------------------------------------------------- summary and CLI
 
 

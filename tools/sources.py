@@ -1,0 +1,44 @@
+"""What ``build-lmdb``'s SRC is: ImageNet's archives (``archives.py``) or an extracted tree (``layouts.py``).
+
+Either way the result is the same :class:`~alexnet.tools.layouts.DatasetSource`: the splits, their
+files in sorted order and their labels. ``archives.py`` builds on ``layouts.py`` (its splits are
+the ones the archives extract to); this module chooses between them, so neither imports the other
+back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alexnet.tools import archives
+from alexnet.tools import layouts as L
+
+
+def detect_source(
+    src: Path,
+    *,
+    splits: tuple[str, ...] = ("train", "val"),
+    val_layout: str = "auto",
+    val_labels: Path | None = None,
+    allow_missing_classes: bool = False,
+    progress: bool = False,
+) -> L.DatasetSource:
+    """Find the splits under ``src`` (a tree, or ImageNet's archives), list their files (sorted) and label them."""
+    src = Path(src)
+    found_archives = archives.find_archives(src)
+    if found_archives is not None:
+        return archives.detect_archive_source(
+            found_archives,
+            splits=splits,
+            val_layout=val_layout,
+            val_labels=val_labels,
+            allow_missing_classes=allow_missing_classes,
+            progress=progress,
+        )
+    notes: list[str] = []
+    found = L.tree_splits(src, splits, val_layout, val_labels, notes)
+    if not found:
+        notes.append(
+            f"nor ImageNet's archives ({archives.OFFICIAL_TRAIN}, {archives.OFFICIAL_VAL}, {archives.KAGGLE_ZIP})"
+        )
+    return L.finish_source(src, found, allow_missing_classes, notes)
