@@ -3,7 +3,8 @@
 Reads from a run directory:
   - ``metrics.jsonl``: one JSON object per line. Training lines have ``step``, ``epoch``, ``loss``,
     ``lr``, ``images_per_s`` (optionally ``elapsed_s``, seconds since the run started, or ``time``,
-    a Unix time). Evaluation lines have ``split``, ``top1_err``, ``top5_err`` (fractions; a log whose
+    a Unix time; ``feed_wait_s`` and ``feed_wait_share``, the step's wait for its batches; on GPUs
+    ``memory``, each device's peak allocated and reserved GiB). Evaluation lines have ``split``, ``top1_err``, ``top5_err`` (fractions; a log whose
     errors exceed 1 somewhere is read as percentages), ``ten_crop`` (bool), ``step``, ``epoch``. An optional
     ``kind`` field ("train"/"eval") overrides the guess made from the keys.
   - ``config.json`` (optional): the resolved run config; ``num_classes`` is looked up in it.
@@ -550,6 +551,7 @@ def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
         f"- training time: {_duration(training_time_s(tr))}",
         f"- images/s (median of logged intervals): {ips_text}",
     ]
+    lines += _feed_and_memory_lines(tr)
     if losses:
         lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     if lrs:
@@ -558,6 +560,29 @@ def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
         if (v := _find_key(config, key)) is not None:
             lines.append(f"- {key}: {v}")
     return lines + [f"- step {a.get('step')}: {a.get('message')}" for a in metrics.alerts] + [""]
+
+
+def _feed_and_memory_lines(tr: list[dict[str, Any]]) -> list[str]:
+    """The step's wait for its batches (median and worst share of the logged intervals) and each device's
+    peak memory (the largest of the logged peaks), where the log has them."""
+    lines = []
+    shares = _finite(r.get("feed_wait_share") for r in tr)
+    if shares:
+        lines.append(
+            f"- feed wait (the step waiting for its batch): median {100 * statistics.median(shares):.1f}% of "
+            f"the logged intervals' time, worst {100 * max(shares):.1f}%"
+        )
+    peaks: dict[str, list[float]] = {}
+    for r in tr:
+        for device, m in (r.get("memory") or {}).items():
+            old = peaks.setdefault(device, [0.0, 0.0])
+            peaks[device] = [
+                max(old[0], m.get("peak_allocated_gib", 0.0)),
+                max(old[1], m.get("peak_reserved_gib", 0.0)),
+            ]
+    for device, (allocated, reserved) in peaks.items():
+        lines.append(f"- {device} peak memory: {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved")
+    return lines
 
 
 def _figure4_markdown(f: dict, out_dir: Path) -> list[str]:

@@ -39,7 +39,15 @@ from . import checkpoint as ckpt_io
 from . import distributed as D
 from .config import CONFIG_FILE, TrainConfig
 from .evaluate import evaluate
-from .health import HostCopy, LayerNorms, LossWatch
+from .health import (
+    FeedInterval,
+    FeedWait,
+    FeedWatch,
+    HostCopy,
+    LayerNorms,
+    LossWatch,
+    device_memory,
+)
 from .model import LEARNED_LAYERS
 from .optim import create_optimizer, set_lr
 from .replica import (
@@ -78,6 +86,8 @@ class LogPoint:
     stamp: dict[str, float]  # elapsed_s and time at the log point
     first: int  # the interval's first step
     values: HostCopy
+    feed: FeedInterval  # the step's waits for its batches, in seconds when read
+    interval_s: float  # the interval's host time
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -155,6 +165,8 @@ class Trainer:
         self.bar, self.epoch_len = None, 1
         self.norms = LayerNorms(self.model, LEARNED_LAYERS) if self.info.is_main else None
         self.pending: LogPoint | None = None  # the last log point's values, read at the next one
+        self.feed = FeedWait(replica.devices[0])
+        self.feed_watch = FeedWatch()
         self._reset_meter()
 
     # ------------------------------------------------------------------ build and restore
@@ -258,7 +270,7 @@ class Trainer:
         self.epoch_len = state.batch_in_epoch + len(self.train_loader)
         self._open_bar()
         t, steps0, reason = time.monotonic(), state.step, ""
-        for images, labels in self.train_loader:
+        for images, labels in self.feed.batches(self.train_loader):
             self._meter_add(self.step_fn(images, labels))
             state.step += 1
             state.batch_in_epoch += 1
@@ -376,7 +388,8 @@ class Trainer:
         """The interval since the last log point: its host figures now; its mean loss and the layers'
         norms after this step computed on the device (one tensor) and copied to the host without waiting."""
         state, now = self.state, time.monotonic()
-        rate = self.config.optim.batch_size * (state.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
+        interval_s = max(now - self.last_log_time, 1e-9)
+        rate = self.config.optim.batch_size * (state.step - self.last_log_step) / interval_s
         values = (self.loss_sum / max(self.loss_steps, 1)).reshape(1)
         if self.norms is not None:
             values = torch.cat([values, self.norms.compute(values.device)])
@@ -389,7 +402,12 @@ class Trainer:
             "lr": self.schedule.lr,
             "images_per_s": round(rate, 2),
         }
-        point = LogPoint(record, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values))
+        memory = device_memory(self.replica.devices)
+        if memory:
+            record["memory"] = memory
+        point = LogPoint(
+            record, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values), self.feed.take(), interval_s
+        )
         self._reset_meter()
         return point
 
@@ -397,6 +415,8 @@ class Trainer:
         """The interval's values on the host (waits for their copy only), into its line."""
         values = point.values.read()
         point.record["loss"] = values[0]
+        wait = point.feed.seconds()  # its events completed before the values' copy
+        point.record.update(feed_wait_s=round(wait, 4), feed_wait_share=round(min(wait / point.interval_s, 1.0), 4))
         norms = self.norms.as_dict(values[1:]) if self.norms is not None else {}
         point.record.update(norms)
         # The loss and the weights decide; not the gradients: under --precision fp16 the loss scaler skips a
@@ -419,11 +439,17 @@ class Trainer:
         rec = point.record
         self.state.last_loss = loss = rec["loss"]
         self.metrics.write(rec, point.stamp)
-        for alert in self.watch.observe(rec["step"], loss):
+        feed = self.feed_watch.observe(point.first, rec["step"], rec["feed_wait_share"])
+        for alert in [*self.watch.observe(rec["step"], loss), *feed]:
             self.replica.say(alert["message"])
             self.metrics.write(alert, point.stamp)
         if self.bar is not None:
-            self.bar.set_postfix({"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}", "lr": f"{rec['lr']:g}"})
+            figures = {"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}", "lr": f"{rec['lr']:g}"}
+            figures["wait"] = f"{100 * rec['feed_wait_share']:.0f}%"
+            if "memory" in rec:
+                peak = max(m["peak_allocated_gib"] for m in rec["memory"].values())
+                figures["mem"] = f"{peak:.1f}G"
+            self.bar.set_postfix(figures)
 
     def _open_bar(self) -> None:
         """One bar per epoch; with --max-steps one bar for the whole run (its ETA is the run's)."""
