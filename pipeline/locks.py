@@ -187,8 +187,9 @@ def hold(directory: Path, mode: str, command: str, *, policy: str | None = None)
     """Hold ``directory``'s lock in ``mode`` (SHARED or EXCLUSIVE) for the ``with`` block; raises
     :class:`LockBusy` (one line naming the holder) at once if another process holds it in a conflicting mode."""
     directory = Path(directory)
-    if mode == EXCLUSIVE:
-        directory.mkdir(parents=True, exist_ok=True)
+    created = mode == EXCLUSIVE and not directory.exists()
+    if created:
+        directory.mkdir(parents=True)
     elif not directory.is_dir():  # nothing to read there: the command says so in its own words
         yield
         return
@@ -217,7 +218,18 @@ def hold(directory: Path, mode: str, command: str, *, policy: str | None = None)
         if writable:
             _write_record(fd, mode, command)
         yield
+    except BaseException:
+        if created:  # a command that failed leaves no directory it made for nothing
+            _remove_if_only_lock(directory)
+        raise
     finally:
         for fd in fds:
             _HELD.discard(fd)
             os.close(fd)
+
+
+def _remove_if_only_lock(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        if [p.name for p in directory.iterdir()] in ([], [LOCK_FILE]):
+            (directory / LOCK_FILE).unlink(missing_ok=True)
+            directory.rmdir()

@@ -43,7 +43,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline import images
+from alexnet.pipeline import images, locks
 from alexnet.pipeline.cli_common import data_dir_option, package_version
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import archives
@@ -748,4 +748,5 @@ def build_lmdb_command(
         commit_every=commit_every,
         progress=not no_progress,
     )
-    build_lmdb(cfg)
+    with locks.hold(data_dir, locks.EXCLUSIVE, "alexnet-prep build-lmdb"):  # before the workers are forked
+        build_lmdb(cfg)

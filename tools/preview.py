@@ -9,6 +9,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import locks
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.loader import DataConfig
@@ -117,8 +118,9 @@ def preview_command(
     index (record position: the key's prefix), and for train crop_xy (pixel offsets x, y), mirror
     (0/1) and alpha (N,3: the PCA lighting draws).
     """
-    manifest = A.read_manifest(data_dir)
-    batch = preview_batch(data_dir, split, n, seed, epoch=epoch, mean=mean, lighting_scale=lighting_scale)
+    with locks.hold(data_dir, locks.SHARED, "alexnet-prep preview"):
+        manifest = A.read_manifest(data_dir)
+        batch = preview_batch(data_dir, split, n, seed, epoch=epoch, mean=mean, lighting_scale=lighting_scale)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **batch)
     png = out.with_suffix(".png")

@@ -18,6 +18,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import locks
 from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError, ContractError
 
@@ -195,7 +196,8 @@ def verify_command(data_dir: Path, sample: int, seed: int, no_progress: bool) ->
 
     Exits with status 1 and lists the problems when anything is wrong.
     """
-    report = verify(VerifyConfig(data_dir=data_dir, sample=sample, seed=seed, progress=not no_progress))
+    with locks.hold(data_dir, locks.SHARED, "alexnet-prep verify"):
+        report = verify(VerifyConfig(data_dir=data_dir, sample=sample, seed=seed, progress=not no_progress))
     counts = ", ".join(f"{n} {c} records" for n, c in report.records.items())
     if report.ok:
         click.echo(f"ok: {data_dir}: {counts}; {report.checked} records decoded and checksummed")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from alexnet.pipeline import locks
 from alexnet.pipeline.artifacts import DATA_DIR_ENV
 from alexnet.pipeline.cli_common import LazyGroup, version_option
 from alexnet.pipeline.errors import AlexnetError
@@ -238,7 +239,8 @@ def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bo
         if not config.run.run_dir:
             raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
         checkpoints = (Path(config.run.run_dir) / CHECKPOINT_DIR / LAST,)
-    res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given)
+    with locks.hold(Path(config.run.data_dir), locks.SHARED, "alexnet-train eval"):  # the run dir: no lock
+        res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given)
     if len(checkpoints) == 1:
         click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
     else:

@@ -23,6 +23,7 @@ within 0.001, weights within 0.007).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 
+from alexnet.pipeline import locks
 from alexnet.pipeline.artifacts import atomic_write_json, read_manifest, read_mean_image, read_stats
 from alexnet.pipeline.errors import AlexnetError
 
@@ -95,10 +97,35 @@ def train(config: TrainConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     replica = start_replica(config.run.gpus)
     try:
-        with StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
+        # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
+        with StopSignals() as signals, hold_run(config, replica) as config:
             return Trainer(prepare_run(config, replica), replica, signals, t0).fit()
     finally:
         D.destroy_process_group()
+
+
+@contextlib.contextmanager
+def hold_run(config: TrainConfig, replica: Replica):
+    """The run's locks (pipeline/locks.py), before anything is read or written: the data directory
+    shared by every replica, the run directory exclusively by the main replica (for the whole job on
+    several nodes). Every replica learns whether all were granted, so a refusal stops them all with
+    the same line. Yields the config with its run directory resolved."""
+    info = replica.info
+    run_dir = Path(D.broadcast_object(config.run.run_dir or str(default_run_dir()), info))
+    with contextlib.ExitStack() as stack:
+        mine: Exception | None = None
+        try:
+            stack.enter_context(locks.hold(Path(config.run.data_dir), locks.SHARED, "alexnet-train (reading)"))
+            if info.is_main:
+                stack.enter_context(locks.hold(run_dir, locks.EXCLUSIVE, "alexnet-train (training)"))
+        except (AlexnetError, OSError) as e:
+            mine = e
+        refused = [m for m in D.all_gather_objects(None if mine is None else str(mine), info) if m]
+        if mine is not None:
+            raise mine
+        if refused:
+            raise AlexnetError(refused[0])
+        yield config.replace(run_dir=str(run_dir))
 
 
 def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
@@ -112,7 +139,7 @@ def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
     manifest = read_manifest(Path(config.run.data_dir))
     if "train" not in manifest.splits:
         raise AlexnetError(f"the dataset at {config.run.data_dir} has no train split")
-    run_dir = Path(D.broadcast_object(config.run.run_dir or str(default_run_dir()), info))
+    run_dir = Path(config.run.run_dir)  # resolved by hold_run
     last_path = run_dir / ckpt_io.CHECKPOINT_DIR / ckpt_io.LAST
     if info.restart:  # torchrun restarted the group after a failure: continue, --resume or not
         found = last_path.exists()
