@@ -299,6 +299,11 @@ def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
         fix = "; give the dataset's directory" if isinstance(e, NotADirectoryError) else ""
         raise ContractError(f"cannot read {what} {path}: {e.strerror if isinstance(e, OSError) else e}{fix}") from None
     version = d.get("schema_version") if isinstance(d, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ContractError(
+            f"{path} was written by a newer alexnet (schema version {version}; this one reads {SCHEMA_VERSION}): "
+            "upgrade alexnet (pip install -U), or rebuild the dataset with this version"
+        )
     if version != SCHEMA_VERSION:
         raise ContractError(
             f"{path} has schema version {version}, this alexnet reads schema version {SCHEMA_VERSION}; "
@@ -481,6 +486,22 @@ def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30, re
     except lmdb.Error as e:  # a damaged data.mdb: one line naming the shard and the fix
         why = str(e).removeprefix(f"{path}: ")
         raise ContractError(f"shard {path} cannot be opened ({why}): " + REBUILD_HINT) from None
+
+
+def check_shards(data_dir: Path, manifest: Manifest, split: str) -> None:
+    """Each of the split's shards holds as many records as the manifest says (LMDB's own count: nothing
+    is read); one line naming the shard otherwise. ``alexnet-prep verify`` checks everything else."""
+    for info, path in zip(manifest.splits[split].shards, manifest.shard_paths(data_dir, split), strict=True):
+        env = open_shard(path)
+        try:
+            entries = env.stat()["entries"]
+        finally:
+            env.close()
+        if entries != info.num_records:
+            raise ContractError(
+                f"shard {path} holds {entries} records but the manifest says {info.num_records}: the manifest no "
+                f"longer matches the shards (alexnet-prep verify --data-dir {data_dir} lists all); " + REBUILD_HINT
+            )
 
 
 def iter_shard(path: Path) -> Iterator[tuple[bytes, bytes]]:

@@ -75,7 +75,10 @@ def _option(f, hint):
     if "choices" in meta:
         kw["type"] = click.Choice(meta["choices"])
     elif hint in (int, float) and "min" in meta:
-        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta["min"], max=meta.get("max"))
+        bounds = {"min": meta["min"], "max": meta.get("max")}
+        if meta.get("max_open"):
+            bounds["max_open"] = True  # e.g. momentum in [0, 1)
+        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(**bounds)
     elif typing.get_origin(hint) is tuple:
         kw.update(default=",".join(map(str, default)), callback=_parse_ints)
     else:

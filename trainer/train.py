@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from alexnet.pipeline import locks
-from alexnet.pipeline.artifacts import atomic_write_json, read_manifest, read_mean_image, read_stats
+from alexnet.pipeline.artifacts import atomic_write_json, check_shards, read_manifest, read_mean_image, read_stats
 from alexnet.pipeline.errors import AlexnetError
 
 from . import checkpoint as ckpt_io
@@ -95,6 +95,12 @@ class LogPoint:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary dict."""
     t0 = time.monotonic()
+    world = D.dist_info_from_env().world_size
+    if config.optim.batch_size % world:  # before joining the group: every replica refuses alike
+        raise AlexnetError(
+            f"--batch-size {config.optim.batch_size} is the global batch and must divide evenly over "
+            f"{world} replicas: give a multiple of {world}"
+        )
     replica = start_replica(config.run.gpus)
     try:
         # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
@@ -131,14 +137,11 @@ def hold_run(config: TrainConfig, replica: Replica):
 def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
     """The config resolved for this run: run directory, devices, classes; refuses a clash with a saved run."""
     info = replica.info
-    if config.optim.batch_size % info.world_size:
-        raise AlexnetError(
-            f"--batch-size {config.optim.batch_size} is the global batch and must divide evenly over "
-            f"{info.world_size} replicas"
-        )
     manifest = read_manifest(Path(config.run.data_dir))
     if "train" not in manifest.splits:
         raise AlexnetError(f"the dataset at {config.run.data_dir} has no train split")
+    for split in manifest.splits:  # a manifest that no longer matches its shards: one line, before any work
+        check_shards(Path(config.run.data_dir), manifest, split)
     run_dir = Path(config.run.run_dir)  # resolved by hold_run
     last_path = run_dir / ckpt_io.CHECKPOINT_DIR / ckpt_io.LAST
     if info.restart:  # torchrun restarted the group after a failure: continue, --resume or not
