@@ -365,7 +365,11 @@ def test_restart_without_a_checkpoint_starts_afresh_without_old_metrics(ddp_data
 
     run = tmp_path / "run"
     run.mkdir()
-    stale = [{"kind": "train", "step": s, "loss": 9.0} for s in (1, 2, 3)]
+    from alexnet.trainer.rundir import record
+
+    stale = [
+        record("train", step=s, epoch=0, epoch_progress=0.5, loss=9.0, lr=0.01, images_per_s=1.0) for s in (1, 2, 3)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stale))
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     summary = train(_config(ddp_data, run, max_steps=2, batch_size=4))

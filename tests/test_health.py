@@ -132,14 +132,14 @@ def test_feed_wait_warning_once_after_the_first_interval_naming_the_tool():
     from alexnet.trainer.health import FEED_WAIT_WARN_SHARE, FeedWatch
 
     watch = FeedWatch()
-    assert watch.observe(1, 10, 0.9) == []  # the first interval holds the pipelines' start
-    assert watch.observe(11, 20, FEED_WAIT_WARN_SHARE) == []  # at the share: no warning
-    alerts = watch.observe(21, 30, 0.4)
+    assert watch.observe(1, 10, 0.9, 2.3) == []  # the first interval holds the pipelines' start
+    assert watch.observe(11, 20, FEED_WAIT_WARN_SHARE, 2.3) == []  # at the share: no warning
+    alerts = watch.observe(21, 30, 0.4, 2.3)
     assert [a["alert"] for a in alerts] == ["feed_wait"] and alerts[0]["step"] == 30
     message = alerts[0]["message"]
     for piece in ("40%", "steps 21-30", "bench-pipeline", "--workers", "--pipelines", "--num-threads"):
         assert piece in message, message
-    assert watch.observe(31, 40, 0.9) == []  # once
+    assert watch.observe(31, 40, 0.9, 2.3) == []  # once
 
 
 def test_training_lines_carry_the_feed_wait_and_the_report_shows_it(tmp_path):

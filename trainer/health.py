@@ -30,6 +30,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .config import RunSettings
+from .rundir import record
+
+DEFAULT = RunSettings()  # the alarms' defaults are the config's (config.py), written once there
+
 DOC = "docs/TRAINING.md"
 KINDS = ("weight_norm", "grad_norm")
 
@@ -181,7 +186,7 @@ class FeedWatch:
     seen: int = 0
     raised: bool = False
 
-    def observe(self, first: int, last: int, share: float) -> list[dict]:
+    def observe(self, first: int, last: int, share: float, loss: float) -> list[dict]:
         self.seen += 1
         if self.raised or self.seen == 1 or share <= self.share:
             return []
@@ -190,7 +195,7 @@ class FeedWatch:
             f"warning: the step waited for its batches {100 * share:.0f}% of the time over steps {first}-{last} "
             f"(more than {100 * self.share:.0f}%): the input pipeline is the bottleneck; {FEED_WAIT_FIX}"
         )
-        return [{"kind": "alert", "alert": "feed_wait", "step": last, "message": message}]
+        return [record("alert", alert="feed_wait", step=last, loss=loss, message=message)]
 
 
 def device_memory(devices) -> dict[str, dict[str, float]]:
@@ -211,9 +216,9 @@ class LossWatch:
     """Watches the logged training loss; :meth:`observe` returns the alerts raised by this value."""
 
     num_classes: int
-    stall_intervals: int = 50  # 0 = off
-    stall_band: float = 0.05  # fraction of ln(classes)
-    explode_factor: float = 3.0  # 0 = off
+    stall_intervals: int = DEFAULT.stall_intervals  # 0 = off
+    stall_band: float = DEFAULT.stall_band  # fraction of ln(classes)
+    explode_factor: float = DEFAULT.explode_factor  # 0 = off
     first_loss: float | None = None
     near_chance: int = 0  # consecutive logged intervals near ln(classes)
     raised: set[str] = field(default_factory=set)
@@ -257,13 +262,7 @@ class LossWatch:
     def _alert(self, name: str, step: int, loss: float, text: str) -> dict:
         self.raised.add(name)
         anchor = {"stalled": "a-stalled-run", "exploding": "an-exploding-loss"}[name]
-        return {
-            "kind": "alert",
-            "alert": name,
-            "step": step,
-            "loss": loss,
-            "message": f"warning: {text}; see {DOC}#{anchor}",
-        }
+        return record("alert", alert=name, step=step, loss=loss, message=f"warning: {text}; see {DOC}#{anchor}")
 
     def state_dict(self) -> dict:
         return {"first_loss": self.first_loss, "near_chance": self.near_chance, "raised": sorted(self.raised)}

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from alexnet.pipeline.errors import AlexnetError
 
 from . import constants as TC
-from .lrn import lrn
+from .lrn import lrn, lrn_reference
 
 COLUMNS = 2  # §3.2 two GPUs, half of the kernels on each
 LEARNED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -65,33 +65,6 @@ DeviceLike = str | torch.device
 
 
 # --------------------------------------------------------------------------- devices
-
-
-def parse_gpus(spec: str) -> list[torch.device]:
-    """``--gpus`` value to devices: ``"cpu"``, one GPU (``"0"``) or two GPUs, one per column (``"0,1"``)."""
-    text = str(spec).strip().lower()
-    if text == "cpu":
-        return [torch.device("cpu")]
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        raise AlexnetError(
-            f"--gpus {spec!r}: expected 'cpu', one GPU index such as '0', or two such as '0,1' (one per column)"
-        )
-    indices = [int(p) for p in parts]
-    if len(indices) > COLUMNS:
-        raise AlexnetError(
-            f"--gpus {spec!r}: the 2012 network has two columns; give one GPU (both columns) or two (one each)"
-        )
-    if len(set(indices)) != len(indices):
-        raise AlexnetError(f"--gpus {spec!r}: a GPU is named twice; give '{indices[0]}' to run both columns on it")
-    available = torch.cuda.device_count()
-    missing = [i for i in indices if i >= available]
-    if missing:
-        raise AlexnetError(
-            f"--gpus {spec!r}: GPU {', '.join(map(str, missing))} not available "
-            f"(torch sees {available} CUDA device(s); check CUDA_VISIBLE_DEVICES, or use --gpus cpu)"
-        )
-    return [torch.device("cuda", i) for i in indices]
 
 
 def _resolve_devices(devices: DeviceLike | Sequence[DeviceLike] | None) -> list[torch.device]:
@@ -160,6 +133,8 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, group_size={self.group_size}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():  # an exported program runs in plain PyTorch, without our operators
+            return lrn_reference(x, self.size, self.alpha, self.beta, self.k, self.group_size or 0)
         return lrn(x, self.size, self.alpha, self.beta, self.k, self.group_size or 0)
 
 
@@ -507,9 +482,6 @@ class AlexNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, ck: dict, devices: DeviceLike | Sequence[DeviceLike] | None = None) -> AlexNet:
         """The network of a loaded alexnet-train checkpoint, with the LRN form it was trained with."""
-        from .precision import refuse_before_precision
-
         model_config = (ck.get("config") or {}).get("model") or {}
-        refuse_before_precision(model_config, "checkpoint")
         lrn = model_config.get("lrn", TC.DEFAULT_LRN)
         return cls.from_state_dict(ck["model"], devices=devices, lrn=lrn)

@@ -39,7 +39,7 @@ from alexnet.pipeline.errors import AlexnetError
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
-from .config import CONFIG_FILE, TrainConfig
+from .config import TrainConfig
 from .evaluate import evaluate
 from .health import (
     FeedInterval,
@@ -60,7 +60,7 @@ from .replica import (
     seed_everything,
     start_replica,
 )
-from .rundir import METRICS_FILE, VERSIONS_FILE, MetricsLog, default_run_dir, truncate_metrics, versions
+from .rundir import MetricsLog, RunDir, default_run_dir, record, truncate_metrics, versions
 from .schedule import create_schedule
 from .step import create_step
 from .stop import IntervalRead, StopPolicy, StopSignals
@@ -143,7 +143,7 @@ def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
     for split in manifest.splits:  # a manifest that no longer matches its shards: one line, before any work
         check_shards(Path(config.run.data_dir), manifest, split)
     run_dir = Path(config.run.run_dir)  # resolved by hold_run
-    last_path = run_dir / ckpt_io.CHECKPOINT_DIR / ckpt_io.LAST
+    last_path = RunDir(run_dir).last
     if info.restart:  # torchrun restarted the group after a failure: continue, --resume or not
         found = last_path.exists()
         replica.say(
@@ -183,6 +183,7 @@ class Trainer:
         self.step_note = self.step_fn.note  # what the step runs (precision, graph, compile), for the first line
         self.scaler = self.step_fn.scaler  # fp16's loss scaler (its scale is part of an exact resume), else None
         self.train_loader = create_loader_for(config, "train", replica)
+        self.train_loader.static_input = self.step_fn.static_input  # bf16: the cast writes the graph's input
         self.val_loader = None  # built at the first evaluation
         self.state = RunState()
         self.watch = LossWatch(run.num_classes, run.stall_intervals, run.stall_band, run.explode_factor)
@@ -244,11 +245,12 @@ class Trainer:
 
     def _open_run_dir(self) -> MetricsLog:
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.config.replace(resume=False).save(self.run_dir / CONFIG_FILE)  # --resume is a command, not the run
-            atomic_write_json(self.run_dir / VERSIONS_FILE, versions())
-            # Lines after the checkpoint (all of them for a restart that starts afresh: they will be redone).
-            truncate_metrics(self.run_dir / METRICS_FILE, self.state.step if self.resumed else -1)
+            run = RunDir(self.run_dir)
+            run.root.mkdir(parents=True, exist_ok=True)
+            self.config.replace(resume=False).save(run.config)  # --resume is a command, not the run
+            atomic_write_json(run.versions, versions())
+            # Records after the checkpoint (all of them for a restart that starts afresh: they will be redone).
+            truncate_metrics(run, self.state.step if self.resumed else -1)
         metrics = MetricsLog(
             self.run_dir,
             self.info.is_main,
@@ -338,6 +340,7 @@ class Trainer:
         self._flush()
         state.epoch += 1
         state.batch_in_epoch = 0
+        self.metrics.write(record("epoch_end", epoch=state.epoch, step=state.step))
         is_best = False
         if self.has_val and state.epoch % self.config.run.eval_every_epochs == 0:
             is_best = self.evaluate()
@@ -352,9 +355,7 @@ class Trainer:
             self.model, self.val_loader, precision=cfg.model.precision, info=self.info, progress=cfg.run.progress
         )
         state.last_eval = res
-        self.metrics.write(
-            {"kind": "eval", "split": "val", "ten_crop": False, "step": state.step, "epoch": state.epoch, **res}
-        )
+        self.metrics.write(record("eval", split="val", ten_crop=False, step=state.step, epoch=state.epoch, **res))
         is_best = state.best_top1_err is None or res["top1_err"] < state.best_top1_err
         if is_best:
             state.best_top1_err = res["top1_err"]
@@ -423,20 +424,20 @@ class Trainer:
         values = (self.loss_sum / max(self.loss_steps, 1)).reshape(1)
         if self.norms is not None:
             values = torch.cat([values, self.norms.compute(values.device)])
-        record = {
-            "kind": "train",
-            "step": state.step,
-            "epoch": state.epoch,
-            "epoch_progress": round(state.batch_in_epoch / self.epoch_len, 4),
-            "loss": None,
-            "lr": self.schedule.lr,
-            "images_per_s": round(rate, 2),
-        }
+        line = record(
+            "train",
+            step=state.step,
+            epoch=state.epoch,
+            epoch_progress=round(state.batch_in_epoch / self.epoch_len, 4),
+            loss=None,
+            lr=self.schedule.lr,
+            images_per_s=round(rate, 2),
+        )
         memory = device_memory(self.replica.devices)
         if memory:
-            record["memory"] = memory
+            line["memory"] = memory
         point = LogPoint(
-            record, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values), self.feed.take(), interval_s
+            line, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values), self.feed.take(), interval_s
         )
         self._reset_meter()
         return point
@@ -469,7 +470,7 @@ class Trainer:
         rec = point.record
         self.state.last_loss = loss = rec["loss"]
         self.metrics.write(rec, point.stamp)
-        feed = self.feed_watch.observe(point.first, rec["step"], rec["feed_wait_share"])
+        feed = self.feed_watch.observe(point.first, rec["step"], rec["feed_wait_share"], loss)
         for alert in [*self.watch.observe(rec["step"], loss), *feed]:
             self.replica.say(alert["message"])
             self.metrics.write(alert, point.stamp)
