@@ -10,7 +10,7 @@ preprocessed exactly as a training record was made.
   resize still reduces by at least 2x. Measured against the full decode
   (``tests/test_build_lmdb.py::test_draft_within_tolerance``): mean absolute difference below
   ``DRAFT_TOLERANCE`` grey levels. Every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG)
-  becomes RGB. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
+  becomes RGB; 16-bit greyscale is scaled to 8 bits (PIL would clip it). EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
   loaders (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do;
 - ``resize_centre_crop``: "rescale the image such that the shorter side was of length 256, and
   then cropped out the central 256x256 patch", with PIL's antialiased bilinear filter
@@ -44,6 +44,20 @@ DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 cro
 RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
 
 
+# Greyscale modes of more than 8 bits (16-bit PNGs and TIFFs). PIL's convert("RGB") clips their values
+# at 255 instead of scaling them: a 16-bit photo would be nearly all white.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey_to_8_bits(im):
+    """A 16-bit greyscale image scaled to 8 bits (v * 255 / 65535, rounded), as mode "L"."""
+    import numpy as np
+    from PIL import Image
+
+    wide = np.asarray(im, dtype=np.float64)  # "I" holds 16-bit sources as 32-bit integers
+    return Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
+
+
 class Rejected(Exception):
     """A source file that cannot become a record; the message is the reason."""
 
@@ -73,6 +87,8 @@ def decode_image(data: bytes, *, draft: bool = True):
     im = _loaded(data, draft)
     if min(im.size) < 1:
         raise Rejected("empty image")
+    if im.mode in WIDE_GREY_MODES:
+        im = _grey_to_8_bits(im)
     return im if im.mode == "RGB" else _converted(im)
 
 
@@ -136,7 +152,7 @@ def _rejected(e: Exception) -> Exception:
         return Rejected(f"too large ({e})")
     if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
         text = str(e)
-        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
+        reason = "truncated" if "truncated" in text.lower() or isinstance(e, EOFError) else "undecodable"
         return Rejected(f"{reason} ({text})" if text else reason)
     return e
 
