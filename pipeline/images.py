@@ -10,7 +10,9 @@ preprocessed exactly as a training record was made.
   resize still reduces by at least 2x. Measured against the full decode
   (``tests/test_build_lmdb.py::test_draft_within_tolerance``): mean absolute difference below
   ``DRAFT_TOLERANCE`` grey levels. Every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG)
-  becomes RGB. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
+  becomes RGB; a gzip-wrapped file (a few of ILSVRC-2010's members, still so in a tree extracted by
+  hand) is unwrapped first. ``decode_source`` also says how the file was converted (``CONVERSIONS``),
+  which the builder counts. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
   loaders (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do;
 - ``resize_centre_crop``: "rescale the image such that the shorter side was of length 256, and
   then cropped out the central 256x256 patch", with PIL's antialiased bilinear filter
@@ -28,10 +30,12 @@ shadows pillow-simd: both install the same ``PIL`` package) is the active one.
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
 import sys
 import warnings
+import zlib
 
 from . import constants as C
 
@@ -42,6 +46,11 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DRAFT_MIN_FACTOR = 2
 DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
 RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
+GZIP_MAGIC = b"\x1f\x8b"
+# How a kept source file was converted on its way to an RGB JPEG (counted by the builder): unwrapped from
+# gzip, another format under an image name (its format in lower case, e.g. "png"), or another colour mode.
+CONVERSIONS = ("gzip", "png", "cmyk", "grey")
+_MODE_KINDS = {"CMYK": "cmyk", "L": "grey", "LA": "grey", "1": "grey", "I": "grey", "I;16": "grey"}
 
 
 class Rejected(Exception):
@@ -70,10 +79,22 @@ def resize_centre_crop(im):
 
 def decode_image(data: bytes, *, draft: bool = True):
     """Bytes -> RGB PIL image (draft-decoded when much larger than needed). Raises ``Rejected``."""
+    return decode_source(data, draft=draft)[0]
+
+
+def decode_source(data: bytes, *, draft: bool = True):
+    """``(RGB PIL image, how it was converted)``: ``decode_image`` and the kinds of ``CONVERSIONS`` it took."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise Rejected("zero-byte file")
+    kinds = []
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise Rejected(f"undecodable (a broken gzip wrapper: {e})") from None
+        kinds.append("gzip")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings
@@ -84,7 +105,10 @@ def decode_image(data: bytes, *, draft: bool = True):
                 if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
                     im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
             im.load()
+            if im.format != "JPEG":
+                kinds.append(str(im.format).lower())
             if im.mode != "RGB":
+                kinds.append(_MODE_KINDS.get(im.mode, im.mode.lower()))
                 im = im.convert("RGB")
     except UnidentifiedImageError:
         raise Rejected("not an image (format not recognised)") from None
@@ -96,7 +120,7 @@ def decode_image(data: bytes, *, draft: bool = True):
         raise Rejected(f"{reason} ({text})" if text else reason) from None
     if min(im.size) < 1:
         raise Rejected("empty image")
-    return im
+    return im, tuple(kinds)
 
 
 # --------------------------------------------------------------------------- which PIL

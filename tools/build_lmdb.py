@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -78,10 +78,15 @@ _OUTPUT_OPTIONS = (
 
 def prepare_image(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True) -> bytes:
     """Source file bytes -> JPEG bytes of the stored 256x256 RGB centre crop."""
-    out = images.resize_centre_crop(images.decode_image(data, draft=draft))
+    return prepare_source(data, quality=quality, draft=draft)[0]
+
+
+def prepare_source(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True):
+    """``(prepare_image's JPEG, how the source was converted: images.CONVERSIONS kinds)``."""
+    im, kinds = images.decode_source(data, draft=draft)
     buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    images.resize_centre_crop(im).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), kinds
 
 
 # --------------------------------------------------------------------------- config
@@ -146,6 +151,7 @@ class ShardResult:
     value_bytes: int
     rejected: list[tuple[str, str]]  # (relpath, reason)
     processed: int  # images processed in this run (not found already committed)
+    conversions: dict[str, int] = field(default_factory=dict)  # the shard's records' conversions, by kind
 
 
 # --------------------------------------------------------------------------- worker
@@ -222,19 +228,39 @@ def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def _stored_jpeg(task: ShardTask, rel: str, location: tuple | None) -> bytes:
-    """A source file as the JPEG to store; ``images.Rejected`` with the reason when it cannot be one.
-
-    An archive member that cannot be read is a damaged archive, not a bad image: AlexnetError stops the build.
-    """
+def _source_bytes(task: ShardTask, rel: str, location: tuple | None) -> bytes:
+    """A source file's bytes (an archive member that cannot be read stops the build: AlexnetError)."""
     if location is not None:
-        return prepare_image(archives.read_member(task.archives, rel, location), quality=task.quality)
+        return archives.read_member(task.archives, rel, location)
     try:
         with open(os.path.join(task.source_root, rel), "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:  # unreadable source file (permissions, I/O error)
         raise images.Rejected(f"unreadable ({e.strerror or e})") from None
-    return prepare_image(data, quality=task.quality)
+
+
+def _stored_jpeg(task: ShardTask, rel: str, location: tuple | None) -> tuple[bytes, tuple[str, ...]]:
+    """A source file as the JPEG to store, and how it was converted; ``images.Rejected`` with the reason
+    when it cannot be one. An archive member that cannot be read is a damaged archive, not a bad image."""
+    return prepare_source(_source_bytes(task, rel, location), quality=task.quality)
+
+
+class _Conversions:
+    """A shard's conversions by kind, kept in its ``conversions.json`` as records are committed, so that a
+    resumed build counts them exactly: records committed after the file's last write are counted again."""
+
+    def __init__(self, task: ShardTask, present: set[int]):
+        self.path = Path(task.path)
+        through, counts = A.read_conversions(self.path)
+        self.counts, self.pending = Counter(counts), Counter()
+        for pos in sorted(p for p in present if p > through):
+            rel, _, location = task.items[pos - task.start]
+            self.counts.update(images.decode_source(_source_bytes(task, rel, location))[1])
+
+    def committed(self, through_position: int) -> None:
+        self.counts += self.pending
+        self.pending.clear()
+        A.write_conversions(self.path, through_position, dict(sorted(self.counts.items())))
 
 
 def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
@@ -275,13 +301,14 @@ def build_shard(task: ShardTask) -> ShardResult:
             env.close()
             env = A.open_shard(path, readonly=False, map_size=map_size)
         _report(len(present), flush=True)
+        conversions = _Conversions(task, present)
         batch: list[tuple[bytes, bytes]] = []
         for offset, (rel, label, location) in enumerate(task.items):
             pos = task.start + offset
             if pos in present:
                 continue
             try:
-                jpeg = _stored_jpeg(task, rel, location)
+                jpeg, kinds = _stored_jpeg(task, rel, location)
             except images.Rejected as e:
                 rejected.append((rel, str(e)))
                 _report(1)
@@ -292,6 +319,7 @@ def build_shard(task: ShardTask) -> ShardResult:
                     "rebuild with --overwrite"
                 )
             _report(1)
+            conversions.pending.update(kinds)
             value = A.Datum(data=jpeg, label=label, height=C.STORED_SIZE, width=C.STORED_SIZE).encode()
             batch.append((A.make_key(pos, rel), value))
             crcs.append(A.crc32(value))
@@ -299,9 +327,11 @@ def build_shard(task: ShardTask) -> ShardResult:
             processed += 1
             if len(batch) >= task.commit_every:
                 _commit(env, batch)
+                conversions.committed(pos)
                 batch = []
         if batch:
             _commit(env, batch)
+        conversions.committed(task.start + len(task.items) - 1)
         entries = env.stat()["entries"]
         if entries != len(crcs):
             raise AlexnetError(f"shard {task.path}: {entries} records but {len(crcs)} checksums (internal error)")
@@ -310,7 +340,7 @@ def build_shard(task: ShardTask) -> ShardResult:
         env.close()
     A.write_record_crcs(path, np.asarray(crcs, dtype=np.uint32))  # last: marks the shard finished
     _report(0, flush=True)
-    return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed)
+    return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed, dict(conversions.counts))
 
 
 # --------------------------------------------------------------------------- driver
@@ -560,7 +590,7 @@ def _build(cfg: BuildConfig, pool: _Workers):
         progress=cfg.progress,
     )
     for note in source.notes:
-        click.echo(f"note: {note}", err=True)
+        click.echo(note if note.startswith("warning:") else f"note: {note}", err=True)
     given = {"train": cfg.train_shards, "val": cfg.val_shards}
     shards = {n: given.get(n) or default_num_shards(len(s)) for n, s in source.splits.items()}
     options = _build_options(cfg, source, shards)
@@ -619,6 +649,9 @@ def _finish(
             split_rejected += [{"split": name, "path": rel, "reason": why} for rel, why in r.rejected]
         info.num_records = sum(sh.num_records for sh in info.shards)
         info.rejected = len(split_rejected)
+        info.conversions = dict(
+            sorted(sum((Counter(by_shard[(name, i)].conversions) for i in range(len(info.shards))), Counter()).items())
+        )
         if info.num_records + info.rejected != info.source_count:
             raise AlexnetError(f"{name}: {info.num_records} records + {info.rejected} rejected != {info.source_count}")
         rejected += sorted(split_rejected, key=lambda r: r["path"])
@@ -639,6 +672,12 @@ def _finish(
         why = Counter(r["reason"].split(" (")[0] for r in rejected)
         detail = ", ".join(f"{k} {v}" for k, v in sorted(why.items()))
         click.echo(f"rejected {len(rejected)} source files ({detail}); list in {cfg.data_dir / A.REJECTED_FILE}")
+    converted = Counter()
+    for info in manifest.splits.values():
+        converted.update(info.conversions)
+    if converted:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(converted.items()))
+        click.echo(f"converted on the way, and kept: {detail} (by split in {A.MANIFEST_FILE})")
     click.echo(
         f"processed {processed} images in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s, "
         f"{_plural(min(workers, len(results)), 'worker')})" + (" after resuming" if state == "resume" else "")
@@ -690,8 +729,9 @@ def _choice_option(name: str, choices, help: str):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
 @_choice_option(
     "--splits",
-    ["train,val", "train", "val"],
-    "Which splits to build (a split not found in SRC is skipped with a note).",
+    ["train,val,test", "train,val", "train", "val", "test"],
+    "Which splits to build (a split not found in SRC is skipped with a note; a test set is built only "
+    "where SRC has a labelled one: ILSVRC-2010, ImageNetV2, or a test/ folder).",
 )
 @_choice_option("--val-layout", ("auto", *VAL_LAYOUTS), "Force how validation labels are read instead of detecting it.")
 @click.option(
