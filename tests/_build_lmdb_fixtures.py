@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
 
 from alexnet.pipeline import artifacts as A
@@ -72,3 +73,16 @@ def committed_records(data) -> int:
         except lmdb.Error:  # the writer is creating it
             pass
     return n
+
+
+def same_dataset(a: Path, b: Path) -> None:
+    """Same keys, positions, labels and stored bytes in every shard; the same manifest but for the source."""
+    assert all_records(a) == all_records(b)
+    ma, mb = A.read_manifest(a), A.read_manifest(b)
+    for field in ("classes", "class_names", "splits", "rejected", "build"):
+        assert getattr(ma, field) == getattr(mb, field), field
+    assert ma.source != mb.source
+    assert (a / A.REJECTED_FILE).read_text() == (b / A.REJECTED_FILE).read_text()
+    for split in ma.splits:
+        for x, y in zip(ma.shard_paths(a, split), mb.shard_paths(b, split), strict=True):
+            assert np.array_equal(A.read_record_crcs(x), A.read_record_crcs(y))

@@ -17,7 +17,7 @@ from alexnet.tools import layouts as L
 def detect_source(
     src: Path,
     *,
-    splits: tuple[str, ...] = ("train", "val"),
+    splits: tuple[str, ...] = ("train", "val", "test"),
     val_layout: str = "auto",
     val_labels: Path | None = None,
     allow_missing_classes: bool = False,
@@ -38,7 +38,6 @@ def detect_source(
     notes: list[str] = []
     found = L.tree_splits(src, splits, val_layout, val_labels, notes)
     if not found:
-        notes.append(
-            f"nor ImageNet's archives ({archives.OFFICIAL_TRAIN}, {archives.OFFICIAL_VAL}, {archives.KAGGLE_ZIP})"
-        )
+        names = [n for roles in archives.RELEASES.values() for n in roles.values() if n.endswith(".tar")]
+        notes.append(f"nor ImageNet's archives ({', '.join(names)}, {archives.KAGGLE_ZIP})")
     return L.finish_source(src, found, allow_missing_classes, notes)
