@@ -199,3 +199,28 @@ def stats_of_images(images: np.ndarray, source: dict) -> tuple[A.Stats, np.ndarr
     moments.update(images)
     f = moments.finalize()
     return f.to_stats(source), f.mean_image
+
+
+# --------------------------------------------------------------------------- ImageNetV2
+
+
+def write_imagenetv2(sample: Path, out: Path, classes: list[str], variant: str = "matched-frequency") -> Path:
+    """An ImageNetV2 download made from a ``make_sample(val_format="folders")`` tree: the val images of
+    ``classes`` (real ILSVRC-2012 wnids) as ``imagenetv2-<variant>-format-val/<i>/<sha1>.jpeg``, ``<i>`` the
+    wnid's index among the sorted 1000, extracted under ``out`` and as ``out/imagenetv2-<variant>.tar.gz``
+    (which is returned)."""
+    import hashlib
+
+    from alexnet.tools.imagenetv2 import ilsvrc2012_classes
+
+    index = {w: i for i, (w, _) in enumerate(ilsvrc2012_classes())}
+    folder = Path(out) / f"imagenetv2-{variant}-format-val"
+    for wnid in classes:
+        (folder / str(index[wnid])).mkdir(parents=True)
+        for f in sorted((Path(sample) / "val" / wnid).iterdir()):
+            data = f.read_bytes()
+            (folder / str(index[wnid]) / f"{hashlib.sha1(data).hexdigest()}.jpeg").write_bytes(data)
+    path = Path(out) / f"imagenetv2-{variant}.tar.gz"
+    with tarfile.open(path, "w:gz", format=_GNU) as tf:
+        tf.add(folder, arcname=folder.name)
+    return path

@@ -26,6 +26,7 @@ decode is rejected like the same file in a tree.
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import posixpath
@@ -60,8 +61,9 @@ RELEASES = {"official": OFFICIAL, "ilsvrc2010": ILSVRC2010}  # kind -> role -> f
 ARCHIVE_ROLES = ("train", "val", "test", "patch")
 KAGGLE_ZIP = "imagenet-object-localization-challenge.zip"
 KAGGLE_DATA = "ILSVRC/Data/CLS-LOC/"
-# Where a member's bytes are: tar members at their data offset; zip members at their local header.
-TAR, ZIP_STORED, ZIP_DEFLATED = 0, 1, 2
+# Where a member's bytes are: tar members at their data offset; zip members at their local header; members
+# of a gzip-compressed tar (ImageNetV2's) at their data offset in the decompressed stream.
+TAR, ZIP_STORED, ZIP_DEFLATED, GZ_TAR = 0, 1, 2, 3
 LOCATION = np.dtype([("archive", "u2"), ("kind", "u1"), ("offset", "u8"), ("size", "u8"), ("crc", "u4")])
 INDEX_THREADS = 16  # inner tars whose headers are read at once (I/O bound: pread releases the GIL)
 _BROKEN = "the archive is damaged or incomplete: download it again (what is built so far is kept)"
@@ -440,12 +442,44 @@ def detect_archive_source(arch: Archives, *, splits, val_layout, val_labels, all
 # --------------------------------------------------------------------------- reading a member (workers)
 
 _fds: dict[str, int] = {}  # this process's open archives
+_read_ahead: dict[tuple[str, int], bytes] = {}  # (archive, offset) -> a gzip-compressed tar's member, read ahead
+
+
+def read_ahead(archives: tuple[str, ...], locations: list[tuple]) -> None:
+    """Read the members of gzip-compressed tars among ``locations`` in one pass over each such archive
+    (a gzip stream cannot be read at an offset: a pass decompresses it from its start); ``read_member``
+    then takes them from memory. Other locations are left to ``read_member``."""
+    _read_ahead.clear()
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for loc in locations:
+        if int(loc[1]) == GZ_TAR:
+            spans.setdefault(archives[int(loc[0])], []).append((int(loc[2]), int(loc[3])))
+    for path, wanted in spans.items():
+        _read_ahead.update(((path, offset), data) for offset, data in _gz_members(path, wanted).items())
+
+
+def _gz_members(path: str, wanted: list[tuple[int, int]]) -> dict[int, bytes]:
+    """offset -> bytes of the members ``(offset, size)`` of a gzip-compressed tar, in one pass."""
+    out = {}
+    try:
+        with gzip.open(path, "rb") as f:
+            for offset, size in sorted(wanted):
+                f.seek(offset)
+                out[offset] = data = f.read(size)
+                if len(data) != size:
+                    raise ValueError(f"the member at byte {offset} has only {len(data)} of its {size} bytes")
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise AlexnetError(f"{path}: cannot be read ({e}); {_BROKEN}") from None
+    return out
 
 
 def read_member(archives: tuple[str, ...], rel: str, loc: tuple) -> bytes:
     """A member's bytes (``loc``: a row of ``LOCATION``); AlexnetError naming it when they cannot be read."""
     archive, kind, offset, size, crc = loc
     path = archives[archive]
+    if kind == GZ_TAR:
+        data = _read_ahead.pop((path, offset), None)
+        return data if data is not None else _gz_members(path, [(offset, size)])[offset]
     try:
         fd = _fds.get(path)
         if fd is None:

@@ -302,6 +302,8 @@ def build_shard(task: ShardTask) -> ShardResult:
             env = A.open_shard(path, readonly=False, map_size=map_size)
         _report(len(present), flush=True)
         conversions = _Conversions(task, present)
+        todo = [loc for k, (_, _, loc) in enumerate(task.items) if loc is not None and task.start + k not in present]
+        archives.read_ahead(task.archives, todo)  # a .tar.gz's members: one pass for the shard
         batch: list[tuple[bytes, bytes]] = []
         for offset, (rel, label, location) in enumerate(task.items):
             pos = task.start + offset

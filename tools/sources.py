@@ -1,4 +1,5 @@
-"""What ``build-lmdb``'s SRC is: ImageNet's archives (``archives.py``) or an extracted tree (``layouts.py``).
+"""What ``build-lmdb``'s SRC is: ImageNet's archives (``archives.py``), an ImageNetV2 download
+(``imagenetv2.py``: its tar.gz or folder) or an extracted tree (``layouts.py``).
 
 Either way the result is the same :class:`~alexnet.tools.layouts.DatasetSource`: the splits, their
 files in sorted order and their labels. ``archives.py`` builds on ``layouts.py`` (its splits are
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alexnet.tools import archives
+from alexnet.tools import archives, imagenetv2
 from alexnet.tools import layouts as L
 
 
@@ -25,6 +26,9 @@ def detect_source(
 ) -> L.DatasetSource:
     """Find the splits under ``src`` (a tree, or ImageNet's archives), list their files (sorted) and label them."""
     src = Path(src)
+    v2 = imagenetv2.find(src)
+    if v2 is not None:
+        return imagenetv2.detect(v2, splits)
     found_archives = archives.find_archives(src)
     if found_archives is not None:
         return archives.detect_archive_source(
