@@ -163,22 +163,25 @@ def banner_jpeg() -> bytes:
 def write_2010_archives(tree: Path, out: Path, patched: list[str]) -> dict[str, Path]:
     """ILSVRC-2010's archives of a 2010 tree: the ``patched`` files (``<split>/.../<file>``) are banners in the
     main tars and the tree's bytes in ``patch_images.tar`` (``patch_images/<split>/<file>``), which also
-    holds ``UNUSED_PATCH_2010``."""
+    holds ``UNUSED_PATCH_2010``. A split the tree lacks (and its labels) is left out."""
     tree, out = Path(tree), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {role: out / name for role, name in AR.ILSVRC2010.items()}
     banner = {Path(p).name: banner_jpeg() for p in patched}
     _tar_of_class_tars(files["train"], tree / "train", banner)
-    _flat_tar(files["val"], tree / "val", banner)
-    _flat_tar(files["test"], tree / "test", banner)
-    with tarfile.open(files["devkit"], "w:gz") as tf:
-        tf.add(tree / "devkit-1.0", arcname="devkit-1.0")
-    shutil.copy(tree / "ILSVRC2010_test_ground_truth.txt", files["test_labels"])
+    for split in ("val", "test"):
+        if (tree / split).is_dir():
+            _flat_tar(files[split], tree / split, banner)
+    if (tree / "devkit-1.0").is_dir():
+        with tarfile.open(files["devkit"], "w:gz") as tf:
+            tf.add(tree / "devkit-1.0", arcname="devkit-1.0")
+    if (tree / "ILSVRC2010_test_ground_truth.txt").is_file():
+        shutil.copy(tree / "ILSVRC2010_test_ground_truth.txt", files["test_labels"])
     with tarfile.open(files["patch"], "w", format=_GNU) as tf:
         for rel in patched:
             _add_bytes(tf, f"patch_images/{rel.split('/')[0]}/{Path(rel).name}", (tree / rel).read_bytes())
         _add_bytes(tf, f"patch_images/{UNUSED_PATCH_2010}", banner_jpeg())
-    return files
+    return {role: f for role, f in files.items() if f.exists()}
 
 
 def write_kaggle_zip(tree: Path, out: Path, compression: int = zipfile.ZIP_DEFLATED) -> Path:

@@ -232,6 +232,19 @@ def test_eval_rows_final_and_best():
     assert train.final_top1 == pytest.approx(0.009)
 
 
+def test_test_split_rows_show_the_figures_and_choose_no_best():
+    """``eval --split test`` records: shown after val, the last one's figures, and no best (nothing is chosen on test)."""
+    evals = [
+        {"split": "test", "top1_err": 0.40, "top5_err": 0.2, "epoch": 3},
+        {"split": "val", "top1_err": 0.5, "top5_err": 0.2, "epoch": 2},
+        {"split": "test", "top1_err": 0.45, "top5_err": 0.25, "epoch": 3},
+    ]
+    val, test = report.eval_rows(evals)
+    assert (val.split, test.split) == ("val", "test")
+    assert (test.final_top1, test.final_top5, test.points) == (0.45, 0.25, 2)
+    assert (test.best_top1, test.best_top5, test.best_epoch) == (None, None, "–")
+
+
 def test_missing_checkpoint_still_reports(tmp_path):
     run = write_run(tmp_path / "run", with_checkpoint=False, preview=False)
     out = build_report(run, tmp_path / "out").out_dir

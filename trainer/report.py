@@ -189,7 +189,8 @@ def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
     rows = []
     for (split, ten), recs in groups.items():
         last = recs[-1]
-        best = min(recs, key=lambda r: float(r["top1_err"]))
+        # No figure is chosen on a test set (the paper's Table 1 is one model's test error): no "best" there.
+        best = min(recs, key=lambda r: float(r["top1_err"])) if split != "test" else {"epoch": "–"}
         rows.append(
             EvalRow(
                 split=split,
@@ -198,7 +199,7 @@ def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
                 final_top1=_fraction(last["top1_err"], scale),
                 final_top5=_fraction(last.get("top5_err"), scale),
                 final_epoch=last.get("epoch"),
-                best_top1=_fraction(best["top1_err"], scale),
+                best_top1=_fraction(best.get("top1_err"), scale),
                 best_top5=_fraction(best.get("top5_err"), scale),
                 best_epoch=best.get("epoch"),
             )
