@@ -37,6 +37,13 @@ def run_prep(args: list[str]):
     return CliRunner().invoke(prep_main, args, catch_exceptions=False)
 
 
+def build(src: Path, data: Path, *extra: str):
+    """``build-lmdb SRC --data-dir DATA`` with 2 workers and the shared options; it must succeed. click's Result."""
+    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), "--workers", "2", *BUILD_ARGS, *extra])
+    assert r.exit_code == 0, r.output
+    return r
+
+
 def clean_build(base: Path) -> Path:
     data = base / "build_lmdb_clean"
     manifest = data / A.MANIFEST_FILE

@@ -126,3 +126,23 @@ def train_watched(config, on_step=None):
     finally:
         T.Trainer = real
     return summary, made[-1].model
+
+
+def train_tiny(data: Path, run_dir: Path, **overrides) -> Path:
+    """A CPU run of 3 steps (batch 4) on ``data`` in ``run_dir`` (``overrides``: other TrainConfig values);
+    returns its last checkpoint, which carries the classes and the mean."""
+    from alexnet.trainer.config import TrainConfig
+    from alexnet.trainer.train import train
+
+    settings = dict(batch_size=4, epochs=0, max_steps=3, lr=1e-3, num_threads=1, progress=False)
+    cfg = TrainConfig.create(
+        data_dir=str(data), run_dir=str(run_dir), gpus="cpu", checkpoint_minutes=0.0, **{**settings, **overrides}
+    )
+    train(cfg)
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def trained_run(base: Path, *, val_per_class: int = 2) -> tuple[Path, Path]:
+    """``(dataset, checkpoint)``: a 4-class dataset under ``base`` and ``train_tiny``'s run on it."""
+    data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=val_per_class)
+    return data, train_tiny(data, base / "run")

@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from _build_lmdb_fixtures import BUILD_ARGS, all_records, committed_records, run_prep, same_dataset
+from _build_lmdb_fixtures import BUILD_ARGS, all_records, build, committed_records, run_prep, same_dataset
 from _writers import write_kaggle_zip, write_official_archives
 from PIL import Image
 
@@ -31,8 +31,7 @@ SAMPLE_KW = dict(num_classes=4, train_per_class=12, val_per_class=4, awkward=Tru
 
 
 def _build(src, data, *extra):
-    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), "--workers", "2", *BUILD_ARGS, *extra])
-    assert r.exit_code == 0, r.output
+    build(src, data, *extra)
     return data
 
 

@@ -15,37 +15,20 @@ from click.testing import CliRunner
 
 from alexnet.pipeline import artifacts as A
 from alexnet.trainer import checkpoint as ckpt_io
-from alexnet.trainer.config import TrainConfig
 from alexnet.trainer.predict import load_predictor
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A dataset with a test split made of the val records, and a checkpoint after 3 training steps."""
-    from _train_fixtures import write_dataset
+    from _train_fixtures import trained_run
 
-    from alexnet.trainer.train import train
-
-    base = tmp_path_factory.mktemp("eval_split")
-    data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=3)
-    cfg = TrainConfig.create(
-        data_dir=str(data),
-        run_dir=str(base / "run"),
-        gpus="cpu",
-        batch_size=4,
-        epochs=0,
-        max_steps=3,
-        lr=1e-3,
-        num_threads=1,
-        progress=False,
-        checkpoint_minutes=0.0,
-    )
-    train(cfg)
+    data, ckpt = trained_run(tmp_path_factory.mktemp("eval_split"), val_per_class=3)
     m = A.read_manifest(data)
     records = [(A.parse_key(k)[1], d.data, d.label) for k, d in A.iter_records(data, "val")]
     m.splits["test"] = write_split(data, "test", records[::-1], 2, seed=5)  # another order, other shards
     A.write_manifest(data, m)
-    return data, base / "run" / "checkpoints" / "last.pt", records
+    return data, ckpt, records
 
 
 def _eval(data, ckpt, *extra):

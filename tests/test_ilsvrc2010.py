@@ -4,7 +4,7 @@ members included, build the same dataset as the release extracted and patched by
 import gzip
 
 import pytest
-from _build_lmdb_fixtures import BUILD_ARGS, all_records, run_prep, same_dataset
+from _build_lmdb_fixtures import all_records, build, run_prep, same_dataset
 from _writers import UNUSED_PATCH_2010, banner_jpeg, write_2010_archives, write_2010_tree
 
 from alexnet.pipeline import artifacts as A
@@ -15,12 +15,6 @@ from alexnet.tools.sources import detect_source
 SAMPLE_KW = dict(num_classes=4, train_per_class=12, val_per_class=4, val_format="devkit", awkward=True, seed=0)
 
 
-def _build(src, data, *extra):
-    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), "--workers", "2", *BUILD_ARGS, *extra])
-    assert r.exit_code == 0, r.output
-    return r
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """(2010 tree, its archives' folder, what was gzip-wrapped and patched, the tree's build, base)."""
@@ -28,7 +22,7 @@ def release(tmp_path_factory):
     make_sample(base / "sample", **SAMPLE_KW)
     odd = write_2010_tree(base / "sample", base / "tree")
     write_2010_archives(base / "tree", base / "archives", odd["patched"])
-    r = _build(base / "tree", base / "tree_data")
+    r = build(base / "tree", base / "tree_data")
     return base / "tree", base / "archives", odd, base / "tree_data", r.output, base
 
 
@@ -51,7 +45,7 @@ def test_tree_has_train_val_test_with_2010_labels_and_meta_names(release):
 
 def test_archives_build_equals_the_tree_extracted_and_patched_by_hand(release, tmp_path):
     tree, archives, odd, tree_data, _, _ = release
-    r = _build(archives, tmp_path / "d")
+    r = build(archives, tmp_path / "d")
     same_dataset(tmp_path / "d", tree_data)
     # Each patched file was a banner in its main tar: the records hold the replacement, not the banner.
     warning = [line for line in r.output.splitlines() if line.startswith("warning:")]
@@ -75,7 +69,7 @@ def test_without_the_patches_the_banners_are_built(release, tmp_path):
     for role, name in AR.ILSVRC2010.items():
         if role != "patch":
             (bare / name).symlink_to(archives / name)
-    _build(bare, tmp_path / "d")
+    build(bare, tmp_path / "d")
     a, b = all_records(tmp_path / "d"), all_records(tree_data)
     differ = {s: sum(x != y for x, y in zip(a[s], b[s], strict=True)) for s in a}
     assert differ == {"train": 1, "val": 1, "test": 1}
@@ -84,7 +78,7 @@ def test_without_the_patches_the_banners_are_built(release, tmp_path):
 
 def test_test_split_only_and_missing_test_ground_truth(release, tmp_path):
     _, archives, _, tree_data, _, _ = release
-    _build(archives / AR.ILSVRC2010["test"], tmp_path / "t", "--splits", "test")
+    build(archives / AR.ILSVRC2010["test"], tmp_path / "t", "--splits", "test")
     assert list(A.read_manifest(tmp_path / "t").splits) == ["test"]
     assert all_records(tmp_path / "t")["test"] == all_records(tree_data)["test"]
     partial = tmp_path / "no_gt"
@@ -92,6 +86,6 @@ def test_test_split_only_and_missing_test_ground_truth(release, tmp_path):
     for role, name in AR.ILSVRC2010.items():
         if role != "test_labels":
             (partial / name).symlink_to(archives / name)
-    r = _build(partial, tmp_path / "d", "--splits", "train,val,test")
+    r = build(partial, tmp_path / "d", "--splits", "train,val,test")
     assert "no test split: ILSVRC2010_test_ground_truth.txt" in r.output
     assert list(A.read_manifest(tmp_path / "d").splits) == ["train", "val"]

@@ -165,8 +165,10 @@ def evaluate_checkpoints(
         if split not in manifest.splits:
             raise AlexnetError(f"the dataset at {config.run.data_dir} has no {split} split")
         stats = _own_stats(Path(config.run.data_dir))
-        members = [_member(config, Path(p), manifest, given or {}, replica, stats is None) for p in checkpoints]
+        members = [_member(config, Path(p), given or {}, replica, stats is None) for p in checkpoints]
         label_map, classes_note = _class_map(members, manifest, split, config.run.data_dir)
+        for m in members if stats is not None else ():
+            _check_mean(m.path, (m.ck.get("dataset") or {}).get("mean_image"), m.data.mean, Path(config.run.data_dir))
         replica.say(replica.note)
         groups: dict[Any, list[Member]] = {}
         for m in members:  # one loader per preprocessing and input dtype (the checkpoint's precision)
@@ -225,25 +227,22 @@ def evaluate_checkpoints(
         D.destroy_process_group()
 
 
-def _member(config, path: Path, manifest, given: dict, replica, mean_from_checkpoint: bool = False) -> Member:
-    """A checkpoint's network on this replica, with its own preprocessing (its mean checked against the
-    dataset's, unless the dataset has none and the checkpoint's is used)."""
+def _member(config, path: Path, given: dict, replica, needs_mean: bool = False) -> Member:
+    """A checkpoint's network on this replica, with its own preprocessing (``needs_mean``: the dataset has no
+    mean of its own, the checkpoint must hold one)."""
     from .checkpoint import checkpoint_precision, load_checkpoint, refuse_contradictions, saved_setting
     from .model import AlexNet
 
     ck = load_checkpoint(path)
     refuse_contradictions(path, ck, given)
     model = AlexNet.from_checkpoint(ck, devices=list(replica.devices))
-    entry = ck.get("dataset") or {}
     saved = {k: v for k in ("mean", "lighting_scale") if (v := saved_setting(ck, k)) is not None}
     data = dataclasses.replace(config.data, **saved)
-    if mean_from_checkpoint and entry.get("mean_image") is None:
+    if needs_mean and (ck.get("dataset") or {}).get("mean_image") is None:
         raise AlexnetError(
             f"the dataset at {config.run.data_dir} has no mean of its own (no train split) and {path} "
             "saved none: evaluate a checkpoint that holds its mean"
         )
-    if not mean_from_checkpoint:
-        _check_mean(path, entry.get("mean_image"), data.mean, Path(config.run.data_dir))
     if channels_last(replica.devices[0]):
         model = model.to(memory_format=torch.channels_last)
     return Member(path, ck, model, data, checkpoint_precision(ck))
