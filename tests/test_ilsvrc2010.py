@@ -2,6 +2,7 @@
 members included, build the same dataset as the release extracted and patched by hand."""
 
 import gzip
+import shutil
 
 import pytest
 from _build_lmdb_fixtures import all_records, build, run_prep, same_dataset
@@ -89,3 +90,20 @@ def test_test_split_only_and_missing_test_ground_truth(release, tmp_path):
     r = build(partial, tmp_path / "d", "--splits", "train,val,test")
     assert "no test split: ILSVRC2010_test_ground_truth.txt" in r.output
     assert list(A.read_manifest(tmp_path / "d").splits) == ["train", "val"]
+
+
+def test_a_resumed_build_counts_the_conversions_of_what_was_committed(release, tmp_path):
+    """The conversions of records committed before an interruption are not lost: a shard's count is kept beside
+    it, and records committed after its last write (here: all of them) are counted again from their sources."""
+    tree, _, _, tree_data, _, _ = release
+    data = tmp_path / "d"
+    shutil.copytree(tree_data, data)
+    m = A.read_manifest(data)
+    m.complete = False
+    A.write_manifest(data, m)
+    for split in m.splits:
+        for shard in m.shard_paths(data, split):
+            (shard / A.CONVERSIONS_FILE).unlink()
+    r = build(tree, data)
+    assert "after resuming" in r.output
+    assert A.read_manifest(data).splits == A.read_manifest(tree_data).splits

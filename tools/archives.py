@@ -233,8 +233,10 @@ def _index_patches(path: Path) -> dict[str, dict[str, tuple]]:
     index = ARCHIVE_ROLES.index("patch")
     for m, o, s in found:
         parts = _member_name(m).split("/")
-        if len(parts) >= 2 and parts[-2] in ("train", "val", "test") and L.is_image(parts[-1]):
-            out.setdefault(parts[-2], {})[parts[-1]] = (index, TAR, o, s, 0)
+        # <split>/<file>, or <split>/<wnid>/<file>: the file name decides, within its split
+        split = next((p for p in reversed(parts[:-1]) if p in ("train", "val", "test")), None)
+        if split is not None and L.is_image(parts[-1]):
+            out.setdefault(split, {})[parts[-1]] = (index, TAR, o, s, 0)
     return out
 
 

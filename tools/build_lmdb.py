@@ -253,8 +253,9 @@ class _Conversions:
         self.path = Path(task.path)
         through, counts = A.read_conversions(self.path)
         self.counts, self.pending = Counter(counts), Counter()
-        for pos in sorted(p for p in present if p > through):
-            rel, _, location = task.items[pos - task.start]
+        stale = [task.items[pos - task.start] for pos in sorted(p for p in present if p > through)]
+        archives.read_ahead(task.archives, [loc for _, _, loc in stale if loc is not None])
+        for rel, _, location in stale:
             self.counts.update(images.decode_source(_source_bytes(task, rel, location))[1])
 
     def committed(self, through_position: int) -> None:
