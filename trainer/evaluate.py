@@ -171,8 +171,8 @@ def evaluate_checkpoints(
             _check_mean(m.path, (m.ck.get("dataset") or {}).get("mean_image"), m.data.mean, Path(config.run.data_dir))
         replica.say(replica.note)
         groups: dict[Any, list[Member]] = {}
-        for m in members:  # one loader per preprocessing and input dtype (the checkpoint's precision)
-            groups.setdefault((m.data, m.precision), []).append(m)
+        for m in members:  # one loader per preprocessing and input dtype (and mean, when the checkpoints bring it)
+            groups.setdefault((m.data, m.precision, str(m.path) if stats is None else ""), []).append(m)
         first = members[0]
         results: dict[str, Any] = {
             "checkpoint": str(first.path),
@@ -197,7 +197,7 @@ def evaluate_checkpoints(
                         stats=stats or _checkpoint_stats(group[0]),
                     ),
                 )
-                for (data, precision), group in groups.items()
+                for (data, precision, _), group in groups.items()
             ]
             res = evaluate_average(
                 pairs,
