@@ -41,8 +41,9 @@ lint: install
 # Benchmarks have no target: each is a script in benchmarks/ with its own options, and its command
 # is written beside its figures in benchmarks/RESULTS.md.
 
-# On a GPU host with the wheel parts in .gpu/parts (benchmarks/gpu_check.sh pack, here): GPU tests and
-# figures into $(OUT) (default /tmp/gpu-check). Needs no venv: the host's python3 with its torch.
+# On a GPU host, no venv: the host's python3 with its torch. Stage 1 (benchmarks/gpu_probe.py, torch
+# alone) then, where the wheel parts and their MANIFEST are in .gpu/parts (benchmarks/gpu_check.sh pack,
+# here), stage 2 (DALI: the GPU tests and the pipeline figures); JSON into $(OUT) (default /tmp/gpu-check).
 gpu-check:
 	benchmarks/gpu_check.sh $(OUT)
 

@@ -1,149 +1,277 @@
-"""The measurements of the one prepared GPU check (benchmarks/gpu_check.sh), one results file.
+"""Stage 2 of the GPU check (benchmarks/gpu_check.sh): the DALI part, from carried wheels.
 
-    python benchmarks/gpu_check.py --out DIR                 # a GPU host (what gpu_check.sh runs)
-    python benchmarks/gpu_check.py --out /tmp/x --cpu-smoke  # every part on the CPU at toy sizes
+    python3 benchmarks/gpu_check.py setup --parts .gpu/parts --env /tmp/alexnet-gpu-env
+    python3 benchmarks/gpu_check.py measure --out DIR [--budget-s 180]   # DIR/gpu_check.json
+    python3 benchmarks/gpu_check.py measure --out /tmp/x --cpu-smoke     # the same code on the CPU, toy sizes
 
-Measures, on a synthesized dataset (benchmarks/bench_train.py) at the trainer's defaults:
+``setup`` checks the carried parts against their MANIFEST (``sha256sum`` lines written by
+``gpu_check.sh pack``: the count and each checksum) before unpacking anything, unpacks the wheels
+into ENV/sp, and joins the ``nvidia`` namespace of the DALI wheel with the host's (torch's CUDA
+wheels) by ``pkgutil.extend_path`` in DALI's ``nvidia/__init__.py``, so both import whatever either
+ships. Standard library only. One line and exit 2 on a missing, extra or corrupt part.
 
-* pipeline images/s (the loader alone) with the global and the buffer shuffle;
-* training images/s on synthetic and on fed batches for eager, graphed (CUDA graph) and compiled
-  (forward compiled, then graphed) steps, at fp32 and bf16 (``trainer/bench.py``);
-* the two-column split on one GPU (devices [cuda:0, cuda:0]), eager and compiled, synthetic batches.
+``measure`` times, on a synthesized dataset at the trainer's defaults, each figure isolated and the
+JSON rewritten after each (benchmarks/gpu_probe.py's runner: an error is written and the next figure
+runs; SIGTERM or the budget ends it with the JSON written and exit 0):
 
-Writes ``gpu_check.json`` (every figure, the versions, the machine) and prints one line per figure.
-``--cpu-smoke`` runs the same code on the CPU with batch 4, a few steps and fp32/bf16 alike, so the
-script is known to run before a GPU is lent (compiling included: it takes minutes on 2 cores).
+* ``pipeline/global``, ``pipeline/buffer``: images/s of the training loader alone, each shuffle over
+  at least one whole epoch; the buffer shuffle's dataset holds at least 10x its buffer
+  (pipeline/dali_pipeline.py ``SHUFFLE_BUFFER``), so the figure times reading, not the buffer's fill;
+* ``train/<kind>/bf16/synthetic`` and ``.../fed``: training images/s of one step on one resident
+  batch and on the loader's batches, separate figures of one model and step (eager, graphed,
+  compiled last); the ratio is fed / synthetic.
+
+/dev/shm is checked first: DALI's reader processes pass batches through it, and containers often cap
+it at 64 MB; below ``SHM_NEEDED_MB`` the figures run with ``workers=0`` (reads on the pipeline's own
+thread) and the JSON and the output say so.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
+import math
+import shutil
 import sys
+import tarfile
 import time
+import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import synth_dataset  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SHM_NEEDED_MB = 1024  # DALI's reader processes: (prefetch + workers) batches of 128 decoded-size buffers
+NAMESPACE_JOIN = "\n# joined with the host's nvidia.* (gpu_check.py)\nfrom pkgutil import extend_path\n__path__ = extend_path(__path__, __name__)\n"
 
 
-def pipeline_rate(config, batches: int) -> float:
-    """Images/s the training loader delivers alone (batches pulled as fast as it gives them)."""
+# --------------------------------------------------------------------------- setup (standard library only)
+
+
+def verify_parts(parts: Path) -> list[Path]:
+    """The parts in MANIFEST order, after checking the count and every checksum; SystemExit naming the fault."""
+    manifest = parts / "MANIFEST"
+    if not manifest.is_file():
+        raise SystemExit(f"gpu_check: {manifest} missing (carry it with the parts; 'gpu_check.sh pack' writes it)")
+    listed = []
+    for line in manifest.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        listed.append((name.lstrip("*"), digest))
+    present = sorted(p.name for p in parts.glob("part-*"))
+    names = [n for n, _ in listed]
+    if present != sorted(names):
+        missing, extra = sorted(set(names) - set(present)), sorted(set(present) - set(names))
+        raise SystemExit(
+            f"gpu_check: {len(present)} of {len(names)} parts in {parts}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; not in MANIFEST {', '.join(extra)}" if extra else "")
+        )
+    for name, digest in listed:
+        actual = _sha256(parts / name)
+        if actual != digest:
+            raise SystemExit(f"gpu_check: {parts / name} is corrupt (sha256 {actual[:12]}, MANIFEST {digest[:12]})")
+    return [parts / n for n in names]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _Concatenated:
+    """The parts read as one stream (what ``cat part-*`` gives), for tarfile's stream mode."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths, self.f = list(paths), None
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            if self.f is None:
+                if not self.paths:
+                    return b""
+                self.f = self.paths.pop(0).open("rb")
+            data = self.f.read(n)
+            if data:
+                return data
+            self.f.close()
+            self.f = None
+
+
+def join_namespace(package: Path) -> None:
+    """Make ``package`` (a folder named ``nvidia``) a portion that extends itself over every sys.path entry."""
+    init = package / "__init__.py"
+    text = init.read_text() if init.exists() else ""
+    if "extend_path" not in text:
+        init.write_text(text + NAMESPACE_JOIN)
+
+
+def setup(parts: Path, env: Path) -> Path:
+    """Verify, unpack the wheels into ENV/sp (once), join the ``nvidia`` namespace; returns ENV/sp."""
+    site = env / "sp"
+    if (site / ".done").exists():
+        return site
+    paths = verify_parts(parts)
+    shutil.rmtree(env / "wheels", ignore_errors=True)
+    with tarfile.open(fileobj=_Concatenated(paths), mode="r|") as tar:
+        tar.extractall(env, filter="data")
+    wheels = sorted((env / "wheels").glob("*.whl"))
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as z:  # a wheel is a zip of site-packages
+            z.extractall(site)
+    if (site / "nvidia").is_dir():
+        join_namespace(site / "nvidia")
+    (site / ".done").write_text(f"{len(wheels)} wheels from {len(paths)} parts\n")
+    print(f"gpu_check: {len(paths)} parts verified, {len(wheels)} wheels unpacked into {site}")
+    return site
+
+
+def shm_workers(requested: int, path: str = "/dev/shm", needed_mb: int = SHM_NEEDED_MB) -> tuple[int, str | None]:
+    """(the reader processes to use, a warning or None): 0 where ``path`` has less than ``needed_mb`` free."""
+    try:
+        free_mb = shutil.disk_usage(path).free / 2**20
+    except OSError as exc:
+        return 0, f"{path} unusable ({exc}): workers=0, reads on the pipeline's thread"
+    if requested and free_mb < needed_mb:
+        return 0, f"{path} has {free_mb:.0f} MB free (< {needed_mb} MB): workers=0, reads on the pipeline's thread"
+    return requested, None
+
+
+# --------------------------------------------------------------------------- measure
+
+
+def pipeline_figure(config, batches: int) -> dict:
+    """Images/s the training loader delivers alone over ``batches`` batches after the first."""
     from alexnet.trainer import distributed as D
+    from alexnet.trainer.bench import pipeline_batches
     from alexnet.trainer.replica import create_loader_for, resolve_replica
 
     replica = resolve_replica(config.run.gpus, D.dist_info_from_env())
-    loader = create_loader_for(config, "train", replica)
-    it = iter(_forever(loader))
-    next(it)
+    it = pipeline_batches(create_loader_for(config, "train", replica))
+    next(it)  # the build and, for the buffer shuffle, its fill
     replica.sync()
     start = time.perf_counter()
     for _ in range(batches):
-        images, _labels = next(it)[:2]
+        images = next(it)[0]
     replica.sync()
-    return batches * images.shape[0] / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return {
+        "images_per_s": round(batches * images.shape[0] / seconds, 1),
+        "batches": batches,
+        "timed_s": round(seconds, 2),
+    }
 
 
-def _forever(loader):
-    while True:
-        yield from loader
+class TrainFigures:
+    """One model and step per (kind, precision), timed on synthetic and on fed batches as two figures."""
+
+    def __init__(self, config_of, warmup: int, steps: int) -> None:
+        self.config_of, self.warmup, self.steps, self.built = config_of, warmup, steps, {}
+
+    def _build(self, kind: str, precision: str):
+        from alexnet.pipeline.artifacts import read_manifest
+        from alexnet.trainer import distributed as D
+        from alexnet.trainer.optim import create_optimizer
+        from alexnet.trainer.replica import build_model, resolve_replica
+        from alexnet.trainer.step import GRAPH_EAGER_STEPS, GraphedStep, create_step
+
+        if (kind, precision) not in self.built:
+            config = self.config_of(kind, precision)
+            replica = resolve_replica(config.run.gpus, D.dist_info_from_env())
+            classes = len(read_manifest(Path(config.run.data_dir)).classes)
+            model = build_model(config, replica, classes).train()
+            opt = create_optimizer(model, config.optim.lr, config.optim.momentum, config.optim.weight_decay)
+            step = create_step(model, opt, config.model, list(replica.devices), replicas=1)
+            warmup = self.warmup + (GRAPH_EAGER_STEPS + 2 if isinstance(step, GraphedStep) else 0)
+            self.built[(kind, precision)] = (config, replica, classes, step, warmup)
+        return self.built[(kind, precision)]
+
+    def run(self, kind: str, precision: str, fed: bool) -> dict:
+        from alexnet.trainer.bench import pipeline_batches, synthetic_batches, timed
+        from alexnet.trainer.replica import create_loader_for
+
+        config, replica, classes, step, warmup = self._build(kind, precision)
+        b = config.optim.batch_size
+        if fed:
+            batches = pipeline_batches(create_loader_for(config, "train", replica, batch_size=b))
+        else:
+            batches = synthetic_batches(config, replica, classes)
+        rate = timed(step, batches, replica, warmup, self.steps, b)
+        return {"images_per_s": round(rate, 1), "step": step.note, "batch": b, "timed_steps": self.steps}
 
 
-def split_on_one_device(device: str, batch: int, precision: str, compiled: bool, steps: int) -> float:
-    """Training images/s of the split form with both columns on one device (synthetic batch)."""
+def measure(out: Path, budget_s: float, smoke: bool, compile_: bool) -> int:
     import torch
+    from bench_train import synth_dataset
+    from gpu_probe import Probe, compile_blocker
 
-    from alexnet.trainer.model import AlexNet
-    from alexnet.trainer.optim import create_optimizer
-    from alexnet.trainer.precision import channels_last, set_tf32
-    from alexnet.trainer.step import EagerStep
-
-    dev = torch.device(device)
-    set_tf32(precision, dev)
-    torch.manual_seed(0)
-    model = AlexNet(devices=[dev, dev]).train()
-    if channels_last(dev):
-        model = model.to(memory_format=torch.channels_last)
-    if compiled:
-        model.compile_forward()
-    step = EagerStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), precision=precision)
-    x, y = torch.randn(batch, 3, 224, 224, device=dev) * 50, torch.randint(0, 1000, (batch,), device=dev)
-    for _ in range(3):
-        step(x, y)
-    _sync(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step(x, y)
-    _sync(dev)
-    return steps * batch / (time.perf_counter() - start)
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/alexnet-gpu-check"))
-    p.add_argument("--cpu-smoke", action="store_true", help="the CPU at toy sizes (checks the script runs)")
-    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled steps")
-    args = p.parse_args()
-
-    import torch
-
-    from alexnet.trainer.bench import benchmark
+    from alexnet.pipeline.dali_pipeline import SHUFFLE_BUFFER
     from alexnet.trainer.config import TrainConfig
-    from alexnet.trainer.rundir import versions
 
-    smoke = args.cpu_smoke
     if not smoke and not torch.cuda.is_available():
-        raise SystemExit("gpu_check: torch sees no CUDA GPU (use --cpu-smoke on a CPU machine)")
-    records, batch, steps, warmup = (64, 4, 2, 1) if smoke else (4096, 128, 50, 10)
-    device = "cpu" if smoke else "cuda"
-    data_dir = synth_dataset(args.cache / f"synthetic-{records}", records, val_records=32 if smoke else 1000)
-    base = {"data_dir": str(data_dir), "gpus": "cpu" if smoke else "0", "batch_size": batch, "progress": False}
-    out: dict = {"machine": versions(), "batch": batch, "pipeline_images_per_s": {}, "train": [], "split": []}
-    t0 = time.monotonic()
+        print("gpu_check: torch sees no CUDA GPU (use --cpu-smoke on a CPU machine)", file=sys.stderr)
+        return 2
+    device = torch.device("cpu") if smoke else torch.device("cuda", 0)
+    probe = Probe(out, budget_s, device, filename="gpu_check.json")
+    workers, warning = shm_workers(TrainConfig().data.workers)
+    probe.results["shm"] = {"workers": workers, "warning": warning}
+    if warning:
+        print(f"gpu_check: WARNING {warning}", flush=True)
+    batch = 4 if smoke else 128
+    base = {"gpus": "cpu" if smoke else "0", "batch_size": batch, "progress": False, "workers": workers}
+    sizes = {"global": 64 if smoke else 4096, "buffer": 64 if smoke else 10 * SHUFFLE_BUFFER}
+    cache = Path("/tmp/alexnet-gpu-check")
+    for shuffle, records in sizes.items():
+        data = synth_dataset(cache / f"synthetic-{records}", records, val_records=32 if smoke else 1000)
+        config = TrainConfig.create(**base, data_dir=str(data), shuffle=shuffle)
+        epoch = 2 if smoke else math.ceil(records / batch)  # at least one whole epoch after the first batch
+        probe.run(f"pipeline/{shuffle}", pipeline_figure, config, epoch, cost_s=30)
+    data = str(cache / f"synthetic-{sizes['global']}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    def config_of(kind: str, precision: str):
+        graph, compiled = {"eager": (False, False), "graphed": (True, False), "compiled": (True, True)}[kind]
+        return TrainConfig.create(**base, data_dir=data, precision=precision, cuda_graph=graph, compile=compiled)
 
-    def say(line: str) -> None:
-        """One line per figure, and the results file rewritten after each: a time limit keeps what was done."""
-        print(f"[{time.monotonic() - t0:6.1f} s] {line}", flush=True)
-        (args.out / "gpu_check.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
+    train = TrainFigures(config_of, warmup=1 if smoke else 10, steps=2 if smoke else 50)
+    kinds = ["eager", "graphed"] + (["compiled"] if compile_ else [])
+    for kind in kinds:
+        blocker = compile_blocker() if kind == "compiled" else None
+        for fed in (False, True):
+            name = f"train/{kind}/bf16/{'fed' if fed else 'synthetic'}"
+            if blocker:
+                probe.results["figures"][name] = {"skipped": f"no compile: {blocker}"}
+                continue
+            probe.run(name, train.run, kind, "bf16", fed, cost_s=90 if kind == "compiled" and not fed else 20)
+    probe.results["done"] = not probe.stopped
+    probe.write()
+    print(f"gpu_check: {probe.path}", flush=True)
+    return 0
 
-    for shuffle in ("global", "buffer"):
-        rate = pipeline_rate(TrainConfig.create(**base, shuffle=shuffle), batches=4 if smoke else 200)
-        out["pipeline_images_per_s"][shuffle] = rate
-        say(f"pipeline, {shuffle} shuffle: {rate:,.0f} images/s")
-    # The defaults' figures first, the compiles (about a minute each) last: what a time limit cuts.
-    kinds = {"eager": (False, False), "graphed": (True, False), "compiled": (True, True)}
-    order = [(p, k) for k in kinds for p in ("bf16", "fp32") if args.compile or not kinds[k][1]]
-    order.insert(2, ("bf16", "split"))  # eager, the split form's only step: after the first two figures
-    for precision, kind in order:
-        if kind == "split":
-            rate = split_on_one_device(device, batch, precision, False, steps)
-            out["split"].append({"precision": precision, "compiled": False, "synthetic_images_per_s": rate})
-            say(f"split form, both columns on one {device}, {precision}: {rate:,.0f} images/s")
-            continue
-        graph, compiled = kinds[kind]
-        config = TrainConfig.create(**base, precision=precision, cuda_graph=graph, compile=compiled)
-        res = benchmark(config, warmup=warmup, steps=steps)
-        out["train"].append({"kind": kind, **res})
-        say(
-            f"train {precision} {kind} ({res['step']}): synthetic {res['synthetic_images_per_s']:,.0f}, "
-            f"fed {res['pipeline_images_per_s']:,.0f} images/s (ratio {res['ratio']:.3f})"
-        )
-    if args.compile:
-        rate = split_on_one_device(device, batch, "bf16", True, steps)
-        out["split"].append({"precision": "bf16", "compiled": True, "synthetic_images_per_s": rate})
-        say(f"split form, both columns on one {device}, bf16, compiled: {rate:,.0f} images/s")
-    say(f"done: {args.out / 'gpu_check.json'}")
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("setup", help="verify the carried parts, unpack the wheels, join the nvidia namespace")
+    s.add_argument("--parts", type=Path, default=Path(".gpu/parts"))
+    s.add_argument("--env", type=Path, default=Path("/tmp/alexnet-gpu-env"))
+    m = sub.add_parser("measure", help="the DALI figures into OUT/gpu_check.json")
+    m.add_argument("--out", type=Path, default=Path("/tmp/gpu-check"))
+    m.add_argument("--budget-s", type=float, default=180, help="stop starting figures that would end past this")
+    m.add_argument("--cpu-smoke", action="store_true", help="the CPU at toy sizes (checks that every part runs)")
+    m.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled step")
+    args = p.parse_args(argv)
+    if args.command == "setup":
+        setup(args.parts, args.env)
+        return 0
+    import signal
+
+    from gpu_probe import on_sigterm
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return measure(args.out, args.budget_s, args.cpu_smoke, args.compile)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,8 @@ record and the image's random draws, so the order is only a matter of speed):
 
 1. read: with ``shuffle="global"`` (the default) the loader's batches through ``fn.external_source``,
    with their positions and draws (``external_inputs``); with ``shuffle="buffer"`` the caffe reader
-   and ``fn.random`` draws (``reader_inputs``, docs/DEVIATIONS.md A4);
+   and ``fn.random`` draws (``reader_inputs``, docs/DEVIATIONS.md A4); either way the batch's
+   columns by the names of pipeline/columns.py;
 2. decode: ``"mixed"`` (nvJPEG, the hardware decoder where there is one) on a GPU, ``"cpu"`` otherwise;
 3. subtract the mean (§2): by default the per-pixel mean image at the crop's own offset, mirrored with
    the image (the exact form; done as one float subtraction of the whole 256x256 mean image before
@@ -22,9 +23,10 @@ Validation (always through ``fn.external_source``, in key order): the centre cro
 or the ten patches of §4.1 stacked as ``[10, 3, 224, 224]`` (or ``[10, 224, 224, 3]``) per image in
 ``TEN_CROP_ORDER``; no lighting.
 
-Outputs: images, labels, the records' positions (global: int64; buffer: DALI's ``source_info``,
-see ``record_positions``), and in training the draws (``offsets``, ``mirror``, ``alpha``), so the
-preview and the tests can re-compute every image from its record.
+Outputs: images, then the columns named by ``columns.output_names``: labels, the records' positions
+(``index``; global: int64; buffer: DALI's ``source_info``, see ``record_positions``), and in
+training the draws (``crop_xy``, ``mirror``, ``alpha``), so the preview and the tests can
+re-compute every image from its record.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import artifacts as A
+from . import columns as K
 from . import constants as C
 from . import dali
 from .errors import AlexnetError, ContractError
@@ -55,6 +58,7 @@ MAX_OFFSET = C.STORED_SIZE - C.CROP_SIZE  # 32: offsets 0..32, 33 positions per 
 # Shared-memory bytes per record for the reader processes: a stored 256x256 JPEG at q95 is ~30-60 kB
 # (README), and a batch's rows are as long as its longest JPEG.
 JPEG_BYTES_HINT = 96 * 1024
+DALI_TYPES = {"uint8": "UINT8", "int64": "INT64", "int32": "INT32", "float32": "FLOAT"}  # numpy -> DALI
 
 
 @dataclass(frozen=True)
@@ -96,42 +100,47 @@ def lighting_scale_values(eigval: np.ndarray, convention: str) -> np.ndarray:
 
 
 def external_inputs(spec: PipelineSpec, source):
-    """jpegs, labels, positions (+ train: offsets, mirror, alpha) from ``source(iteration)`` (the loader's
-    batches in its order, with the draws of pipeline/order.py).
+    """jpegs, and the batch's columns by name (labels, positions; train: the draws of pipeline/order.py)
+    from ``source(iteration)`` (the loader's batches in its order).
 
     With ``workers`` > 0 DALI calls ``source`` in that many worker processes (parallel external source,
     one batch per call), ``workers`` batches ahead, and passes their outputs through shared memory: the
     reads and the record parsing leave the process that trains (a thread would share its GIL).
-    The source gives three arrays per batch (``loader._Source``): the JPEGs as rows of one uint8 array
-    (``SplitIndex.read``), one int64 row per record (JPEG length, label, position; train: crop x, y,
-    mirror) and, in training, the alphas: DALI takes an array at the cost of one sample, where a list
+    The source gives a few arrays per batch (``loader._Source``): the JPEGs as rows of one uint8 array
+    (``SplitIndex.read``), then the columns side by side in one int64 and (train) one float32 matrix,
+    one row per record (``columns.pack``): DALI takes an array at the cost of one sample, where a list
     of 128 JPEGs and six outputs cost ~1 ms of Python per batch on the thread that runs the pipeline.
-    DALI cuts the columns apart and each JPEG row to its length in its own threads.
+    DALI cuts the columns apart (``columns.layout``) and each JPEG row to its length in its own threads.
     """
     from nvidia.dali import fn, types
 
-    dtypes = [types.UINT8, types.INT64] + ([types.FLOAT] if spec.is_training else [])
+    def dali_type(dtype: str):
+        return getattr(types, DALI_TYPES[dtype])
+
+    columns = K.batch_columns(spec.is_training)
+    kinds = ["uint8", *K.carriers(columns)]
     workers = spec.data.workers
     parallel = {"parallel": True, "prefetch_queue_depth": workers, "bytes_per_sample_hint": JPEG_BYTES_HINT}
-    rows, ints, *alpha = fn.external_source(
+    rows, *matrices = fn.external_source(
         source=source,
-        num_outputs=len(dtypes),
+        num_outputs=len(kinds),
         batch=True,
-        dtype=dtypes,
-        ndim=[1] * len(dtypes),
+        dtype=[dali_type(kind) for kind in kinds],
+        ndim=[1] * len(kinds),
         **(parallel if workers else {}),
     )
-    jpegs = fn.slice(rows, start=[0], shape=fn.cast(ints[0:1], dtype=types.INT32), axes=[0])
-    out = [jpegs, ints[1], ints[2]]
-    if spec.is_training:
-        out += [fn.cast(ints[3:5], dtype=types.INT32), fn.cast(ints[5], dtype=types.INT32), alpha[0]]
-    return out
+    out = {}
+    for column, (matrix, start) in zip(columns, K.layout(columns).values(), strict=True):
+        part = matrices[matrix][start] if column.shape == () else matrices[matrix][start : start + column.width]
+        out[column.name] = part if column.dtype == column.carrier else fn.cast(part, dtype=dali_type(column.dtype))
+    jpegs = fn.slice(rows, start=[0], shape=out.pop("length"), axes=[0])
+    return jpegs, out
 
 
 def reader_inputs(spec: PipelineSpec):
-    """shuffle="buffer": jpegs, labels, source info, and DALI's own draws (seeded by the loader per
-    replica and epoch): the order on disk is the builder's seeded shuffle, reshuffled through a
-    buffer of SHUFFLE_BUFFER records (docs/DEVIATIONS.md A4)."""
+    """shuffle="buffer": jpegs, and the columns by name: labels, source info (``index``), and DALI's
+    own draws (seeded by the loader per replica and epoch): the order on disk is the builder's seeded
+    shuffle, reshuffled through a buffer of SHUFFLE_BUFFER records (docs/DEVIATIONS.md A4)."""
     from nvidia.dali import fn, types
 
     paths, shard_id, num_shards = spec.reader
@@ -148,7 +157,13 @@ def reader_inputs(spec: PipelineSpec):
     offsets = fn.random.uniform(values=list(range(MAX_OFFSET + 1)), shape=[2], dtype=types.INT32)
     mirror = fn.random.coin_flip(probability=C.MIRROR_PROBABILITY, dtype=types.INT32)
     alpha = fn.random.normal(shape=[3], stddev=C.LIGHTING_STD)
-    return jpegs, fn.cast(labels, dtype=types.INT64), source, offsets, mirror, alpha
+    return jpegs, {
+        "label": fn.cast(labels, dtype=types.INT64),
+        "index": source,
+        "crop_xy": offsets,
+        "mirror": mirror,
+        "alpha": alpha,
+    }
 
 
 class _Graph:
@@ -204,19 +219,18 @@ class _Graph:
             **cut,
         )
 
-    def delivered(self, out, labels, *, cast: bool = False):
-        """The outputs as the loader takes them (``cast``: ``out`` is float32 and float16 is asked for)."""
+    def rounded(self, out):
+        """float32 ``out`` as float16 if the spec asks for it."""
         from nvidia.dali import fn
 
-        out = fn.cast(out, dtype=self.types.FLOAT16) if cast and self.spec.dtype == "float16" else out
-        # Labels delivered on the GPU by DALI: a host-to-device copy in the loader would wait for the GPU.
-        return out, labels.gpu() if self.gpu else labels
+        return fn.cast(out, dtype=self.types.FLOAT16) if self.spec.dtype == "float16" else out
 
 
-def train_graph(g: _Graph, jpegs, labels, positions, offsets, mirror, alpha):
-    """§4.1: crop at the drawn offsets, flip, PCA lighting; §2 mean subtraction."""
+def train_graph(g: _Graph, jpegs, columns: dict):
+    """§4.1: crop at the drawn offsets, flip, PCA lighting; §2 mean subtraction. The images."""
     from nvidia.dali import fn, types
 
+    offsets, mirror, alpha = columns["crop_xy"], columns["mirror"], columns["alpha"]
     pos = fn.cast(offsets, dtype=types.FLOAT) / float(MAX_OFFSET)  # k / 32 is exact: anchor k
     shift = fn.coord_transform(fn.reshape(alpha, shape=[1, 3]), M=g.lighting_matrix.ravel().tolist())
     # §4.1 lighting folded into the normalisation: (x - mean) with mean = base mean - shift.
@@ -239,14 +253,14 @@ def train_graph(g: _Graph, jpegs, labels, positions, offsets, mirror, alpha):
         out = g.normalised(images, pos[0], pos[1], mirror, norm_mean, window=True, final=not g.image_mean)
         if g.image_mean:  # float32 difference, rounded to float16 (if asked) once, after it
             out = out - g.normalised(g.mean_const, pos[0], pos[1], mirror, g.base_mean, final=False)
-            return (*g.delivered(out, labels, cast=True), positions, offsets, mirror, alpha)
+            return g.rounded(out)
     else:
         out = g.normalised(g.centred(g.decode(jpegs)), pos[0], pos[1], mirror, norm_mean)
-    return (*g.delivered(out, labels), positions, offsets, mirror, alpha)
+    return out
 
 
-def val_graph(g: _Graph, jpegs, labels, positions):
-    """The centre crop, or §4.1's ten patches (one mean subtraction, ten cuts)."""
+def val_graph(g: _Graph, jpegs, columns: dict):
+    """The centre crop, or §4.1's ten patches (one mean subtraction, ten cuts). The images."""
     from nvidia.dali import fn
 
     images = g.centred(g.decode(jpegs))
@@ -256,8 +270,8 @@ def val_graph(g: _Graph, jpegs, labels, positions):
             for flip in (False, True)
             for px, py in TEN_CROP_POSITIONS
         ]
-        return (*g.delivered(fn.stack(*patches), labels), positions)
-    return (*g.delivered(g.normalised(images, 0.5, 0.5, 0, g.base_mean), labels), positions)
+        return fn.stack(*patches)
+    return g.normalised(images, 0.5, 0.5, 0, g.base_mean)
 
 
 def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, source=None):
@@ -280,9 +294,12 @@ def create_pipeline(spec: PipelineSpec, mean_image: np.ndarray, stats: A.Stats, 
         **readers,
     )
     def pipe():
-        inputs = reader_inputs(spec) if spec.reader is not None else external_inputs(spec, source)
+        jpegs, columns = reader_inputs(spec) if spec.reader is not None else external_inputs(spec, source)
         graph = _Graph(spec, mean_image, stats)
-        return train_graph(graph, *inputs) if spec.is_training else val_graph(graph, *inputs)
+        images = (train_graph if spec.is_training else val_graph)(graph, jpegs, columns)
+        if graph.gpu:  # labels delivered on the GPU by DALI: a host-to-device copy in the loader would wait for it
+            columns["label"] = columns["label"].gpu()
+        return images, *(columns[name] for name in K.output_names(K.batch_columns(spec.is_training)))
 
     return pipe()
 

@@ -35,15 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from . import artifacts as A
+from . import columns as K
 from . import constants as C
 from . import order as O
 from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
 from .errors import AlexnetError
 
 SHUFFLES = ("global", "buffer")
-# The loader state's version in checkpoints. 2: the draws come from one stream per field (order.py);
-# a state without it was saved by a run whose images were drawn otherwise, and is refused.
-STATE_VERSION = 2
+STATE_VERSION = 2  # the loader state's version in checkpoints; another is refused in one line
 
 
 def opt(default, help, **extra):
@@ -126,8 +125,9 @@ def device_id_for(device: str) -> int | None:
 
 class _Source:
     """``fn.external_source`` callback of pipeline ``j`` of ``k``: the replica's batches ``j, j + k, ...``
-    counted from (epoch, consumed), read from LMDB, with their draws. DALI calls it with 0, 1, 2, ...
-    (never StopIteration: it runs ahead across epochs' ends, as far as its prefetch queue).
+    counted from (epoch, consumed), read from LMDB, with their draws, packed by pipeline/columns.py.
+    DALI calls it with 0, 1, 2, ... (never StopIteration: it runs ahead across epochs' ends, as far
+    as its prefetch queue).
 
     A pure function of the iteration, so DALI may call it in its reader processes (``workers``): it
     is pickled into each, where the index opens its own LMDB environments on the first read.
@@ -135,6 +135,7 @@ class _Source:
 
     def __init__(self, plan: O.ReplicaPlan, epoch: int, consumed: int, j: int, k: int):
         self.plan, self.epoch, self.consumed, self.j, self.k = plan, epoch, consumed, j, k
+        self.columns = K.batch_columns(plan.training)  # pickled with it: the reader processes pack the same
         self.parent = os.getpid()  # the training process (the reader processes' parent)
 
     def __setstate__(self, state: dict) -> None:
@@ -157,12 +158,11 @@ class _Source:
             epoch, consumed = epoch + 1 + later, 0
         positions = self.plan.batch(epoch, consumed, t)
         jpegs, lengths, labels = self.plan.index.read(positions)
-        columns = [lengths, labels, positions]  # one int64 array per batch (dali_pipeline.external_inputs)
-        if not self.plan.training:
-            return jpegs, np.stack(columns, axis=1)
-        d = self.plan.draws(epoch)
-        ints = np.column_stack([*columns, d.crop_xy[positions], d.mirror[positions]])
-        return jpegs, ints, d.alpha[positions]
+        values = {"length": lengths, "label": labels, "index": positions}
+        if self.plan.training:
+            draws = self.plan.draws(epoch)
+            values |= {c.name: getattr(draws, c.name)[positions] for c in self.columns if c.draw}
+        return jpegs, *K.pack(self.columns, values)
 
 
 class DaliLoader:
@@ -204,6 +204,7 @@ class DaliLoader:
         self.data_dir, self.split, self.data = Path(data_dir), split, data
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.device, self.dtype, self.with_draws = device, dtype, with_draws
+        self.columns = K.batch_columns(self.is_training)  # what a batch carries beside its images, by name
         self.index = O.SplitIndex(self.data_dir, split)  # reads the manifest: "no dataset" is the first error
         if stats is None:
             stats = A.read_mean_image(self.data_dir), A.read_stats(self.data_dir)
@@ -323,22 +324,25 @@ class DaliLoader:
             self._drop()  # the next epoch's reader has its own seed
 
     def _delivered(self, outputs):
+        """(images, labels), + the other columns by name (``draws``) if ``with_draws``."""
         import torch
 
-        images = self._to_torch(outputs[0])
+        named = dict(zip(("images", *K.output_names(self.columns)), outputs, strict=True))
+        images = self._to_torch(named.pop("images"))
         if self.spec.channels_last:  # [..., H, W, C] as [..., C, H, W]: a view, channels_last memory
             images = images.movedim(-1, -3)
         if self.dtype == "bfloat16":
             images = images.to(torch.bfloat16)  # one pass on the device; keeps the memory format
-        labels = self._to_torch(outputs[1]).reshape(-1)
+        labels = self._to_torch(named.pop("label")).reshape(-1)
         if not self.with_draws:
             return images, labels
-        index = record_positions(outputs[2]) if self.buffer else np.array(outputs[2].as_tensor()).reshape(-1)
-        draws = {"index": index}
-        if self.is_training:
-            draws["crop_xy"] = np.array(outputs[3].as_tensor()).reshape(-1, 2)
-            draws["mirror"] = np.array(outputs[4].as_tensor()).reshape(-1)
-            draws["alpha"] = np.array(outputs[5].as_tensor()).reshape(-1, 3)
+        shapes = {c.name: c.shape for c in self.columns}
+        draws = {
+            name: record_positions(values)  # the buffer shuffle's source info
+            if self.buffer and name == "index"
+            else np.array(values.as_tensor()).reshape(-1, *shapes[name])
+            for name, values in named.items()
+        }
         return images, labels, draws
 
     def _to_torch(self, tensor_list):
@@ -381,12 +385,10 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position, whatever replica or pipeline count saved it."""
-        version = state.get("version")
-        if version != STATE_VERSION:
-            when = "from before the per-field draw streams" if version is None else f"version {version}"
+        if state.get("version") != STATE_VERSION:
             raise AlexnetError(
-                f"the checkpoint's loader state is {when}, this alexnet reads version {STATE_VERSION}: "
-                "restart the run from scratch"
+                f"the checkpoint's loader state is version {state.get('version')}, this alexnet reads version "
+                f"{STATE_VERSION}: restart the run from scratch"
             )
         mine = {"split": self.split, "batch_size": self.global_batch, "seed": self.seed, "shuffle": self.data.shuffle}
         theirs = {key: state.get(key) for key in mine}

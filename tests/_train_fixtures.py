@@ -9,6 +9,7 @@ can tell from the labels alone which records a replica saw.
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -128,17 +129,82 @@ def train_watched(config, on_step=None):
     return summary, made[-1].model
 
 
-def train_tiny(data: Path, run_dir: Path, **overrides) -> Path:
-    """A CPU run of 3 steps (batch 4) on ``data`` in ``run_dir`` (``overrides``: other TrainConfig values);
-    returns its last checkpoint, which carries the classes and the mean."""
+# --------------------------------------------------------------------------- real runs (DALI CPU-only, LMDB)
+
+RUN_KW = dict(
+    gpus="cpu",
+    batch_size=4,
+    epochs=0,
+    lr=1e-3,
+    log_every_steps=1,
+    num_threads=1,
+    progress=False,
+    checkpoint_minutes=0.0,
+)
+STEPS = 6  # 4 steps per epoch (16 records / 4): crosses an epoch end and an evaluation
+KILL_AT = 4  # after the step-3 checkpoint, mid-epoch (before epoch 1's end)
+
+
+def run_config(data, run_dir, **kw):
+    """A short CPU run of ``STEPS`` steps on ``data`` (the ``train_data`` fixture) into ``run_dir``."""
     from alexnet.trainer.config import TrainConfig
+
+    return TrainConfig.create(data_dir=str(data), run_dir=str(run_dir), **{**RUN_KW, "max_steps": STEPS, **kw})
+
+
+def metrics_lines(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_recording(monkeypatch, poison_at: int | None = None):
+    """``train`` with the test's own synchronous reads: each step's loss (``.item()``) and, before
+    each log point, the layers' norms, beside the count of the trainer's host reads (HostCopy.read) and
+    of the train lines in metrics.jsonl. ``poison_at``: a NaN put into a conv1 weight after that step."""
+    import torch
+
+    from alexnet.trainer import health
+    from alexnet.trainer import train as T
+    from alexnet.trainer.model import LEARNED_LAYERS
+
+    rec: dict = {"losses": {}, "norms": {}, "reads": 0, "seen": []}
+    real_read = health.HostCopy.read
+
+    def read(self):
+        rec["reads"] += 1
+        return real_read(self)
+
+    class Recording(T.Trainer):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            step = self.step_fn
+
+            def recorded(images, labels):
+                loss = step(images, labels)
+                rec["losses"][self.state.step + 1] = loss.item()
+                return loss
+
+            self.step_fn = recorded
+
+        def after_step(self):
+            lines = (self.run_dir / "metrics.jsonl").read_text().count('"kind": "train"')
+            rec["seen"].append((rec["reads"], lines))
+            if self.state.step == poison_at:
+                with torch.no_grad():
+                    next(self.model.conv1.parameters()).view(-1)[0] = float("nan")
+            rec["norms"][self.state.step] = health.layer_norms(self.model, LEARNED_LAYERS)
+            return super().after_step()
+
+    monkeypatch.setattr(health.HostCopy, "read", read)
+    monkeypatch.setattr(T, "Trainer", Recording)
+    return T.train, rec
+
+
+def train_tiny(data: Path, run_dir: Path, **overrides) -> Path:
+    """``run_config``'s run cut to 3 steps (``overrides``: other TrainConfig values); returns its last
+    checkpoint, which carries the classes and the mean."""
     from alexnet.trainer.train import train
 
-    settings = dict(batch_size=4, epochs=0, max_steps=3, lr=1e-3, num_threads=1, progress=False)
-    cfg = TrainConfig.create(
-        data_dir=str(data), run_dir=str(run_dir), gpus="cpu", checkpoint_minutes=0.0, **{**settings, **overrides}
-    )
-    train(cfg)
+    train(run_config(data, run_dir, **{"max_steps": 3, **overrides}))
     return Path(run_dir) / "checkpoints" / "last.pt"
 
 

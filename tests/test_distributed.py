@@ -1,4 +1,5 @@
-"""torchrun + DistributedDataParallel: two replicas with gloo on the CPU over loopback.
+"""Several replicas: what each launcher's environment means (torchrun, SLURM, Open MPI) and which
+GPUs a replica takes; then torchrun + DistributedDataParallel, two replicas with gloo on the CPU over loopback.
 
 Each run launches ``.venv/bin/torchrun --nproc-per-node 2 tests/_ddp_worker.py`` as a subprocess
 (real processes, real process group). The training set gives every record its own label, so the
@@ -18,8 +19,10 @@ import pytest
 import torch
 from _train_fixtures import train_watched, write_dataset
 
+from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer.config import TrainConfig
+from alexnet.trainer.distributed import DistInfo, replica_gpus
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -28,7 +31,132 @@ RECORDS = 16  # training records, one label each
 GLOBAL_BATCH = 8  # 4 per replica: 2 steps per epoch
 STEPS = 6  # 3 epochs
 
-pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found beside {sys.executable}")
+needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"torchrun not found beside {sys.executable}")
+
+
+# --------------------------------------------------------------------------- launchers and devices
+
+
+@pytest.mark.parametrize(
+    ("spec", "local_rank", "local_world", "cuda", "want"),
+    [
+        ("auto", 0, 1, 0, "cpu"),
+        ("auto", 0, 1, 1, "0"),
+        ("auto", 0, 1, 2, "0,1"),
+        ("auto", 1, 2, 4, "2,3"),
+        ("auto", 1, 2, 2, "1"),
+        ("0,1", 1, 2, 4, "2,3"),
+        ("0", 3, 4, 4, "3"),
+        ("cpu", 1, 2, 0, "cpu"),
+    ],
+)
+def test_replica_gpus(spec, local_rank, local_world, cuda, want):
+    info = DistInfo(rank=local_rank, world_size=local_world, local_rank=local_rank, local_world_size=local_world)
+    assert replica_gpus(spec, info, cuda) == want
+
+
+@pytest.mark.parametrize(
+    ("local_world", "cuda", "message"),
+    [(4, 2, "4 replicas on this node but only 2 GPU"), (2, 0, "no GPU visible")],
+)
+def test_auto_gpus_never_falls_back_to_the_cpu_silently(local_world, cuda, message):
+    info = DistInfo(rank=1, world_size=local_world, local_rank=1, local_world_size=local_world)
+    with pytest.raises(AlexnetError, match=message):
+        replica_gpus("auto", info, cuda)
+    assert replica_gpus("cpu", info, cuda) == "cpu"  # explicit --gpus cpu still trains there
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, DistInfo()),
+        ({"WORLD_SIZE": "1"}, DistInfo()),
+        # torchrun
+        ({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}, DistInfo(5, 8, 1, 4)),
+        # srun, 2 nodes x 4 tasks: without the SLURM variables rank 5 would look like local replica 5 of 8
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "8",
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+                "SLURM_NODEID": "1",
+            },
+            DistInfo(5, 8, 1, 4),
+        ),
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "7",
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_TASKS_PER_NODE": "4,3",
+                "SLURM_NODEID": "1",
+            },
+            DistInfo(5, 7, 1, 3),
+        ),
+        # the batch script of sbatch -n 4 is one process, not a launch of 4
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_TASKS_PER_NODE": "4"}, DistInfo()),
+        # torchrun's WORLD_SIZE/RANK beside SLURM's local variables
+        (
+            {"WORLD_SIZE": "8", "RANK": "6", "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "4(x2)"},
+            DistInfo(6, 8, 2, 4),
+        ),
+        # mpirun inside an sbatch script: the batch script's SLURM_PROCID (0 everywhere) must not win
+        (
+            {
+                "SLURM_NTASKS": "8",
+                "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_RANK": "2",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            },
+            DistInfo(2, 4, 0, 2),
+        ),
+        # mpirun whose daemons srun started (2 nodes): the step has 2 tasks, Open MPI's world is 8
+        (
+            {
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_PROCID": "1",
+                "SLURM_LOCALID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "1(x2)",
+                "SLURM_NODEID": "1",
+                "OMPI_COMM_WORLD_SIZE": "8",
+                "OMPI_COMM_WORLD_RANK": "5",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+            },
+            DistInfo(5, 8, 1, 4),
+        ),
+        # mpirun (Open MPI)
+        (
+            {
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            },
+            DistInfo(3, 4, 1, 2),
+        ),
+    ],
+)
+def test_launcher_environments(env, want):
+    from alexnet.trainer.distributed import dist_info_from_env
+
+    assert dist_info_from_env(env) == want
+
+
+def test_launcher_without_local_rank_is_one_line():
+    from alexnet.trainer.distributed import dist_info_from_env
+
+    with pytest.raises(AlexnetError, match="no LOCAL_RANK, LOCAL_WORLD_SIZE: launch with torchrun, or set"):
+        dist_info_from_env({"WORLD_SIZE": "8", "RANK": "5"})
+    with pytest.raises(AlexnetError, match="SLURM_STEP_NUM_TASKS=4 .* no LOCAL_WORLD_SIZE"):
+        dist_info_from_env({"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
+
+
+# --------------------------------------------------------------------------- two replicas under torchrun
 
 
 def _free_port() -> int:
@@ -103,6 +231,7 @@ def _labels(out: Path) -> list[list[dict]]:
     return [json.loads((out / f"labels-rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+@needs_torchrun
 def test_replicas_stay_in_sync(uninterrupted):
     w = [torch.load(uninterrupted / f"weights-rank{r}.pt", weights_only=True) for r in range(WORLD)]
     assert w[0].keys() == w[1].keys()
@@ -116,6 +245,7 @@ def test_replicas_stay_in_sync(uninterrupted):
     assert not torch.equal(init["fc8.weight"], w[0]["fc8.weight"])
 
 
+@needs_torchrun
 def test_replicas_together_see_every_record_once_per_epoch(uninterrupted):
     seen = _labels(uninterrupted)
     per_rank_records = RECORDS // WORLD
@@ -126,6 +256,7 @@ def test_replicas_together_see_every_record_once_per_epoch(uninterrupted):
         assert not set(mine[0]) & set(mine[1])
 
 
+@needs_torchrun
 def test_only_rank0_writes_and_checkpoint_records_both_replicas(uninterrupted):
     run = uninterrupted / "run"
     assert (run / "config.json").exists() and (run / "versions.json").exists()
@@ -146,6 +277,7 @@ def _resume_and_compare(ddp_data: Path, run: Path, uninterrupted: Path, out: Pat
         assert torch.equal(a[k], b[k]), k
 
 
+@needs_torchrun
 def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     # checkpoint every 3 steps; crash at step 4, before epoch 2's end: resume from mid-epoch step 3
@@ -156,6 +288,7 @@ def test_resume_with_same_replica_count_is_exact(ddp_data, uninterrupted, tmp_pa
     _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)
 
 
+@needs_torchrun
 def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninterrupted, tmp_path):
     """A real SIGTERM to replica 1 alone at step 3 (mid-epoch, between log points): replica 0 goes on
     until the replicas next agree (the end of epoch 2 at step 4), both stop there with one consistent
@@ -171,6 +304,7 @@ def test_sigterm_to_one_replica_stops_both_and_resume_is_exact(ddp_data, uninter
     _resume_and_compare(ddp_data, run, uninterrupted, tmp_path)
 
 
+@needs_torchrun
 def test_resume_with_one_replica_continues_the_epochs_permutation(ddp_data, uninterrupted, tmp_path):
     """Killed at step 4 with 2 replicas (checkpoint at step 3, mid-epoch), resumed in one process with
     the same global batch: every later step trains on exactly the records the uninterrupted 2-replica

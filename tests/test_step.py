@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet.pipeline import constants as C
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import distributed as D
 from alexnet.trainer.config import TrainConfig
@@ -46,12 +48,16 @@ def test_paper_sgd_multi_tensor_is_bitwise_the_per_tensor_update():
     ref_v = [torch.zeros_like(p) for p in ref]
     groups = [([0, 2, 4], 5e-4), ([1, 3], 0.0)]
     opt = PaperSGD([{"params": [ours[i] for i in idx], "weight_decay": wd} for idx, wd in groups], 0.01, 0.9)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]  # torch's SGD: lr outside the velocity
+    sgd = torch.optim.SGD([{"params": [theirs[i] for i in idx], "weight_decay": wd} for idx, wd in groups], 0.01, 0.9)
     for step in range(5):
         if step == 3:
             set_lr(opt, 0.001)  # the /10 drop: the velocity keeps the old step sizes (§5's form)
-        for p, r in zip(ours, ref, strict=True):
+            set_lr(sgd, 0.001)
+        for p, r, q in zip(ours, ref, theirs, strict=True):
             p.grad = None if (step == 1 and p is ours[4]) else torch.randn(p.shape, generator=gen)
-            r.grad = None if p.grad is None else p.grad.clone()
+            r.grad = q.grad = None if p.grad is None else p.grad.clone()
+        sgd.step()
         opt.step()
         lr = opt.param_groups[0]["lr"]
         for idx, wd in groups:
@@ -59,6 +65,13 @@ def test_paper_sgd_multi_tensor_is_bitwise_the_per_tensor_update():
             _reference_update([ref[i] for i in live], [ref_v[i] for i in live], lr, 0.9, wd)
         for p, r in zip(ours, ref, strict=True):
             assert torch.equal(p.detach(), r)
+    # ...and not torch's SGD, which agrees with §5 until the drop and differs after it.
+    assert not torch.allclose(
+        torch.cat([p.detach().reshape(-1) for p in ours]),
+        torch.cat([q.detach().reshape(-1) for q in theirs]),
+        rtol=1e-4,
+        atol=0,
+    )
     # The state keeps its format (one "velocity" per parameter), so checkpoints load as before.
     state = opt.state_dict()
     assert set(state["state"]) == set(range(5)) and all(set(s) == {"velocity"} for s in state["state"].values())
@@ -82,6 +95,45 @@ def test_paper_sgd_state_dict_round_trip_continues_exactly():
         train_step(m, o, x, y, precision="fp32")
     for (k, a), b in zip(model.state_dict().items(), copy.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_weight_decay_on_weights_not_biases():
+    layer = torch.nn.Linear(3, 2)
+    opt = create_optimizer(layer, lr=0.1, momentum=0.0, weight_decay=0.5)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    layer.bias.grad = torch.zeros_like(layer.bias)
+    opt.step()
+    torch.testing.assert_close(layer.weight.detach(), w0 * (1 - 0.1 * 0.5))
+    torch.testing.assert_close(layer.bias.detach(), b0)
+
+
+def test_training_step_uses_the_batch_mean_gradient():
+    """§5 / cuda-convnet: the weight gradient is the mean over the batch (the sum scaled by 1/N). One real
+    training step at lr 1, no momentum or decay, moves every weight by minus the mean of the examples'
+    own gradients; the network in float64 and eval mode, so no dropout draw differs."""
+    from alexnet.trainer.model import AlexNet
+    from alexnet.trainer.step import train_step
+
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=4).double().eval()
+    x = torch.randn(3, 3, C.CROP_SIZE, C.CROP_SIZE, dtype=torch.float64) * 50
+    y = torch.tensor([0, 2, 3])
+    per_example = []
+    for i in range(3):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        per_example.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = PaperSGD(model.parameters(), lr=1.0, momentum=0.0)
+    train_step(model, opt, x, y, precision="fp32")
+    for n, p in model.named_parameters():
+        mean_grad = sum(g[n] for g in per_example) / 3
+        # train_step computes the loss from float32 logits: agreement to float32's softmax round-off,
+        # far closer than the sum (3x) would be.
+        torch.testing.assert_close(
+            before[n] - p.detach(), mean_grad, rtol=1e-3, atol=1e-3 * mean_grad.abs().max().item()
+        )
 
 
 # --------------------------------------------------------------------------- precision
@@ -272,3 +324,66 @@ def test_fp16_and_bf16_steps_learn_on_the_gpu():
         losses = [float(step(x, y)) for _ in range(12)]
         assert losses[-1] < losses[0], (precision, losses)
     assert "no CUDA graph under fp16" in step.note
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def test_cuda_graph_applies_only_to_one_cuda_device_in_one_process():
+    from alexnet.trainer.step import uses_cuda_graph
+
+    on = TrainConfig().model.cuda_graph
+    assert on  # the default: graphs wherever they apply
+    assert uses_cuda_graph(on, [torch.device("cuda:0")], 1)
+    assert not uses_cuda_graph(on, [torch.device("cpu")], 1)
+    assert not uses_cuda_graph(on, [torch.device("cuda:0"), torch.device("cuda:1")], 1)
+    assert not uses_cuda_graph(on, [torch.device("cuda:0")], 2)
+    assert not uses_cuda_graph(False, [torch.device("cuda:0")], 1)
+    # Set before any CUDA context (replica.py, at import): DALI's streams must not share hardware
+    # queues with training.
+    from alexnet.trainer import replica  # noqa: F401
+
+    assert int(os.environ["CUDA_DEVICE_MAX_CONNECTIONS"]) >= 16
+
+
+@pytest.mark.gpu
+def test_graphed_step_equals_eager_steps_bitwise_across_an_lr_drop():
+    """The CUDA-graph step runs the eager step's kernels: same losses, weights and RNG state."""
+    from alexnet.trainer.model import AlexNet
+    from alexnet.trainer.optim import set_lr
+    from alexnet.trainer.step import GraphedStep, train_step
+
+    dev = torch.device("cuda:0")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    g = torch.Generator(device=dev).manual_seed(5)
+    batches = [
+        (
+            torch.randn(16, 3, 224, 224, device=dev, generator=g) * 50,
+            torch.randint(0, 10, (16,), device=dev, generator=g),
+        )
+        for _ in range(8)
+    ]
+    kw = {"precision": "bf16"}
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = AlexNet(num_classes=10, devices=[dev]).to(memory_format=torch.channels_last).train()
+        opt = create_optimizer(model, 0.01, 0.9, 5e-4)
+        torch.cuda.manual_seed(123)
+        step = (
+            GraphedStep(model, opt, **kw)
+            if graphed
+            else (lambda x, y, model=model, opt=opt: train_step(model, opt, x, y, **kw))
+        )
+        losses = []
+        for i, (x, y) in enumerate(batches):
+            if i == 6:
+                set_lr(opt, 0.001)
+            losses.append(float(step(x, y)))
+        weights = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        results.append((losses, weights, torch.cuda.get_rng_state()))
+        if graphed:
+            assert step.captures == 2  # at step 4 (after 3 eager ones) and again after the lr drop
+    (l0, w0, r0), (l1, w1, r1) = results
+    assert l0 == l1 and torch.equal(w0, w1) and torch.equal(r0, r1)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from alexnet.pipeline.errors import AlexnetError
 
 from . import constants as TC
+from .lrn import lrn
 
 COLUMNS = 2  # §3.2 two GPUs, half of the kernels on each
 LEARNED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -136,14 +137,12 @@ class LocalResponseNorm(nn.Module):
     ``group_size``: the channels are normalised in independent blocks of this many maps (one block per
     column; the sum never crosses a block boundary); None means one block of all C maps.
 
-    The windowed sum of squares is a 1x1 convolution with a fixed band matrix (block-diagonal for
-    blocks) holding alpha, with k as its bias: one GEMM over the channel dimension gives the whole
-    denominator base k + alpha * sum a^2 and keeps channels_last.
-
-    The denominator is computed in float32 whatever the input's dtype and any autocast: in bf16,
-    whose spacing near k = 2 is 0.0156, k + alpha * sum a^2 takes a handful of values at the
-    paper's init (73% exactly k on conv1-like activations), and the normalisation's mean effect
-    comes out 46% off (issue 21; tests/test_model.py). The output has the input's dtype.
+    Runs the custom operator ``alexnet::lrn`` (lrn.py): on a GPU one fused Triton kernel per direction,
+    elsewhere the reference arithmetic (``lrn.lrn_reference``). Both compute the denominator in float32
+    whatever the input's dtype and any autocast: in bf16, whose spacing near k = 2 is 0.0156,
+    k + alpha * sum a^2 takes a handful of values at the paper's init (73% exactly k on conv1-like
+    activations), and the normalisation's mean effect comes out 48% off (issue 21;
+    tests/test_model.py). The output has the input's dtype and memory format.
     """
 
     def __init__(
@@ -156,36 +155,12 @@ class LocalResponseNorm(nn.Module):
     ) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k, self.group_size = size, alpha, beta, k, group_size
-        self._bands: dict[tuple[int, torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, group_size={self.group_size}"
 
-    def _band(self, channels: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(alpha x the 0/1 band as a 1x1 kernel, k as its bias), built once per shape and device."""
-        key = (channels, device, dtype)
-        band = None if torch.compiler.is_compiling() else self._bands.get(key)  # traced: built in the graph
-        if band is None:
-            group = self.group_size or channels
-            if channels % group:
-                raise ValueError(f"LocalResponseNorm: {channels} channels are not a multiple of group_size {group}")
-            # Built on the device itself: no host-to-device copy, no synchronisation.
-            i = torch.arange(channels, device=device)
-            near = (i[:, None] - i[None, :]).abs() <= self.size // 2
-            same_block = (i[:, None] // group) == (i[None, :] // group)
-            weight = (near & same_block).to(dtype).mul_(self.alpha).reshape(channels, channels, 1, 1)
-            band = (weight, torch.full((channels,), self.k, dtype=dtype, device=device))
-            if not torch.compiler.is_compiling():
-                self._bands[key] = band
-        return band
-
     def forward(self, x: Tensor) -> Tensor:
-        wide = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 when given float64
-        with torch.autocast(x.device.type, enabled=False):
-            a = x.to(wide)
-            weight, k = self._band(x.shape[1], x.device, wide)
-            base = F.conv2d(a * a, weight, k)  # k + alpha * sum_j a_j^2, in float32
-            return (a * base.pow(-self.beta)).to(x.dtype)
+        return lrn(x, self.size, self.alpha, self.beta, self.k, self.group_size or 0)
 
 
 def lrn_alpha(form: str) -> float:

@@ -16,7 +16,52 @@ weights (conv kernels and fc matrices) and not the biases, as cuda-convnet's lay
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+
+def foreach_update(
+    params: list[Tensor], grads: list[Tensor], velocities: list[Tensor], lr: float, momentum: float, weight_decay: float
+) -> None:
+    """§5 on a list of tensors of one device, four multi-tensor kernels (``torch._foreach_*``): the same
+    operations in the same order as the per-tensor form, so bitwise the same (tests/test_step.py).
+    Each pass reads and writes whole tensors: 44 bytes per float32 parameter in all."""
+    # v = mom * v - lr * wd * w - lr * g; w = w + v
+    torch._foreach_mul_(velocities, momentum)
+    if weight_decay:
+        torch._foreach_add_(velocities, params, alpha=-lr * weight_decay)
+    torch._foreach_add_(velocities, grads, alpha=-lr)
+    torch._foreach_add_(params, velocities)
+
+
+@torch.library.custom_op("alexnet::paper_sgd_", mutates_args=("params", "velocities"))
+def paper_sgd_(
+    params: list[Tensor], grads: list[Tensor], velocities: list[Tensor], lr: float, momentum: float, weight_decay: float
+) -> None:
+    """§5's update in place. CUDA float32: one Triton kernel per tensor (optim_triton.py) doing the
+    four passes' operations in registers, 20 bytes per parameter (w, g, v read; w, v written);
+    elsewhere :func:`foreach_update`."""
+    if (
+        params
+        and params[0].is_cuda
+        and all(_fusable(p, g, v) for p, g, v in zip(params, grads, velocities, strict=True))
+    ):
+        from .optim_triton import fused_update
+
+        fused_update(params, grads, velocities, lr, momentum, weight_decay)
+    else:
+        foreach_update(params, grads, velocities, lr, momentum, weight_decay)
+
+
+@paper_sgd_.register_fake
+def _(params, grads, velocities, lr, momentum, weight_decay) -> None:
+    return None
+
+
+def _fusable(p: Tensor, g: Tensor, v: Tensor) -> bool:
+    """One float32 layout over the same dense memory order: the kernel walks the three flat."""
+    dense = p.is_contiguous() or p.is_contiguous(memory_format=torch.channels_last)
+    same = p.dtype == g.dtype == v.dtype == torch.float32 and p.stride() == g.stride() == v.stride()
+    return dense and same
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -27,9 +72,8 @@ class PaperSGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One update of every parameter with a gradient: four multi-tensor kernels per group and device
-        (``torch._foreach_*``) instead of four kernels per tensor. The same operations in the same order
-        as the per-tensor form, so the result is bitwise the same (tests/test_step.py)."""
+        """One update of every parameter with a gradient: one ``alexnet::paper_sgd_`` per group and
+        device (four multi-tensor kernels, or on CUDA one fused kernel per tensor)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -37,12 +81,7 @@ class PaperSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             for params, grads, velocities in self._by_device(group):
-                # v = mom * v - lr * wd * w - lr * g; w = w + v
-                torch._foreach_mul_(velocities, mom)
-                if wd:
-                    torch._foreach_add_(velocities, params, alpha=-lr * wd)
-                torch._foreach_add_(velocities, grads, alpha=-lr)
-                torch._foreach_add_(params, velocities)
+                paper_sgd_(params, grads, velocities, lr, mom, wd)
         return loss
 
     def _by_device(self, group: dict) -> list[tuple[list, list, list]]:

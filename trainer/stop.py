@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from alexnet.pipeline.errors import AlexnetError
 
@@ -83,6 +84,16 @@ class NonFiniteLoss(AlexnetError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 
+class Flags(NamedTuple):
+    """What could stop a run or call for a checkpoint, as one replica sees it; agreed (:meth:`StopPolicy._agree`):
+    each is True on every replica if it is True on any."""
+
+    non_finite: bool = False  # a value read (the loss, the layers' norms) is NaN or infinite
+    checkpoint_due: bool = False  # --checkpoint-minutes have passed since the last checkpoint
+    time_up: bool = False  # --time-limit-minutes have passed since the run started
+    signalled: bool = False  # one of SIGNALS arrived
+
+
 @dataclass
 class StepDecision:
     checkpoint: bool = False  # write checkpoints/last.pt now
@@ -132,27 +143,29 @@ class StopPolicy:
         """After optimiser step ``step``. At a log point the replicas agree on every flag, and ``read``
         (None before the first one is read) is checked; between log points nothing is agreed."""
         now = time.monotonic()
-        flags = [False, False, False, self.signals.received is not None]
+        signalled = self.signals.received is not None
         if log_point:
             minutes = self.run.checkpoint_minutes
-            flags[:3] = [
-                read is not None and not read.finite,
-                bool(minutes) and now - self.last_checkpoint >= 60 * minutes,
-                self._time_up(now),
-            ]
-            flags = self._agree(flags)
-        elif self.info.enabled:
-            flags[3] = False  # several replicas: a signal waits for the next point where they agree
-        if flags[0] and read is not None:  # (every replica has read at the same log points)
+            flags = self._agree(
+                Flags(
+                    non_finite=read is not None and not read.finite,
+                    checkpoint_due=bool(minutes) and now - self.last_checkpoint >= 60 * minutes,
+                    time_up=self._time_up(now),
+                    signalled=signalled,
+                )
+            )
+        else:  # several replicas: a signal waits for the next point where they agree
+            flags = Flags(signalled=signalled and not self.info.enabled)
+        if flags.non_finite and read is not None:  # (every replica has read at the same log points)
             self._stop_non_finite(read)
         every = self.run.checkpoint_every_steps
-        stop = "time_limit" if flags[2] else "signal" if flags[3] else self.max_steps(step)
-        return StepDecision(checkpoint=flags[1] or bool(every and step % every == 0), stop=stop)
+        stop = "time_limit" if flags.time_up else "signal" if flags.signalled else self.max_steps(step)
+        return StepDecision(checkpoint=flags.checkpoint_due or bool(every and step % every == 0), stop=stop)
 
     def check(self, read: IntervalRead) -> None:
         """Before a checkpoint or an epoch's end: raises :class:`NonFiniteLoss` if any replica read a
         non-finite value."""
-        if self._agree([not read.finite])[0]:
+        if self._agree(Flags(non_finite=not read.finite)).non_finite:
             self._stop_non_finite(read)
 
     def _stop_non_finite(self, read: IntervalRead) -> None:
@@ -169,13 +182,15 @@ class StopPolicy:
 
     def at_epoch_end(self) -> str:
         """After the epoch's evaluation and checkpoint: the time limit or a signal, agreed."""
-        time_up, signalled = self._agree([self._time_up(time.monotonic()), self.signals.received is not None])
-        return "time_limit" if time_up else "signal" if signalled else ""
+        flags = self._agree(Flags(time_up=self._time_up(time.monotonic()), signalled=self.signals.received is not None))
+        return "time_limit" if flags.time_up else "signal" if flags.signalled else ""
 
     def saved(self, step: int) -> None:
         self.last_checkpoint, self.last_good_step = time.monotonic(), step
 
-    def _agree(self, flags: list[bool]) -> list[bool]:
+    def _agree(self, flags: Flags) -> Flags:
+        """``flags`` agreed over the replicas (all of them call it at the same point): one all-reduce of
+        every field, whichever this point uses."""
         from . import distributed as D  # torch: imported when a run starts, not by the CLI's --help
 
-        return D.any_flags(flags, self.info)
+        return Flags._make(D.any_flags(list(flags), self.info))
