@@ -23,7 +23,7 @@ $(BIN)/.installed: setup.cfg setup.py pyproject.toml constraints.txt tools/_mome
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/python -m alexnet.tools.demo --out $(DEMO_DIR)
+	$(BIN)/python -m alexnet.trainer.demo --out $(DEMO_DIR)
 
 test: install
 	$(BIN)/ruff check .

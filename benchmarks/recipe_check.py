@@ -29,6 +29,7 @@ from pathlib import Path
 import click
 
 from alexnet.trainer.plots import Axes, Series, hstack, line_plot
+from alexnet.trainer.rundir import RunDir, by_kind, read_log
 
 ROOT = Path(__file__).resolve().parent
 FORMS = ("authors", "paper-text")
@@ -89,20 +90,16 @@ def train(data: Path, run: Path, lrn: str, steps: int, threads: int) -> None:
         "--checkpoint-minutes",
         "5",
     ]
-    if (run / "checkpoints" / "last.pt").exists():
+    if RunDir(run).last.exists():
         args.append("--resume")
     # One DALI thread decodes ahead; torch takes the other threads.
     _run(args, {"OMP_NUM_THREADS": str(threads)})
 
 
 def curves(run: Path) -> dict:
-    train, evals = {}, []
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "train":
-            train[rec["step"]] = rec["loss"]
-        elif rec.get("kind") == "eval":
-            evals.append((rec["epoch"], rec["step"], rec["top1_err"]))
+    records = read_log(RunDir(run).metrics)
+    train = {rec["step"]: rec["loss"] for rec in by_kind(records, "train")}
+    evals = [(rec["epoch"], rec["step"], rec["top1_err"]) for rec in by_kind(records, "eval")]
     return {"loss": train, "val_top1_err": evals}
 
 

@@ -113,11 +113,10 @@ def build_sample(work: Path, train_per_class: int, val_per_class: int) -> Path:
 def warmed_up(run: Path) -> float | None:
     """When everything a run allocates exists: the first evaluation's line (after at least one epoch:
     the model, the velocities, the train and val loaders), or None if the run never got there."""
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "eval" and rec.get("time"):
-            return float(rec["time"])
-    return None
+    from alexnet.trainer.rundir import RunDir, by_kind, read_log
+
+    evals = by_kind(read_log(RunDir(run).metrics, tolerate_torn_tail=True), "eval")
+    return float(evals[0]["time"]) if evals else None
 
 
 def growth(samples: list[tuple[float, float, float | None]], t1: float, column: int) -> dict[str, float] | None:

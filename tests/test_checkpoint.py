@@ -11,6 +11,7 @@ import torch
 
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import checkpoint as ckpt_io
+from alexnet.trainer.rundir import epoch_name
 
 
 def test_safe_encoding_round_trip_and_weights_only_load(tmp_path):
@@ -63,7 +64,7 @@ def test_bad_checkpoint_is_one_clear_error(tmp_path):
 
 def test_prune_epoch_checkpoints_keeps_the_newest_and_linked_files(tmp_path):
     for e in (1, 2, 3, 10):
-        (tmp_path / ckpt_io.epoch_name(e)).write_bytes(b"epoch %d" % e)
+        (tmp_path / epoch_name(e)).write_bytes(b"epoch %d" % e)
     os.link(tmp_path / "epoch-0001.pt", tmp_path / "best.pt")  # best.pt shares epoch 1's file
     (tmp_path / "epoch-notes.pt").write_bytes(b"not an epoch checkpoint")
     deleted = ckpt_io.prune_epoch_checkpoints(tmp_path, 2)

@@ -4,7 +4,6 @@ output on the checkpoint's mean (such a set has no train split, so no mean of it
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from alexnet.pipeline import artifacts as A
 from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer.predict import load_predictor
+from alexnet.trainer.rundir import RunDir, read_log
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,14 @@ def test_a_test_split_of_the_val_images_scores_exactly_the_val_figures(run):
     assert val.exit_code == 0 and test.exit_code == 0, val.output + test.output
     assert "), test:" in test.output and "), val:" in val.output
     assert len(_figures(val.output)) == 2 and _figures(test.output) == _figures(val.output)
-    logged = [json.loads(x) for x in (ckpt.parent.parent / "metrics.jsonl").read_text().splitlines()]
-    assert {r["split"] for r in logged if r.get("kind") == "eval"} >= {"val", "test"}
+    logged = read_log(RunDir.of_checkpoint(ckpt).evals)
+    assert [(r["split"], r["ten_crop"]) for r in logged][-4:] == [
+        ("val", False),
+        ("val", True),
+        ("test", False),
+        ("test", True),
+    ]
+    assert logged[-1]["top1_err"] == logged[-3]["top1_err"] and logged[-1]["images"] == logged[-3]["images"]
 
 
 def _with_classes(ckpt, tmp_path, classes):

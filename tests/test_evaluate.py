@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _train_fixtures import STEPS, metrics_lines, run_config
+from _train_fixtures import STEPS, run_config
 from click.testing import CliRunner
 
 from alexnet.pipeline import constants as C
 from alexnet.trainer import checkpoint as ckpt_io
 from alexnet.trainer.distributed import DistInfo
 from alexnet.trainer.evaluate import average_patch_softmax, topk_counts
+from alexnet.trainer.rundir import RunDir, read_log
 
 
 def test_ten_patch_average_of_softmax_on_known_input():
@@ -55,9 +56,10 @@ def test_eval_only_ten_crop_cli_prints_and_logs_both(uninterrupted, train_data, 
     )
     assert r.exit_code == 0, r.output
     assert "centre crop" in r.output and "ten patches" in r.output
-    evals = metrics_lines(tmp_path / "eval")
+    evals = read_log(RunDir(tmp_path / "eval").evals)
     assert [x["ten_crop"] for x in evals] == [False, True] and all(x["images"] == 8 for x in evals)
-    assert all(x["step"] == STEPS for x in evals)
+    assert all(x["step"] == STEPS and x["checkpoint"] == str(ck) for x in evals)
+    assert not RunDir(tmp_path / "eval").metrics.exists()  # training's log is not the evaluations' place
 
 
 def test_evaluate_ten_crop_matches_a_direct_computation(uninterrupted, train_data):

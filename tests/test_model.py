@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.trainer import constants as TC
-from alexnet.trainer.model import AlexNet, LocalResponseNorm, PaperDropout, count_parameters, parse_gpus
+from alexnet.trainer.model import AlexNet, LocalResponseNorm, PaperDropout, count_parameters
 
 CPU = torch.device("cpu")
 TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (one per column)")
@@ -428,28 +428,6 @@ def test_placement_properties():
 def test_bad_devices(devices):
     with pytest.raises(AlexnetError):
         AlexNet(num_classes=3, devices=devices)
-
-
-def test_parse_gpus(monkeypatch):
-    assert parse_gpus("cpu") == [CPU]
-    assert parse_gpus(" CPU ") == [CPU]
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert parse_gpus("0,1") == [torch.device("cuda:0"), torch.device("cuda:1")]
-    assert parse_gpus("1") == [torch.device("cuda:1")]
-    assert parse_gpus("1, 0") == [torch.device("cuda:1"), torch.device("cuda:0")]
-    for bad, message in [
-        ("", "expected 'cpu'"),
-        ("gpu0", "expected 'cpu'"),
-        ("-1", "expected 'cpu'"),
-        ("0,1,2", "two columns"),
-        ("0,0", "named twice"),
-        ("2", r"GPU 2 not available \(torch sees 2"),
-    ]:
-        with pytest.raises(AlexnetError, match=message):
-            parse_gpus(bad)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    with pytest.raises(AlexnetError, match="GPU 0 not available"):
-        parse_gpus("0")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")

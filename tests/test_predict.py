@@ -55,7 +55,7 @@ def _photo(path: Path, size=(300, 200), seed=0) -> Path:
 
 def test_predict_is_the_models_forward_pass_on_the_papers_preprocessing(run, tmp_path):
     data, ckpt = run
-    pred = load_predictor(ckpt, None, torch.device("cpu"))  # no --data-dir: the checkpoint carries it all
+    pred = load_predictor(ckpt, torch.device("cpu"))  # the checkpoint carries classes and mean
     assert pred.classes == A.read_manifest(data).classes
     np.testing.assert_array_equal(pred.mean_image, A.read_mean_image(data))
     path = _photo(tmp_path / "a.jpg")
@@ -79,7 +79,7 @@ def test_ten_crop_prediction_equals_the_evaluations_ten_patches(run, val_files):
     from alexnet.pipeline.loader import DataConfig, create_loader
 
     data, ckpt = run
-    pred = load_predictor(ckpt, None, torch.device("cpu"))
+    pred = load_predictor(ckpt, torch.device("cpu"))
     loader = create_loader(data, "val", DataConfig(num_threads=1), batch_size=4, ten_crop=True, with_draws=True)
     seen = 0
     for images, _labels, draws in loader:
@@ -132,11 +132,15 @@ def test_checkpoint_with_another_class_count_is_one_line(run, tmp_path):
     bad = tmp_path / "bad.pt"
     ckpt_io.save_checkpoint(bad, ck)
     with pytest.raises(AlexnetError, match="4 output classes but its class list has 3"):
-        load_predictor(bad, None, torch.device("cpu"))
+        load_predictor(bad, torch.device("cpu"))
     r = CliRunner().invoke(
         main, ["predict", "--checkpoint", str(bad), "--gpus", "cpu", str(_photo(tmp_path / "x.jpg"))]
     )
     assert r.exit_code != 0 and "Traceback" not in r.output and "class list has 3" in r.output
+    ck["dataset"] = None  # a checkpoint not written by training: refused, there is no --data-dir to fall back on
+    ckpt_io.save_checkpoint(bad, ck)
+    with pytest.raises(AlexnetError, match="carries no class list or mean image"):
+        load_predictor(bad, torch.device("cpu"))
 
 
 CLEAN_LOAD = r"""
@@ -173,7 +177,7 @@ def test_export_runs_in_plain_pytorch_without_the_package(run, tmp_path):
     out = tmp_path / "alexnet.pt2"
     r = CliRunner().invoke(main, ["export", "--checkpoint", str(ckpt), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    pred = load_predictor(ckpt, None, torch.device("cpu"))
+    pred = load_predictor(ckpt, torch.device("cpu"))
     batch = torch.randn(3, 3, C.CROP_SIZE, C.CROP_SIZE, generator=torch.Generator().manual_seed(0)) * 50
     torch.save(batch, tmp_path / "batch.pt")
     script = tmp_path / "load.py"
@@ -191,6 +195,40 @@ def test_export_runs_in_plain_pytorch_without_the_package(run, tmp_path):
     torch.testing.assert_close(got["probs"], expected, rtol=0, atol=1e-5)
     assert got["classes"] == pred.classes and got["crop"] == C.CROP_SIZE
     np.testing.assert_array_equal(got["mean"].numpy(), pred.mean_image)
+
+
+def _readme_export_snippet() -> str:
+    """The README's snippet that uses an exported file (the python block after "runs without this package")."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python", text.index("The exported file runs without this package"))
+    return text[start + len("```python") : text.index("```", start + 3)]
+
+
+def test_the_readmes_export_snippet_predicts_what_predict_does(run, tmp_path):
+    """The README's whole use of an exported file, run as written (file names swapped) in a process that
+    cannot import this package: its probabilities are predict's centre crop of the same photo."""
+    from alexnet.trainer.cli import main
+
+    _, ckpt = run
+    out, photo = tmp_path / "alexnet.pt2", _photo(tmp_path / "photo.jpg", size=(300, 200), seed=3)
+    assert CliRunner().invoke(main, ["export", "--checkpoint", str(ckpt), "--out", str(out)]).exit_code == 0
+    snippet = _readme_export_snippet()
+    assert all(part in snippet for part in ("torch.no_grad()", "extra_files", '"demo/alexnet.pt2"', ".topk(5)"))
+    code = snippet.replace('"demo/alexnet.pt2"', repr(str(out))).replace('"photo.jpg"', repr(str(photo)))
+    code = code.replace(".topk(5)", ".topk(4)")  # the test's network has 4 classes
+    guard = CLEAN_LOAD[: CLEAN_LOAD.index("import base64")]  # the clean sys.path of the test above
+    script = tmp_path / "snippet.py"
+    script.write_text(guard + code + f"\ntorch.save(probs, {str(tmp_path / 'probs.pt')!r})\n")
+    res = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    pred = load_predictor(ckpt, torch.device("cpu"))
+    (expected,) = predict(pred, [photo], ten_crop=False, batch_size=1)
+    printed = [line.split() for line in res.stdout.strip().splitlines()]
+    assert [p[1] for p in printed] == [t["wnid"] for t in expected["top5"]][: len(printed)]
+    probs = torch.load(tmp_path / "probs.pt")[0]
+    top = [t["prob"] for t in expected["top5"]]
+    # ImageOps.fit's window differs from the builder's by under a pixel: the same probabilities to 1e-3.
+    np.testing.assert_allclose(probs.topk(len(top)).values.numpy(), top, atol=1e-3)
 
 
 def test_nearest_neighbours_equal_a_numpy_brute_force():
@@ -220,7 +258,7 @@ def test_report_draws_both_figure4_panels_and_the_class_table(run, tmp_path):
     md = (tmp_path / "report" / "report.md").read_text()
     assert "figure4_neighbours.png" in md and "| class | name | images | top-1 error |" in md
     # the table's errors are the centre-crop argmax errors of the same sample
-    pred = load_predictor(ckpt, None, torch.device("cpu"))
+    pred = load_predictor(ckpt, torch.device("cpu"))
     val = run_split(pred, data, "val", 1000)
     wrong = (val.probs.argmax(1).numpy() != val.labels).mean()
     assert np.isclose(sum(n * e for _, _, n, e in f["class_errors"]) / 8, wrong)
@@ -252,8 +290,8 @@ def test_report_without_a_val_split_leaves_figure4_out_with_a_note(run, tmp_path
     (train_only / "manifest.json").write_text(json.dumps(manifest))
     run_dir = tmp_path / "run"
     shutil.copytree(ckpt.parent.parent, run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps({**config, "data_dir": str(train_only)}))
+    saved = TrainConfig.load(run_dir / "config.json")
+    saved.replace(data_dir=str(train_only)).save(run_dir / "config.json")
     res = build_report(run_dir, tmp_path / "report")
     assert res.figure4 is None and "figure4_predictions" not in res.images
     assert any("Figure 4" in n and "left out" in n for n in res.notes)
@@ -323,7 +361,7 @@ def test_eval_takes_the_mean_from_the_checkpoint_and_refuses_another(run, channe
     from alexnet.trainer.evaluate import evaluate
 
     data, _ = run
-    model = load_predictor(channel_ckpt, None, torch.device("cpu")).model
+    model = load_predictor(channel_ckpt, torch.device("cpu")).model
     expected = evaluate(model, _val_loader(data, "channel"))["top1_err"]
     r = _eval_cli(data, channel_ckpt)  # no --mean: the checkpoint's 'channel'
     assert r.exit_code == 0, r.output
@@ -339,7 +377,7 @@ def test_averaged_probabilities_are_the_mean_of_each_models_own(run, channel_ckp
     from alexnet.trainer.predict import average_probabilities, load_predictors
 
     _, ckpt = run
-    preds = load_predictors([ckpt, channel_ckpt], None, torch.device("cpu"))
+    preds = load_predictors([ckpt, channel_ckpt], torch.device("cpu"))
     assert not np.allclose(preds[0].mean_image, preds[1].mean_image)
     images = [stored_crop(p) for p in list(val_files.values())[:3]]
     for ten in (False, True):
@@ -356,7 +394,7 @@ def test_eval_of_averaged_checkpoints_equals_a_direct_computation(run, channel_c
     from alexnet.trainer.evaluate import evaluate, evaluate_average, topk_counts
 
     data, ckpt = run
-    models = [load_predictor(c, None, torch.device("cpu")).model for c in (ckpt, channel_ckpt)]
+    models = [load_predictor(c, torch.device("cpu")).model for c in (ckpt, channel_ckpt)]
     c1 = seen = 0
     for (a, labels), (b, _) in zip(_val_loader(data, "image"), _val_loader(data, "channel"), strict=True):
         with torch.no_grad():

@@ -1,8 +1,9 @@
 """``alexnet-train report``: figures, conv1 kernels per column, colourfulness, summary, CLI errors.
 
-The run directory is built here the way the trainer writes one: a metrics.jsonl, a config.json and
-a real checkpoint (torch.save of the real AlexNet's state dict with conv1 replaced by known kernels:
-column one grey, column two colourful).
+The run directory is built here with the trainer's own writers (rundir.py's records, config.py's
+config.json, checkpoint.py's save_checkpoint of the real AlexNet's state dict with conv1 replaced by
+known kernels: column one grey, column two colourful). One test trains a real run and evaluates an
+earlier checkpoint of it afterwards (issue 28's new-user report).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from PIL import Image
 
 from alexnet.pipeline.cli_common import Group
 from alexnet.trainer import plots, report
+from alexnet.trainer.checkpoint import save_checkpoint
+from alexnet.trainer.config import TrainConfig
 from alexnet.trainer.report import build_report, colourfulness, report_command
+from alexnet.trainer.rundir import RunDir, record
 
 NUM_CLASSES = 10
 
@@ -58,34 +62,56 @@ def _state_dict(conv1: np.ndarray) -> dict[str, torch.Tensor]:
     return state
 
 
+def _stamped(rec: dict, elapsed_s: float) -> dict:
+    return {**rec, "elapsed_s": elapsed_s, "time": 1.7e9 + elapsed_s}
+
+
 def write_run(run, *, with_checkpoint=True, preview=True, conv1=None):
-    run.mkdir(parents=True)
+    """Four epochs of 50 steps: train records every 10 steps, a validation and an epoch_end record at each
+    epoch's end, and a ten-patch evaluation of the last checkpoint in evals.jsonl."""
+    run = RunDir(run)
+    run.root.mkdir(parents=True)
     lines = []
-    for step in range(0, 200, 10):
-        lines.append(
-            {
-                "step": step,
-                "epoch": step / 50,
-                "loss": 2.3 * math.exp(-step / 80) + 0.05,
-                "lr": 0.01 if step < 150 else 0.001,
-                "images_per_s": 100.0 + step % 7,
-                "elapsed_s": 0.5 * step,
-            }
+    for step in range(10, 201, 10):
+        loss = 2.3 * math.exp(-step / 80) + 0.05
+        epoch, progress = (step - 1) // 50, (step - 1) % 50 / 50 + 0.02
+        rec = record(
+            "train",
+            step=step,
+            epoch=epoch,
+            epoch_progress=progress,
+            loss=loss,
+            lr=0.01 if step < 150 else 0.001,
+            images_per_s=100.0 + step % 7,
         )
+        lines.append(_stamped(rec, 0.5 * step - 5))
     for epoch, (t1, t5) in enumerate([(0.8, 0.45), (0.5, 0.2), (0.55, 0.25), (0.4, 0.15)], 1):
-        lines.append(
-            {"split": "val", "top1_err": t1, "top5_err": t5, "ten_crop": False, "step": 50 * epoch, "epoch": epoch}
+        lines.append(_stamped(record("epoch_end", epoch=epoch, step=50 * epoch), 25.0 * epoch))
+        rec = record(
+            "eval", split="val", ten_crop=False, step=50 * epoch, epoch=epoch, top1_err=t1, top5_err=t5, images=200
         )
-    lines.append({"split": "val", "top1_err": 0.35, "top5_err": 0.12, "ten_crop": True, "step": 200, "epoch": 4})
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (run / "config.json").write_text(json.dumps({"model": {"num_classes": NUM_CLASSES}, "batch_size": 32}))
+        lines.append(_stamped(rec, 25.0 * epoch))
+    run.metrics.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    posthoc = record(
+        "checkpoint_eval",
+        checkpoint=str(run.last),
+        dataset="data",
+        split="val",
+        ten_crop=True,
+        step=200,
+        epoch=4,
+        top1_err=0.35,
+        top5_err=0.12,
+        images=200,
+    )
+    run.evals.write_text(json.dumps({**posthoc, "time": 1.7e9}) + "\n")
+    TrainConfig.create(num_classes=NUM_CLASSES, batch_size=32).save(run.config)
     if with_checkpoint:
-        (run / "checkpoints").mkdir()
         state = _state_dict(known_conv1() if conv1 is None else conv1)
-        torch.save({"model": state, "step": 200, "epoch": 4}, run / "checkpoints" / "last.pt")
+        save_checkpoint(run.last, {"model": state, "step": 200, "epoch": 4})
     if preview:
-        Image.new("RGB", (64, 48), (10, 200, 30)).save(run / "preview.png")
-    return run
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(run.preview)
+    return run.root
 
 
 @pytest.fixture(scope="module")
@@ -204,45 +230,25 @@ def test_colourfulness_json_and_summary(made):
     for name in ("curves.png", "conv1_kernels.png", "preview.png", "loss.png", "error.png", "lr.png"):
         assert name in md
     assert "](curves.png)" in md and "](conv1_kernels.png)" in md  # relative links that render
-    # Final and best (centre crop), ten patches, chance levels for 10 classes.
+    # Final and best (training's centre crop), the checkpoint's ten patches apart, chance levels for 10 classes.
     assert "| val | centre crop | 40.00% | 15.00% | 4 | 40.00% | 15.00% | 4 |" in md
-    assert "| val | ten patches (§4.1) | 35.00% | 12.00% |" in md
+    assert "ten patches (§4.1) | 35.00% | 12.00% | 200 |" in md.split("## Evaluations of checkpoints")[1]
     assert "90.00%" in md and "50.00%" in md
     assert "training time: 1m 35s" in md  # elapsed_s of the last training line: 95 s
+    assert "steps: 200; epochs completed: 4" in md
     assert "images/s" in md and f"{c2['mean']:.3f}" in md
 
 
 def test_eval_rows_final_and_best():
-    evals = [
-        {"split": "val", "top1_err": 0.6, "top5_err": 0.3, "epoch": 1},
-        {"split": "val", "top1_err": 0.5, "top5_err": 0.2, "epoch": 2},
-        {"split": "val", "top1_err": 0.55, "top5_err": 0.25, "epoch": 3},
-        {"split": "train", "top1_err": 0.1, "top5_err": 0.0, "epoch": 3},
-    ]
+    def ev(split, t1, t5, epoch):
+        return record("eval", split=split, ten_crop=False, step=epoch, epoch=epoch, top1_err=t1, top5_err=t5, images=8)
+
+    evals = [ev("val", 0.6, 0.3, 1), ev("val", 0.5, 0.2, 2), ev("val", 0.55, 0.25, 3), ev("train", 0.1, 0.0, 3)]
     val, train = report.eval_rows(evals)
     assert (val.split, train.split) == ("val", "train")
     assert (val.final_top1, val.final_epoch) == (0.55, 3)
     assert (val.best_top1, val.best_top5, val.best_epoch) == (0.5, 0.2, 2)
     assert val.points == 3 and not val.ten_crop
-    # A log in percentages is read as percentages throughout, small values included.
-    pct = [dict(r, top1_err=100 * r["top1_err"], top5_err=100 * r["top5_err"]) for r in evals]
-    pct[-1]["top1_err"] = 0.9  # 0.9 %, not 90 %
-    val, train = report.eval_rows(pct)
-    assert val.final_top1 == pytest.approx(0.55) and val.best_top5 == pytest.approx(0.2)
-    assert train.final_top1 == pytest.approx(0.009)
-
-
-def test_test_split_rows_show_the_figures_and_choose_no_best():
-    """``eval --split test`` records: shown after val, the last one's figures, and no best (nothing is chosen on test)."""
-    evals = [
-        {"split": "test", "top1_err": 0.40, "top5_err": 0.2, "epoch": 3},
-        {"split": "val", "top1_err": 0.5, "top5_err": 0.2, "epoch": 2},
-        {"split": "test", "top1_err": 0.45, "top5_err": 0.25, "epoch": 3},
-    ]
-    val, test = report.eval_rows(evals)
-    assert (val.split, test.split) == ("val", "test")
-    assert (test.final_top1, test.final_top5, test.points) == (0.45, 0.25, 2)
-    assert (test.best_top1, test.best_top5, test.best_epoch) == (None, None, "–")
 
 
 def test_missing_checkpoint_still_reports(tmp_path):
@@ -275,15 +281,21 @@ def test_cli_help_has_examples():
     assert r.exit_code == 0 and "Examples:" in r.output and "--out" in r.output
 
 
+EPOCH_END = json.dumps(record("epoch_end", epoch=1, step=5))
+OLD_LINE = '{"kind": "train", "step": 10, "epoch": 0, "loss": 2.3, "lr": 0.01, "images_per_s": 50.0}\n'
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
         (lambda p: None, "run directory"),
         (lambda p: p.mkdir(), "no metrics.jsonl"),
-        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')), "metrics.jsonl:2"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text(EPOCH_END + "\nnot json\n")), "metrics.jsonl:2"),
         (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text("\n")), "no metrics lines"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text(OLD_LINE)), "metrics.jsonl:1: a record of no schema"),
+        (lambda p: (p.mkdir(), (p / "metrics.jsonl").write_text(EPOCH_END.replace("step", "stop"))), "without step"),
     ],
-    ids=["missing-run-dir", "missing-metrics", "bad-line", "empty-metrics"],
+    ids=["missing-run-dir", "missing-metrics", "bad-line", "empty-metrics", "before-schemas", "missing-field"],
 )
 def test_cli_bad_input_is_one_clear_line(tmp_path, setup, message):
     run = tmp_path / "run"
@@ -349,3 +361,53 @@ def test_the_last_centre_crop_point_stays_visible_under_the_ten_patch_marker():
     )
     assert alone > 40 and both >= 0.8 * alone, (alone, both)
     assert blue_at_the_end(plots.line_plot([ten, centre], axes)) >= 0.8 * alone  # whatever the order
+
+
+# ---------------------------------------------------------------- a real run, evaluated afterwards
+
+
+def test_evaluating_an_earlier_checkpoint_leaves_the_training_figures_alone(tmp_path):
+    """Issue 28, tried as a new user: `eval` on an earlier checkpoint of a finished run used to append
+    to metrics.jsonl, so that `report` gave that checkpoint's error as the final one ("at epoch 1") and
+    the error plot drew a line back from the last epoch to it; the epoch count was one short. Now the
+    evaluation goes to evals.jsonl, naming its checkpoint, dataset and split, and is listed apart."""
+    from _train_fixtures import write_dataset
+
+    from alexnet.trainer.cli import main
+    from alexnet.trainer.train import train
+
+    data = write_dataset(tmp_path / "data", num_classes=4, train_per_class=2, val_per_class=1)
+    run = RunDir(tmp_path / "run")
+    cfg = TrainConfig.create(
+        data_dir=str(data),
+        run_dir=str(run.root),
+        gpus="cpu",
+        batch_size=4,
+        epochs=3,
+        lr=1e-3,
+        num_threads=1,
+        progress=False,
+        checkpoint_minutes=0.0,
+        keep_epochs=0,
+        log_every_steps=1,
+    )
+    assert train(cfg)["epochs_completed"] == 3
+    history = run.metrics.read_bytes()
+    early = run.epoch_checkpoint(1)
+    args = ["eval", "--data-dir", str(data), "--gpus", "cpu", "--threads", "1", "--no-progress", "--batch-size", "4"]
+    r = CliRunner().invoke(main, [*args, "--checkpoint", str(early)])
+    assert r.exit_code == 0, r.output
+    assert run.metrics.read_bytes() == history  # training's own log is untouched
+    (posthoc,) = [json.loads(line) for line in run.evals.read_text().splitlines()]
+    assert (posthoc["checkpoint"], posthoc["dataset"], posthoc["split"]) == (str(early), str(data), "val")
+    assert (posthoc["kind"], posthoc["step"], posthoc["epoch"], posthoc["ten_crop"]) == ("checkpoint_eval", 2, 1, False)
+
+    metrics = report.read_metrics(run)
+    assert [e["epoch"] for e in metrics.evals] == [1, 2, 3]  # the error plot's points, in order
+    res = build_report(run.root, tmp_path / "report")
+    (row,) = res.rows
+    last = metrics.evals[-1]
+    assert (row.final_epoch, row.final_top1, row.points) == (3, last["top1_err"], 3)
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "steps: 6; epochs completed: 3" in md
+    assert f"| `{early}` | 2 | 1 | `{data}` | val | centre crop |" in md

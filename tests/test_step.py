@@ -4,7 +4,6 @@ process, the split form and two gloo replicas), and the GPU-only checks (marked,
 from __future__ import annotations
 
 import io
-import json
 import os
 import subprocess
 import sys
@@ -160,19 +159,6 @@ def test_precision_resolution_and_loader_dtype():
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
 
-def test_runs_from_before_the_precision_change_are_refused_in_one_line(tmp_path):
-    d = TrainConfig().to_dict()
-    old = {**d, "model": {k: v for k, v in d["model"].items() if k != "precision"} | {"bf16": True}}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    with pytest.raises(AlexnetError, match="predates the precision change") as e:
-        TrainConfig.load(tmp_path / "config.json")
-    assert "\n" not in str(e.value)
-    model = AlexNet(num_classes=10)
-    with pytest.raises(AlexnetError, match="checkpoint: this run predates the precision change"):
-        AlexNet.from_checkpoint({"model": model.state_dict(), "config": old})
-    assert AlexNet.from_checkpoint({"model": model.state_dict(), "config": d}).num_classes == 10
-
-
 def test_fp16_step_scales_the_loss_and_skips_an_overflowing_update():
     torch.manual_seed(0)
     model = AlexNet(num_classes=10).eval()
@@ -207,6 +193,30 @@ def test_gpus_auto_with_more_than_two_gpus_says_what_it_does(monkeypatch):
     assert "torchrun --nproc-per-node 8" in replica.note and "\n" not in replica.note
     two = resolve_replica("auto", D.DistInfo(rank=1, world_size=4, local_rank=1, local_world_size=4))
     assert [str(d) for d in two.devices] == ["cuda:2", "cuda:3"] and "torchrun" not in two.note
+
+
+def test_parse_gpus(monkeypatch):
+    from alexnet.trainer.replica import parse_gpus
+
+    assert parse_gpus("cpu") == [torch.device("cpu")]
+    assert parse_gpus(" CPU ") == [torch.device("cpu")]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_gpus("0,1") == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert parse_gpus("1") == [torch.device("cuda:1")]
+    assert parse_gpus("1, 0") == [torch.device("cuda:1"), torch.device("cuda:0")]
+    for bad, message in [
+        ("", "expected 'cpu'"),
+        ("gpu0", "expected 'cpu'"),
+        ("-1", "expected 'cpu'"),
+        ("0,1,2", "two columns"),
+        ("0,0", "named twice"),
+        ("2", r"GPU 2 not available \(torch sees 2"),
+    ]:
+        with pytest.raises(AlexnetError, match=message):
+            parse_gpus(bad)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(AlexnetError, match="GPU 0 not available"):
+        parse_gpus("0")
 
 
 # --------------------------------------------------------------------------- --compile

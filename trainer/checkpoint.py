@@ -6,25 +6,10 @@ not of those kinds (numpy arrays, numpy scalars, bytes, tuples: the pipeline's p
 numpy/python RNG states) are encoded by :func:`to_safe` into tagged dicts of tensors and decoded
 back exactly by :func:`from_safe`.
 
-Layout (``FORMAT_VERSION`` 3)::
-
-    format_version  int
-    model           canonical state dict (any placement loads it)
-    optimizer       PaperSGD state dict (velocities)
-    schedule        plain dict
-    epoch           completed epochs (int)
-    step            optimiser steps done (int)
-    batch_in_epoch  steps done in the current epoch (0 at an epoch boundary)
-    world_size      replicas that wrote it
-    rng             one entry per replica: its generators (torch, CUDA, numpy, python)
-    loader          the loader's position: epoch, records consumed, seed (the same on every replica)
-    config          the run's config dict
-    best_top1_err   best centre-crop validation top-1 error so far (or None)
-
-Files: ``RUN/checkpoints/last.pt`` (every epoch and every N minutes), ``epoch-XXXX.pt`` (each
-epoch's end; ``--keep-epochs N`` keeps the newest N), ``RUN/checkpoints/best.pt`` (lowest validation
-top-1 error). last.pt and best.pt are hard links to (or copies of) an epoch file where they can
-be, so pruning an epoch file never removes their contents.
+The layout is :data:`KEYS` (``FORMAT_VERSION`` 3): each key with what it holds, written by
+``Trainer._payload`` (train.py) and checked by :meth:`Checkpointer.save`. The files' names are
+rundir.py's; last.pt and best.pt are hard links to (or copies of) an epoch file where they can be,
+so pruning an epoch file never removes their contents.
 """
 
 from __future__ import annotations
@@ -42,36 +27,53 @@ import torch
 
 from alexnet.pipeline.errors import AlexnetError
 
+from .rundir import LAST, RunDir, epoch_checkpoints
+
 FORMAT_VERSION = 3
-CHECKPOINT_DIR = "checkpoints"
-LAST = "last.pt"
-BEST = "best.pt"
+KEYS = {
+    "format_version": "int, FORMAT_VERSION (added by save_checkpoint)",
+    "model": "canonical state dict (any placement loads it)",
+    "optimizer": "PaperSGD state dict (velocities)",
+    "schedule": "the schedule's state_dict (schedule.py)",
+    "epoch": "completed epochs (int)",
+    "step": "optimiser steps done (int)",
+    "batch_in_epoch": "steps done in the current epoch (0 at an epoch boundary)",
+    "world_size": "replicas that wrote it",
+    "rng": "one entry per replica: its generators (torch, CUDA, numpy, python)",
+    "loader": "the loader's position: epoch, records consumed, seed (the same on every replica)",
+    "scaler": "fp16's loss scaler state (its scale), else None",
+    "config": "the run's config dict (config.py)",
+    "best_top1_err": "best centre-crop validation top-1 error so far (or None)",
+    "last_eval": "the last validation's result: top1_err, top5_err, images (or {})",
+    "elapsed_s": "the run's training time so far in seconds (a resumed run adds the killed run's)",
+    "loss_watch": "health.py's LossWatch state (first loss, intervals near chance, alerts raised)",
+    "dataset": "what inference needs: classes, class_names, mean_image (dataset_entry)",
+    "reason": "why it was written: 'epoch', 'periodic', 'signal', 'max_steps', 'time_limit', ...",
+}
 
 _TAG = "__alexnet_safe__"
-
-
-def epoch_name(epoch: int) -> str:
-    return f"epoch-{epoch:04d}.pt"
 
 
 class Checkpointer:
     """Writes a run's checkpoints: last.pt, epoch files, best.pt, pruning (``enabled``: the main replica)."""
 
     def __init__(self, run_dir: Path, keep_epochs: int, enabled: bool = True):
-        self.dir = Path(run_dir) / CHECKPOINT_DIR
-        self.last = self.dir / LAST
+        self.run = RunDir(run_dir)
+        self.dir, self.last = self.run.checkpoints, self.run.last
         self.keep_epochs, self.enabled = keep_epochs, enabled
 
     def save(self, payload: dict[str, Any], *, epoch: int | None = None, is_best: bool = False) -> None:
         """``last.pt``; at an epoch's end (``epoch`` given) the epoch file, with last.pt and best.pt linked to it."""
+        if set(payload) != set(KEYS) - {"format_version"}:
+            raise ValueError(f"checkpoint payload keys {sorted(payload)} differ from checkpoint.KEYS")
         if epoch is None:
             save_checkpoint(self.last, payload)
             return
-        epoch_path = self.dir / epoch_name(epoch)
+        epoch_path = self.run.epoch_checkpoint(epoch)
         save_checkpoint(epoch_path, payload)
         link_or_copy(epoch_path, self.last)
         if is_best:
-            link_or_copy(epoch_path, self.dir / BEST)
+            link_or_copy(epoch_path, self.run.best)
         if self.keep_epochs:
             prune_epoch_checkpoints(self.dir, self.keep_epochs)
 
@@ -95,11 +97,7 @@ def prune_epoch_checkpoints(ckpt_dir: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` (>= 1) ``epoch-XXXX.pt`` files; returns what was deleted."""
     if keep < 1:
         raise ValueError("keep must be at least 1")
-    epochs = sorted(
-        (p for p in Path(ckpt_dir).glob("epoch-*.pt") if p.stem.removeprefix("epoch-").isdigit()),
-        key=lambda p: int(p.stem.removeprefix("epoch-")),
-    )
-    doomed = epochs[:-keep]
+    doomed = epoch_checkpoints(ckpt_dir)[:-keep]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
@@ -235,9 +233,7 @@ def read_checkpoint_file(path: Path) -> Any:
     is missing, a directory, empty, of another format or damaged is one line naming it and the fix."""
     path = Path(path)
     if path.is_dir():
-        raise AlexnetError(
-            f"{path} is a directory, not a checkpoint: give a file such as {path / CHECKPOINT_DIR / LAST}"
-        )
+        raise AlexnetError(f"{path} is a directory, not a checkpoint: give a file such as {RunDir(path).last}")
     if not path.is_file():
         raise AlexnetError(f"no checkpoint at {path}: give the path of a .pt file written by alexnet-train")
     try:
@@ -260,7 +256,7 @@ def read_checkpoint_file(path: Path) -> Any:
 
 def _other(path: Path) -> str:
     """The fix for an unreadable checkpoint: another one, naming the newest epoch file beside it."""
-    epochs = sorted(p for p in path.parent.glob("epoch-*.pt") if p.name != path.name and p.stat().st_size > 0)
+    epochs = [p for p in epoch_checkpoints(path.parent) if p.name != path.name and p.stat().st_size > 0]
     if epochs:
         return f"use another checkpoint, e.g. {epochs[-1]} (for --resume: copy it over {path.parent / LAST})"
     return "give a checkpoint written by alexnet-train"

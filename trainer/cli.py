@@ -25,8 +25,8 @@ from alexnet.pipeline.artifacts import DATA_DIR_ENV
 from alexnet.pipeline.cli_common import LazyGroup, version_option
 from alexnet.pipeline.errors import AlexnetError
 
-from .checkpoint import CHECKPOINT_DIR, LAST
-from .config import CONFIG_FILE, SECTIONS, TrainConfig, merge_for_resume
+from .config import SECTIONS, TrainConfig, merge_for_resume
+from .rundir import RUNS_DIR, RunDir, newest_run
 from .stop import exit_status
 
 COMMANDS = {
@@ -64,12 +64,13 @@ def _parse_ints(_ctx, _param, value):
         raise click.BadParameter("expected comma-separated epoch numbers, e.g. 30,60,80") from None
 
 
-def _option(f, hint):
-    """The click option of config field ``f`` (annotation ``hint``), from its type, default and metadata."""
+def _option(f, hint, override: dict | None = None):
+    """The click option of config field ``f`` (annotation ``hint``), from its type, default and metadata;
+    ``override``: a command's own help (and default) for a field it reads in its own terms."""
     meta = f.metadata
     flag = "--" + f.name.replace("_", "-")
     default = f.default if f.default is not MISSING else f.default_factory()
-    kw = {"default": default, "help": meta.get("help"), "show_default": bool(default != "")}
+    kw = {"default": default, "help": meta.get("help"), "show_default": bool(default != "")} | (override or {})
     if hint is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
     if "choices" in meta:
@@ -77,7 +78,7 @@ def _option(f, hint):
     elif hint in (int, float) and "min" in meta:
         kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta["min"], max=meta.get("max"))
     elif typing.get_origin(hint) is tuple:
-        kw.update(default=",".join(map(str, default)), callback=_parse_ints)
+        kw.update(default=",".join(map(str, kw["default"])), callback=_parse_ints)
     else:
         kw["type"] = hint
     if f.name == "data_dir":
@@ -85,14 +86,15 @@ def _option(f, hint):
     return click.option(flag, *meta.get("aliases", ()), f.name, **kw)
 
 
-def _config_options(command, only: Collection[str] | None = None, *, config_file: bool = True):
+def _config_options(command, only: Collection[str] | None = None, *, config_file: bool = True, overrides=None):
     """One option per config field (all sections, or the fields named in ``only``), in the sections' order;
-    with ``config_file`` also ``--config FILE``."""
+    with ``config_file`` also ``--config FILE``; ``overrides``: {field: the command's own help and default}."""
+    overrides = overrides or {}
     for cls in reversed(SECTIONS.values()):
         hints = typing.get_type_hints(cls)
         for f in reversed(fields(cls)):
             if f.metadata.get("cli", True) and (only is None or f.name in only):
-                command = _option(f, hints[f.name])(command)
+                command = _option(f, hints[f.name], overrides.get(f.name))(command)
     if not config_file:
         return command
     return click.option(
@@ -104,9 +106,9 @@ def _config_options(command, only: Collection[str] | None = None, *, config_file
     )(command)
 
 
-def config_options(only: Collection[str] | None = None, *, config_file: bool = True):
+def config_options(only: Collection[str] | None = None, *, config_file: bool = True, overrides=None):
     """The decorator adding :func:`_config_options`."""
-    return lambda command: _config_options(command, only, config_file=config_file)
+    return lambda command: _config_options(command, only, config_file=config_file, overrides=overrides)
 
 
 def _names(cls) -> set[str]:
@@ -120,6 +122,18 @@ TRAIN_ONLY_DATA = {"lighting_scale", "shuffle", "roi_decode"}  # the training pi
 EVAL_OPTIONS = {"data_dir", "run_dir", "gpus", "progress", "batch_size", "lrn"} | (
     _names(SECTIONS["data"]) - TRAIN_ONLY_DATA
 )
+# eval reads some fields in its own terms; the settings its checkpoint decides have no default of their own.
+_DECIDED = "The checkpoint decides; given, it must match the checkpoint's (else refused)."
+EVAL_HELP = {
+    "run_dir": {
+        "help": "The run whose evals.jsonl gets the result; without --checkpoint its checkpoints/last.pt is "
+        "evaluated.  [default: the run the checkpoint sits in]",
+        "show_default": False,
+    },
+    "batch_size": {"help": "Images per evaluation batch (global), split evenly over replicas."},
+    "mean": {"default": None, "show_default": False, "help": f"Mean subtracted: image or channel. {_DECIDED}"},
+    "lrn": {"default": None, "show_default": False, "help": f"§3.3 response normalisation form. {_DECIDED}"},
+}
 # bench: one training step's data, model and optimiser settings, on the devices chosen.
 BENCH_OPTIONS = (
     {"data_dir", "gpus", "seed", "batch_size", "lr", "momentum", "weight_decay"}
@@ -149,29 +163,10 @@ def _typed(ctx: click.Context, name: str, *, env: bool = True) -> bool:
     return ctx.get_parameter_source(name) in sources
 
 
-OLD_FLAGS = {
-    "eval_only": "eval",
-    "ten_crop": "eval",
-    "checkpoint": "eval",
-    "benchmark": "bench",
-    "benchmark_steps": "bench",
-}
-
-
-def _old_flags(command):
-    """The mode flags of earlier versions, hidden: each names the command that replaced it."""
-    for name in OLD_FLAGS:
-        flag = "--" + name.replace("_", "-")
-        kind = {"is_flag": True} if name in ("eval_only", "ten_crop", "benchmark") else {}
-        command = click.option(flag, name, hidden=True, **kind)(command)
-    return command
-
-
 @click.group(
     cls=LazyGroup, lazy_commands=COMMANDS, invoke_without_command=True, epilog=EPILOG, context_settings=CONTEXT
 )
 @config_options()
-@_old_flags
 @version_option("alexnet-train")
 @click.pass_context
 def main(ctx: click.Context, **opts) -> None:
@@ -181,12 +176,6 @@ def main(ctx: click.Context, **opts) -> None:
     epoch-XXXX.pt, best.pt). A NaN or infinite loss stops the run with exit status 1 and keeps the last
     good checkpoint. Other commands: eval, bench, report, predict, export (alexnet-train COMMAND --help).
     """
-    old = [name for name in OLD_FLAGS if opts.pop(name)]
-    if old:
-        command = OLD_FLAGS[old[0]]
-        raise click.UsageError(
-            f"--{old[0].replace('_', '-')} belongs to a command now: alexnet-train {command} [OPTIONS]"
-        )
     if ctx.invoked_subcommand is not None:
         typed = [name for name in opts if _typed(ctx, name, env=False)]
         if typed:
@@ -210,15 +199,15 @@ def main(ctx: click.Context, **opts) -> None:
 
 def _resumed(config: TrainConfig, given: dict) -> TrainConfig:
     """The saved run's config with the typed options that may change on resume."""
-    run_dir = Path(config.run.run_dir) if config.run.run_dir else _newest_run()
-    if not (run_dir / CONFIG_FILE).exists():  # nothing saved yet: train() starts the run
-        return config.replace(run_dir=str(run_dir), resume=True)
-    saved = TrainConfig.load(run_dir / CONFIG_FILE)
-    return merge_for_resume(saved, {**{k: v for k, v in given.items() if k != "resume"}, "run_dir": str(run_dir)})
+    run = RunDir(config.run.run_dir) if config.run.run_dir else _newest_run()
+    if not run.config.exists():  # nothing saved yet: train() starts the run
+        return config.replace(run_dir=str(run.root), resume=True)
+    saved = TrainConfig.load(run.config)
+    return merge_for_resume(saved, {**{k: v for k, v in given.items() if k != "resume"}, "run_dir": str(run.root)})
 
 
 @main.command("eval", context_settings=CONTEXT)
-@config_options(EVAL_OPTIONS, config_file=False)
+@config_options(EVAL_OPTIONS, config_file=False, overrides=EVAL_HELP)
 @click.option(
     "--checkpoint",
     "checkpoints",
@@ -247,7 +236,7 @@ def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bo
     if not checkpoints:
         if not config.run.run_dir:
             raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
-        checkpoints = (Path(config.run.run_dir) / CHECKPOINT_DIR / LAST,)
+        checkpoints = (RunDir(config.run.run_dir).last,)
     res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given, split=split)
     on = f"{split} ({res['classes']})" if res["classes"] else split
     if len(checkpoints) == 1:
@@ -288,14 +277,12 @@ def bench_command(ctx: click.Context, steps: int, **opts) -> None:
     )
 
 
-def _newest_run() -> Path:
-    from .rundir import RUNS_DIR
-
-    runs = sorted(p.parent.parent for p in RUNS_DIR.glob("*/checkpoints/last.pt"))
-    if not runs:
+def _newest_run() -> RunDir:
+    run = newest_run()
+    if run is None:
         raise AlexnetError(f"--resume: no run with checkpoints/last.pt under {RUNS_DIR}/; give --run-dir")
-    click.echo(f"resuming the newest run: {runs[-1]}", err=True)
-    return runs[-1]
+    click.echo(f"resuming the newest run: {run.root}", err=True)
+    return run
 
 
 def _pct(v) -> str:

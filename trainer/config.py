@@ -26,9 +26,8 @@ from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.loader import DataConfig, field_problems, opt
 
 from . import constants as TC
-from .precision import PRECISIONS, refuse_before_precision
+from .precision import PRECISIONS
 
-CONFIG_FILE = "config.json"
 SCHEDULES = ("plateau", "step")
 
 # Fields that may differ between the saved config and a ``--resume`` command line: how long to
@@ -187,8 +186,6 @@ class TrainConfig:
             raise AlexnetError(f"{source}: unknown section(s) {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
         flat = {}
         for section, values in d.items():
-            if section == "model":
-                refuse_before_precision(values, source)
             hints = typing.get_type_hints(SECTIONS[section])
             extra = sorted(set(values) - set(hints))
             if extra:

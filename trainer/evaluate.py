@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from alexnet.pipeline.errors import AlexnetError
 
 from . import distributed as D
 from .precision import autocast, channels_last, set_tf32
+from .rundir import RunDir, append_eval, record
 
 
 def average_patch_softmax(logits: torch.Tensor, patches: int) -> torch.Tensor:
@@ -154,11 +154,11 @@ def evaluate_checkpoints(
     settings. A test set of a subset of the models' classes (ImageNetV2) is scored with their full output
     (``results["classes"]`` says so); any other class mismatch is refused.
 
-    Logged to ``RUN/metrics.jsonl`` for one checkpoint when a run directory is given (or it sits in one).
+    One checkpoint's results are appended to its run's evals.jsonl (rundir.py), apart from training's own
+    log: the run named by ``--run-dir``, else the one the checkpoint sits in (``RUN/checkpoints/``).
     """
     from .replica import create_loader_for, start_replica
 
-    t0 = time.monotonic()
     replica = start_replica(config.run.gpus)
     try:
         manifest = read_manifest(Path(config.run.data_dir))
@@ -177,12 +177,12 @@ def evaluate_checkpoints(
         results: dict[str, Any] = {
             "checkpoint": str(first.path),
             "checkpoints": [str(m.path) for m in members],
-            "step": first.ck.get("step"),
-            "epoch": first.ck.get("epoch"),
+            "step": first.ck["step"],
+            "epoch": first.ck["epoch"],
             "split": split,
             "classes": classes_note,
         }
-        metrics = _metrics_log(config, first.path, replica, t0) if len(members) == 1 else None
+        log = _eval_log(config, first.path) if len(members) == 1 and replica.info.is_main else None
         per_replica = max(config.optim.batch_size // replica.info.world_size, 1)
         for ten in (False, True) if ten_crop else (False,):
             pairs = [
@@ -209,19 +209,20 @@ def evaluate_checkpoints(
             )
             del pairs  # the loaders and their reader processes, before the ten patches' ones start
             results["ten_crop" if ten else "centre_crop"] = res
-            if metrics is not None:
-                metrics.write(
-                    {
-                        "kind": "eval",
-                        "split": split,
-                        "ten_crop": ten,
-                        "step": first.ck.get("step"),
-                        "epoch": first.ck.get("epoch"),
+            if log is not None:
+                append_eval(
+                    log,
+                    record(
+                        "checkpoint_eval",
+                        checkpoint=str(first.path),
+                        dataset=str(config.run.data_dir),
+                        split=split,
+                        ten_crop=ten,
+                        step=first.ck["step"],
+                        epoch=first.ck["epoch"],
                         **res,
-                    }
+                    ),
                 )
-        if metrics is not None:
-            metrics.close()
         return results
     finally:
         D.destroy_process_group()
@@ -312,11 +313,6 @@ def _check_mean(path: Path, saved_mean, mean: str, data_dir: Path) -> None:
         )
 
 
-def _metrics_log(config, checkpoint: Path, replica, t0: float):
-    from .checkpoint import CHECKPOINT_DIR
-    from .rundir import MetricsLog
-
-    run_dir = Path(config.run.run_dir) if config.run.run_dir else None
-    if run_dir is None and Path(checkpoint).resolve().parent.name == CHECKPOINT_DIR:
-        run_dir = Path(checkpoint).resolve().parent.parent
-    return MetricsLog(run_dir, replica.info.is_main, t0) if run_dir is not None else None
+def _eval_log(config, checkpoint: Path) -> RunDir | None:
+    """The run whose evals.jsonl gets the result: ``--run-dir``, else the checkpoint's own run, else none."""
+    return RunDir(config.run.run_dir) if config.run.run_dir else RunDir.of_checkpoint(checkpoint)

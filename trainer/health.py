@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .config import RunSettings
+from .rundir import record
+
+DEFAULT = RunSettings()  # the alarms' defaults are the config's (config.py), written once there
+
 DOC = "docs/TRAINING.md"
 KINDS = ("weight_norm", "grad_norm")
 
@@ -111,9 +116,9 @@ class LossWatch:
     """Watches the logged training loss; :meth:`observe` returns the alerts raised by this value."""
 
     num_classes: int
-    stall_intervals: int = 50  # 0 = off
-    stall_band: float = 0.05  # fraction of ln(classes)
-    explode_factor: float = 3.0  # 0 = off
+    stall_intervals: int = DEFAULT.stall_intervals  # 0 = off
+    stall_band: float = DEFAULT.stall_band  # fraction of ln(classes)
+    explode_factor: float = DEFAULT.explode_factor  # 0 = off
     first_loss: float | None = None
     near_chance: int = 0  # consecutive logged intervals near ln(classes)
     raised: set[str] = field(default_factory=set)
@@ -157,13 +162,7 @@ class LossWatch:
     def _alert(self, name: str, step: int, loss: float, text: str) -> dict:
         self.raised.add(name)
         anchor = {"stalled": "a-stalled-run", "exploding": "an-exploding-loss"}[name]
-        return {
-            "kind": "alert",
-            "alert": name,
-            "step": step,
-            "loss": loss,
-            "message": f"warning: {text}; see {DOC}#{anchor}",
-        }
+        return record("alert", alert=name, step=step, loss=loss, message=f"warning: {text}; see {DOC}#{anchor}")
 
     def state_dict(self) -> dict:
         return {"first_loss": self.first_loss, "near_chance": self.near_chance, "raised": sorted(self.raised)}

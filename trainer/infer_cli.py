@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from alexnet.pipeline.cli_common import data_dir_option
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.images import IMAGE_SUFFIXES
 
@@ -28,7 +27,7 @@ Examples:
 def _device(gpus: str):
     import torch
 
-    from .model import parse_gpus
+    from .replica import parse_gpus
 
     if gpus == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -52,7 +51,6 @@ def _checkpoint_option(multiple: bool = False):
 @click.command("predict", epilog=PREDICT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @_checkpoint_option(multiple=True)
-@data_dir_option
 @click.option(
     "--ten-crop", is_flag=True, help="Average the softmax over the ten patches of §4.1 (else the centre crop)."
 )
@@ -61,7 +59,7 @@ def _checkpoint_option(multiple: bool = False):
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
 )
 @click.option("--gpus", default="auto", show_default=True, help="'cpu' or one GPU index; auto: GPU 0 if any.")
-def predict_command(inputs, checkpoint, data_dir, ten_crop, as_json, batch_size, gpus) -> None:
+def predict_command(inputs, checkpoint, ten_crop, as_json, batch_size, gpus) -> None:
     """Top-5 classes with probabilities for each image file (directories: their image files).
 
     Preprocessing as in training and evaluation: shorter side 256, central 256x256 patch, the dataset's mean
@@ -76,7 +74,7 @@ def predict_command(inputs, checkpoint, data_dir, ten_crop, as_json, batch_size,
     files = image_files(list(inputs))
     if not files:
         raise AlexnetError(f"no image files among the inputs (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    pred = load_predictors(list(checkpoint), data_dir, _device(gpus))
+    pred = load_predictors(list(checkpoint), _device(gpus))
     failed = 0
     bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=len(files) < 2 * batch_size)
     for rec in predict(pred, files, ten_crop=ten_crop, batch_size=batch_size, progress=bar):
@@ -96,9 +94,8 @@ def predict_command(inputs, checkpoint, data_dir, ten_crop, as_json, batch_size,
 
 @click.command("export", epilog=EXPORT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @_checkpoint_option()
-@data_dir_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output file (.pt2).")
-def export_command(checkpoint, data_dir, out) -> None:
+def export_command(checkpoint, out) -> None:
     """A self-contained inference file: torch.export.load(FILE).module() maps a mean-subtracted float batch
     [N, 3, 224, 224] to softmax probabilities [N, classes]; the class list and the mean image ride along in
     its alexnet.json (see trainer/export.py). Plain PyTorch loads it, without this package."""
@@ -107,6 +104,6 @@ def export_command(checkpoint, data_dir, out) -> None:
     from .export import export
     from .predict import load_predictor
 
-    pred = load_predictor(checkpoint, data_dir, torch.device("cpu"))
+    pred = load_predictor(checkpoint, torch.device("cpu"))
     path = export(pred, out)
     click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB, {len(pred.classes)} classes)")

@@ -67,33 +67,6 @@ DeviceLike = str | torch.device
 # --------------------------------------------------------------------------- devices
 
 
-def parse_gpus(spec: str) -> list[torch.device]:
-    """``--gpus`` value to devices: ``"cpu"``, one GPU (``"0"``) or two GPUs, one per column (``"0,1"``)."""
-    text = str(spec).strip().lower()
-    if text == "cpu":
-        return [torch.device("cpu")]
-    parts = [p.strip() for p in text.split(",")]
-    if not all(p.isascii() and p.isdigit() for p in parts):
-        raise AlexnetError(
-            f"--gpus {spec!r}: expected 'cpu', one GPU index such as '0', or two such as '0,1' (one per column)"
-        )
-    indices = [int(p) for p in parts]
-    if len(indices) > COLUMNS:
-        raise AlexnetError(
-            f"--gpus {spec!r}: the 2012 network has two columns; give one GPU (both columns) or two (one each)"
-        )
-    if len(set(indices)) != len(indices):
-        raise AlexnetError(f"--gpus {spec!r}: a GPU is named twice; give '{indices[0]}' to run both columns on it")
-    available = torch.cuda.device_count()
-    missing = [i for i in indices if i >= available]
-    if missing:
-        raise AlexnetError(
-            f"--gpus {spec!r}: GPU {', '.join(map(str, missing))} not available "
-            f"(torch sees {available} CUDA device(s); check CUDA_VISIBLE_DEVICES, or use --gpus cpu)"
-        )
-    return [torch.device("cuda", i) for i in indices]
-
-
 def _resolve_devices(devices: DeviceLike | Sequence[DeviceLike] | None) -> list[torch.device]:
     if devices is None:
         return [torch.device("cpu")]
@@ -507,9 +480,6 @@ class AlexNet(nn.Module):
     @classmethod
     def from_checkpoint(cls, ck: dict, devices: DeviceLike | Sequence[DeviceLike] | None = None) -> AlexNet:
         """The network of a loaded alexnet-train checkpoint, with the LRN form it was trained with."""
-        from .precision import refuse_before_precision
-
         model_config = (ck.get("config") or {}).get("model") or {}
-        refuse_before_precision(model_config, "checkpoint")
         lrn = model_config.get("lrn", TC.DEFAULT_LRN)
         return cls.from_state_dict(ck["model"], devices=devices, lrn=lrn)

@@ -65,13 +65,3 @@ def set_tf32(precision: str, device: torch.device) -> None:
     tf32 = resolve_precision(precision, device) != "fp32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-
-
-def refuse_before_precision(model_section: dict, source: str) -> None:
-    """One line for a run (config.json or checkpoint) saved before ``precision`` replaced ``bf16``."""
-    old = sorted({"bf16", "channels_last"} & set(model_section))
-    if old:
-        raise AlexnetError(
-            f"{source}: this run predates the precision change (model.{'/'.join(old)} became model.precision, "
-            "nothing released used it); start a new run"
-        )

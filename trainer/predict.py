@@ -5,9 +5,8 @@ patch (the builder's own resize, without its JPEG re-encoding), subtract the dat
 then the central 224x224 patch, or with ``ten_crop`` the ten patches of the evaluation (four
 corners and centre, each mirrored) whose softmax outputs are averaged.
 
-What a checkpoint needs besides its weights (class list, names, mean image) comes from the
-checkpoint when it carries them (its ``dataset`` entry, :func:`checkpoint.dataset_entry`) and else from
-``--data-dir``.
+What a checkpoint needs besides its weights (class list, names, mean image) comes from the checkpoint
+itself (its ``dataset`` entry, :func:`checkpoint.dataset_entry`): no dataset is needed.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline.dali_pipeline import MAX_OFFSET, TEN_CROP_POSITIONS
 from alexnet.pipeline.errors import AlexnetError
@@ -43,18 +41,16 @@ class Predictor:
         return self.names[i] if self.names else self.classes[i]
 
 
-def load_predictor(checkpoint: Path, data_dir: Path | None, device: torch.device) -> Predictor:
+def load_predictor(checkpoint: Path, device: torch.device) -> Predictor:
     """The checkpoint's network in eval mode with its classes and mean image; one line on a mismatch."""
     ck = ckpt_io.load_checkpoint(checkpoint)
     model = AlexNet.from_checkpoint(ck, devices=device).eval()
     entry = ck.get("dataset")
-    if entry is None:
-        if data_dir is None or not (Path(data_dir) / A.MANIFEST_FILE).exists():
-            raise AlexnetError(f"{checkpoint} carries no class list or mean image: give --data-dir of its dataset")
-        manifest = A.read_manifest(Path(data_dir))
-        channel = ((ck.get("config") or {}).get("data") or {}).get("mean") == "channel"
-        channel_mean = A.read_stats(Path(data_dir)).mean_rgb if channel else None
-        entry = ckpt_io.dataset_entry(manifest, A.read_mean_image(Path(data_dir)), channel_mean)
+    if not entry:
+        raise AlexnetError(
+            f"{checkpoint} carries no class list or mean image (its 'dataset' entry): give a checkpoint "
+            "written by alexnet-train's training"
+        )
     classes, names = list(entry["classes"]), list(entry.get("class_names") or [])
     if len(classes) != model.num_classes:
         raise AlexnetError(f"{checkpoint} has {model.num_classes} output classes but its class list has {len(classes)}")
@@ -104,9 +100,9 @@ def image_files(inputs: list[Path]) -> list[Path]:
     return out
 
 
-def load_predictors(checkpoints: list[Path], data_dir: Path | None, device: torch.device) -> list[Predictor]:
+def load_predictors(checkpoints: list[Path], device: torch.device) -> list[Predictor]:
     """Several checkpoints for §6's average, each with its own mean and LRN form; their classes must agree."""
-    preds = [load_predictor(Path(c), data_dir, device) for c in checkpoints]
+    preds = [load_predictor(Path(c), device) for c in checkpoints]
     for path, p in zip(checkpoints[1:], preds[1:], strict=True):
         if p.classes != preds[0].classes:
             raise AlexnetError(

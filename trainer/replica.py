@@ -21,7 +21,10 @@ os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
 
 import torch  # noqa: E402
 
+from alexnet.pipeline.errors import AlexnetError  # noqa: E402
+
 from . import distributed as D  # noqa: E402
+from .model import COLUMNS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,35 @@ class Replica:
                 torch.cuda.synchronize(d)
 
 
+def parse_gpus(spec: str) -> list[torch.device]:
+    """``--gpus`` value to devices: ``"cpu"``, one GPU (``"0"``) or two GPUs, one per column (``"0,1"``)."""
+    text = str(spec).strip().lower()
+    if text == "cpu":
+        return [torch.device("cpu")]
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        raise AlexnetError(
+            f"--gpus {spec!r}: expected 'cpu', one GPU index such as '0', or two such as '0,1' (one per column)"
+        )
+    indices = [int(p) for p in parts]
+    if len(indices) > COLUMNS:
+        raise AlexnetError(
+            f"--gpus {spec!r}: the 2012 network has two columns; give one GPU (both columns) or two (one each)"
+        )
+    if len(set(indices)) != len(indices):
+        raise AlexnetError(f"--gpus {spec!r}: a GPU is named twice; give '{indices[0]}' to run both columns on it")
+    available = torch.cuda.device_count()
+    missing = [i for i in indices if i >= available]
+    if missing:
+        raise AlexnetError(
+            f"--gpus {spec!r}: GPU {', '.join(map(str, missing))} not available "
+            f"(torch sees {available} CUDA device(s); check CUDA_VISIBLE_DEVICES, or use --gpus cpu)"
+        )
+    return [torch.device("cuda", i) for i in indices]
+
+
 def resolve_replica(spec: str, info: D.DistInfo) -> Replica:
     """This replica's ``--gpus`` value, its devices and a line saying what was chosen."""
-    from .model import parse_gpus
-
     count = torch.cuda.device_count()
     resolved = D.replica_gpus(spec, info, count)
     devices = parse_gpus(resolved)

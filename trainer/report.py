@@ -1,16 +1,13 @@
 """``alexnet-train report RUN_DIR``: the figures and summary users look at, for any run (CPU or GPU).
 
-Reads from a run directory:
-  - ``metrics.jsonl``: one JSON object per line. Training lines have ``step``, ``epoch``, ``loss``,
-    ``lr``, ``images_per_s`` (optionally ``elapsed_s``, seconds since the run started, or ``time``,
-    a Unix time). Evaluation lines have ``split``, ``top1_err``, ``top5_err`` (fractions; a log whose
-    errors exceed 1 somewhere is read as percentages), ``ten_crop`` (bool), ``step``, ``epoch``. An optional
-    ``kind`` field ("train"/"eval") overrides the guess made from the keys.
-  - ``config.json`` (optional): the resolved run config; ``num_classes`` is looked up in it.
-  - ``checkpoints/last.pt``: ``torch.load(weights_only=True)``; the state dict under ``"model"``
-    (or ``"state_dict"``, or the file is the state dict itself). conv1's weight is the key ending in
-    ``conv1.weight`` ([96, 3, 11, 11]: kernels 0-47 are column one, 48-95 column two, §3.2), or two
-    such keys of 48 kernels each, one per column, taken in key order.
+Reads a run directory through rundir.py (its files and records are defined there):
+  - ``metrics.jsonl``, training's own log: the curves, the final and best validation errors (training's
+    own evaluations) and the completed epochs (``epoch_end`` records);
+  - ``evals.jsonl`` (when there is one): evaluations of checkpoints after training, listed apart;
+  - ``config.json`` (when there is one): the class count, batch size, devices and dataset;
+  - ``checkpoints/last.pt`` (or ``--checkpoint``), read by checkpoint.py: conv1's weight is the
+    ``conv1.weight`` of its canonical state dict ([96, 3, 11, 11]: kernels 0-47 are column one, 48-95
+    column two, §3.2).
 
 Writes into the report folder (default ``RUN_DIR/report``): ``curves.png`` (``loss.png``, ``error.png``
 and ``lr.png`` side by side), ``conv1_kernels.png`` (Figure 3's layout), ``colourfulness.json``,
@@ -48,13 +45,9 @@ from PIL import Image, ImageDraw
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline.errors import AlexnetError
 
+from .config import TrainConfig
 from .plots import BACKGROUND, INK, PALETTE, Axes, Series, font, hstack, line_plot, text_size
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.json"
-CHECKPOINT = Path("checkpoints") / "last.pt"
-PREVIEW_FILE = "preview.png"
-REPORT_DIR = "report"
+from .rundir import RunDir, by_kind, read_log
 
 KERNEL_GRID_COLS = 8  # Figure 3: 48 kernels per column as 6 rows of 8
 KERNEL_UPSCALE = 4  # 11x11 kernels drawn 44x44, nearest neighbour
@@ -66,74 +59,40 @@ RANDOM_KERNEL_COLOURFULNESS = math.sqrt(2 / 3)  # expected score of i.i.d. Gauss
 
 @dataclass
 class Metrics:
+    """A run's records by kind (rundir.py): training's own log, then the evaluations of checkpoints."""
+
     train: list[dict[str, Any]] = field(default_factory=list)
-    evals: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # training's own validations
     alerts: list[dict[str, Any]] = field(default_factory=list)  # the trainer's stalled/exploding warnings
+    epochs: int = 0  # completed epochs (the last epoch_end record)
+    checkpoint_evals: list[dict[str, Any]] = field(default_factory=list)  # evals.jsonl
 
 
-def read_metrics(path: Path) -> Metrics:
-    if not path.is_file():
-        raise AlexnetError(f"no {path.name} in {path.parent} (is this a run directory written by alexnet-train?)")
-    m = Metrics()
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AlexnetError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise AlexnetError(f"{path}:{lineno}: expected a JSON object")
-            kind = rec.get("kind")  # "train", "eval" or "alert"; without it, guessed from the keys
-            if kind is None:
-                kind = "eval" if "top1_err" in rec or "split" in rec else "train"
-            (m.alerts if kind == "alert" else m.evals if kind == "eval" else m.train).append(rec)
+def read_metrics(run: RunDir) -> Metrics:
+    records = read_log(run.metrics)
+    ends = by_kind(records, "epoch_end")
+    m = Metrics(
+        train=by_kind(records, "train"),
+        evals=by_kind(records, "eval"),
+        alerts=by_kind(records, "alert"),
+        epochs=int(ends[-1]["epoch"]) if ends else 0,
+        checkpoint_evals=by_kind(read_log(run.evals), "checkpoint_eval") if run.evals.exists() else [],
+    )
     if not m.train and not m.evals:
-        raise AlexnetError(f"{path} has no metrics lines yet")
+        raise AlexnetError(f"{run.metrics} has no metrics lines yet")
     return m
 
 
-def read_config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        return {}
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AlexnetError(f"{path}: not valid JSON ({e.msg})") from None
-    return cfg if isinstance(cfg, dict) else {}
-
-
-def _find_key(obj: Any, key: str) -> Any:
-    """The first value of ``key`` in a nested dict/list, breadth-first."""
-    queue = [obj]
-    while queue:
-        cur = queue.pop(0)
-        if isinstance(cur, dict):
-            if key in cur:
-                return cur[key]
-            queue.extend(cur.values())
-        elif isinstance(cur, list):
-            queue.extend(cur)
-    return None
+def read_config(run: RunDir) -> TrainConfig | None:
+    return TrainConfig.load(run.config) if run.config.is_file() else None
 
 
 def conv1_weights(state: dict[str, Any]) -> np.ndarray:
-    """conv1's kernels as float64 [N, 3, kh, kw], column one first (§3.2)."""
-    keys = sorted(k for k, v in state.items() if k.endswith("conv1.weight") and getattr(v, "ndim", 0) == 4)
-    if not keys:
-        raise AlexnetError("checkpoint has no conv1.weight (keys: " + ", ".join(list(state)[:8]) + ", ...)")
-    parts = [state[k].detach().cpu().double().numpy() for k in keys[:2]]
-    w = np.concatenate(parts, axis=0)
-    if w.shape[1] != 3 or w.shape[0] % 2:
+    """conv1's kernels as float64 [N, 3, kh, kw], column one first (§3.2), from a canonical state dict."""
+    w = state["conv1.weight"].detach().cpu().double().numpy()
+    if w.ndim != 4 or w.shape[1] != 3 or w.shape[0] % 2:
         raise AlexnetError(f"conv1.weight has shape {list(w.shape)}; expected [2n, 3, k, k] (two columns, RGB)")
     return w
-
-
-def num_classes_from_state(state: dict[str, Any]) -> int | None:
-    return next((int(v.shape[0]) for k, v in state.items() if k.endswith("fc8.weight")), None)
 
 
 # ---------------------------------------- numbers
@@ -151,19 +110,9 @@ def colourfulness(kernels: np.ndarray) -> np.ndarray:
     return out
 
 
-def error_scale(evals: list[dict[str, Any]]) -> float:
-    """100 when the log holds percentages (some error above 1), else 1 (fractions, the documented form)."""
-    values = _finite(r.get(k) for r in evals for k in ("top1_err", "top5_err"))
-    return 100.0 if values and max(values) > 1.0 else 1.0
-
-
 def chance_errors(num_classes: int | None) -> dict[int, float]:
     """Top-k error of guessing: {1: 1 − 1/c, 5: 1 − 5/c (only when c > 5)}; empty without a class count."""
     return {k: 1 - k / num_classes for k in (1, 5) if num_classes and (k == 1 or num_classes > k)}
-
-
-def _fraction(v: Any, scale: float) -> float | None:
-    return None if v is None else float(v) / scale
 
 
 @dataclass(frozen=True)
@@ -182,26 +131,22 @@ class EvalRow:
 def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
     groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
     for rec in evals:
-        if rec.get("top1_err") is None:
-            continue
-        groups.setdefault((str(rec.get("split", "val")), bool(rec.get("ten_crop", False))), []).append(rec)
-    scale = error_scale(evals)
+        groups.setdefault((rec["split"], rec["ten_crop"]), []).append(rec)
     rows = []
     for (split, ten), recs in groups.items():
         last = recs[-1]
-        # No figure is chosen on a test set (the paper's Table 1 is one model's test error): no "best" there.
-        best = min(recs, key=lambda r: float(r["top1_err"])) if split != "test" else {"epoch": "–"}
+        best = min(recs, key=lambda r: float(r["top1_err"]))
         rows.append(
             EvalRow(
                 split=split,
                 ten_crop=ten,
                 points=len(recs),
-                final_top1=_fraction(last["top1_err"], scale),
-                final_top5=_fraction(last.get("top5_err"), scale),
-                final_epoch=last.get("epoch"),
-                best_top1=_fraction(best.get("top1_err"), scale),
-                best_top5=_fraction(best.get("top5_err"), scale),
-                best_epoch=best.get("epoch"),
+                final_top1=last["top1_err"],
+                final_top5=last["top5_err"],
+                final_epoch=last["epoch"],
+                best_top1=best["top1_err"],
+                best_top5=best["top5_err"],
+                best_epoch=best["epoch"],
             )
         )
     rows.sort(key=lambda r: (r.split != "val", r.split, r.ten_crop))
@@ -209,13 +154,8 @@ def eval_rows(evals: list[dict[str, Any]]) -> list[EvalRow]:
 
 
 def training_time_s(train: list[dict[str, Any]]) -> float | None:
-    elapsed = [float(r["elapsed_s"]) for r in train if r.get("elapsed_s") is not None]
-    if elapsed:
-        return max(elapsed)
-    times = [float(r["time"]) for r in train if r.get("time") is not None]
-    if len(times) >= 2:
-        return max(times) - min(times)
-    return None
+    """The run's training time at its last log point (a resumed run's includes the killed run's)."""
+    return max((float(r["elapsed_s"]) for r in train), default=None)
 
 
 def _finite(values: Iterable[Any]) -> list[float]:
@@ -238,14 +178,14 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 def curve_figures(metrics: Metrics, num_classes: int | None) -> dict[str, Any]:
     """``{"loss": Image, "error": Image, "lr": Image}``."""
-    tr = [r for r in metrics.train if r.get("step") is not None]
+    tr = metrics.train
     steps = [r["step"] for r in tr]
     lr = line_plot(
-        [Series("learning rate", steps, [r.get("lr") for r in tr], color=PALETTE[2])],
+        [Series("learning rate", steps, [r["lr"] for r in tr], color=PALETTE[2])],
         Axes("Learning rate", "step", "learning rate (log scale)", logy=True),
     )
     return {
-        "loss": _loss_figure(steps, [r.get("loss") for r in tr]),
+        "loss": _loss_figure(steps, [r["loss"] for r in tr]),
         "error": _error_figure(metrics.evals, num_classes),
         "lr": lr,
     }
@@ -263,26 +203,14 @@ def _loss_figure(steps: list[Any], losses: list[Any]):
 
 
 def _error_figure(evals: list[dict[str, Any]], num_classes: int | None):
-    """Top-1 and top-5 error per epoch on the val split (else the first split logged), with chance levels."""
-    scale = error_scale(evals)
-    splits = [str(r.get("split", "val")) for r in evals]
-    split = "val" if "val" in splits else (splits[0] if splits else None)
-    series = []
-    for ten, tag, dashed in ((False, "centre", False), (True, "ten-patch", True)):
-        recs = [
-            r
-            for r, sp in zip(evals, splits, strict=True)
-            if sp == split and bool(r.get("ten_crop", False)) == ten and r.get("top1_err") is not None
-        ]
-        if not recs:
-            continue
-        xs = [r.get("epoch", r.get("step")) for r in recs]
-        for name, key, colour in (("top-1", "top1_err", PALETTE[0]), ("top-5", "top5_err", PALETTE[1])):
-            ys = [None if r.get(key) is None else 100 * _fraction(r[key], scale) for r in recs]
-            series.append(Series(f"{name} {tag}", xs, ys, color=colour, markers=True, dashed=dashed))
+    """Training's own validations: top-1 and top-5 error per epoch, with the chance levels."""
+    xs = [r["epoch"] for r in evals]
+    series = [
+        Series(name, xs, [100 * r[key] for r in evals], color=colour, markers=True)
+        for name, key, colour in (("top-1", "top1_err", PALETTE[0]), ("top-5", "top5_err", PALETTE[1]))
+    ]
     hlines = tuple((100 * err, f"chance top-{k}") for k, err in chance_errors(num_classes).items())
-    axes = Axes(f"{split or 'validation'} error", "epoch", "error (%)", ylim=(0.0, 100.0), hlines=hlines)
-    return line_plot(series, axes)
+    return line_plot(series, Axes("val error (centre crop)", "epoch", "error (%)", ylim=(0.0, 100.0), hlines=hlines))
 
 
 def kernel_grid(weights: np.ndarray, scores: np.ndarray | None = None):
@@ -337,6 +265,7 @@ class ReportResult:
     column_scores: tuple[float, float] | None
     notes: list[str]
     figure4: dict | None = None  # trainer/figure4.py: panel paths, sample sizes, per-class errors
+    checkpoint_evals: list[dict[str, Any]] = field(default_factory=list)  # evals.jsonl's records
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -373,50 +302,47 @@ def build_report(
     checkpoint: Path | None = None,
 ) -> ReportResult:
     """Write the report folder for ``run_dir`` (``report.md`` and the figures); returns what it wrote."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise AlexnetError(f"run directory {run_dir} does not exist: give the --run-dir of an alexnet-train run")
-    metrics = read_metrics(run_dir / METRICS_FILE)
-    config = read_config(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / REPORT_DIR
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise AlexnetError(f"run directory {run.root} does not exist: give the --run-dir of an alexnet-train run")
+    metrics = read_metrics(run)
+    config = read_config(run)
+    out_dir = Path(out_dir) if out_dir is not None else run.report
     if preview_png is not None and not Path(preview_png).is_file():
         raise AlexnetError(f"preview sheet {preview_png} does not exist (alexnet-prep preview writes one)")
     out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    ckpt_path = Path(checkpoint) if checkpoint is not None else run_dir / CHECKPOINT
+    ckpt_path = Path(checkpoint) if checkpoint is not None else run.last
     state = _read_checkpoint(ckpt_path, checkpoint is not None, notes)
-    num_classes = _find_key(config, "num_classes")
-    if num_classes is None and state is not None:
-        num_classes = num_classes_from_state(state)
-    num_classes = int(num_classes) if num_classes else None
+    num_classes = config.run.num_classes if config is not None else None
+    if not num_classes and state is not None:
+        num_classes = int(state["fc8.weight"].shape[0])
 
     images = _write_curves(metrics, num_classes, out_dir)
     column_scores = None
     if state is not None:
         column_scores, images["conv1_kernels"] = _write_conv1(state, ckpt_path, out_dir)
-    preview = _copy_preview(Path(preview_png) if preview_png is not None else run_dir / PREVIEW_FILE, out_dir, notes)
+    preview = _copy_preview(Path(preview_png) if preview_png is not None else run.preview, out_dir, notes)
     if preview is not None:
         images["preview"] = preview
     figure4 = _figure4(ckpt_path if state is not None else None, config, out_dir, notes)
     if figure4:
         images["figure4_predictions"], images["figure4_neighbours"] = figure4["predictions"], figure4["neighbours"]
-    result = ReportResult(out_dir, images, eval_rows(metrics.evals), num_classes, column_scores, notes, figure4)
-    _write(out_dir / "report.md", render_markdown(result, run_dir, metrics, config).encode())
+    rows = eval_rows(metrics.evals)
+    result = ReportResult(out_dir, images, rows, num_classes, column_scores, notes, figure4, metrics.checkpoint_evals)
+    _write(out_dir / "report.md", render_markdown(result, run.root, metrics, config).encode())
     return result
 
 
 def _read_checkpoint(path: Path, given: bool, notes: list[str]) -> dict[str, Any] | None:
-    """The state dict under "model" (or "state_dict", or the whole file); a missing default checkpoint is
-    a note, a missing ``--checkpoint`` an error."""
+    """The checkpoint's canonical state dict (checkpoint.py); a missing default checkpoint is a note, a
+    missing ``--checkpoint`` an error."""
     if not path.exists() and not given:
-        notes.append(f"no checkpoint at {CHECKPOINT}: the conv1 figure is left out")
+        notes.append(f"no checkpoint at {path}: the conv1 figure is left out")
         return None
-    from .checkpoint import read_checkpoint_file
+    from .checkpoint import load_checkpoint
 
-    ckpt = read_checkpoint_file(path)
-    if not isinstance(ckpt, dict):
-        raise AlexnetError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
-    return next((ckpt[k] for k in ("model", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    return load_checkpoint(path)["model"]
 
 
 def _write_curves(metrics: Metrics, num_classes: int | None, out_dir: Path) -> dict[str, Path]:
@@ -458,15 +384,15 @@ def _copy_preview(src: Path, out_dir: Path, notes: list[str]) -> Path | None:
     if not src.is_file():
         notes.append("no preview sheet (alexnet-prep preview --out preview.npz writes one; pass --preview)")
         return None
-    dest = out_dir / PREVIEW_FILE
+    dest = out_dir / "preview.png"  # the report folder's name for it, whatever the sheet was called
     if src.resolve() != dest.resolve():
         shutil.copyfile(src, dest)
     return dest
 
 
-def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, notes: list[str]) -> dict | None:
+def _figure4(ckpt_path: Path | None, config: TrainConfig | None, out_dir: Path, notes: list[str]) -> dict | None:
     """Figure 4's panels and the per-class table, when the checkpoint and its dataset are at hand."""
-    data_dir = _find_key(config, "data_dir")
+    data_dir = config.run.data_dir if config is not None else None
     try:
         manifest = A.read_manifest(Path(data_dir)) if data_dir and ckpt_path is not None else None
     except AlexnetError:
@@ -480,7 +406,7 @@ def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, note
     from .predict import load_predictor
 
     try:
-        pred = load_predictor(ckpt_path, Path(data_dir), torch.device("cpu"))
+        pred = load_predictor(ckpt_path, torch.device("cpu"))
         return make_figure4(pred, Path(data_dir), out_dir)
     except AlexnetError as e:
         notes.append(f"Figure 4 left out: {e}")
@@ -490,7 +416,7 @@ def _figure4(ckpt_path: Path | None, config: dict[str, Any], out_dir: Path, note
 CAPTIONS = {
     "curves": "Training curves: loss, error, learning rate",
     "loss": "Training loss",
-    "error": "Top-1 / top-5 error (centre crop solid, ten patches dashed; chance dotted)",
+    "error": "Top-1 / top-5 validation error during training (centre crop; chance dotted)",
     "lr": "Learning rate",
     "conv1_kernels": "conv1 kernels, one block per column (paper Figure 3)",
     "preview": "Augmentation preview: the batch the network sees",
@@ -499,9 +425,10 @@ CAPTIONS = {
 }
 
 
-def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: dict[str, Any]) -> str:
+def render_markdown(res: ReportResult, run_dir: Path, metrics: Metrics, config: TrainConfig | None) -> str:
     lines = [f"# Training report: `{run_dir.resolve().name}`", "", f"Run directory: `{run_dir}`", ""]
     lines += _accuracy_markdown(res.rows, res.num_classes)
+    lines += _checkpoint_evals_markdown(metrics.checkpoint_evals) if metrics.checkpoint_evals else []
     lines += _training_markdown(metrics, config)
     lines += _figure4_markdown(res.figure4, res.out_dir) if res.figure4 else []
     lines += _figures_markdown(res.images, res.out_dir)
@@ -524,7 +451,7 @@ def _accuracy_markdown(rows: list[EvalRow], num_classes: int | None) -> list[str
             "|---|---|---|---|---|---|---|---|",
         ]
     else:
-        lines.append("No evaluation lines in metrics.jsonl yet.")
+        lines.append("No validation during training yet.")
     for r in rows:
         test = "ten patches (§4.1)" if r.ten_crop else "centre crop"
         lines.append(
@@ -539,15 +466,32 @@ def _accuracy_markdown(rows: list[EvalRow], num_classes: int | None) -> list[str
     return lines + ["", "Paper (ILSVRC-2012 val, one CNN, ten patches): 40.7% top-1, 18.2% top-5 error.", ""]
 
 
-def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
+def _checkpoint_evals_markdown(recs: list[dict[str, Any]]) -> list[str]:
+    """Evaluations of saved checkpoints after training (evals.jsonl), one row each, oldest first."""
+    lines = [
+        "## Evaluations of checkpoints (alexnet-train eval)",
+        "",
+        "| checkpoint | step | epoch | dataset | split | test | top-1 err | top-5 err | images |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        test = "ten patches (§4.1)" if r["ten_crop"] else "centre crop"
+        lines.append(
+            f"| `{r['checkpoint']}` | {r['step']} | {r['epoch']} | `{r['dataset']}` | {r['split']} | {test} "
+            f"| {_pct(r['top1_err'])} | {_pct(r['top5_err'])} | {r['images']} |"
+        )
+    return lines + [""]
+
+
+def _training_markdown(metrics: Metrics, config: TrainConfig | None) -> list[str]:
     tr = metrics.train
-    steps = [r["step"] for r in tr if r.get("step") is not None]
-    epochs, losses, lrs, ips = (_finite(r.get(key) for r in tr) for key in ("epoch", "loss", "lr", "images_per_s"))
+    steps = [r["step"] for r in tr]
+    losses, lrs, ips = (_finite(r[key] for r in tr) for key in ("loss", "lr", "images_per_s"))
     ips_text = f"{statistics.median(ips):,.1f}" if ips else "–"
     lines = [
         "## Training",
         "",
-        f"- steps: {max(steps) if steps else '–'}; epochs: {max(epochs) if epochs else '–'}",
+        f"- steps: {max(steps) if steps else '–'}; epochs completed: {metrics.epochs}",
         f"- training time: {_duration(training_time_s(tr))}",
         f"- images/s (median of logged intervals): {ips_text}",
     ]
@@ -555,9 +499,8 @@ def _training_markdown(metrics: Metrics, config: dict[str, Any]) -> list[str]:
         lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     if lrs:
         lines.append(f"- learning rate: first {lrs[0]:g}, last {lrs[-1]:g}")
-    for key in ("batch_size", "gpus", "device"):
-        if (v := _find_key(config, key)) is not None:
-            lines.append(f"- {key}: {v}")
+    if config is not None:
+        lines += [f"- batch size: {config.optim.batch_size}", f"- gpus: {config.run.gpus}"]
     return lines + [f"- step {a.get('step')}: {a.get('message')}" for a in metrics.alerts] + [""]
 
 
@@ -638,7 +581,7 @@ Examples:
     "--checkpoint",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Checkpoint for the conv1 kernels.  [default: RUN_DIR/checkpoints/last.pt]",
+    help="Checkpoint for the conv1 kernels and Figure 4.  [default: RUN_DIR/checkpoints/last.pt]",
 )
 def report_command(run_dir: Path, out_dir: Path | None, preview_png: Path | None, checkpoint: Path | None) -> None:
     """Training curves, conv1 kernels per column (Figure 3) and a markdown summary for RUN_DIR."""
@@ -646,8 +589,14 @@ def report_command(run_dir: Path, out_dir: Path | None, preview_png: Path | None
     for r in res.rows:
         test = "ten patches" if r.ten_crop else "centre crop"
         click.echo(
-            f"{r.split} {test}: top-1 error {_pct(r.final_top1)}, top-5 error {_pct(r.final_top5)} "
-            f"(best top-1 {_pct(r.best_top1)} at epoch {r.best_epoch})"
+            f"{r.split} {test}: top-1 error {_pct(r.final_top1)}, top-5 error {_pct(r.final_top5)} at epoch "
+            f"{r.final_epoch} (best top-1 {_pct(r.best_top1)} at epoch {r.best_epoch})"
+        )
+    for e in res.checkpoint_evals:
+        test = "ten patches" if e["ten_crop"] else "centre crop"
+        click.echo(
+            f"checkpoint {e['checkpoint']} (epoch {e['epoch']}) on {e['dataset']} {e['split']}, {test}: "
+            f"top-1 error {_pct(e['top1_err'])}, top-5 error {_pct(e['top5_err'])}"
         )
     if res.num_classes:
         click.echo(f"chance: top-1 error {_pct(chance_errors(res.num_classes)[1])} ({res.num_classes} classes)")

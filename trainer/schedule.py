@@ -11,7 +11,8 @@ initialized at 0.01 and reduced three times prior to termination."
   choice (the authors decided by hand).
 * :class:`StepSchedule` is the fixed alternative: divide by 10 at given epochs.
 
-Both keep their state in plain numbers (``state_dict``) so a checkpoint restores them exactly.
+Both keep their state in plain numbers (``state_dict``) so a checkpoint restores them exactly. Their
+defaults are the config's (``OptimConfig``, config.py), where each is written once.
 """
 
 from __future__ import annotations
@@ -19,19 +20,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from . import constants as TC
+from .config import OptimConfig
+
+DEFAULT = OptimConfig()
 
 
 class PlateauSchedule:
     def __init__(
         self,
-        base_lr: float = TC.BASE_LR,
+        base_lr: float = DEFAULT.lr,
         *,
-        factor: float = TC.LR_DROP_FACTOR,
-        max_drops: int = TC.LR_DROPS,
-        patience: int = 3,
-        min_delta: float = 1e-3,
-        stop_after_last: bool = True,
+        factor: float = DEFAULT.lr_drop_factor,
+        max_drops: int = DEFAULT.lr_drops,
+        patience: int = DEFAULT.plateau_patience,
+        min_delta: float = DEFAULT.plateau_min_delta,
+        stop_after_last: bool = DEFAULT.stop_after_last_plateau,
     ) -> None:
         self.base_lr, self.factor, self.max_drops = base_lr, factor, max_drops
         self.patience, self.min_delta, self.stop_after_last = patience, min_delta, stop_after_last
@@ -84,11 +87,11 @@ class PlateauSchedule:
 class StepSchedule:
     def __init__(
         self,
-        base_lr: float = TC.BASE_LR,
+        base_lr: float = DEFAULT.lr,
         *,
-        milestones: Sequence[int] = (30, 60, 80),
-        factor: float = TC.LR_DROP_FACTOR,
-        max_drops: int = TC.LR_DROPS,
+        milestones: Sequence[int] = DEFAULT.step_epochs,
+        factor: float = DEFAULT.lr_drop_factor,
+        max_drops: int = DEFAULT.lr_drops,
     ) -> None:
         self.base_lr, self.factor = base_lr, factor
         self.milestones = sorted(int(m) for m in milestones)[:max_drops]

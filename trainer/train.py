@@ -37,7 +37,7 @@ from alexnet.pipeline.errors import AlexnetError
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
-from .config import CONFIG_FILE, TrainConfig
+from .config import TrainConfig
 from .evaluate import evaluate
 from .health import HostCopy, LayerNorms, LossWatch
 from .model import LEARNED_LAYERS
@@ -50,7 +50,7 @@ from .replica import (
     seed_everything,
     start_replica,
 )
-from .rundir import METRICS_FILE, VERSIONS_FILE, MetricsLog, default_run_dir, truncate_metrics, versions
+from .rundir import MetricsLog, RunDir, default_run_dir, record, truncate_metrics, versions
 from .schedule import create_schedule
 from .step import create_step
 from .stop import IntervalRead, StopPolicy, StopSignals
@@ -103,7 +103,7 @@ def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
     if "train" not in manifest.splits:
         raise AlexnetError(f"the dataset at {config.run.data_dir} has no train split")
     run_dir = Path(D.broadcast_object(config.run.run_dir or str(default_run_dir()), info))
-    last_path = run_dir / ckpt_io.CHECKPOINT_DIR / ckpt_io.LAST
+    last_path = RunDir(run_dir).last
     if config.run.resume and not last_path.exists():  # a requeued job that always passes --resume
         replica.say(f"nothing to resume at {last_path}: starting the run")
         config = config.replace(resume=False)
@@ -193,10 +193,11 @@ class Trainer:
 
     def _open_run_dir(self) -> MetricsLog:
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.config.replace(resume=False).save(self.run_dir / CONFIG_FILE)  # --resume is a command, not the run
-            atomic_write_json(self.run_dir / VERSIONS_FILE, versions())
-            truncate_metrics(self.run_dir / METRICS_FILE, self.state.step)  # lines after the checkpoint
+            run = RunDir(self.run_dir)
+            run.root.mkdir(parents=True, exist_ok=True)
+            self.config.replace(resume=False).save(run.config)  # --resume is a command, not the run
+            atomic_write_json(run.versions, versions())
+            truncate_metrics(run, self.state.step)  # records after the checkpoint
         metrics = MetricsLog(
             self.run_dir,
             self.info.is_main,
@@ -286,6 +287,7 @@ class Trainer:
         self._flush()
         state.epoch += 1
         state.batch_in_epoch = 0
+        self.metrics.write(record("epoch_end", epoch=state.epoch, step=state.step))
         is_best = False
         if self.has_val and state.epoch % self.config.run.eval_every_epochs == 0:
             is_best = self.evaluate()
@@ -300,9 +302,7 @@ class Trainer:
             self.model, self.val_loader, precision=cfg.model.precision, info=self.info, progress=cfg.run.progress
         )
         state.last_eval = res
-        self.metrics.write(
-            {"kind": "eval", "split": "val", "ten_crop": False, "step": state.step, "epoch": state.epoch, **res}
-        )
+        self.metrics.write(record("eval", split="val", ten_crop=False, step=state.step, epoch=state.epoch, **res))
         is_best = state.best_top1_err is None or res["top1_err"] < state.best_top1_err
         if is_best:
             state.best_top1_err = res["top1_err"]
@@ -369,16 +369,16 @@ class Trainer:
         values = (self.loss_sum / max(self.loss_steps, 1)).reshape(1)
         if self.norms is not None:
             values = torch.cat([values, self.norms.compute(values.device)])
-        record = {
-            "kind": "train",
-            "step": state.step,
-            "epoch": state.epoch,
-            "epoch_progress": round(state.batch_in_epoch / self.epoch_len, 4),
-            "loss": None,
-            "lr": self.schedule.lr,
-            "images_per_s": round(rate, 2),
-        }
-        point = LogPoint(record, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values))
+        line = record(
+            "train",
+            step=state.step,
+            epoch=state.epoch,
+            epoch_progress=round(state.batch_in_epoch / self.epoch_len, 4),
+            loss=None,
+            lr=self.schedule.lr,
+            images_per_s=round(rate, 2),
+        )
+        point = LogPoint(line, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values))
         self._reset_meter()
         return point
 
