@@ -91,7 +91,7 @@ def test_a_test_set_of_a_subset_of_the_classes_is_scored_with_the_full_output(ru
     r = _eval(subset, ckpt, "--split", "test")
     assert r.exit_code == 0, r.output
     assert "test (2 of the model's 4 classes, scored with its full 4-way output)" in r.output
-    model = load_predictor(ckpt, None, torch.device("cpu")).model.eval()
+    model = load_predictor(ckpt, torch.device("cpu")).model.eval()
     wrong = seen = 0
     for images, labels in create_loader(data, "val", DataConfig(num_threads=1), batch_size=4):
         with torch.no_grad():
