@@ -117,7 +117,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
 )
 def main(images: int, classes: int, repeat: int, release: str, tree: Path | None) -> None:
     """Archive vs extracted tree: images/s of build-lmdb with cold caches, median ratio; pca-stats, verify."""
-    from alexnet.tools.build_lmdb import default_workers
+    from alexnet.tools.pool import default_workers
 
     tree = tree or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet" / "bench-build-lmdb"
     make_tree(tree, images, classes)

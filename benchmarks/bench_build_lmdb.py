@@ -315,7 +315,7 @@ def same_pixels(baseline_dir: Path, built: Path, n: int = 100) -> float:
 def main(images: int, classes: int, repeat: int, tree: Path | None) -> None:
     """Single-process Pillow loop vs build-lmdb (default workers): images/s, ratio, peak memory."""
     from alexnet.pipeline.images import pil_summary
-    from alexnet.tools.build_lmdb import default_workers
+    from alexnet.tools.pool import default_workers
 
     tree = tree or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "alexnet" / "bench-build-lmdb"
     make_tree(tree, images, classes)

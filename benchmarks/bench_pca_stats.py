@@ -32,7 +32,9 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline.images import decode_record
 from alexnet.tools import pca_stats as P
+from alexnet.tools.pool import Pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the fixture writers
 from _writers import write_split  # noqa: E402
@@ -101,14 +103,10 @@ def _decode_task(task, _state) -> int:
     try:
         with env.begin(buffers=True) as txn:
             for key in keys:
-                P.decode_rgb(A.Datum.decode(bytes(txn.get(key))).data)
+                decode_record(A.Datum.decode(bytes(txn.get(key))).data)
     finally:
         env.close()
     return len(keys)
-
-
-def _no_state() -> None:
-    return None
 
 
 def decode_only(root: Path, workers: int) -> tuple[int, float]:
@@ -116,13 +114,8 @@ def decode_only(root: Path, workers: int) -> tuple[int, float]:
     cfg = P.PcaStatsConfig(workers=workers, progress=False)
     t0 = time.perf_counter()
     tasks, _ = P._plan(root, cfg, workers)
-    n = 0
-
-    def count(records: int) -> None:
-        nonlocal n
-        n += records
-
-    P.run_tasks(tasks, workers, _decode_task, _no_state, count)
+    with Pool(workers, _decode_task) as pool:
+        n = sum(pool.run(tasks))
     return n, time.perf_counter() - t0
 
 
@@ -136,16 +129,16 @@ def per_image_costs(jpegs: list[bytes], n: int = 256, rounds: int = 5) -> dict[s
     """ms per image in one process, best of ``rounds`` alternated rounds (less sensitive to a shared machine)."""
     jpegs = jpegs[:n]
     n = len(jpegs)
-    imgs = np.stack([P.decode_rgb(j) for j in jpegs])
+    imgs = np.stack([decode_record(j) for j in jpegs])
 
     def decode():
         for j in jpegs:
-            P.decode_rgb(j)
+            decode_record(j)
 
     def decode_and_moments():  # what a pca-stats worker does per record
         m = P.PixelMoments()
         for j in jpegs:
-            m.add(P.decode_rgb(j))
+            m.add(decode_record(j))
         m.finalize()
 
     def moments(use_kernel: bool):
@@ -197,7 +190,7 @@ def dali_decode(jpegs: list[bytes], batch: int = 32, device: str = "cpu") -> np.
 
 
 def compare_decoders(jpegs: list[bytes], device: str = "cpu") -> dict[str, float]:
-    pil = np.stack([P.decode_rgb(j) for j in jpegs])
+    pil = np.stack([decode_record(j) for j in jpegs])
     dali = dali_decode(jpegs, device=device)
     diff = np.abs(pil.astype(np.int16) - dali.astype(np.int16))
     stats = []

@@ -8,7 +8,7 @@
 ``gpu_check.sh pack``: the count and each checksum) before unpacking anything, unpacks the wheels
 into ENV/sp, and joins the ``nvidia`` namespace of the DALI wheel with the host's (torch's CUDA
 wheels) by ``pkgutil.extend_path`` in DALI's ``nvidia/__init__.py``, so both import whatever either
-ships. Standard library only. One line and exit 2 on a missing, extra or corrupt part.
+ships. Standard library only. One line and exit 1 on a missing, extra or corrupt part.
 
 ``measure`` times, on a synthesized dataset at the trainer's defaults, each figure isolated and the
 JSON rewritten after each (benchmarks/gpu_probe.py's runner: an error is written and the next figure

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import signal
@@ -125,7 +126,7 @@ def machine(device: torch.device) -> dict:
         "triton": version("triton"),
         "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "device_memory_gb": round(torch.cuda.get_device_properties(device).total_memory / 1e9, 1) if cuda else None,
-        "cpus": __import__("os").cpu_count(),
+        "cpus": os.cpu_count(),
         "compile": compile_blocker() or "possible",
     }
 

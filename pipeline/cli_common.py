@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import importlib
 import sys
+import typing
+from dataclasses import MISSING, field, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -35,6 +37,88 @@ OS_FIXES = {
     errno.EACCES: "choose a path you can write (or read)",
     errno.EROFS: "the file system is read-only: choose another directory",
 }
+
+
+# --------------------------------------------------------------------------- options from config dataclasses
+
+
+def opt(default, help, **extra):
+    """A config field whose metadata carries its meaning and unit (the command-line help) and its
+    checks (``min``, ``max``, ``choices``); ``aliases`` adds option names, ``cli=False`` keeps it off
+    the command line, ``type`` gives the click type outright. Both CLIs' configs are made of these."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def field_problems(obj) -> list[str]:
+    """What breaks the fields' ``min``, ``max`` and ``choices`` in a config dataclass (empty if nothing)."""
+    out = []
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
+            out.append(f"{f.name} must be in [{meta.get('min', '-inf')}, {meta.get('max', 'inf')}], not {value!r}")
+        if "choices" in meta and value not in meta["choices"]:
+            out.append(f"{f.name} must be one of {', '.join(meta['choices'])}, not {value!r}")
+    return out
+
+
+def _split_tuple(kind):
+    """A click callback turning ``"a,b"`` into ``(kind(a), kind(b))``."""
+
+    def parse(_ctx, _param, value):
+        if value is None or isinstance(value, tuple):
+            return value
+        try:
+            return tuple(kind(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {kind.__name__} values") from None
+
+    return parse
+
+
+def field_option(f, hint):
+    """The click option of config field ``f`` (annotation ``hint``): its name, default, help and checks."""
+    meta = f.metadata
+    name = "--" + f.name.replace("_", "-")
+    default = f.default if f.default is not MISSING else f.default_factory()
+    kw = {"default": default, "help": meta.get("help"), "show_default": default not in ("", None)}
+    if hint is bool:
+        return click.option(f"{name}/--no-{name[2:]}", f.name, **kw)
+    choices = meta.get("choices")
+    if typing.get_origin(hint) is tuple:  # "a,b" on the command line
+        kw.update(default=",".join(map(str, default)), callback=_split_tuple(typing.get_args(hint)[0]))
+        choices = choices and [",".join(map(str, c)) for c in choices]
+        hint = str
+    if "type" in meta:
+        kw["type"] = meta["type"]
+    elif choices:
+        kw["type"] = click.Choice(choices)
+    elif hint in (int, float) and ("min" in meta or "max" in meta):
+        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta.get("min"), max=meta.get("max"))
+    else:
+        kw["type"] = hint
+    return click.option(name, *meta.get("aliases", ()), f.name, **kw)
+
+
+def config_options(cls, only: tuple[str, ...] | None = None):
+    """One option per field of the config dataclass ``cls`` (or the fields named in ``only``), in its
+    order; fields made without :func:`opt` (a command's arguments) and ``cli=False`` ones are left out."""
+    hints = typing.get_type_hints(cls)
+
+    def decorate(command):
+        for f in reversed(fields(cls)):
+            if "help" in f.metadata and f.metadata.get("cli", True) and (only is None or f.name in only):
+                command = field_option(f, hints[f.name])(command)
+        return command
+
+    return decorate
+
+
+def from_options(cls, options: dict, **given):
+    """``cls`` made from ``given`` and the options that are its fields (taken out of ``options``)."""
+    return cls(**given, **{f.name: options.pop(f.name) for f in fields(cls) if f.name in options})
+
+
+# --------------------------------------------------------------------------- the group
 
 
 class Group(click.Group):

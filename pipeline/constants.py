@@ -26,6 +26,10 @@ DEFAULT_LIGHTING_SCALE = "sqrt"
 # §4.1 Test time: four corners and centre, each with its reflection.
 TEN_CROP = 10
 
+# §5: "a batch size of 128 examples". The trainer's default (trainer/constants.py takes it from here);
+# alexnet-prep's order and bench-pipeline default to it without importing the trainer.
+BATCH_SIZE = 128
+
 # ILSVRC-2012 golden counts.
 IMAGENET_TRAIN_IMAGES = 1_281_167
 IMAGENET_VAL_IMAGES = 50_000

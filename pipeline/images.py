@@ -84,7 +84,46 @@ def decode_image(data: bytes, *, draft: bool = True):
 
 def decode_source(data: bytes, *, draft: bool = True):
     """``(RGB PIL image, how it was converted)``: ``decode_image`` and the kinds of ``CONVERSIONS`` it took."""
-    from PIL import Image, UnidentifiedImageError
+    kinds = []
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise Rejected(f"undecodable (a broken gzip wrapper: {e})") from None
+        kinds.append("gzip")
+    im = _loaded(data, draft)
+    if min(im.size) < 1:
+        raise Rejected("empty image")
+    if im.format != "JPEG":
+        kinds.append(str(im.format).lower())
+    if im.mode != "RGB":
+        kinds.append(_MODE_KINDS.get(im.mode, im.mode.lower()))
+        im = _converted(im)
+    return im, tuple(kinds)
+
+
+def decode_record(data: bytes, *, rgb_only: bool = False):
+    """A stored record's image (a 256x256 JPEG) as uint8 ``[256, 256, 3]`` RGB: the one decoder of stored
+    records (pca-stats, verify, the report's figures). Grayscale and CMYK JPEGs become RGB, as DALI's
+    ``output_type=RGB`` does, unless ``rgb_only`` (verify: build-lmdb stores RGB only). Raises
+    ``Rejected`` saying what the record holds instead."""
+    import numpy as np
+
+    try:
+        im = _loaded(data, draft=False)
+    except Rejected as e:
+        raise Rejected(f"JPEG does not decode ({e})") from None
+    if im.format != "JPEG" or im.size != (C.STORED_SIZE, C.STORED_SIZE) or (rgb_only and im.mode != "RGB"):
+        raise Rejected(
+            f"image is {im.format} {im.mode} {im.size[0]}x{im.size[1]}, expected "
+            f"{'RGB ' if rgb_only else ''}JPEG {C.STORED_SIZE}x{C.STORED_SIZE}"
+        )
+    return np.asarray(im if im.mode == "RGB" else _converted(im))
+
+
+def _loaded(data: bytes, draft: bool):
+    """The decoded PIL image in its own mode; ``Rejected`` with the reason when it cannot be."""
+    from PIL import Image
 
     if not data:
         raise Rejected("zero-byte file")
@@ -105,22 +144,34 @@ def decode_source(data: bytes, *, draft: bool = True):
                 if need <= 0.5:  # DCT scaling picks the largest 1/k keeping both sides >= the request
                     im.draft("RGB", (math.ceil(w * need), math.ceil(h * need)))
             im.load()
-            if im.format != "JPEG":
-                kinds.append(str(im.format).lower())
-            if im.mode != "RGB":
-                kinds.append(_MODE_KINDS.get(im.mode, im.mode.lower()))
-                im = im.convert("RGB")
-    except UnidentifiedImageError:
-        raise Rejected("not an image (format not recognised)") from None
-    except Image.DecompressionBombError as e:
-        raise Rejected(f"too large ({e})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:
+        raise _rejected(e) from None
+    return im
+
+
+def _converted(im):
+    """``im`` in RGB (conversion can fail on a broken palette: a rejection too)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return im.convert("RGB")
+    except Exception as e:
+        raise _rejected(e) from None
+
+
+def _rejected(e: Exception) -> Exception:
+    """What a PIL failure means for the file (anything else is raised as it is)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(e, UnidentifiedImageError):
+        return Rejected("not an image (format not recognised)")
+    if isinstance(e, Image.DecompressionBombError):
+        return Rejected(f"too large ({e})")
+    if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
         text = str(e)
         reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
-        raise Rejected(f"{reason} ({text})" if text else reason) from None
-    if min(im.size) < 1:
-        raise Rejected("empty image")
-    return im, tuple(kinds)
+        return Rejected(f"{reason} ({text})" if text else reason)
+    return e
 
 
 # --------------------------------------------------------------------------- which PIL

@@ -29,7 +29,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from dataclasses import dataclass, field, fields
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,29 +39,12 @@ from . import artifacts as A
 from . import columns as K
 from . import constants as C
 from . import order as O
+from .cli_common import field_problems, opt
 from .dali_pipeline import PipelineSpec, create_pipeline, record_positions
 from .errors import AlexnetError
 
 SHUFFLES = ("global", "buffer")
 STATE_VERSION = 2  # the loader state's version in checkpoints; another is refused in one line
-
-
-def opt(default, help, **extra):
-    """A config field whose metadata carries its meaning and unit (the command-line help) and its
-    checks (``min``, ``max``, ``choices``); the trainer's config sections use it too."""
-    return field(default=default, metadata={"help": help, **extra})
-
-
-def field_problems(obj) -> list[str]:
-    """What breaks the fields' ``min``, ``max`` and ``choices`` in a config dataclass (empty if nothing)."""
-    out = []
-    for f in fields(obj):
-        value, meta = getattr(obj, f.name), f.metadata
-        if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
-            out.append(f"{f.name} must be in [{meta.get('min', '-inf')}, {meta.get('max', 'inf')}], not {value!r}")
-        if "choices" in meta and value not in meta["choices"]:
-            out.append(f"{f.name} must be one of {', '.join(meta['choices'])}, not {value!r}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -234,6 +218,13 @@ class DaliLoader:
         self.note = ""  # what a loaded state costs in buffer mode (a replay, or a restart), for the caller to say
         self._pipes: list = []
         self._turn = 0  # batches taken from the pipelines since they were built
+        # GPU: the last batch's DALI outputs (the buffers its tensors alias) and the stream they went to,
+        # then (event, outputs) held until that stream has passed the event (``_stream``).
+        self._last: tuple | None = None
+        self._held: deque = deque()
+        # bfloat16: shape -> a preallocated bfloat16 tensor for the cast to write into, or None (the
+        # trainer gives its step's static_input: a CUDA graph's input buffer, so one pass instead of two).
+        self.static_input = None
 
     # ------------------------------------------------------------------ size
     def _steps(self, consumed: int) -> int:
@@ -284,25 +275,55 @@ class DaliLoader:
         self._next_epoch()
 
     def _run(self, pipe):
-        """``pipe.run()``; when DALI fails on a batch, the record it could not decode, in one line."""
+        """``pipe.run()``: on a GPU bound to the stream the caller's step runs on (DALI 2.4's
+        ``run(cuda_stream)``, a positional argument), so that the stream waits for DALI's work and the
+        host does not. When DALI fails on a batch: the record it could not decode, in one line."""
+        stream = self._stream()
         try:
-            return pipe.run()
+            outputs = pipe.run() if stream is None else pipe.run(stream)
         except RuntimeError as error:  # DALI's operator errors; the pipeline is unusable after one
-            # The batch due, and every one DALI may have read ahead (its queue, and its readers').
-            ahead = 1 + (self.data.prefetch + self.data.workers) * len(self._pipes)
-            self._drop()
-            culprit = None if self.buffer else self._undecodable(ahead)
-            if culprit is None:  # the buffer shuffle's reader, or a record PIL decodes: DALI's first line
-                first = next((line for line in str(error).splitlines() if line.strip()), "no message")
-                raise AlexnetError(
-                    f"the {self.split} pipeline failed: {first}; check the dataset: alexnet-prep verify "
-                    f"--data-dir {self.data_dir}"
-                ) from None
-            (shard, key), reason = self.plan.index.where(culprit[0]), culprit[1]
-            raise AlexnetError(
-                f"record {key.decode(errors='replace')!r} in shard {shard} is not a decodable image ({reason}); "
-                f"check the dataset: alexnet-prep verify --data-dir {self.data_dir}"
-            ) from None
+            raise self._failure(error) from None
+        if stream is not None:
+            self._last = (outputs, stream)
+        return outputs
+
+    def _stream(self):
+        """On a GPU: the current stream (the step's), after handing the last batch over. DALI's outputs
+        (the buffers the delivered tensors alias, and the float32 batch a bfloat16 cast reads) stay
+        alive until that stream has done what the caller enqueued on them before asking for this batch
+        (the step): an event is recorded now, and they go once it has passed. Dropped at once, DALI
+        could reuse a buffer that the cast or the step has yet to read. None on the CPU."""
+        if self.spec.device_id is None:
+            return None
+        import torch
+
+        if self._last is not None:
+            outputs, stream = self._last
+            event = torch.cuda.Event()
+            event.record(stream)
+            self._held.append((event, outputs))
+            self._last = None
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+        return torch.cuda.current_stream(torch.device(self.device))
+
+    def _failure(self, error: RuntimeError) -> AlexnetError:
+        """DALI's error on a batch as one line: the record PIL cannot decode either, else DALI's first line."""
+        # The batch due, and every one DALI may have read ahead (its queue, and its readers').
+        ahead = 1 + (self.data.prefetch + self.data.workers) * len(self._pipes)
+        self._drop()
+        culprit = None if self.buffer else self._undecodable(ahead)
+        if culprit is None:  # the buffer shuffle's reader, or a record PIL decodes: DALI's first line
+            first = next((line for line in str(error).splitlines() if line.strip()), "no message")
+            return AlexnetError(
+                f"the {self.split} pipeline failed: {first}; check the dataset: alexnet-prep verify "
+                f"--data-dir {self.data_dir}"
+            )
+        (shard, key), reason = self.plan.index.where(culprit[0]), culprit[1]
+        return AlexnetError(
+            f"record {key.decode(errors='replace')!r} in shard {shard} is not a decodable image ({reason}); "
+            f"check the dataset: alexnet-prep verify --data-dir {self.data_dir}"
+        )
 
     def _undecodable(self, batches: int) -> tuple[int, str] | None:
         """(position, reason) of the first record PIL cannot decode in the replica's next ``batches``."""
@@ -325,14 +346,12 @@ class DaliLoader:
 
     def _delivered(self, outputs):
         """(images, labels), + the other columns by name (``draws``) if ``with_draws``."""
-        import torch
-
         named = dict(zip(("images", *K.output_names(self.columns)), outputs, strict=True))
         images = self._to_torch(named.pop("images"))
         if self.spec.channels_last:  # [..., H, W, C] as [..., C, H, W]: a view, channels_last memory
             images = images.movedim(-1, -3)
         if self.dtype == "bfloat16":
-            images = images.to(torch.bfloat16)  # one pass on the device; keeps the memory format
+            images = self._as_bfloat16(images)
         labels = self._to_torch(named.pop("label")).reshape(-1)
         if not self.with_draws:
             return images, labels
@@ -344,6 +363,19 @@ class DaliLoader:
             for name, values in named.items()
         }
         return images, labels, draws
+
+    def _as_bfloat16(self, images):
+        """The one cast from DALI's float32 (DALI has no bfloat16): one pass on the device, keeping the
+        memory format; written into ``static_input(shape)`` where that gives a tensor (the step's CUDA
+        graph input: one pass instead of a cast and a copy)."""
+        import torch
+
+        target = self.static_input(tuple(images.shape)) if self.static_input is not None else None
+        if target is None:
+            return images.to(torch.bfloat16)
+        if (target.dtype, target.shape, target.device) != (torch.bfloat16, images.shape, images.device):
+            raise ValueError(f"static_input gave {target.dtype} {tuple(target.shape)} for {tuple(images.shape)}")
+        return target.copy_(images)
 
     def _to_torch(self, tensor_list):
         """A DALI batch as a torch tensor on ``device`` (GPU outputs stay on the GPU).

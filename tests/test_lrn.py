@@ -95,8 +95,9 @@ def test_kernels_on_a_gpu():
     for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8)):
         xd, gd = x.to(dtype), g.to(dtype)
         ref = L.lrn_reference(xd.float(), *hyper)
-        for fn in (L.lrn, torch.compile(L.lrn, fullgraph=True)):
-            torch.testing.assert_close(fn(xd, *hyper).float(), ref, rtol=rtol, atol=0)
+        compiled = torch.compile(lambda t: L.lrn(t, *hyper), fullgraph=True)(xd)
+        for y in (L.lrn(xd, *hyper), compiled):
+            torch.testing.assert_close(y.float(), ref, rtol=rtol, atol=0)
         ref_dx = L.lrn_reference_backward(xd.float(), gd.float(), *hyper)
         scale = float(ref_dx.abs().max())
         torch.testing.assert_close(L.lrn_backward(xd, gd, *hyper).float(), ref_dx, rtol=rtol, atol=rtol * scale)
@@ -106,3 +107,13 @@ def test_kernels_on_a_gpu():
     torch.ops.alexnet.paper_sgd_(ours, [grad], vo, 0.01, 0.9, 5e-4)
     foreach_update(theirs, [grad], vt, 0.01, 0.9, 5e-4)
     torch.testing.assert_close(ours[0], theirs[0], rtol=0, atol=4 * 2**-23 * float(theirs[0].abs().max()))
+
+
+def test_export_holds_plain_operators_only():
+    """torch.export (trainer/export.py) traces the reference arithmetic: the exported file runs in plain
+    PyTorch, where this package's operators are not registered."""
+    norm = LocalResponseNorm(alpha=2e-5, group_size=4)
+    x = torch.randn(2, 8, 3, 3) * 30
+    program = torch.export.export(norm, (x,))
+    assert "alexnet" not in program.graph_module.code
+    torch.testing.assert_close(program.module()(x), norm(x), rtol=1e-6, atol=0)

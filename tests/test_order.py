@@ -163,13 +163,3 @@ def test_order_cli_equals_the_loaders_delivered_positions(gapped):
         loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
         delivered = [int(i) for _x, _y, d in loader for i in d["index"]]
         assert [int(v) for v in r.output.split()] == delivered and delivered
-
-
-def test_order_cli_default_batch_is_the_trainers():
-    """alexnet-prep order lists what alexnet-train reads at its defaults (tools do not import the trainer)."""
-    from alexnet.tools.order import order_command
-    from alexnet.trainer import constants as TC
-    from alexnet.trainer.config import TrainConfig
-
-    (option,) = [p for p in order_command.params if p.name == "batch_size"]
-    assert option.default == TC.BATCH_SIZE == TrainConfig().optim.batch_size

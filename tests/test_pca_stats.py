@@ -7,8 +7,6 @@ JPEGs); the references decode the same stored JPEGs with PIL and compute over al
 from __future__ import annotations
 
 import io
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import pca_stats as P
 from alexnet.tools.cli import main as prep_main
 
@@ -379,48 +376,29 @@ def test_cli_help_and_bad_options():
     assert r.exit_code == 2
 
 
-# --------------------------------------------------------------------------- worker processes
+def test_one_decoder_for_stored_records():
+    """images.decode_record: PIL's pixels of a 256x256 JPEG; grayscale made RGB unless rgb_only; anything
+    else a Rejected saying what it is (pca-stats skips it, verify reports it)."""
+    from PIL import Image
 
+    from alexnet.pipeline.images import Rejected, decode_record
 
-def _collect(task, state: list) -> int:
-    state.append(task)
-    return task
+    def encoded(arr, fmt="JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format=fmt)
+        return buf.getvalue()
 
-
-def _fail_on_three(task, state) -> int:
-    if task == 3:
-        raise ValueError("record three is bad")
-    return task
-
-
-def _die_on_three(task, state) -> int:
-    if task == 3:
-        os._exit(3)
-    return task
-
-
-def _interrupted_on_three(task, state) -> int:
-    if task == 3:
-        raise KeyboardInterrupt  # a SIGINT sent to this worker alone: it exits 0 without its state
-    return task
-
-
-def test_run_tasks_runs_each_task_once_and_returns_one_state_per_worker():
-    seen = []
-    states = P.run_tasks(list(range(20)), 2, _collect, list, seen.append)
-    assert len(states) == 2
-    assert sorted(t for s in states for t in s) == list(range(20)) == sorted(seen)
-    assert P.run_tasks([5, 6], 1, _collect, list) == [[5, 6]]  # one worker runs here
-
-
-@pytest.mark.parametrize(
-    "fn, message",
-    [
-        (_fail_on_three, "a worker failed: ValueError: record three is bad"),
-        (_die_on_three, "a worker process died (exit code 3)"),
-        (_interrupted_on_three, "a worker process stopped without its results"),
-    ],
-)
-def test_run_tasks_reports_a_failing_or_dying_worker(fn, message):
-    with pytest.raises(AlexnetError, match=re.escape(message)):
-        P.run_tasks(list(range(8)), 2, fn, list)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (S, S, 3), dtype=np.uint8)
+    jpeg = encoded(rgb)
+    np.testing.assert_array_equal(decode_record(jpeg), np.asarray(Image.open(io.BytesIO(jpeg))))
+    grey = encoded(rgb[..., 0])
+    assert decode_record(grey).shape == (S, S, 3)
+    with pytest.raises(Rejected, match="image is JPEG L 256x256, expected RGB JPEG 256x256"):
+        decode_record(grey, rgb_only=True)
+    with pytest.raises(Rejected, match="image is PNG RGB 256x256, expected JPEG 256x256"):
+        decode_record(encoded(rgb, "PNG"))
+    with pytest.raises(Rejected, match="image is JPEG RGB 300x256"):
+        decode_record(encoded(np.zeros((S, 300, 3), np.uint8)))
+    with pytest.raises(Rejected, match=r"^JPEG does not decode \("):
+        decode_record(b"\xff\xd8 this is not a JPEG")

@@ -464,6 +464,49 @@ def test_channels_last_delivery_is_a_view_of_the_same_batch(data, dtype):
         torch.testing.assert_close(xc.float(), x.float(), rtol=ulp, atol=1e-3 if split == "train" else 0.0)
 
 
+def test_the_bfloat16_cast_writes_into_the_steps_static_input(data):
+    """loader.static_input (the trainer gives its step's): where it gives a tensor, the one cast from
+    DALI's float32 writes the batch there (a CUDA graph's input: no second pass), the same bits as the
+    cast into a fresh tensor; where it gives None the cast makes its own; a wrong target is refused."""
+    plain = list(_loader(data, "train", 4, dtype="bfloat16", seed=8, channels_last=True))
+    buffer = torch.empty(4, 3, 224, 224, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    asked = []
+
+    def static_input(shape):
+        asked.append(shape)
+        return buffer if len(asked) % 2 else None  # every other batch, as a step between captures does
+
+    loader = _loader(data, "train", 4, dtype="bfloat16", seed=8, channels_last=True)
+    loader.static_input = static_input
+    for k, ((x, y), (x0, y0)) in enumerate(zip(loader, plain, strict=True)):
+        assert (x is buffer) == (k % 2 == 0) and x.is_contiguous(memory_format=torch.channels_last)
+        assert x.dtype == torch.bfloat16 and torch.equal(x, x0) and torch.equal(y, y0)
+    assert asked == [(4, 3, 224, 224)] * len(plain)
+    loader.static_input = lambda shape: torch.empty(shape, dtype=torch.float16)
+    with pytest.raises(ValueError, match="static_input gave torch.float16"):
+        next(iter(loader))
+
+
+@pytest.mark.gpu
+def test_gpu_batches_survive_dali_running_ahead_of_a_busy_stream(data):
+    """pipe.run(stream): the host does not wait for DALI, so a batch's buffer must outlive the work the
+    stream still has queued on it. Each batch is read only after a long sleep on the stream, with
+    nothing on the host keeping it but the loader, while DALI (prefetch 3, two pipelines) runs ahead:
+    the copies equal those of a loader whose every batch is synchronised at once."""
+    kw = dict(num_threads=2, device="cuda:0", pipelines=2, prefetch=3, seed=6)
+    want = []
+    for x, y in _loader(data, "train", 4, **kw):
+        torch.cuda.synchronize()
+        want.append((x.clone(), y.clone()))
+    got = []
+    for x, y in _loader(data, "train", 4, **kw):
+        torch.cuda._sleep(50_000_000)  # ~25 ms of the GPU's clock before the stream reads the batch
+        got.append((x.mul(1.0), y.add(0)))  # read on the stream, after the sleep; x and y dropped here
+    torch.cuda.synchronize()
+    for (x, y), (x0, y0) in zip(got, want, strict=True):
+        assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
 @pytest.fixture(scope="module")
 def corrupt(data, tmp_path_factory):
     """A copy of the dataset with garbage in place of the JPEG of one train and one val record (through LMDB)."""
@@ -514,22 +557,6 @@ def test_bench_pipeline_cli(data):
     assert r.exit_code == 0 and f"2 pipeline(s) of {DataConfig().num_threads} threads" in r.output, r.output
     r = CliRunner().invoke(prep, [*args, "--shuffle", "buffer"])
     assert r.exit_code == 0 and "(buffer shuffle)" in r.output and "1 pipeline(s)" in r.output, r.output
-
-
-def test_bench_pipeline_defaults_are_the_trainers():
-    """bench-pipeline measures what alexnet-train runs at its defaults (tools do not import the trainer)."""
-    from alexnet.tools.bench_pipeline import bench_pipeline_command
-    from alexnet.trainer.config import TrainConfig
-
-    train = TrainConfig()
-    defaults = {p.name: p.default for p in bench_pipeline_command.params}
-    assert defaults["batch_size"] == train.optim.batch_size == 128
-    assert (defaults["threads"], defaults["workers"], defaults["pipelines"], defaults["shuffle"]) == (
-        train.data.num_threads,
-        train.data.workers,
-        train.data.pipelines,
-        train.data.shuffle,
-    )
 
 
 def test_order_cli_prints_what_the_loader_delivers(data):
@@ -619,6 +646,38 @@ def test_gpu_two_pipelines_feed_a_graphed_step_while_dali_prefetches(data):
     assert step.captures == 1 and len(losses) == 2 * len(loader) == 12
     assert all(np.isfinite(losses))
     assert seen[: len(seen) // 2] == epoch_order(N_TRAIN, 2, 0).tolist()  # 24 records = 6 batches of 4
+
+
+@pytest.mark.gpu
+def test_gpu_graphed_bf16_step_reads_the_batch_the_loader_cast_into_its_input(data):
+    """The trainer's wiring under bf16 (loader.static_input = step.static_input): once the graph is
+    captured each batch arrives in the graph's own input buffer (one cast, no copy) with the bits a
+    plain cast gives, and the steps' losses equal those of the same step fed plain casts."""
+    from alexnet.trainer.model import AlexNet
+    from alexnet.trainer.optim import create_optimizer
+    from alexnet.trainer.step import GraphedStep
+
+    dev = torch.device("cuda:0")
+    kw = dict(num_threads=2, device="cuda:0", dtype="bfloat16", channels_last=True, seed=2)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    runs = []
+    for wired in (False, True):
+        torch.manual_seed(0)
+        torch.cuda.manual_seed(0)
+        model = AlexNet(num_classes=N_CLASSES, devices=[dev]).to(memory_format=torch.channels_last).train()
+        step = GraphedStep(model, create_optimizer(model, 0.01, 0.9, 5e-4), precision="bf16", eager_steps=1)
+        loader, plain = _loader(data, "train", 4, **kw), _loader(data, "train", 4, **kw)
+        if wired:
+            loader.static_input = step.static_input
+        losses, direct = [], 0
+        for (x, y), (x0, _) in zip(loader, plain, strict=True):
+            assert torch.equal(x, x0)
+            direct += x is step._x
+            losses.append(float(step(x, y)))
+        runs.append((losses, direct))
+    (plain_losses, none), (wired_losses, direct) = runs
+    assert none == 0 and direct == len(wired_losses) - 2 == N_TRAIN // 4 - 2  # after the warm-up and the capture
+    assert wired_losses == plain_losses
 
 
 def test_preview_val_centre_crops_in_key_order(data, tmp_path):

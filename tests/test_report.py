@@ -371,26 +371,14 @@ def test_evaluating_an_earlier_checkpoint_leaves_the_training_figures_alone(tmp_
     to metrics.jsonl, so that `report` gave that checkpoint's error as the final one ("at epoch 1") and
     the error plot drew a line back from the last epoch to it; the epoch count was one short. Now the
     evaluation goes to evals.jsonl, naming its checkpoint, dataset and split, and is listed apart."""
-    from _train_fixtures import write_dataset
+    from _train_fixtures import run_config, write_dataset
 
     from alexnet.trainer.cli import main
     from alexnet.trainer.train import train
 
     data = write_dataset(tmp_path / "data", num_classes=4, train_per_class=2, val_per_class=1)
     run = RunDir(tmp_path / "run")
-    cfg = TrainConfig.create(
-        data_dir=str(data),
-        run_dir=str(run.root),
-        gpus="cpu",
-        batch_size=4,
-        epochs=3,
-        lr=1e-3,
-        num_threads=1,
-        progress=False,
-        checkpoint_minutes=0.0,
-        keep_epochs=0,
-        log_every_steps=1,
-    )
+    cfg = run_config(data, run.root, epochs=3, max_steps=0, keep_epochs=0)  # 2 steps an epoch
     assert train(cfg)["epochs_completed"] == 3
     history = run.metrics.read_bytes()
     early = run.epoch_checkpoint(1)

@@ -107,3 +107,31 @@ def test_half_built_or_absent_dataset_is_a_clear_error(data, tmp_path):
     A.write_manifest(data, m)
     r = run_prep(["verify", "--data-dir", str(data)])
     assert r.exit_code == 1 and "half-built" in r.output
+
+
+def test_checks_that_span_shards_are_merged_after_the_workers(data):
+    """A record of shard 0 copied into shard 1: outside shard 1's block, not after shard 0's positions,
+    and its source file stored twice; the same problems, in the same order, from one process or two."""
+    m = A.read_manifest(data)
+    first, second = m.shard_paths(data, "train")[:2]
+    with A.open_shard(first) as env, env.begin() as txn:
+        key, value = next(iter(txn.cursor()))
+        key, value = bytes(key), bytes(value)
+    env = A.open_shard(second, readonly=False)
+    with env.begin(write=True) as txn:
+        txn.put(key, value)
+    env.close()
+    one, two = (verify(VerifyConfig(data, workers=w, progress=False)) for w in (1, 2))
+    assert one.problems == two.problems and one.checked == two.checked
+    where = f"{m.splits['train'].shards[1].path} {key.decode()}"
+    rel = A.parse_key(key)[1]
+    assert f"{where}: source file {rel} stored twice" in one.problems
+    assert any(p.startswith(f"{where}: position outside the shard's block") for p in one.problems)
+    assert any(p.startswith(f"{where}: position not after the previous record's") for p in one.problems)
+
+
+def test_workers_option_and_a_sample_check_the_same_records(data):
+    r = run_prep(["verify", "--data-dir", str(data), "--workers", "2", "--sample", "5", "--no-progress"])
+    assert r.exit_code == 0 and "10 records decoded and checksummed" in r.output, r.output
+    a, b = (verify(VerifyConfig(data, sample=5, seed=2, workers=w, progress=False)) for w in (1, 2))
+    assert a.checked == b.checked == 10 and a.ok and b.ok

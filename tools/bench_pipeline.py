@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.cli_common import config_options, data_dir_option, from_options, opt
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.pipeline.loader import SHUFFLES, DataConfig
-
-_DATA = DataConfig()  # the trainer's data defaults (the run config's data section)
+from alexnet.pipeline.loader import DataConfig
 
 
 def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, data, warmup: int = 3) -> float:
@@ -49,6 +48,19 @@ def bench_pipeline(data_dir: Path, device: str, batches: int, batch_size: int, d
     return batches * batch_size / (time.perf_counter() - t0)
 
 
+@dataclass(frozen=True)
+class BenchPipelineConfig:
+    """``alexnet-prep bench-pipeline``'s own settings; the pipeline's are the trainer's ``DataConfig`` fields."""
+
+    device: str = opt("cpu", "Where the pipeline runs.", choices=("cpu", "gpu"))
+    batches: int = opt(50, "Timed batches (after 3 untimed ones).", min=1)
+    batch_size: int = opt(C.BATCH_SIZE, "Images per batch (alexnet-train's default).", min=1)
+
+
+# The data settings bench-pipeline varies; the rest are DataConfig's defaults, as in alexnet-train.
+DATA_OPTIONS = ("num_threads", "workers", "pipelines", "shuffle")
+
+
 @click.command(
     "bench-pipeline",
     epilog="""\b
@@ -59,59 +71,21 @@ Examples:
 """,
 )
 @data_dir_option
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-@click.option("--batches", type=click.IntRange(1), default=50, show_default=True)
-# The defaults are alexnet-train's: §5's batch of 128 (tests/test_pipeline.py checks that they agree)
-# and the data section's threads and pipelines (DataConfig).
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per batch.")
-@click.option(
-    "--threads",
-    type=click.IntRange(1),
-    default=_DATA.num_threads,
-    show_default=True,
-    help="DALI CPU threads per pipeline.",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(0),
-    default=_DATA.workers,
-    show_default=True,
-    help="Reader processes per pipeline (0: the reads on the calling thread).",
-)
-@click.option(
-    "--pipelines",
-    type=click.IntRange(0),
-    default=_DATA.pipelines,
-    show_default=True,
-    help="Pipelines taking turns (0: the trainer's, 2 on a GPU and 1 on the CPU; buffer shuffle: 1).",
-)
-@click.option(
-    "--shuffle",
-    type=click.Choice(SHUFFLES),
-    default=_DATA.shuffle,
-    show_default=True,
-    help="global: a fresh permutation each epoch (random reads); buffer: the sequential reader.",
-)
-def bench_pipeline_command(
-    data_dir: Path,
-    device: str,
-    batches: int,
-    batch_size: int,
-    threads: int,
-    workers: int,
-    pipelines: int,
-    shuffle: str,
-) -> None:
+@config_options(BenchPipelineConfig)
+@config_options(DataConfig, only=DATA_OPTIONS)
+def bench_pipeline_command(data_dir: Path, **options) -> None:
     """Run the train pipeline alone (read, decode, augment, deliver) and print its images/s."""
+    cfg, data = from_options(BenchPipelineConfig, options), DataConfig(**options)
+    device = cfg.device
     dev = "cuda:0" if device == "gpu" else "cpu"
     if device == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             raise AlexnetError("--device gpu: no CUDA GPU is visible")
-    data = dataclasses.replace(_DATA, num_threads=threads, workers=workers, pipelines=pipelines, shuffle=shuffle)
-    rate = bench_pipeline(data_dir, dev, batches, batch_size, data)
+    rate = bench_pipeline(data_dir, dev, cfg.batches, cfg.batch_size, data)
     click.echo(
-        f"train pipeline on {device} ({shuffle} shuffle): {rate:,.0f} images/s (batch {batch_size}, "
-        f"{batches} batches, {data.resolved_pipelines(dev)} pipeline(s) of {threads} threads, {workers} readers)"
+        f"train pipeline on {device} ({data.shuffle} shuffle): {rate:,.0f} images/s (batch {cfg.batch_size}, "
+        f"{cfg.batches} batches, {data.resolved_pipelines(dev)} pipeline(s) of {data.num_threads} threads, "
+        f"{data.workers} readers)"
     )

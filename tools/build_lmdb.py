@@ -21,21 +21,17 @@ records are the ones a build of the extracted tree writes.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
 import math
-import multiprocessing as mp
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from pathlib import Path
 
 import click
@@ -44,10 +40,11 @@ import numpy as np
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline import images
-from alexnet.pipeline.cli_common import data_dir_option, package_version
+from alexnet.pipeline.cli_common import config_options, data_dir_option, opt, package_version
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import archives
 from alexnet.tools.layouts import VAL_LAYOUTS, read_class_names
+from alexnet.tools.pool import Pool, default_workers, report
 from alexnet.tools.sources import detect_source
 
 DEFAULT_JPEG_QUALITY = 95  # the authors' own preparation (cuda-convnet2 make-data)
@@ -94,21 +91,40 @@ def prepare_source(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: b
 
 @dataclass(frozen=True)
 class BuildConfig:
-    source: Path
-    data_dir: Path
-    workers: int = 0  # 0: all cores
-    train_shards: int = 0  # 0: from the dataset size (default_num_shards)
-    val_shards: int = 0
-    jpeg_quality: int = DEFAULT_JPEG_QUALITY
-    seed: int = 0
-    splits: tuple[str, ...] = A.SPLITS
-    val_layout: str = "auto"
-    val_labels: Path | None = None
-    allow_missing_classes: bool = False
-    overwrite: bool = False
-    commit_every: int = DEFAULT_COMMIT_EVERY
-    initial_map_size: int = 0  # bytes; 0: estimated from the shard size (grows on MapFullError anyway)
-    progress: bool = True
+    """``alexnet-prep build-lmdb``'s settings, each default written once here (its options are these fields)."""
+
+    source: Path  # SRC: a tree or ImageNet's archives (the command's argument)
+    data_dir: Path  # --data-dir
+    workers: int = opt(0, "Worker processes (each writes one shard at a time); 0: all cores.", min=0)
+    train_shards: int = opt(0, f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).", min=0)
+    val_shards: int = opt(0, "Validation shards; 0: from the size, as for train (16 for ImageNet).", min=0)
+    jpeg_quality: int = opt(
+        DEFAULT_JPEG_QUALITY, "Quality of the stored JPEGs (95: the authors' own preparation).", min=1, max=100
+    )
+    seed: int = opt(0, "Seed of the global shuffle of each split.")
+    splits: tuple[str, ...] = opt(
+        A.SPLITS,
+        "Which splits to build (a split not found in SRC is skipped with a note; a test set is built only "
+        "where SRC has a labelled one: ILSVRC-2010, ImageNetV2, or a test/ folder).",
+        choices=(A.SPLITS, ("train", "val"), ("train",), ("val",), ("test",)),
+    )
+    val_layout: str = opt(
+        "auto", "Force how validation labels are read instead of detecting it.", choices=("auto", *VAL_LAYOUTS)
+    )
+    val_labels: Path | None = opt(
+        None,
+        "Validation label file: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
+        "(meta.mat beside it) or a '<relpath> <wnid-or-label>' list.",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    )
+    allow_missing_classes: bool = opt(False, "Build even when a class has no images in a split.")
+    overwrite: bool = opt(False, "Delete an existing dataset in --data-dir and rebuild it.")
+    commit_every: int = opt(
+        DEFAULT_COMMIT_EVERY, "Records per LMDB transaction (what an interruption can cost).", min=1
+    )
+    # bytes; 0: estimated from the shard size (grows on MapFullError anyway)
+    initial_map_size: int = opt(0, "Initial LMDB map size per shard in bytes.", min=0, cli=False)
+    progress: bool = opt(True, "A progress bar (the summary is printed either way).")
 
 
 def default_num_shards(num_items: int) -> int:
@@ -120,13 +136,6 @@ def default_num_shards(num_items: int) -> int:
     by_size = math.ceil(num_items / IMAGES_PER_SHARD)
     small = min(MAX_SMALL_SHARDS, num_items // MIN_SHARD_IMAGES)
     return max(1, by_size, small)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -154,63 +163,7 @@ class ShardResult:
     conversions: dict[str, int] = field(default_factory=dict)  # the shard's records' conversions, by kind
 
 
-# --------------------------------------------------------------------------- worker
-
-_conn = None  # this worker's end of its pipe to the main process
-
-
-def _worker_main(conn) -> None:
-    """A worker process: build the shards the main process sends, one at a time, until it sends None.
-
-    Each worker has its own pipe (progress, results and errors go back on it): no lock is shared
-    between processes, so the main process can kill workers at any moment without deadlocking.
-    """
-    global _conn
-    _conn = conn
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and kills the workers
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        # Die with the parent (kill -9 of the main process): an orphan still writing its shard
-        # would race the writer of the next, resuming run.
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        try:
-            conn.send(("done", build_shard(task)))
-        except AlexnetError as e:
-            conn.send(("error", str(e)))
-        except Exception as e:  # report it with its shard instead of dying silently
-            conn.send(
-                (
-                    "error",
-                    f"shard {task.path}: {type(e).__name__}: {e} (a full disk? free space and run the "
-                    "same command again: it resumes)",
-                )
-            )
-
-
-_unreported = 0
-PROGRESS_EVERY = 16  # images per progress message (a pipe message costs ~10 us, an image ~2 ms)
-
-
-def _report(n: int, flush: bool = False) -> None:
-    """Count ``n`` more images done; tell the main process every PROGRESS_EVERY images."""
-    global _unreported
-    _unreported += n
-    if _conn is not None and _unreported and (flush or _unreported >= PROGRESS_EVERY):
-        _conn.send(("progress", _unreported))
-        _unreported = 0
+# --------------------------------------------------------------------------- one shard (in a worker)
 
 
 def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
@@ -284,7 +237,7 @@ def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
     return present, max(present, default=task.start - 1), crcs, value_bytes
 
 
-def build_shard(task: ShardTask) -> ShardResult:
+def build_shard(task: ShardTask, _state=None) -> ShardResult:
     """Write (or finish) one shard: records in key order, committed every ``commit_every``.
 
     Checksums are taken as records are written (reading the shard back through LMDB's memory map
@@ -301,7 +254,7 @@ def build_shard(task: ShardTask) -> ShardResult:
         if present:  # resuming: drop the pages the scan mapped in
             env.close()
             env = A.open_shard(path, readonly=False, map_size=map_size)
-        _report(len(present), flush=True)
+        report(len(present))
         conversions = _Conversions(task, present)
         todo = [loc for k, (_, _, loc) in enumerate(task.items) if loc is not None and task.start + k not in present]
         archives.read_ahead(task.archives, todo)  # a .tar.gz's members: one pass for the shard
@@ -314,14 +267,14 @@ def build_shard(task: ShardTask) -> ShardResult:
                 jpeg, kinds = _stored_jpeg(task, rel, location)
             except images.Rejected as e:
                 rejected.append((rel, str(e)))
-                _report(1)
+                report(1)
                 continue
             if pos < last:  # a gap before the last committed key was a rejected file; it decodes now
                 raise AlexnetError(
                     f"{rel} was rejected when {task.path} was started but decodes now: the source changed; "
                     "rebuild with --overwrite"
                 )
-            _report(1)
+            report(1)
             conversions.pending.update(kinds)
             value = A.Datum(data=jpeg, label=label, height=C.STORED_SIZE, width=C.STORED_SIZE).encode()
             batch.append((A.make_key(pos, rel), value))
@@ -342,7 +295,6 @@ def build_shard(task: ShardTask) -> ShardResult:
     finally:
         env.close()
     A.write_record_crcs(path, np.asarray(crcs, dtype=np.uint32))  # last: marks the shard finished
-    _report(0, flush=True)
     return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed, dict(conversions.counts))
 
 
@@ -483,86 +435,11 @@ def _human_bytes(n: float) -> str:
         n /= 1000
 
 
-class _Workers:
-    """``n`` worker processes, each with its own pipe; started before the file listing exists (fork)."""
-
-    def __init__(self, n: int):
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        self.procs, self.conns = [], []
-        for _ in range(n):
-            parent_end, child_end = ctx.Pipe()
-            proc = ctx.Process(target=_worker_main, args=(child_end,), daemon=True)
-            proc.start()
-            child_end.close()
-            self.procs.append(proc)
-            self.conns.append(parent_end)
-
-    def close(self) -> None:
-        """Normal end: ask each worker to exit."""
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(None)
-        for proc in self.procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
-
-    def kill(self) -> None:
-        """Interruption or error: stop now. An LMDB transaction in flight is simply not committed."""
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in self.procs:
-            proc.join()
-
-
-def _run_tasks(workers: _Workers, plans, make_task, total: int, progress: bool) -> list[ShardResult]:
-    """Each shard to one idle worker, largest first; progress over images; the first error stops the build."""
-    from tqdm import tqdm
-
-    results: list[ShardResult] = []
-    todo = sorted(plans, key=lambda p: p.start - p.stop)[::-1]  # popped from the end: largest first
-    idle = list(range(len(workers.procs)))
-    busy: dict[int, ShardPlan] = {}
-    with tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True, smoothing=0.1) as bar:
-        while todo or busy:
-            while idle and todo:
-                i, plan = idle.pop(), todo.pop()
-                workers.conns[i].send(make_task(plan))
-                busy[i] = plan
-            conns = {workers.conns[i]: i for i in busy}
-            sentinels = {workers.procs[i].sentinel: i for i in busy}
-            for ready in wait([*conns, *sentinels], timeout=1.0):
-                if ready in conns:
-                    i = conns[ready]
-                    try:
-                        kind, payload = ready.recv()
-                    except EOFError:
-                        kind, payload = "error", "its pipe closed"
-                    if kind == "progress":
-                        bar.update(payload)
-                    elif kind == "done":
-                        results.append(payload)
-                        del busy[i]
-                        idle.append(i)
-                    else:
-                        raise AlexnetError(payload)
-                elif not workers.conns[sentinels[ready]].poll():
-                    i = sentinels[ready]
-                    if i in busy:
-                        code = workers.procs[i].exitcode
-                        raise AlexnetError(
-                            f"the worker writing {busy[i].split} shard {busy[i].index} died (exit code {code}; "
-                            "out of memory?); run the same command again to resume"
-                        )
-    return results
-
-
 def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     """Build (or finish, or confirm) the dataset at ``cfg.data_dir`` from ``cfg.source``."""
     t0 = time.monotonic()
     workers = cfg.workers or default_workers()
-    pool = _Workers(workers)
+    pool = Pool(workers, build_shard)  # forked now, while this process is small (before the file listing)
     _git_revision()  # forks git now, while this process is small (before the file listing)
     # SIGTERM (a scheduler, `kill`) stops the build like Ctrl-C: workers killed, resumable.
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -582,7 +459,7 @@ def build_lmdb(cfg: BuildConfig) -> A.Manifest:
     return manifest
 
 
-def _build(cfg: BuildConfig, pool: _Workers):
+def _build(cfg: BuildConfig, pool: Pool):
     """List and check the source, plan the shards, run them: ``(manifest, results or None if done, state)``."""
     source = detect_source(
         cfg.source,
@@ -626,10 +503,16 @@ def _build(cfg: BuildConfig, pool: _Workers):
     click.echo(
         f"{'resuming' if state == 'resume' else 'building'} {cfg.data_dir}: {counts} images, "
         f"{len(source.classes)} classes, {' + '.join(f'{shards[n]} {n}' for n in source.splits)} shards, "
-        f"{_plural(min(len(pool.procs), len(plans)), 'worker process', 'worker processes')}",
+        f"{_plural(min(pool.size, len(plans)), 'worker process', 'worker processes')}",
         err=True,
     )
-    results = _run_tasks(pool, plans, make_task, total, cfg.progress)
+    results = pool.run(
+        sorted(plans, key=lambda p: p.start - p.stop),  # largest first
+        name=lambda p: f"shard {manifest.splits[p.split].shards[p.index].path}",
+        hint="a full disk? free space and run the same command again: it resumes",
+        prepare=make_task,
+        bar={"total": total, "unit": "img", "disable": not cfg.progress},
+    )
     return manifest, results, state
 
 
@@ -706,68 +589,11 @@ Interrupted (Ctrl-C, kill -9, power cut)? Run the same command again: it continu
 """
 
 
-def int_option(name: str, help: str, default: int = 0, lo: int = 0, hi: int | None = None):
-    """An integer option with its default shown; for counts, 0 lets the tool choose (from the machine or the data)."""
-    return click.option(name, type=click.IntRange(lo, hi), default=default, show_default=True, help=help)
-
-
-def _choice_option(name: str, choices, help: str):
-    """A choice whose default is the first."""
-    return click.option(name, type=click.Choice(choices), default=choices[0], show_default=True, help=help)
-
-
 @click.command("build-lmdb", epilog=EPILOG)
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @data_dir_option
-@int_option("--workers", "Worker processes (each writes one shard at a time); 0: all cores.")
-@int_option("--train-shards", f"Train shards; 0: about {IMAGES_PER_SHARD} images each (129 for ImageNet).")
-@int_option("--val-shards", "Validation shards; 0: from the size, as for train (16 for ImageNet).")
-@int_option(
-    "--jpeg-quality",
-    "Quality of the stored JPEGs (95: the authors' own preparation).",
-    default=DEFAULT_JPEG_QUALITY,
-    lo=1,
-    hi=100,
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the global shuffle of each split.")
-@_choice_option(
-    "--splits",
-    ["train,val,test", "train,val", "train", "val", "test"],
-    "Which splits to build (a split not found in SRC is skipped with a note; a test set is built only "
-    "where SRC has a labelled one: ILSVRC-2010, ImageNetV2, or a test/ folder).",
-)
-@_choice_option("--val-layout", ("auto", *VAL_LAYOUTS), "Force how validation labels are read instead of detecting it.")
-@click.option(
-    "--val-labels",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Validation label file: LOC_val_solution.csv, ILSVRC2012_validation_ground_truth.txt "
-    "(meta.mat beside it) or a '<relpath> <wnid-or-label>' list.",
-)
-@click.option("--allow-missing-classes", is_flag=True, help="Build even when a class has no images in a split.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing dataset in --data-dir and rebuild it.")
-@int_option(
-    "--commit-every",
-    "Records per LMDB transaction (what an interruption can cost).",
-    default=DEFAULT_COMMIT_EVERY,
-    lo=1,
-)
-@click.option("--no-progress", is_flag=True, help="No progress bar (the summary is still printed).")
-def build_lmdb_command(
-    src,
-    data_dir,
-    workers,
-    train_shards,
-    val_shards,
-    jpeg_quality,
-    seed,
-    splits,
-    val_layout,
-    val_labels,
-    allow_missing_classes,
-    overwrite,
-    commit_every,
-    no_progress,
-) -> None:
+@config_options(BuildConfig)
+def build_lmdb_command(src: Path, data_dir: Path, **options) -> None:
     """Turn ImageNet into LMDB shards: a tree (train/<wnid>/*.JPEG, val/ in any usual label format), or the
     archives as downloaded, read without extracting (SRC: the folder of ILSVRC2012_img_train.tar,
     ILSVRC2012_img_val.tar and ILSVRC2012_devkit_t12.tar.gz, or one of them; or Kaggle's zip or its folder).
@@ -775,20 +601,5 @@ def build_lmdb_command(
     Each image is rescaled so its shorter side is 256 and its central 256x256 patch is stored as
     a JPEG inside a Caffe Datum (paper section 2), in a seeded global shuffle, in parallel.
     """
-    cfg = BuildConfig(
-        source=src,
-        data_dir=data_dir,
-        workers=workers,
-        train_shards=train_shards,
-        val_shards=val_shards,
-        jpeg_quality=jpeg_quality,
-        seed=seed,
-        splits=tuple(splits.split(",")),
-        val_layout=val_layout,
-        val_labels=val_labels,
-        allow_missing_classes=allow_missing_classes,
-        overwrite=overwrite,
-        commit_every=commit_every,
-        progress=not no_progress,
-    )
+    cfg = BuildConfig(source=src, data_dir=data_dir, **options)
     build_lmdb(cfg)

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from alexnet.pipeline import artifacts as A
-from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline import constants as C
+from alexnet.pipeline.cli_common import config_options, data_dir_option, opt
 from alexnet.pipeline.errors import AlexnetError
+
+
+@dataclass(frozen=True)
+class OrderConfig:
+    """``alexnet-prep order``'s settings, each default written once here (its options are these fields)."""
+
+    split: str = opt("train", "Split.", choices=A.SPLITS)
+    epoch: int = opt(0, "Epoch (0 = the first).", min=0)
+    replica: int = opt(0, "Rank of the replica.", min=0)
+    replicas: int = opt(1, "Replicas (world size).", min=1)
+    seed: int = opt(0, "The run's seed.")
+    batch_size: int = opt(
+        C.BATCH_SIZE, "The run's global batch (alexnet-train's default); training drops the final partial one.", min=1
+    )
 
 
 @click.command(
@@ -20,22 +36,8 @@ Examples:
 """,
 )
 @data_dir_option
-@click.option("--split", type=click.Choice(A.SPLITS), default="train", show_default=True)
-@click.option("--epoch", type=click.IntRange(0), default=0, show_default=True, help="Epoch (0 = the first).")
-@click.option("--replica", type=click.IntRange(0), default=0, show_default=True, help="Rank of the replica.")
-@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="Replicas (world size).")
-@click.option("--seed", type=int, default=0, show_default=True, help="The run's seed.")
-# The default is alexnet-train's (§5's 128; tests/test_order.py checks that they agree).
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1),
-    default=128,
-    show_default=True,
-    help="The run's global batch; training drops the final partial one.",
-)
-def order_command(
-    data_dir: Path, split: str, epoch: int, replica: int, replicas: int, seed: int, batch_size: int
-) -> None:
+@config_options(OrderConfig)
+def order_command(data_dir: Path, **options) -> None:
     """Print the record positions one replica receives in one epoch, in order, one per line (nothing is decoded).
 
     The order of the default global shuffle (the trainer's; val: key order). The buffer shuffle's
@@ -43,9 +45,16 @@ def order_command(
     """
     from alexnet.pipeline.order import replica_order
 
-    if batch_size % replicas:
-        raise AlexnetError(f"--batch-size {batch_size} does not divide over {replicas} replicas")
+    cfg = OrderConfig(**options)
+    if cfg.batch_size % cfg.replicas:
+        raise AlexnetError(f"--batch-size {cfg.batch_size} does not divide over {cfg.replicas} replicas")
     positions = replica_order(
-        data_dir, split, epoch, seed=seed, rank=replica, world=replicas, batch_size=batch_size // replicas
+        data_dir,
+        cfg.split,
+        cfg.epoch,
+        seed=cfg.seed,
+        rank=cfg.replica,
+        world=cfg.replicas,
+        batch_size=cfg.batch_size // cfg.replicas,
     )
     click.echo("\n".join(str(p) for p in positions.tolist()))

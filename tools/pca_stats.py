@@ -29,8 +29,8 @@ axis points to dark, all components negative for ordinary photographs; the secon
 ImageNet eigenvectors (``constants.IMAGENET_REFERENCE_EIGVEC``) column for column. Where a dot
 product is zero the largest-magnitude component is made negative.
 
-Decoder. The stored JPEGs are decoded with PIL (pillow-simd on libjpeg-turbo, ISLOW IDCT, fancy
-upsampling). The training pipeline decodes them with DALI (CPU: libjpeg-turbo through
+Decoder. The stored JPEGs are decoded by ``images.decode_record`` (the one decoder of stored records)
+with PIL (pillow-simd on libjpeg-turbo, ISLOW IDCT, fancy upsampling). The training pipeline decodes them with DALI (CPU: libjpeg-turbo through
 nvImageCodec; GPU: nvJPEG), whose pixels can differ from PIL's by a grey level here and there.
 ``benchmarks/bench_pca_stats.py`` measures the difference on the same records: PIL and DALI's CPU
 decoder gave bit-identical pixels on 300 quality-95 256x256 records (mean absolute difference 0.0,
@@ -48,11 +48,8 @@ atomically through the data contract (an interrupted run leaves the old files or
 from __future__ import annotations
 
 import functools
-import io
+import itertools
 import math
-import multiprocessing
-import queue
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +58,10 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.cli_common import data_dir_option, package_version
+from alexnet.pipeline.cli_common import config_options, data_dir_option, opt, package_version
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.pipeline.images import pil_summary
-from alexnet.tools.build_lmdb import default_workers, int_option
+from alexnet.pipeline.images import decode_record, pil_summary
+from alexnet.tools.pool import Pool, default_workers, report
 
 try:  # the fused compiled pass (tools/_moments.c, built by setup.py where a C compiler is available)
     from alexnet.tools import _moments as _kernel
@@ -90,11 +87,15 @@ SIGN_REFERENCE = np.array([[-1.0, -1.0, -1.0], [1.0, 0.0, -1.0], [1.0, -2.0, 1.0
 
 @dataclass(frozen=True)
 class PcaStatsConfig:
-    sample: int = 0  # train records used, a seeded sample; 0: all
-    seed: int = 0  # seed of the sample
-    workers: int = 0  # processes; 0: one per CPU core
-    max_skipped: float = 0.001  # fraction of records that may fail to decode before the run fails
-    progress: bool = True
+    """``alexnet-prep pca-stats``' settings, each default written once here (its options are these fields)."""
+
+    sample: int = opt(0, "Use a seeded random sample of N train records (0: all).", min=0)
+    seed: int = opt(0, "Seed of --sample.")
+    workers: int = opt(0, "Decoding processes (0: one per CPU core).", min=0)
+    max_skipped: float = opt(
+        0.001, "Fail (writing nothing) if more than this fraction of records does not decode.", min=0.0, max=1.0
+    )
+    progress: bool = opt(True, "A progress bar.")
 
 
 # --------------------------------------------------------------------------- exact moments
@@ -304,21 +305,6 @@ def orient_eigvec(eigvec: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- decoding and workers
 
 
-def decode_rgb(jpeg: bytes) -> np.ndarray:
-    """A stored JPEG as uint8 (256, 256, 3) RGB with PIL; raises ValueError on anything else."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(jpeg)) as im:
-        if im.format != "JPEG":
-            raise ValueError(f"not a JPEG ({im.format})")
-        if im.mode != "RGB":  # DALI's output_type=RGB converts grayscale and CMYK the same way
-            im = im.convert("RGB")
-        arr = np.asarray(im)
-    if arr.shape != A.MEAN_IMAGE_SHAPE:
-        raise ValueError(f"decodes to {arr.shape[1]}x{arr.shape[0]}, expected {C.STORED_SIZE}x{C.STORED_SIZE}")
-    return arr
-
-
 def moments_impl() -> str:
     return "compiled kernel (_moments.c)" if _kernel is not None else f"numpy (no compiled kernel: {KERNEL_MISSING})"
 
@@ -327,8 +313,8 @@ def decoder_name() -> str:
     return f"PIL {pil_summary()}"
 
 
-def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> tuple[int, list[str]]:
-    """Decode the given records of one shard into ``moments``: (records looked at, skipped "shard key: reason")."""
+def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> list[str]:
+    """Decode the given records of one shard into ``moments``: the skipped ones ("shard key: reason")."""
     shard_path, shard_rel, keys = task
     skipped: list[str] = []
     with A.open_shard(Path(shard_path)) as env, env.begin(buffers=True) as txn:
@@ -340,12 +326,13 @@ def _run_task(task: tuple[str, str, list[bytes]], moments: PixelMoments) -> tupl
                 datum = A.Datum.decode(bytes(value))
                 if not datum.encoded:
                     raise ValueError("Datum holds raw pixels, not an encoded image")
-                image = decode_rgb(datum.data)
+                image = decode_record(datum.data)
             except Exception as e:  # any decoder failure is a counted, reported skip
                 skipped.append(f"{shard_rel} {key.decode(errors='replace')}: {type(e).__name__}: {e}")
                 continue
             moments.add(image)
-    return len(keys), skipped
+    report(len(keys))
+    return skipped
 
 
 def _shard_keys(path: Path) -> list[bytes]:
@@ -408,115 +395,22 @@ def _plan(data_dir: Path, cfg: PcaStatsConfig, workers: int) -> tuple[list[tuple
     return tasks, source
 
 
-def _worker(task_fn, make_state, tasks, results) -> None:
-    """A worker process: run tasks into one state until the ``None`` sentinel, then send the state back."""
-    try:
-        state = make_state()
-        while (task := tasks.get()) is not None:
-            results.put(("progress", task_fn(task, state)))
-        results.put(("done", state))
-    except KeyboardInterrupt:  # the parent stops everyone
-        pass
-    except BaseException as e:  # reported to the parent, which fails with it
-        results.put(("error", f"{type(e).__name__}: {e}"))
-
-
-def run_tasks(
-    tasks: list, workers: int, task_fn, make_state, on_progress=lambda r: None, on_start=lambda: None
-) -> list:
-    """Run ``task_fn(task, state)`` over ``tasks`` in ``workers`` processes, each with one ``make_state()``.
-
-    Each worker keeps its state across all the tasks it takes (a pca-stats worker accumulates every
-    image it decodes into one ``PixelMoments``), so a task costs nothing beyond its records and the
-    parent merges one state per worker at the end. ``on_progress`` gets each task's return value as it
-    finishes, and ``on_start`` is called once the workers run. Returns the workers' states. One worker (or one task) runs in this process. Processes
-    are forked where that is possible (the workers need nothing but their tasks).
-    """
-    workers = max(1, min(workers, len(tasks)))
-    if workers == 1:
-        state = make_state()
-        on_start()
-        for task in tasks:
-            on_progress(task_fn(task, state))
-        return [state]
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    task_q, result_q = ctx.Queue(), ctx.Queue()
-    for task in tasks:
-        task_q.put(task)
-    for _ in range(workers):
-        task_q.put(None)
-    procs = [
-        ctx.Process(target=_worker, args=(task_fn, make_state, task_q, result_q), daemon=True) for _ in range(workers)
-    ]
-    states = []
-    try:
-        for proc in procs:
-            proc.start()
-        on_start()
-        while len(states) < workers:
-            try:
-                kind, value = result_q.get(timeout=1.0)
-            except queue.Empty:  # a second without news: has a worker gone without sending its state?
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise AlexnetError(f"a worker process died (exit code {dead[0]}); nothing written") from None
-                if sum(p.exitcode == 0 for p in procs) > len(states):  # its state would be in the queue by now
-                    raise AlexnetError("a worker process stopped without its results; nothing written") from None
-                continue
-            if kind == "progress":
-                on_progress(value)
-            elif kind == "done":
-                states.append(value)
-            else:
-                raise AlexnetError(f"a worker failed: {value}")
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in procs:
-            proc.join()
-        task_q.close()
-        result_q.close()
-    return states
-
-
 def compute_stats(data_dir: Path, config: PcaStatsConfig) -> tuple[A.Stats, np.ndarray]:
     """One pass over the train records: ``(Stats, mean_image)`` ready for ``artifacts.write_stats``."""
-    from tqdm import tqdm
-
     data_dir = Path(data_dir)
     workers = config.workers or default_workers()
-    tasks, source = _plan(data_dir, config, workers)
-    total = source["records_used"]
-    skipped: list[str] = []
-    n_skipped = 0
-    bars = []
-
-    def start() -> None:  # after the workers are forked: tqdm's monitor thread is not forked with them
-        bars.append(
-            tqdm(
-                total=total,
-                unit="img",
-                desc="pca-stats",
-                disable=not config.progress,
-                file=sys.stderr,
-                dynamic_ncols=True,
-            )
+    with Pool(workers, _run_task, PixelMoments) as pool:
+        tasks, source = _plan(data_dir, config, pool.size)
+        total = source["records_used"]
+        results = pool.run(
+            tasks,
+            name=lambda t: f"{t[1]} from {t[2][0].decode(errors='replace')}",
+            hint="nothing written",
+            bar={"total": total, "unit": "img", "desc": "pca-stats", "disable": not config.progress},
         )
-
-    def progress(result: tuple[int, list[str]]) -> None:
-        nonlocal n_skipped
-        records, task_skipped = result
-        n_skipped += len(task_skipped)
-        skipped.extend(task_skipped[: max(0, MAX_LISTED_SKIPS - len(skipped))])
-        bars[0].update(records)
-
-    try:
-        states = run_tasks(tasks, workers, _run_task, PixelMoments, progress, start)
-    finally:
-        for bar in bars:
-            bar.close()
+        states = pool.states()
+    n_skipped = sum(len(task_skipped) for task_skipped in results)
+    skipped = list(itertools.islice(itertools.chain.from_iterable(results), MAX_LISTED_SKIPS))
     moments = functools.reduce(PixelMoments.merge, states)
     if n_skipped > config.max_skipped * total:
         listed = "; ".join(skipped[:3])
@@ -582,20 +476,10 @@ Examples:
 
 @click.command("pca-stats", epilog=EPILOG)
 @data_dir_option
-@int_option("--sample", "Use a seeded random sample of N train records (0: all).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
-@int_option("--workers", "Decoding processes (0: one per CPU core).")
-@click.option(
-    "--max-skipped",
-    type=click.FloatRange(0.0, 1.0),
-    default=PcaStatsConfig.max_skipped,
-    show_default=True,
-    help="Fail (writing nothing) if more than this fraction of records does not decode.",
-)
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-def pca_stats_command(data_dir: Path, sample: int, seed: int, workers: int, max_skipped: float, no_progress: bool):
+@config_options(PcaStatsConfig)
+def pca_stats_command(data_dir: Path, **options):
     """Mean image and RGB PCA of the train records: writes stats.json and mean_image.npy (§2, §4.1)."""
-    cfg = PcaStatsConfig(sample=sample, seed=seed, workers=workers, max_skipped=max_skipped, progress=not no_progress)
+    cfg = PcaStatsConfig(**options)
     if _kernel is None:
         click.echo(f"warning: pca-stats runs its slower numpy path: {KERNEL_MISSING}", err=True)
     stats, mean_image = compute_stats(data_dir, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
@@ -9,32 +10,40 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline.cli_common import data_dir_option
+from alexnet.pipeline.cli_common import config_options, data_dir_option, from_options, opt
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.loader import DataConfig
 
 
-def preview_batch(
-    data_dir: Path,
-    split: str,
-    n: int,
-    seed: int,
-    *,
-    epoch: int = 0,
-    mean: str = "image",
-    lighting_scale: str = C.DEFAULT_LIGHTING_SCALE,
-) -> dict[str, np.ndarray]:
-    """The first ``n`` images of ``epoch`` in delivery order (one replica), through the real pipeline, with their draws."""
+@dataclass(frozen=True)
+class PreviewConfig:
+    """``alexnet-prep preview``'s own settings; ``--mean`` and ``--lighting-scale`` are the trainer's ``DataConfig``'s."""
+
+    split: str = opt("train", "Split.", choices=A.SPLITS)
+    n: int = opt(16, "Images.", min=1, max=1024)
+    seed: int = opt(0, "Seed of the order and the random draws.")
+    epoch: int = opt(0, "Epoch (0 = the first).", min=0)
+    out: Path = opt(
+        Path("preview.npz"),
+        "The .npz; the PNG sheet is written beside it (same name, .png).",
+        type=click.Path(dir_okay=False, path_type=Path),
+    )
+
+
+def preview_batch(data_dir: Path, cfg: PreviewConfig, data: DataConfig) -> dict[str, np.ndarray]:
+    """The first ``cfg.n`` images of ``cfg.epoch`` in delivery order (one replica), through the real pipeline
+    with ``data``'s mean and lighting, with their draws."""
     from alexnet.pipeline.loader import create_loader
 
+    split, n = cfg.split, cfg.n
     manifest = A.read_manifest(data_dir)
     manifest.shard_paths(data_dir, split)  # the split exists
     if manifest.splits[split].num_records < n:
         raise AlexnetError(f"the {split} split has {manifest.splits[split].num_records} records, fewer than --n {n}")
     # One batch: the reads on this thread (spawning reader processes would cost more than they save).
-    data = DataConfig(num_threads=2, prefetch=1, workers=0, mean=mean, lighting_scale=lighting_scale)
-    loader = create_loader(data_dir, split, data, batch_size=n, seed=seed, with_draws=True)
-    loader.load_state_dict({**loader.state_dict(), "epoch": epoch})
+    data = replace(data, num_threads=2, prefetch=1, workers=0)
+    loader = create_loader(data_dir, split, data, batch_size=n, seed=cfg.seed, with_draws=True)
+    loader.load_state_dict({**loader.state_dict(), "epoch": cfg.epoch})
     images, labels, draws = next(iter(loader))
     out = {"images": images.numpy().astype(np.float32), "labels": labels.numpy().astype(np.int64)}
     out["index"] = draws["index"]  # record position (the key's prefix)
@@ -45,7 +54,7 @@ def preview_batch(
     return out
 
 
-def contact_sheet(batch: dict[str, np.ndarray], data_dir: Path, classes: list[str], mean: str = "image"):
+def contact_sheet(batch: dict[str, np.ndarray], data_dir: Path, classes: list[str], mean: str):
     """De-normalised images (the mean added back; the lighting shift left in, as the network sees it)."""
     from PIL import Image, ImageDraw
 
@@ -92,24 +101,9 @@ Examples:
 """,
 )
 @data_dir_option
-@click.option("--split", type=click.Choice(A.SPLITS), default="train", show_default=True)
-@click.option("--n", "n", type=click.IntRange(1, 1024), default=16, show_default=True, help="Images.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the order and the random draws.")
-@click.option("--epoch", type=click.IntRange(0), default=0, show_default=True, help="Epoch (0 = the first).")
-@click.option("--mean", type=click.Choice(["image", "channel"]), default="image", show_default=True)
-@click.option(
-    "--lighting-scale", type=click.Choice(C.LIGHTING_SCALES), default=C.DEFAULT_LIGHTING_SCALE, show_default=True
-)
-@click.option(
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("preview.npz"),
-    show_default=True,
-    help="The .npz; the PNG sheet is written beside it (same name, .png).",
-)
-def preview_command(
-    data_dir: Path, split: str, n: int, seed: int, epoch: int, mean: str, lighting_scale: str, out: Path
-) -> None:
+@config_options(PreviewConfig)
+@config_options(DataConfig, only=("mean", "lighting_scale"))
+def preview_command(data_dir: Path, **options) -> None:
     """Write the exact images the network sees (.npz, with the random draws) and a PNG contact sheet.
 
     The first N images of the epoch in delivery order (train: the epoch's shuffle, as one replica
@@ -117,10 +111,11 @@ def preview_command(
     index (record position: the key's prefix), and for train crop_xy (pixel offsets x, y), mirror
     (0/1) and alpha (N,3: the PCA lighting draws).
     """
+    cfg, data = from_options(PreviewConfig, options), DataConfig(**options)
     manifest = A.read_manifest(data_dir)
-    batch = preview_batch(data_dir, split, n, seed, epoch=epoch, mean=mean, lighting_scale=lighting_scale)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **batch)
-    png = out.with_suffix(".png")
-    contact_sheet(batch, data_dir, manifest.classes, mean=mean).save(png)
-    click.echo(f"wrote {out} ({n} {split} images) and {png}")
+    batch = preview_batch(data_dir, cfg, data)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cfg.out, **batch)
+    png = cfg.out.with_suffix(".png")
+    contact_sheet(batch, data_dir, manifest.classes, mean=data.mean).save(png)
+    click.echo(f"wrote {cfg.out} ({cfg.n} {cfg.split} images) and {png}")

@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from alexnet.pipeline.cli_common import config_options, field_problems, opt
 from alexnet.pipeline.errors import AlexnetError
 
 # Real ILSVRC-2012 wnids (sorted order is the label order), for real-looking trees.
@@ -192,19 +193,31 @@ def write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int], id_field: 
     savemat(str(path), {"synsets": arr})
 
 
-def make_sample(
-    root: Path,
-    *,
-    num_classes: int = 10,
-    train_per_class: int = 60,
-    val_per_class: int = 10,
-    val_format: str = "folders",
-    awkward: bool = False,
-    seed: int = 0,
-) -> SampleInfo:
-    """Write the sample tree under ``root`` and return what was written."""
-    if val_format not in VAL_FORMATS:
-        raise ValueError(f"val_format must be one of {VAL_FORMATS}")
+@dataclass(frozen=True)
+class SampleConfig:
+    """``alexnet-prep make-sample``'s settings, each default written once here (its options are these fields)."""
+
+    num_classes: int = opt(10, "Classes.", min=1, max=1000, aliases=("--classes",))
+    train_per_class: int = opt(60, "Train images per class.", min=1)
+    val_per_class: int = opt(10, "Validation images per class.", min=1)
+    val_format: str = opt(
+        "folders", "How validation labels are given (each format the builder accepts).", choices=VAL_FORMATS
+    )
+    awkward: bool = opt(
+        False,
+        "Add ImageNet's odd files: CMYK, PNG named .JPEG, grayscale, tiny, very large, EXIF-rotated, "
+        "truncated and zero-byte.",
+    )
+    seed: int = opt(0, "Seed of the drawings.")
+
+
+def make_sample(root: Path, **options) -> SampleInfo:
+    """Write the sample tree under ``root`` (``options``: :class:`SampleConfig`'s fields) and return what was written."""
+    cfg = SampleConfig(**options)
+    problems = field_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    num_classes, val_format, seed = cfg.num_classes, cfg.val_format, cfg.seed
     root = Path(root)
     base = Path(KAGGLE_DATA) if val_format == "kaggle" else Path(".")
     info = SampleInfo(
@@ -217,10 +230,10 @@ def make_sample(
         val_images=0,
         seed=seed,
     )
-    _write_train(info, train_per_class)
-    if awkward:
+    _write_train(info, cfg.train_per_class)
+    if cfg.awkward:
         _write_awkward(info)
-    _write_val(info, val_per_class)
+    _write_val(info, cfg.val_per_class)
     # Class names as ImageNet's LOC_synset_mapping.txt gives them (build-lmdb records them).
     (root / "LOC_synset_mapping.txt").write_text(
         "".join(f"{w} {class_name(i, num_classes)}\n" for i, w in enumerate(info.classes))
@@ -299,37 +312,13 @@ Examples:
 """,
 )
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--classes", "num_classes", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--train-per-class", type=click.IntRange(1), default=60, show_default=True)
-@click.option("--val-per-class", type=click.IntRange(1), default=10, show_default=True)
-@click.option(
-    "--val-format",
-    type=click.Choice(VAL_FORMATS),
-    default="folders",
-    show_default=True,
-    help="How validation labels are given (each format the builder accepts).",
-)
-@click.option(
-    "--awkward",
-    is_flag=True,
-    help="Add ImageNet's odd files: CMYK, PNG named .JPEG, grayscale, tiny, "
-    "very large, EXIF-rotated, truncated and zero-byte.",
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, val_format, awkward, seed) -> None:
+@config_options(SampleConfig)
+def make_sample_command(out: Path, **options) -> None:
     """Write the built-in sample: a small ImageNet-layout tree of learnable, procedurally drawn images."""
     if out.exists() and any(out.iterdir()):
         raise AlexnetError(f"{out} exists and is not empty; choose a new directory")
     try:
-        info = make_sample(
-            out,
-            num_classes=num_classes,
-            train_per_class=train_per_class,
-            val_per_class=val_per_class,
-            val_format=val_format,
-            awkward=awkward,
-            seed=seed,
-        )
+        info = make_sample(out, **options)
     except OSError as e:
         where = f" ({e.filename})" if e.filename and str(e.filename) != str(out) else ""
         raise AlexnetError(
@@ -338,5 +327,5 @@ def make_sample_command(out: Path, num_classes, train_per_class, val_per_class, 
         ) from None
     click.echo(
         f"wrote {info.train_images} train and {info.val_images} val images in {len(info.classes)} classes "
-        f"to {out} (val labels: {val_format}{', awkward files: ' + str(len(info.awkward)) if awkward else ''})"
+        f"to {out} (val labels: {info.val_format}{', awkward files: ' + str(len(info.awkward)) if info.awkward else ''})"
     )

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from alexnet.pipeline.cli_common import field_problems, opt
 from alexnet.pipeline.errors import AlexnetError
-from alexnet.pipeline.loader import DataConfig, field_problems, opt
+from alexnet.pipeline.loader import DataConfig
 
 from . import constants as TC
 from .precision import PRECISIONS

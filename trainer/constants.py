@@ -5,6 +5,8 @@ modules every paper number is written once. Where a value is a choice of this pr
 the paper's text, the comment says so and ``docs/DEVIATIONS.md`` lists it.
 """
 
+from alexnet.pipeline import constants as _data
+
 # §3.3 Local response normalisation: the paper's constants.
 LRN_K = 2.0
 LRN_SIZE = 5
@@ -26,7 +28,7 @@ POOL_STRIDE = 2
 DROPOUT_P = 0.5
 
 # §5 Details of learning.
-BATCH_SIZE = 128
+BATCH_SIZE = _data.BATCH_SIZE  # 128, written in pipeline/constants.py (the tools need it too)
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 BASE_LR = 0.01

@@ -10,7 +10,6 @@ cut as evaluation does (mean image subtracted, centre 224 patch); the network ru
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from alexnet.pipeline import artifacts as A
+from alexnet.pipeline.images import decode_record
 
 from .plots import BACKGROUND, INK, PALETTE, font
 from .predict import Predictor, patches
@@ -42,7 +42,7 @@ def run_split(pred: Predictor, data_dir: Path, split: str, limit: int, batch: in
     """The first ``limit`` records of ``split`` through the network (centre crop)."""
     images, labels = [], []
     for _key, datum in A.iter_records(data_dir, split):
-        images.append(np.asarray(Image.open(io.BytesIO(datum.data)).convert("RGB")))
+        images.append(decode_record(datum.data))  # the one decoder of stored records
         labels.append(datum.label)
         if len(images) >= limit:
             break

@@ -25,6 +25,9 @@ activation keeps its dtype). The backward is a second operator, ``alexnet::lrn_b
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -83,8 +86,14 @@ def lrn_reference_backward(
         return (scaled - 2 * beta * a * spread).to(x.dtype)
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton can be imported (torch's CUDA wheels bring it; a build without it uses the reference)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _uses_kernel(x: Tensor) -> bool:
-    return x.device.type == "cuda" and x.dtype != torch.float64
+    return x.device.type == "cuda" and x.dtype != torch.float64 and triton_available()
 
 
 @torch.library.custom_op("alexnet::lrn", mutates_args=())

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from alexnet.pipeline.errors import AlexnetError
 
 from . import constants as TC
-from .lrn import lrn
+from .lrn import lrn, lrn_reference
 
 COLUMNS = 2  # §3.2 two GPUs, half of the kernels on each
 LEARNED_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -133,6 +133,8 @@ class LocalResponseNorm(nn.Module):
         return f"size={self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}, group_size={self.group_size}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():  # an exported program runs in plain PyTorch, without our operators
+            return lrn_reference(x, self.size, self.alpha, self.beta, self.k, self.group_size or 0)
         return lrn(x, self.size, self.alpha, self.beta, self.k, self.group_size or 0)
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .lrn import triton_available
+
 
 def foreach_update(
     params: list[Tensor], grads: list[Tensor], velocities: list[Tensor], lr: float, momentum: float, weight_decay: float
@@ -40,11 +42,8 @@ def paper_sgd_(
     """§5's update in place. CUDA float32: one Triton kernel per tensor (optim_triton.py) doing the
     four passes' operations in registers, 20 bytes per parameter (w, g, v read; w, v written);
     elsewhere :func:`foreach_update`."""
-    if (
-        params
-        and params[0].is_cuda
-        and all(_fusable(p, g, v) for p, g, v in zip(params, grads, velocities, strict=True))
-    ):
+    fusable = all(_fusable(p, g, v) for p, g, v in zip(params, grads, velocities, strict=True))
+    if params and params[0].is_cuda and triton_available() and fusable:
         from .optim_triton import fused_update
 
         fused_update(params, grads, velocities, lr, momentum, weight_decay)

@@ -62,6 +62,11 @@ class EagerStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return train_step(self.model, self.optimizer, images, labels, precision=self.precision, scaler=self.scaler)
 
+    def static_input(self, shape: tuple) -> torch.Tensor | None:
+        """Where the loader may write the next batch's images (the loader's ``static_input``): None, the
+        eager step reads whatever tensor it is given."""
+        return None
+
 
 class DDPStep(EagerStep):
     """The eager step through DistributedDataParallel (built here; it broadcasts rank 0's weights).
@@ -90,7 +95,8 @@ class GraphedStep(EagerStep):
 
     The first ``eager_steps`` steps of a batch shape run eagerly on a side stream (cuDNN's algorithm
     search and the optimiser's velocities happen there); the step is then captured with the batch
-    copied into static input buffers. The update bakes the learning rate into its kernels, so a
+    copied into static input buffers (under bf16 the loader's one cast from DALI's float32 writes
+    the images there: :meth:`static_input`). The update bakes the learning rate into its kernels, so a
     change of lr (a /10 drop) captures again. The kernels are the eager step's: same arithmetic,
     same dropout draws (the CUDA generator advances per replay as per eager step).
     """
@@ -136,6 +142,15 @@ class GraphedStep(EagerStep):
         loss.record_stream(caller)  # its memory came from the side stream's pool
         return loss
 
+    def static_input(self, shape: tuple) -> torch.Tensor | None:
+        """The captured graph's input buffer, while the next call of this ``shape`` replays the graph
+        as captured (no warm-up or capture due): the loader may write that batch's images into it,
+        converting in the same pass. It is the graph's, so it holds one batch: the loader writes the
+        next one on the same stream, after this replay has read it."""
+        if self.graph is None or tuple(shape) != self._shape or self._hyper_captured != self._hyper():
+            return None
+        return self._x
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if tuple(images.shape) != self._shape:  # first call, or a new shape: warm up eagerly first
             self._shape, self._eager_left, self.graph = tuple(images.shape), self.eager_steps, None
@@ -144,7 +159,8 @@ class GraphedStep(EagerStep):
             return self._eager(images, labels)
         if self.graph is None or self._hyper_captured != self._hyper():
             self._capture(images, labels)
-        self._x.copy_(images)
+        if images is not self._x:  # (else the loader wrote them there)
+            self._x.copy_(images)
         self._y.copy_(labels.reshape(-1))
         self.graph.replay()
         return self._loss.clone()  # the next replay overwrites the static loss

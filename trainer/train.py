@@ -136,6 +136,7 @@ class Trainer:
         self.step_note = self.step_fn.note  # what the step runs (precision, graph, compile), for the first line
         self.scaler = self.step_fn.scaler  # fp16's loss scaler (its scale is part of an exact resume), else None
         self.train_loader = create_loader_for(config, "train", replica)
+        self.train_loader.static_input = self.step_fn.static_input  # bf16: the cast writes the graph's input
         self.val_loader = None  # built at the first evaluation
         self.state = RunState()
         self.watch = LossWatch(run.num_classes, run.stall_intervals, run.stall_band, run.explode_factor)
