@@ -25,9 +25,11 @@ shuffled order.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -308,6 +310,11 @@ def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
         fix = "; give the dataset's directory" if isinstance(e, NotADirectoryError) else ""
         raise ContractError(f"cannot read {what} {path}: {e.strerror if isinstance(e, OSError) else e}{fix}") from None
     version = d.get("schema_version") if isinstance(d, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise ContractError(
+            f"{path} was written by a newer alexnet (schema version {version}; this one reads {SCHEMA_VERSION}): "
+            "upgrade alexnet (pip install -U), or rebuild the dataset with this version"
+        )
     if version not in READABLE_SCHEMA_VERSIONS:
         raise ContractError(
             f"{path} has schema version {version}, this alexnet reads schema version "
@@ -364,13 +371,78 @@ class Stats:
         return np.asarray(self.eigval, dtype=np.float64)
 
 
-def write_stats(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> None:
-    """Write ``mean_image.npy`` then ``stats.json``, each atomically."""
+# pca-stats' two files change together through a journal directory: both are written into PENDING,
+# which is renamed to COMMIT (the commit point), then each is moved into place and COMMIT is removed. A
+# kill before the commit point leaves the old pair (PENDING is dropped by the next reader or writer);
+# after it, the new pair (the next reader or writer finishes the moves; a reader that cannot write,
+# a read-only mount, reads the pair from COMMIT).
+STATS_PENDING_DIR = ".stats-pending"
+STATS_COMMIT_DIR = ".stats-commit"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def stats_steps(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> list:
+    """``write_stats`` as its steps in order (each leaves a state a kill may leave; tested one by one)."""
     mean_image = np.asarray(mean_image, dtype=np.float32)
     if mean_image.shape != MEAN_IMAGE_SHAPE:
         raise ContractError(f"mean image has shape {mean_image.shape}, expected {MEAN_IMAGE_SHAPE}")
-    _atomic_write_npy(Path(data_dir) / MEAN_IMAGE_FILE, mean_image)
-    atomic_write_json(Path(data_dir) / STATS_FILE, _to_json(stats))
+    data_dir = Path(data_dir)
+    pending, commit = data_dir / STATS_PENDING_DIR, data_dir / STATS_COMMIT_DIR
+
+    def prepare() -> None:
+        settle_stats(data_dir)  # an earlier writer's leftovers first
+        if pending.exists():
+            shutil.rmtree(pending)
+        pending.mkdir(parents=True)
+
+    def move(name: str):
+        return lambda: os.replace(commit / name, data_dir / name)
+
+    return [
+        prepare,
+        lambda: _atomic_write_npy(pending / MEAN_IMAGE_FILE, mean_image),
+        lambda: atomic_write_json(pending / STATS_FILE, _to_json(stats)),
+        lambda: _fsync_dir(pending),
+        lambda: (os.replace(pending, commit), _fsync_dir(data_dir)),  # the commit point
+        move(MEAN_IMAGE_FILE),
+        move(STATS_FILE),
+        lambda: (commit.rmdir(), _fsync_dir(data_dir)),
+    ]
+
+
+def write_stats(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> None:
+    """Write ``mean_image.npy`` and ``stats.json`` as one unit: a kill leaves the old pair or the new."""
+    for step in stats_steps(data_dir, stats, mean_image):
+        step()
+
+
+def settle_stats(data_dir: Path) -> None:
+    """Finish (after the commit point) or drop (before it) an interrupted ``write_stats``, where this
+    process can write the directory."""
+    data_dir = Path(data_dir)
+    pending, commit = data_dir / STATS_PENDING_DIR, data_dir / STATS_COMMIT_DIR
+    with contextlib.suppress(OSError):  # read-only: the committed files are read where they are
+        if commit.is_dir():
+            for name in (MEAN_IMAGE_FILE, STATS_FILE):
+                if (commit / name).exists():
+                    os.replace(commit / name, data_dir / name)
+            commit.rmdir()
+        if pending.is_dir():
+            shutil.rmtree(pending)
+
+
+def _stats_file(data_dir: Path, name: str) -> Path:
+    """The current ``stats.json`` or ``mean_image.npy`` (after :func:`settle_stats`)."""
+    settle_stats(data_dir)
+    committed = Path(data_dir) / STATS_COMMIT_DIR / name
+    return committed if committed.exists() else Path(data_dir) / name
 
 
 def _pca_stats_missing(data_dir: Path, name: str) -> str:
@@ -378,7 +450,7 @@ def _pca_stats_missing(data_dir: Path, name: str) -> str:
 
 
 def read_stats(data_dir: Path) -> Stats:
-    path = Path(data_dir) / STATS_FILE
+    path = _stats_file(data_dir, STATS_FILE)
     d = _read_json(path, "stats", _pca_stats_missing(data_dir, STATS_FILE))
     try:
         return Stats(**{**d, "schema_version": SCHEMA_VERSION})
@@ -387,7 +459,7 @@ def read_stats(data_dir: Path) -> Stats:
 
 
 def read_mean_image(data_dir: Path) -> np.ndarray:
-    path = Path(data_dir) / MEAN_IMAGE_FILE
+    path = _stats_file(data_dir, MEAN_IMAGE_FILE)
     if not path.exists():
         raise ContractError(_pca_stats_missing(data_dir, MEAN_IMAGE_FILE))
     arr = np.load(path, allow_pickle=False)
@@ -426,6 +498,22 @@ def open_shard(path: Path, *, readonly: bool = True, map_size: int = 1 << 30, re
     except lmdb.Error as e:  # a damaged data.mdb: one line naming the shard and the fix
         why = str(e).removeprefix(f"{path}: ")
         raise ContractError(f"shard {path} cannot be opened ({why}): " + REBUILD_HINT) from None
+
+
+def check_shards(data_dir: Path, manifest: Manifest, split: str) -> None:
+    """Each of the split's shards holds as many records as the manifest says (LMDB's own count: nothing
+    is read); one line naming the shard otherwise. ``alexnet-prep verify`` checks everything else."""
+    for info, path in zip(manifest.splits[split].shards, manifest.shard_paths(data_dir, split), strict=True):
+        env = open_shard(path)
+        try:
+            entries = env.stat()["entries"]
+        finally:
+            env.close()
+        if entries != info.num_records:
+            raise ContractError(
+                f"shard {path} holds {entries} records but the manifest says {info.num_records}: the manifest no "
+                f"longer matches the shards (alexnet-prep verify --data-dir {data_dir} lists all); " + REBUILD_HINT
+            )
 
 
 def iter_shard(path: Path) -> Iterator[tuple[bytes, bytes]]:

@@ -54,8 +54,12 @@ def field_problems(obj) -> list[str]:
     out = []
     for f in fields(obj):
         value, meta = getattr(obj, f.name), f.metadata
-        if ("min" in meta and value < meta["min"]) or ("max" in meta and value > meta["max"]):
-            out.append(f"{f.name} must be in [{meta.get('min', '-inf')}, {meta.get('max', 'inf')}], not {value!r}")
+        over = "max" in meta and (value >= meta["max"] if meta.get("max_open") else value > meta["max"])
+        if ("min" in meta and value < meta["min"]) or over:
+            close = ")" if meta.get("max_open") else "]"
+            out.append(
+                f"{f.name} must be in [{meta.get('min', '-inf')}, {meta.get('max', 'inf')}{close}, not {value!r}"
+            )
         if "choices" in meta and value not in meta["choices"]:
             out.append(f"{f.name} must be one of {', '.join(meta['choices'])}, not {value!r}")
     return out

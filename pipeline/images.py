@@ -10,9 +10,9 @@ preprocessed exactly as a training record was made.
   resize still reduces by at least 2x. Measured against the full decode
   (``tests/test_build_lmdb.py::test_draft_within_tolerance``): mean absolute difference below
   ``DRAFT_TOLERANCE`` grey levels. Every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG)
-  becomes RGB; a gzip-wrapped file (a few of ILSVRC-2010's members, still so in a tree extracted by
-  hand) is unwrapped first. ``decode_source`` also says how the file was converted (``CONVERSIONS``),
-  which the builder counts. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
+  becomes RGB; 16-bit greyscale is scaled to 8 bits (PIL would clip it); a gzip-wrapped file (a few of
+  ILSVRC-2010's members, still so in a tree extracted by hand) is unwrapped first. ``decode_source`` also
+  says how the file was converted (``CONVERSIONS``), which the builder counts. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
   loaders (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do;
 - ``resize_centre_crop``: "rescale the image such that the shorter side was of length 256, and
   then cropped out the central 256x256 patch", with PIL's antialiased bilinear filter
@@ -50,7 +50,21 @@ GZIP_MAGIC = b"\x1f\x8b"
 # How a kept source file was converted on its way to an RGB JPEG (counted by the builder): unwrapped from
 # gzip, another format under an image name (its format in lower case, e.g. "png"), or another colour mode.
 CONVERSIONS = ("gzip", "png", "cmyk", "grey")
-_MODE_KINDS = {"CMYK": "cmyk", "L": "grey", "LA": "grey", "1": "grey", "I": "grey", "I;16": "grey"}
+_MODE_KINDS = {"CMYK": "cmyk", "L": "grey", "LA": "grey", "1": "grey"}  # and WIDE_GREY_MODES: "grey"
+
+
+# Greyscale modes of more than 8 bits (16-bit PNGs and TIFFs). PIL's convert("RGB") clips their values
+# at 255 instead of scaling them: a 16-bit photo would be nearly all white.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _grey_to_8_bits(im):
+    """A 16-bit greyscale image scaled to 8 bits (v * 255 / 65535, rounded), as mode "L"."""
+    import numpy as np
+    from PIL import Image
+
+    wide = np.asarray(im, dtype=np.float64)  # "I" holds 16-bit sources as 32-bit integers
+    return Image.fromarray(np.clip(np.rint(wide * (255 / 65535)), 0, 255).astype(np.uint8))
 
 
 class Rejected(Exception):
@@ -97,9 +111,10 @@ def decode_source(data: bytes, *, draft: bool = True):
     if im.format != "JPEG":
         kinds.append(str(im.format).lower())
     if im.mode != "RGB":
-        kinds.append(_MODE_KINDS.get(im.mode, im.mode.lower()))
-        im = _converted(im)
-    return im, tuple(kinds)
+        kinds.append(_MODE_KINDS.get(im.mode, "grey" if im.mode in WIDE_GREY_MODES else im.mode.lower()))
+    if im.mode in WIDE_GREY_MODES:
+        im = _grey_to_8_bits(im)
+    return (im if im.mode == "RGB" else _converted(im)), tuple(kinds)
 
 
 def decode_record(data: bytes, *, rgb_only: bool = False):
@@ -169,7 +184,7 @@ def _rejected(e: Exception) -> Exception:
         return Rejected(f"too large ({e})")
     if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
         text = str(e)
-        reason = "truncated" if "truncated" in text or isinstance(e, EOFError) else "undecodable"
+        reason = "truncated" if "truncated" in text.lower() or isinstance(e, EOFError) else "undecodable"
         return Rejected(f"{reason} ({text})" if text else reason)
     return e
 

@@ -7,6 +7,8 @@ labels of every batch it trained on, with step and epoch) and ``weights-rank{r}.
 state dict at the end). With KILL_AT_STEP, every replica raises at that step (a simulated crash).
 With ``TERM_AT=STEP`` in the environment, replica 1 alone sends itself a real SIGTERM at that step
 (a scheduler's preemption reaching one process); ``summary-rank{r}.json`` holds train()'s summary.
+With ``KILL9_AT=STEP``, replica 1 of torchrun's first attempt (``TORCHELASTIC_RESTART_COUNT=0``) kills
+itself with SIGKILL at that step, before the step's checkpoint (a replica lost under ``--max-restarts``).
 """
 
 import json
@@ -32,6 +34,8 @@ def main() -> None:
     out = Path(sys.argv[2])
     kill_at = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     term_at = int(os.environ.get("TERM_AT", "0"))
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    kill9_at = int(os.environ.get("KILL9_AT", "0")) if first_attempt else 0
     rank = int(os.environ["RANK"])
     seen = []
 
@@ -39,6 +43,8 @@ def main() -> None:
         seen.append({"step": step, "epoch": epoch, "labels": labels.reshape(-1).tolist()})
         if step == term_at and rank == 1:
             os.kill(os.getpid(), signal.SIGTERM)
+        if step == kill9_at and rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
         if step == kill_at:
             (out / f"labels-rank{rank}.json").write_text(json.dumps(seen))
             raise Killed(f"simulated crash at step {step}")

@@ -1,7 +1,9 @@
 """The data contract: records, keys, manifest and stats round-trip; DALI reads what we write."""
 
+import contextlib
 import io
 import json
+import subprocess
 
 import numpy as np
 import pytest
@@ -225,3 +227,49 @@ def test_write_split_follows_the_contract_order(tmp_path):
     assert [A.parse_key(k)[1] for k, _ in A.iter_shard(tmp_path / "id" / identity.shards[0].path)] == [
         r[0] for r in records
     ]
+
+
+@contextlib.contextmanager
+def _read_only_view(src, at):
+    """``src`` seen through a read-only bind mount at ``at`` (skips where mounts are not allowed)."""
+    at.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(at)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount a read-only view here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(at)], check=True, capture_output=True)
+        yield at
+    finally:
+        subprocess.run(["umount", str(at)], check=False)
+
+
+def _pair(seed: int) -> tuple[A.Stats, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mean_image = rng.uniform(0, 255, A.MEAN_IMAGE_SHAPE).astype(np.float32)
+    stats = A.Stats(
+        mean_rgb=mean_image.reshape(-1, 3).mean(0).tolist(),
+        eigval=[3.0, 2.0, 1.0],
+        eigvec=np.eye(3).tolist(),
+        n_images=seed,
+        n_pixels=seed * 256 * 256,
+    )
+    return stats, mean_image
+
+
+def test_stats_pair_is_one_unit_wherever_the_writer_is_killed(tmp_path):
+    """Stopped after each of write_stats' steps (the states a kill leaves), the pair read back is the
+    old one before the commit point and the new one after it, never one file of each; the next writer
+    or reader tidies up, and a reader of a read-only copy sees the same pair."""
+    old, new = _pair(1), _pair(2)
+    steps = A.stats_steps(tmp_path / "probe", *new)
+    commit_point = 5  # after prepare, two files, fsync, rename: the pair is new
+    for done in range(len(steps) + 1):
+        data = tmp_path / f"after-{done}"
+        A.write_stats(data, *old)
+        for step in A.stats_steps(data, *new)[:done]:
+            step()
+        want = new if done >= commit_point else old
+        with _read_only_view(data, tmp_path / f"ro-{done}") as ro:
+            for where in (ro, data):  # the read-only view first: it cannot be tidied
+                stats, mean = A.read_stats(where), A.read_mean_image(where)
+                assert stats.n_images == want[0].n_images and np.array_equal(mean, want[1]), (done, where)
+        assert sorted(p.name for p in data.iterdir()) == [A.MEAN_IMAGE_FILE, A.STATS_FILE], done

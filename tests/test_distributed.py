@@ -165,7 +165,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(config: TrainConfig, out: Path, kill_at: int = 0, term_at: int = 0) -> subprocess.CompletedProcess:
+def _launch(
+    config: TrainConfig, out: Path, kill_at: int = 0, term_at: int = 0, kill9_at: int = 0, max_restarts: int = 0
+) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config-in.json"
     cfg_path.write_text(json.dumps(config.to_dict()))
@@ -179,13 +181,23 @@ def _launch(config: TrainConfig, out: Path, kill_at: int = 0, term_at: int = 0) 
         "127.0.0.1",
         "--master-port",
         str(_free_port()),
+        "--max-restarts",
+        str(max_restarts),
+        "--monitor-interval",
+        "0.2",
         str(HERE / "_ddp_worker.py"),
         str(cfg_path),
         str(out),
     ]
     if kill_at:
         args.append(str(kill_at))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "TERM_AT": str(term_at)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "TERM_AT": str(term_at),
+        "KILL9_AT": str(kill9_at),
+    }
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -324,3 +336,45 @@ def test_resume_with_one_replica_continues_the_epochs_permutation(ddp_data, unin
             want.setdefault(b["step"], []).extend(b["labels"])
     assert summary["steps"] == STEPS
     assert seen == {step: sorted(want[step]) for step in range(4, STEPS + 1)}
+
+
+def test_elastic_restart_after_a_lost_replica_resumes_exactly(ddp_data, uninterrupted, tmp_path):
+    """Under ``torchrun --max-restarts 2`` without --resume, replica 1 is killed with SIGKILL at step 3
+    (after step 2's checkpoint): the survivor exits promptly instead of hanging in a collective, torchrun
+    restarts the group, which resumes at step 2 by itself and ends bitwise equal to the uninterrupted run,
+    with one metrics line per step."""
+    run = tmp_path / "run"
+    r = _launch(_config(ddp_data, run, checkpoint_every_steps=2), tmp_path, kill9_at=3, max_restarts=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "torchrun restart 1: resuming from the last checkpoint" in r.stderr, r.stderr[-3000:]
+    assert "resuming at step 2 from" in r.stderr, r.stderr[-3000:]
+    a = ckpt_io.load_checkpoint(uninterrupted / "run" / "checkpoints" / "last.pt")["model"]
+    b = ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(1, STEPS + 1))
+    # the restarted attempt ran only the remaining steps
+    assert [b["step"] for b in _labels(tmp_path)[0]] == list(range(3, STEPS + 1))
+
+
+def test_restart_without_a_checkpoint_starts_afresh_without_old_metrics(ddp_data, tmp_path, monkeypatch, capsys):
+    """A torchrun restart (TORCHELASTIC_RESTART_COUNT=1, here one process) that finds no checkpoint says so,
+    starts at step 0 and drops the failed attempt's metrics instead of appending to them."""
+    from alexnet.trainer.train import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    from alexnet.trainer.rundir import record
+
+    stale = [
+        record("train", step=s, epoch=0, epoch_progress=0.5, loss=9.0, lr=0.01, images_per_s=1.0) for s in (1, 2, 3)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in stale))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    summary = train(_config(ddp_data, run, max_steps=2, batch_size=4))
+    assert "torchrun restart 1: no checkpoint at" in capsys.readouterr().err
+    assert summary["steps"] == 2
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2]
+    assert all(x["loss"] != 9.0 for x in lines if x["kind"] == "train")

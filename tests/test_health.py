@@ -100,3 +100,76 @@ def test_layer_norms_leave_out_missing_gradients_and_match_per_tensor_norms():
         model.conv3.columns[1].weight.view(-1)[7] = float("nan")  # a non-finite weight is kept, not left out
     got = norms.as_dict(norms.compute(torch.device("cpu")).tolist())
     assert math.isnan(got["weight_norm"]["conv3"]) and math.isfinite(got["weight_norm"]["conv2"])
+
+
+def test_feed_wait_counts_the_wait_for_batches_not_the_steps_time():
+    """Host time on the CPU: a loader taking 50 ms a batch behind steps of 150 ms waits 4 x 50 ms."""
+    import time
+
+    from alexnet.trainer.health import FeedWait
+
+    def slow_loader():
+        for i in range(4):
+            time.sleep(0.05)
+            yield i
+
+    feed = FeedWait(torch.device("cpu"))
+    assert list(_consume(feed.batches(slow_loader()), step_s=0.15)) == [0, 1, 2, 3]
+    waited = feed.take().seconds()
+    assert 0.2 <= waited < 0.5, waited  # the steps' 0.6 s are not counted
+    assert feed.take().seconds() == 0.0  # taken: the next interval starts from zero
+
+
+def _consume(batches, step_s):
+    import time
+
+    for b in batches:
+        time.sleep(step_s)
+        yield b
+
+
+def test_feed_wait_warning_once_after_the_first_interval_naming_the_tool():
+    from alexnet.trainer.health import FEED_WAIT_WARN_SHARE, FeedWatch
+
+    watch = FeedWatch()
+    assert watch.observe(1, 10, 0.9, 2.3) == []  # the first interval holds the pipelines' start
+    assert watch.observe(11, 20, FEED_WAIT_WARN_SHARE, 2.3) == []  # at the share: no warning
+    alerts = watch.observe(21, 30, 0.4, 2.3)
+    assert [a["alert"] for a in alerts] == ["feed_wait"] and alerts[0]["step"] == 30
+    message = alerts[0]["message"]
+    for piece in ("40%", "steps 21-30", "bench-pipeline", "--workers", "--pipelines", "--num-threads"):
+        assert piece in message, message
+    assert watch.observe(31, 40, 0.9, 2.3) == []  # once
+
+
+def test_training_lines_carry_the_feed_wait_and_the_report_shows_it(tmp_path):
+    import json
+
+    from _train_fixtures import write_dataset
+
+    from alexnet.trainer.config import TrainConfig
+    from alexnet.trainer.report import build_report
+    from alexnet.trainer.train import train
+
+    data = write_dataset(tmp_path / "data", num_classes=2, train_per_class=4, val_per_class=1)
+    config = TrainConfig.create(
+        data_dir=str(data),
+        run_dir=str(tmp_path / "run"),
+        gpus="cpu",
+        batch_size=4,
+        epochs=0,
+        max_steps=3,
+        log_every_steps=1,
+        num_threads=1,
+        progress=False,
+        checkpoint_minutes=0.0,
+    )
+    train(config)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train_lines] == [1, 2, 3]
+    for x in train_lines:
+        assert 0 < x["feed_wait_s"] and 0 < x["feed_wait_share"] <= 1, x  # DALI decodes on this host
+        assert "memory" not in x  # a GPU figure
+    build_report(tmp_path / "run", tmp_path / "report")
+    assert "- feed wait (the step waiting for its batch): median" in (tmp_path / "report" / "report.md").read_text()

@@ -433,3 +433,84 @@ def test_checkpoints_of_other_classes_are_not_averaged(run, tmp_path):
         ],
     )
     assert r.exit_code == 1 and "other classes" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def _png_bomb(path: Path, side: int = 30000) -> Path:
+    """A PNG header claiming side x side pixels (over PIL's decompression-bomb limit) in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def odd_images(tmp_path_factory):
+    """Image files of every awkward mode, each with the RGB image it must be read as (the reference)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    wide = (np.linspace(0, 65535, 90 * 120).reshape(90, 120) + rng.integers(0, 200, (90, 120))).clip(0, 65535)
+    wide = wide.astype(np.uint16)
+    grey8 = np.rint(wide * (255 / 65535)).astype(np.uint8)  # the numpy reference of the 16-bit scaling
+    alpha = rng.integers(0, 256, (90, 120, 1), dtype=np.uint8)
+    palette = Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    cases = {
+        "grey16.png": (Image.fromarray(wide), np.repeat(grey8[..., None], 3, axis=2)),
+        "rgba.png": (Image.fromarray(np.concatenate([rgb, alpha], axis=2), "RGBA"), rgb),
+        "palette.png": (palette, np.asarray(palette.convert("RGB"))),
+        "grey.png": (Image.fromarray(rgb[..., 0]), np.repeat(rgb[..., :1], 3, axis=2)),
+        "one-pixel.png": (Image.fromarray(rgb[:1, :1]), rgb[:1, :1]),
+    }
+    out = {}
+    for name, (im, ref) in cases.items():
+        im.save(d / name)
+        out[name] = ref
+    Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg", quality=95)
+    out["cmyk.jpg"] = np.asarray(Image.open(d / "cmyk.jpg").convert("RGB"))
+    return d, out
+
+
+def test_every_image_mode_is_read_as_its_rgb_reference(odd_images):
+    """16-bit greyscale scaled (not clipped), RGBA, palette, grey, CMYK and a 1x1 image: the stored crop
+    equals the crop of the reference RGB image (numpy scaling for 16 bits)."""
+    from PIL import Image
+
+    from alexnet.pipeline.images import resize_centre_crop
+
+    d, refs = odd_images
+    assert Image.open(d / "grey16.png").mode == "I;16"  # the mode PIL would clip
+    for name, ref in refs.items():
+        want = np.asarray(resize_centre_crop(Image.fromarray(ref)), dtype=np.float32)
+        np.testing.assert_array_equal(stored_crop(d / name), want, err_msg=name)
+    assert stored_crop(d / "grey16.png").mean() < 200  # not saturated (PIL's convert gives 99.6% at 255)
+
+
+def test_bad_image_files_get_one_line_each_and_the_rest_are_predicted(run, odd_images, tmp_path):
+    from alexnet.trainer.cli import main
+
+    _, ckpt = run
+    d, refs = odd_images
+    good = _photo(tmp_path / "good.jpg")
+    (tmp_path / "trunc.jpg").write_bytes(good.read_bytes()[:400])
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad = [tmp_path / "trunc.jpg", tmp_path / "empty.png", _png_bomb(tmp_path / "bomb.png")]
+    files = [d / name for name in refs] + bad
+    r = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--gpus", "cpu", *map(str, files)])
+    assert r.exit_code == 1, r.output  # some failed
+    errors = [line for line in r.stderr.splitlines() if ": error: " in line]
+    assert [line.split(": error: ")[0] for line in errors] == [str(p) for p in bad], r.stderr
+    for line, why in zip(errors, ("truncated", "zero-byte file", "too large"), strict=True):
+        assert why in line, line
+    predicted = [line for line in r.stdout.splitlines() if not line.startswith(" ")]
+    assert predicted == [str(d / name) for name in refs]  # every other file, in order
+    r = CliRunner().invoke(main, ["predict", "--checkpoint", str(ckpt), "--gpus", "cpu", str(d)])
+    assert r.exit_code == 0, r.output  # none failed

@@ -59,5 +59,5 @@ def test_cli_resume_without_a_checkpoint_starts_the_run(train_data, tmp_path):
     assert "nothing to resume" in r.output and "starting the run" in r.output
     assert ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     r = CliRunner().invoke(main, [*base[:-4], "4", "--threads", "1", "--resume"])  # now it resumes
-    assert r.exit_code == 0 and "resumed" in r.output
+    assert r.exit_code == 0 and "resuming at step 2" in r.output
     assert ckpt_io.load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4

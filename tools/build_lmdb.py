@@ -39,7 +39,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
-from alexnet.pipeline import images
+from alexnet.pipeline import images, locks
 from alexnet.pipeline.cli_common import config_options, data_dir_option, opt, package_version
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.tools import archives
@@ -338,7 +338,7 @@ def _build_options(cfg: BuildConfig, source, shards: dict[str, int]) -> dict:
 
 def _remove_dataset(data_dir: Path) -> None:
     """--overwrite: delete the files this project writes (never anything else in the folder)."""
-    for split in A.SPLITS:
+    for split in (*A.SPLITS, A.STATS_PENDING_DIR, A.STATS_COMMIT_DIR):
         if (data_dir / split).is_dir():
             shutil.rmtree(data_dir / split)
     for name in (A.MANIFEST_FILE, A.REJECTED_FILE, A.STATS_FILE, A.MEAN_IMAGE_FILE):
@@ -602,4 +602,5 @@ def build_lmdb_command(src: Path, data_dir: Path, **options) -> None:
     a JPEG inside a Caffe Datum (paper section 2), in a seeded global shuffle, in parallel.
     """
     cfg = BuildConfig(source=src, data_dir=data_dir, **options)
-    build_lmdb(cfg)
+    with locks.hold(data_dir, locks.EXCLUSIVE, "alexnet-prep build-lmdb"):  # before the workers are forked
+        build_lmdb(cfg)

@@ -58,6 +58,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import locks
 from alexnet.pipeline.cli_common import config_options, data_dir_option, opt, package_version
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.images import decode_record, pil_summary
@@ -482,7 +483,8 @@ def pca_stats_command(data_dir: Path, **options):
     cfg = PcaStatsConfig(**options)
     if _kernel is None:
         click.echo(f"warning: pca-stats runs its slower numpy path: {KERNEL_MISSING}", err=True)
-    stats, mean_image = compute_stats(data_dir, cfg)
-    A.write_stats(data_dir, stats, mean_image)
+    with locks.hold(data_dir, locks.EXCLUSIVE, "alexnet-prep pca-stats"):
+        stats, mean_image = compute_stats(data_dir, cfg)
+        A.write_stats(data_dir, stats, mean_image)
     click.echo(format_summary(stats))
     click.echo(f"wrote {Path(data_dir) / A.STATS_FILE} and {Path(data_dir) / A.MEAN_IMAGE_FILE}")

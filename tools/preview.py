@@ -10,6 +10,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import locks
 from alexnet.pipeline.cli_common import config_options, data_dir_option, from_options, opt
 from alexnet.pipeline.errors import AlexnetError
 from alexnet.pipeline.loader import DataConfig
@@ -112,8 +113,9 @@ def preview_command(data_dir: Path, **options) -> None:
     (0/1) and alpha (N,3: the PCA lighting draws).
     """
     cfg, data = from_options(PreviewConfig, options), DataConfig(**options)
-    manifest = A.read_manifest(data_dir)
-    batch = preview_batch(data_dir, cfg, data)
+    with locks.hold(data_dir, locks.SHARED, "alexnet-prep preview"):
+        manifest = A.read_manifest(data_dir)
+        batch = preview_batch(data_dir, cfg, data)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cfg.out, **batch)
     png = cfg.out.with_suffix(".png")

@@ -24,6 +24,7 @@ import numpy as np
 
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
+from alexnet.pipeline import locks
 from alexnet.pipeline.cli_common import config_options, data_dir_option, opt
 from alexnet.pipeline.errors import AlexnetError, ContractError
 from alexnet.pipeline.images import Rejected, decode_record
@@ -252,7 +253,8 @@ def verify_command(data_dir: Path, **options) -> None:
 
     Exits with status 1 and lists the problems when anything is wrong.
     """
-    report = verify(VerifyConfig(data_dir, **options))
+    with locks.hold(data_dir, locks.SHARED, "alexnet-prep verify"):
+        report = verify(VerifyConfig(data_dir, **options))
     counts = ", ".join(f"{n} {c} records" for n, c in report.records.items())
     if report.ok:
         click.echo(f"ok: {data_dir}: {counts}; {report.checked} records decoded and checksummed")

@@ -266,12 +266,27 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read an alexnet-train checkpoint (:func:`read_checkpoint_file`) and decode it (:func:`from_safe`)."""
     raw = read_checkpoint_file(path)
     if not isinstance(raw, dict) or "model" not in raw:
-        raise AlexnetError(f"{path} is not an alexnet-train checkpoint (no 'model' entry); {_other(Path(path))}")
+        raise AlexnetError(f"{path} is not an alexnet-train checkpoint ({_what(raw)}); {_other(Path(path))}")
     ckpt = from_safe(raw)
     version = ckpt.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise AlexnetError(
+            f"{path} was written by a newer alexnet-train (checkpoint format {version}; this one reads format "
+            f"{FORMAT_VERSION}): upgrade alexnet (pip install -U) to use it"
+        )
     if version != FORMAT_VERSION:
         raise AlexnetError(f"{path} has checkpoint format {version}; this alexnet-train reads format {FORMAT_VERSION}")
     return ckpt
+
+
+def _what(raw: Any) -> str:
+    """What a file that is not ours holds, in a few words (a bare state dict is the usual case)."""
+    if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        first = next(iter(raw))
+        return (
+            f"a bare state dict of {len(raw)} tensors, e.g. {first!r}, as torchvision's models save; no 'model' entry"
+        )
+    return "no 'model' entry"
 
 
 # Settings a model depends on: eval, predict and export take them from the checkpoint; an option that

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import click
 
+from alexnet.pipeline import locks
 from alexnet.pipeline.artifacts import DATA_DIR_ENV
 from alexnet.pipeline.cli_common import LazyGroup, version_option
 from alexnet.pipeline.errors import AlexnetError
@@ -76,7 +77,10 @@ def _option(f, hint, override: dict | None = None):
     if "choices" in meta:
         kw["type"] = click.Choice(meta["choices"])
     elif hint in (int, float) and "min" in meta:
-        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta["min"], max=meta.get("max"))
+        bounds = {"min": meta["min"], "max": meta.get("max")}
+        if meta.get("max_open"):
+            bounds["max_open"] = True  # e.g. momentum in [0, 1)
+        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(**bounds)
     elif typing.get_origin(hint) is tuple:
         kw.update(default=",".join(map(str, kw["default"])), callback=_parse_ints)
     else:
@@ -237,7 +241,8 @@ def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bo
         if not config.run.run_dir:
             raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
         checkpoints = (RunDir(config.run.run_dir).last,)
-    res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given, split=split)
+    with locks.hold(Path(config.run.data_dir), locks.SHARED, "alexnet-train eval"):  # the run dir: no lock
+        res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given, split=split)
     on = f"{split} ({res['classes']})" if res["classes"] else split
     if len(checkpoints) == 1:
         click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), {on}:")

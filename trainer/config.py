@@ -124,7 +124,7 @@ class ModelConfig:
 class OptimConfig:
     batch_size: int = opt(TC.BATCH_SIZE, "GLOBAL images per step (§5: 128), split evenly over replicas.", min=1)
     lr: float = opt(TC.BASE_LR, "Initial learning rate epsilon (§5), inside the velocity.", min=1e-12)
-    momentum: float = opt(TC.MOMENTUM, "§5 momentum.", min=0)
+    momentum: float = opt(TC.MOMENTUM, "§5 momentum, in [0, 1).", min=0, max=1, max_open=True)
     weight_decay: float = opt(TC.WEIGHT_DECAY, "§5 weight decay, on weights (biases are not decayed).", min=0)
     schedule: str = opt(
         "plateau",

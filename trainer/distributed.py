@@ -63,6 +63,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    restart: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: > 0 when the group was restarted after a failure
 
     @property
     def enabled(self) -> bool:
@@ -119,7 +120,7 @@ def dist_info_from_env(env: dict[str, str] | None = None) -> DistInfo:
     launcher = next((names for names in LAUNCHERS if env.get(names[0], "").strip()), None)
     world = _first_int(env, launcher[:1]) if launcher else None
     if world is None or world[1] <= 1:
-        return DistInfo()
+        return DistInfo(restart=restart_count(env))
     rank, local = _first_int(env, launcher[1:2]), _first_int(env, launcher[2:3])
     local_world = _slurm_tasks_on_this_node(env) if launcher[0].startswith("SLURM") else _first_int(env, launcher[3:])
     if launcher[0] == "WORLD_SIZE":  # set by hand in an srun or mpirun script: the local pair from there
@@ -141,7 +142,19 @@ def dist_info_from_env(env: dict[str, str] | None = None) -> DistInfo:
                 "several processes but MASTER_ADDR or MASTER_PORT is not set: launch with torchrun, or export "
                 "MASTER_ADDR (the first node's address) and MASTER_PORT (a free port) for every process"
             )
-    return DistInfo(rank=rank[1], world_size=world[1], local_rank=local[1], local_world_size=local_world[1])
+    return DistInfo(
+        rank=rank[1],
+        world_size=world[1],
+        local_rank=local[1],
+        local_world_size=local_world[1],
+        restart=restart_count(env),
+    )
+
+
+def restart_count(env) -> int:
+    """How many times torchrun has restarted the group (``--max-restarts``); 0 for a first start."""
+    text = env.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def replica_gpus(spec: str, info: DistInfo, cuda_count: int) -> str:
@@ -175,6 +188,12 @@ def replica_gpus(spec: str, info: DistInfo, cuda_count: int) -> str:
     return ",".join(str(int(p) + offset) for p in parts)
 
 
+# How long a replica waits for the others at a checkpoint's liveness check before it gives up (a peer's
+# host that died without closing its connections; a dead peer process is seen at once).
+PEER_TIMEOUT = timedelta(seconds=60)
+LOST_REPLICA = "exiting so that the launcher restarts the group (torchrun --max-restarts); the last checkpoint is kept"
+
+
 def init_process_group(info: DistInfo, on_gpu: bool, first_gpu: int | None) -> None:
     if not info.enabled or dist.is_initialized():
         return
@@ -183,7 +202,50 @@ def init_process_group(info: DistInfo, on_gpu: bool, first_gpu: int | None) -> N
     if on_gpu and first_gpu is not None:
         torch.cuda.set_device(first_gpu)
         kwargs["device_id"] = torch.device("cuda", first_gpu)
+    store = _restart_store(info)
+    if store is not None:
+        kwargs.update(store=store, rank=info.rank, world_size=info.world_size)
     dist.init_process_group(**kwargs)
+
+
+def _restart_store(info: DistInfo):
+    """After a torchrun restart, the agent's store under a prefix of this attempt, else None (env://).
+
+    torchrun's static rendezvous (``--master-addr``/``--master-port``) keeps one store for every attempt
+    and its workers use it unprefixed, so a restarted replica can read the dead attempt's addresses
+    and wait minutes connecting to a process that is gone (torch 2.13)."""
+    if not info.restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not (addr and port and port.isdigit()):
+        return None
+    tcp = dist.TCPStore(addr, int(port), info.world_size, is_master=False, timeout=timedelta(minutes=5))
+    return dist.PrefixStore(f"alexnet/attempt-{info.restart}", tcp)
+
+
+def peers_alive(info: DistInfo) -> None:
+    """Every replica reached this point (a host barrier over gloo); raises one line if one is gone.
+
+    Called before a checkpoint's collectives: a collective with a dead peer can hang (NCCL) until the
+    launcher kills the survivors, where this check fails at once, so the group exits and is restarted."""
+    if not info.enabled:
+        return
+    with lost_replica():
+        dist.monitored_barrier(group=_host_group(), timeout=PEER_TIMEOUT, wait_all_ranks=True)
+
+
+class lost_replica:
+    """Context manager: a collective's failure (a peer died) becomes one line naming what to expect."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, _tb):
+        if kind is not None and issubclass(kind, RuntimeError) and not isinstance(exc, AlexnetError):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else kind.__name__
+            first = re.sub(r"^\[[^\]]*\.cc:\d+\]\s*", "", first).split(". ")[0]  # gloo's source position
+            raise AlexnetError(f"another replica is gone ({first[:200]}): {LOST_REPLICA}") from None
+        return False
 
 
 def destroy_process_group() -> None:
@@ -203,7 +265,8 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     if not info.enabled:
         return [obj]
     out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    with lost_replica():
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -211,7 +274,8 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     if not info.enabled:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with lost_replica():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -219,7 +283,8 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     if not info.enabled:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    with lost_replica():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -231,7 +296,8 @@ def any_flags(flags: list[bool], info: DistInfo) -> list[bool]:
     if not info.enabled:
         return list(flags)
     t = torch.tensor([float(f) for f in flags])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
+    with lost_replica():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group())
     return [v > 0 for v in t.tolist()]
 
 

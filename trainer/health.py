@@ -15,11 +15,16 @@
   - **exploding**: a logged loss above ``explode_factor`` times the first logged loss.
 
 The measurements behind both, and what to do, are in docs/TRAINING.md.
+
+* :class:`FeedWait` and :func:`device_memory`: the time the step waited for its batches and each
+  device's peak memory, recorded at each log point (``feed_wait_s``, ``feed_wait_share``, ``memory``);
+  one warning when the wait passes ``FEED_WAIT_WARN_SHARE`` of an interval.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +114,101 @@ class HostCopy:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+
+# The feed-wait warning: once per process, when the step waited for its batches more than this share
+# of an interval's time (after the first interval, which holds the pipelines' start).
+FEED_WAIT_WARN_SHARE = 0.10
+FEED_WAIT_FIX = (
+    "measure the input pipeline alone with `alexnet-prep bench-pipeline`, then raise --workers (reader "
+    "processes), --pipelines or --num-threads, or put the dataset on faster storage (README: Feeding the GPU)"
+)
+
+
+class FeedWait:
+    """The time the step waited for its batches: from the request for the next batch until it is ready.
+
+    :meth:`batches` wraps the loader. On a GPU two events on the step's stream bracket each request, so
+    the figure is the time the step's stream stood still for data (host time spent in the loader counts
+    only where the device had nothing left to do), read at the next log point without a host
+    synchronisation; on the CPU it is host time. :meth:`take` hands over an interval's measurements.
+    """
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_s = 0.0
+
+    def _mark(self):
+        if self.stream is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        return event
+
+    def batches(self, loader):
+        it = iter(loader)
+        while True:
+            start = self._mark()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            if self.stream is None:
+                self.host_s += time.perf_counter() - start
+            else:
+                self.pairs.append((start, self._mark()))
+            yield batch
+
+    def take(self) -> FeedInterval:
+        out = FeedInterval(self.pairs, self.host_s)
+        self.pairs, self.host_s = [], 0.0
+        return out
+
+
+@dataclass
+class FeedInterval:
+    pairs: list
+    host_s: float
+
+    def seconds(self) -> float:
+        """The interval's wait in seconds (its events have completed when its values have been read)."""
+        return self.host_s + sum(a.elapsed_time(b) for a, b in self.pairs) / 1000
+
+
+@dataclass
+class FeedWatch:
+    """:meth:`observe` returns the feed-wait warning (once per process), for an interval whose step waited
+    for its batches more than ``share`` of the time; the process's first interval, which holds the
+    pipelines' start, is not judged."""
+
+    share: float = FEED_WAIT_WARN_SHARE
+    seen: int = 0
+    raised: bool = False
+
+    def observe(self, first: int, last: int, share: float, loss: float) -> list[dict]:
+        self.seen += 1
+        if self.raised or self.seen == 1 or share <= self.share:
+            return []
+        self.raised = True
+        message = (
+            f"warning: the step waited for its batches {100 * share:.0f}% of the time over steps {first}-{last} "
+            f"(more than {100 * self.share:.0f}%): the input pipeline is the bottleneck; {FEED_WAIT_FIX}"
+        )
+        return [record("alert", alert="feed_wait", step=last, loss=loss, message=message)]
+
+
+def device_memory(devices) -> dict[str, dict[str, float]]:
+    """Peak allocated and reserved memory (GiB) of each CUDA device since the process started (read from
+    the caching allocator's counters: no synchronisation); empty on the CPU."""
+    out: dict[str, dict[str, float]] = {}
+    for d in devices:
+        if d.type == "cuda":
+            out[str(d)] = {
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated(d) / 2**30, 3),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(d) / 2**30, 3),
+            }
+    return out
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Reads a run directory through rundir.py (its files and records are defined there):
   - ``metrics.jsonl``, training's own log: the curves, the final and best validation errors (training's
-    own evaluations) and the completed epochs (``epoch_end`` records);
+    own evaluations), the completed epochs (``epoch_end`` records), the step's wait for its batches
+    and the devices' peak memory;
   - ``evals.jsonl`` (when there is one): evaluations of checkpoints after training, listed apart;
   - ``config.json`` (when there is one): the class count, batch size, devices and dataset;
   - ``checkpoints/last.pt`` (or ``--checkpoint``), read by checkpoint.py: conv1's weight is the
@@ -495,6 +496,7 @@ def _training_markdown(metrics: Metrics, config: TrainConfig | None) -> list[str
         f"- training time: {_duration(training_time_s(tr))}",
         f"- images/s (median of logged intervals): {ips_text}",
     ]
+    lines += _feed_and_memory_lines(tr)
     if losses:
         lines.append(f"- loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
     if lrs:
@@ -502,6 +504,29 @@ def _training_markdown(metrics: Metrics, config: TrainConfig | None) -> list[str
     if config is not None:
         lines += [f"- batch size: {config.optim.batch_size}", f"- gpus: {config.run.gpus}"]
     return lines + [f"- step {a.get('step')}: {a.get('message')}" for a in metrics.alerts] + [""]
+
+
+def _feed_and_memory_lines(tr: list[dict[str, Any]]) -> list[str]:
+    """The step's wait for its batches (median and worst share of the logged intervals) and each device's
+    peak memory (the largest of the logged peaks), where the log has them."""
+    lines = []
+    shares = _finite(r.get("feed_wait_share") for r in tr)
+    if shares:
+        lines.append(
+            f"- feed wait (the step waiting for its batch): median {100 * statistics.median(shares):.1f}% of "
+            f"the logged intervals' time, worst {100 * max(shares):.1f}%"
+        )
+    peaks: dict[str, list[float]] = {}
+    for r in tr:
+        for device, m in (r.get("memory") or {}).items():
+            old = peaks.setdefault(device, [0.0, 0.0])
+            peaks[device] = [
+                max(old[0], m.get("peak_allocated_gib", 0.0)),
+                max(old[1], m.get("peak_reserved_gib", 0.0)),
+            ]
+    for device, (allocated, reserved) in peaks.items():
+        lines.append(f"- {device} peak memory: {allocated:.2f} GiB allocated, {reserved:.2f} GiB reserved")
+    return lines
 
 
 def _figure4_markdown(f: dict, out_dir: Path) -> list[str]:

@@ -77,7 +77,9 @@ RECORDS: dict[str, tuple[str, ...]] = {
         "images",
     ),
 }
-OPTIONAL = {"train": ("weight_norm", "grad_norm")}
+# feed_wait_s, feed_wait_share: the step's wait for its batches over the interval (s, share of its time);
+# memory: on GPUs, {device: {peak_allocated_gib, peak_reserved_gib}} (trainer/health.py).
+OPTIONAL = {"train": ("weight_norm", "grad_norm", "feed_wait_s", "feed_wait_share", "memory")}
 
 
 def record(kind: str, **fields: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ within 0.001, weights within 0.007).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -32,14 +33,23 @@ from typing import Any
 
 import torch
 
-from alexnet.pipeline.artifacts import atomic_write_json, read_manifest, read_mean_image, read_stats
+from alexnet.pipeline import locks
+from alexnet.pipeline.artifacts import atomic_write_json, check_shards, read_manifest, read_mean_image, read_stats
 from alexnet.pipeline.errors import AlexnetError
 
 from . import checkpoint as ckpt_io
 from . import distributed as D
 from .config import TrainConfig
 from .evaluate import evaluate
-from .health import HostCopy, LayerNorms, LossWatch
+from .health import (
+    FeedInterval,
+    FeedWait,
+    FeedWatch,
+    HostCopy,
+    LayerNorms,
+    LossWatch,
+    device_memory,
+)
 from .model import LEARNED_LAYERS
 from .optim import create_optimizer, set_lr
 from .replica import (
@@ -78,33 +88,70 @@ class LogPoint:
     stamp: dict[str, float]  # elapsed_s and time at the log point
     first: int  # the interval's first step
     values: HostCopy
+    feed: FeedInterval  # the step's waits for its batches, in seconds when read
+    interval_s: float  # the interval's host time
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train (or resume) one run; returns a summary dict."""
     t0 = time.monotonic()
+    world = D.dist_info_from_env().world_size
+    if config.optim.batch_size % world:  # before joining the group: every replica refuses alike
+        raise AlexnetError(
+            f"--batch-size {config.optim.batch_size} is the global batch and must divide evenly over "
+            f"{world} replicas: give a multiple of {world}"
+        )
     replica = start_replica(config.run.gpus)
     try:
-        with StopSignals() as signals:  # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
+        # SIGTERM, SIGUSR1, Ctrl-C: stop after the step, with a checkpoint
+        with StopSignals() as signals, hold_run(config, replica) as config:
             return Trainer(prepare_run(config, replica), replica, signals, t0).fit()
     finally:
         D.destroy_process_group()
 
 
+@contextlib.contextmanager
+def hold_run(config: TrainConfig, replica: Replica):
+    """The run's locks (pipeline/locks.py), before anything is read or written: the data directory
+    shared by every replica, the run directory exclusively by the main replica (for the whole job on
+    several nodes). Every replica learns whether all were granted, so a refusal stops them all with
+    the same line. Yields the config with its run directory resolved."""
+    info = replica.info
+    run_dir = Path(D.broadcast_object(config.run.run_dir or str(default_run_dir()), info))
+    with contextlib.ExitStack() as stack:
+        mine: Exception | None = None
+        try:
+            stack.enter_context(locks.hold(Path(config.run.data_dir), locks.SHARED, "alexnet-train (reading)"))
+            if info.is_main:
+                stack.enter_context(locks.hold(run_dir, locks.EXCLUSIVE, "alexnet-train (training)"))
+        except (AlexnetError, OSError) as e:
+            mine = e
+        refused = [m for m in D.all_gather_objects(None if mine is None else str(mine), info) if m]
+        if mine is not None:
+            raise mine
+        if refused:
+            raise AlexnetError(refused[0])
+        yield config.replace(run_dir=str(run_dir))
+
+
 def prepare_run(config: TrainConfig, replica: Replica) -> TrainConfig:
     """The config resolved for this run: run directory, devices, classes; refuses a clash with a saved run."""
     info = replica.info
-    if config.optim.batch_size % info.world_size:
-        raise AlexnetError(
-            f"--batch-size {config.optim.batch_size} is the global batch and must divide evenly over "
-            f"{info.world_size} replicas"
-        )
     manifest = read_manifest(Path(config.run.data_dir))
     if "train" not in manifest.splits:
         raise AlexnetError(f"the dataset at {config.run.data_dir} has no train split")
-    run_dir = Path(D.broadcast_object(config.run.run_dir or str(default_run_dir()), info))
+    for split in manifest.splits:  # a manifest that no longer matches its shards: one line, before any work
+        check_shards(Path(config.run.data_dir), manifest, split)
+    run_dir = Path(config.run.run_dir)  # resolved by hold_run
     last_path = RunDir(run_dir).last
-    if config.run.resume and not last_path.exists():  # a requeued job that always passes --resume
+    if info.restart:  # torchrun restarted the group after a failure: continue, --resume or not
+        found = last_path.exists()
+        replica.say(
+            f"torchrun restart {info.restart}: "
+            + ("resuming from the last checkpoint" if found else f"no checkpoint at {last_path}: starting afresh")
+        )
+        config = config.replace(resume=found)
+    elif config.run.resume and not last_path.exists():  # a requeued job that always passes --resume
         replica.say(f"nothing to resume at {last_path}: starting the run")
         config = config.replace(resume=False)
     elif not config.run.resume and last_path.exists():
@@ -149,6 +196,8 @@ class Trainer:
         self.bar, self.epoch_len = None, 1
         self.norms = LayerNorms(self.model, LEARNED_LAYERS) if self.info.is_main else None
         self.pending: LogPoint | None = None  # the last log point's values, read at the next one
+        self.feed = FeedWait(replica.devices[0])
+        self.feed_watch = FeedWatch()
         self._reset_meter()
 
     # ------------------------------------------------------------------ build and restore
@@ -179,7 +228,9 @@ class Trainer:
             self.replica.say(f"note: {self.train_loader.note}")
         if self.train_loader.consumed == 0:  # restarted (the buffer shuffle with another replica count)
             state.batch_in_epoch = 0
-        self.replica.say(f"resumed {path} at step {state.step} (epoch {state.epoch}, +{state.batch_in_epoch} batches)")
+        self.replica.say(
+            f"resuming at step {state.step} from {path} (epoch {state.epoch}, +{state.batch_in_epoch} batches)"
+        )
         return True
 
     def _restore_replica(self, ck: dict) -> None:
@@ -198,13 +249,14 @@ class Trainer:
             run.root.mkdir(parents=True, exist_ok=True)
             self.config.replace(resume=False).save(run.config)  # --resume is a command, not the run
             atomic_write_json(run.versions, versions())
-            truncate_metrics(run, self.state.step)  # records after the checkpoint
+            # Records after the checkpoint (all of them for a restart that starts afresh: they will be redone).
+            truncate_metrics(run, self.state.step if self.resumed else -1)
         metrics = MetricsLog(
             self.run_dir,
             self.info.is_main,
             self.t0,
             self.state.elapsed_before,
-            resume_step=self.state.step if self.resumed else None,
+            resume_step=self.state.step if self.resumed or self.info.restart else None,
         )
         if metrics.note:
             self.replica.say(metrics.note)
@@ -250,7 +302,7 @@ class Trainer:
         self.epoch_len = state.batch_in_epoch + len(self.train_loader)
         self._open_bar()
         t, steps0, reason = time.monotonic(), state.step, ""
-        for images, labels in self.train_loader:
+        for images, labels in self.feed.batches(self.train_loader):
             self._meter_add(self.step_fn(images, labels))
             state.step += 1
             state.batch_in_epoch += 1
@@ -320,6 +372,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, reason: str, *, epoch_end: bool = False, is_best: bool = False) -> None:
         """A checkpoint of every replica's state (gathered to the main replica, which writes it)."""
+        D.peers_alive(self.info)  # a lost replica: exit at once (restarted by torchrun), never a partial checkpoint
         if not epoch_end:
             self._flush()  # no checkpoint from non-finite weights
         state = self.state
@@ -366,7 +419,8 @@ class Trainer:
         """The interval since the last log point: its host figures now; its mean loss and the layers'
         norms after this step computed on the device (one tensor) and copied to the host without waiting."""
         state, now = self.state, time.monotonic()
-        rate = self.config.optim.batch_size * (state.step - self.last_log_step) / max(now - self.last_log_time, 1e-9)
+        interval_s = max(now - self.last_log_time, 1e-9)
+        rate = self.config.optim.batch_size * (state.step - self.last_log_step) / interval_s
         values = (self.loss_sum / max(self.loss_steps, 1)).reshape(1)
         if self.norms is not None:
             values = torch.cat([values, self.norms.compute(values.device)])
@@ -379,7 +433,12 @@ class Trainer:
             lr=self.schedule.lr,
             images_per_s=round(rate, 2),
         )
-        point = LogPoint(line, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values))
+        memory = device_memory(self.replica.devices)
+        if memory:
+            line["memory"] = memory
+        point = LogPoint(
+            line, self.metrics.stamp(), self.last_log_step + 1, HostCopy(values), self.feed.take(), interval_s
+        )
         self._reset_meter()
         return point
 
@@ -387,6 +446,8 @@ class Trainer:
         """The interval's values on the host (waits for their copy only), into its line."""
         values = point.values.read()
         point.record["loss"] = values[0]
+        wait = point.feed.seconds()  # its events completed before the values' copy
+        point.record.update(feed_wait_s=round(wait, 4), feed_wait_share=round(min(wait / point.interval_s, 1.0), 4))
         norms = self.norms.as_dict(values[1:]) if self.norms is not None else {}
         point.record.update(norms)
         # The loss and the weights decide; not the gradients: under --precision fp16 the loss scaler skips a
@@ -409,11 +470,17 @@ class Trainer:
         rec = point.record
         self.state.last_loss = loss = rec["loss"]
         self.metrics.write(rec, point.stamp)
-        for alert in self.watch.observe(rec["step"], loss):
+        feed = self.feed_watch.observe(point.first, rec["step"], rec["feed_wait_share"], loss)
+        for alert in [*self.watch.observe(rec["step"], loss), *feed]:
             self.replica.say(alert["message"])
             self.metrics.write(alert, point.stamp)
         if self.bar is not None:
-            self.bar.set_postfix({"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}", "lr": f"{rec['lr']:g}"})
+            figures = {"img/s": f"{rec['images_per_s']:.0f}", "loss": f"{loss:.4f}", "lr": f"{rec['lr']:g}"}
+            figures["wait"] = f"{100 * rec['feed_wait_share']:.0f}%"
+            if "memory" in rec:
+                peak = max(m["peak_allocated_gib"] for m in rec["memory"].values())
+                figures["mem"] = f"{peak:.1f}G"
+            self.bar.set_postfix(figures)
 
     def _open_bar(self) -> None:
         """One bar per epoch; with --max-steps one bar for the whole run (its ETA is the run's)."""
