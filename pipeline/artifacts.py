@@ -13,6 +13,7 @@ Dataset directory (``--data-dir``, env ``ALEXNET_DATA_DIR``, default ``./data``)
     rejected.tsv           split, relative path, reason (build-lmdb)
     train/train-00000-of-00004/   one LMDB environment per shard (data.mdb, lock.mdb)
     val/val-00000-of-00001/
+    test/test-00000-of-00001/     only when the source has a labelled test set (ILSVRC-2010, ImageNetV2)
 
 Record: a Caffe ``Datum`` (channels=3, height, width, data=<JPEG bytes>, label,
 encoded=true), so DALI's ``fn.readers.caffe`` reads the shards natively.
@@ -41,7 +42,10 @@ import numpy as np
 from . import constants as C
 from .errors import ContractError
 
-SCHEMA_VERSION = 1
+# 2: a "test" split may be present, and splits count their conversions. Schema 1 (neither) still reads:
+# it is schema 2 without them.
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 DATA_DIR_ENV = "ALEXNET_DATA_DIR"
 DEFAULT_DATA_DIR = Path("data")
@@ -52,8 +56,12 @@ MEAN_IMAGE_FILE = "mean_image.npy"
 REJECTED_FILE = "rejected.tsv"
 # Per-shard sidecar written beside data.mdb: crc32 of each record's value, in key order.
 RECORD_CRC_FILE = "crc32.npy"
+# Per-shard sidecar kept by the builder while it writes a shard: conversions of the records committed.
+CONVERSIONS_FILE = "conversions.json"
 
-SPLITS = ("train", "val")
+# A test split is scored only by ``alexnet-train eval --split test``: training, its schedule, its "best"
+# checkpoint and pca-stats never read it.
+SPLITS = ("train", "val", "test")
 KEY_POSITION_DIGITS = 8
 MEAN_IMAGE_SHAPE = (C.STORED_SIZE, C.STORED_SIZE, 3)
 
@@ -223,6 +231,9 @@ class SplitInfo:
     shards: list[ShardInfo]
     rejected: int = 0
     layout: str = ""  # how the source was detected (e.g. "class-folders", "kaggle-csv")
+    # Kept records whose source file was converted, by kind (pipeline.images.CONVERSIONS: "gzip", "png",
+    # "cmyk", "grey"); a file converted two ways counts under both.
+    conversions: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -304,9 +315,10 @@ def _read_json(path: Path, what: str, missing: str) -> dict[str, Any]:
             f"{path} was written by a newer alexnet (schema version {version}; this one reads {SCHEMA_VERSION}): "
             "upgrade alexnet (pip install -U), or rebuild the dataset with this version"
         )
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ContractError(
-            f"{path} has schema version {version}, this alexnet reads schema version {SCHEMA_VERSION}; "
+            f"{path} has schema version {version}, this alexnet reads schema version "
+            f"{' or '.join(map(str, READABLE_SCHEMA_VERSIONS))}; "
             "rebuild the dataset with this version (alexnet-prep build-lmdb --overwrite)"
         )
     return d
@@ -322,7 +334,7 @@ def read_manifest(data_dir: Path, *, require_complete: bool = True) -> Manifest:
         f"no dataset at {data_dir}: {MANIFEST_FILE} is missing (run: alexnet-prep build-lmdb SRC --data-dir {data_dir})"
     )
     try:
-        m = Manifest.from_json(_read_json(path, "manifest", missing))
+        m = Manifest.from_json({**_read_json(path, "manifest", missing), "schema_version": SCHEMA_VERSION})
     except (KeyError, TypeError, ValueError) as e:
         raise ContractError(f"{path} is not a valid manifest: {e}") from None
     if require_complete and not m.complete:
@@ -441,7 +453,7 @@ def read_stats(data_dir: Path) -> Stats:
     path = _stats_file(data_dir, STATS_FILE)
     d = _read_json(path, "stats", _pca_stats_missing(data_dir, STATS_FILE))
     try:
-        return Stats(**d)
+        return Stats(**{**d, "schema_version": SCHEMA_VERSION})
     except TypeError as e:
         raise ContractError(f"{path} is not a valid stats file: {e}") from None
 
@@ -531,3 +543,21 @@ def read_record_crcs(shard_path: Path) -> np.ndarray:
 
 def write_record_crcs(shard_path: Path, crcs: np.ndarray) -> None:
     _atomic_write_npy(Path(shard_path) / RECORD_CRC_FILE, np.asarray(crcs, dtype=np.uint32))
+
+
+def read_conversions(shard_path: Path) -> tuple[int, dict[str, int]]:
+    """``(last position counted, conversions by kind)`` of a shard's committed records; ``(-1, {})`` when none."""
+    path = Path(shard_path) / CONVERSIONS_FILE
+    try:
+        d = json.loads(path.read_text())
+        return int(d["through_position"]), {str(k): int(v) for k, v in d["conversions"].items()}
+    except FileNotFoundError:
+        return -1, {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ContractError(f"cannot read {path} ({e}): " + REBUILD_HINT) from None
+
+
+def write_conversions(shard_path: Path, through_position: int, conversions: dict[str, int]) -> None:
+    atomic_write_json(
+        Path(shard_path) / CONVERSIONS_FILE, {"through_position": through_position, "conversions": conversions}
+    )

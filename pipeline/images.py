@@ -10,7 +10,9 @@ preprocessed exactly as a training record was made.
   resize still reduces by at least 2x. Measured against the full decode
   (``tests/test_build_lmdb.py::test_draft_within_tolerance``): mean absolute difference below
   ``DRAFT_TOLERANCE`` grey levels. Every mode (CMYK, grayscale, palette, RGBA, PNG named .JPEG)
-  becomes RGB; 16-bit greyscale is scaled to 8 bits (PIL would clip it). EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
+  becomes RGB; 16-bit greyscale is scaled to 8 bits (PIL would clip it); a gzip-wrapped file (a few of
+  ILSVRC-2010's members, still so in a tree extracted by hand) is unwrapped first. ``decode_source`` also
+  says how the file was converted (``CONVERSIONS``), which the builder counts. EXIF orientation is ignored: pixels are used as coded, as the ImageNet reference
   loaders (PIL in torchvision's ImageFolder, Caffe's convert_imageset, cuda-convnet2) do;
 - ``resize_centre_crop``: "rescale the image such that the shorter side was of length 256, and
   then cropped out the central 256x256 patch", with PIL's antialiased bilinear filter
@@ -28,10 +30,12 @@ shadows pillow-simd: both install the same ``PIL`` package) is the active one.
 
 from __future__ import annotations
 
+import gzip
 import io
 import math
 import sys
 import warnings
+import zlib
 
 from . import constants as C
 
@@ -42,6 +46,11 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DRAFT_MIN_FACTOR = 2
 DRAFT_TOLERANCE = 1.0  # grey levels, mean abs difference over the 256x256x3 crop (measured 0.17-0.53)
 RESAMPLE_NAME = "bilinear"  # PIL's antialiased triangle filter (torchvision's Resize default)
+GZIP_MAGIC = b"\x1f\x8b"
+# How a kept source file was converted on its way to an RGB JPEG (counted by the builder): unwrapped from
+# gzip, another format under an image name (its format in lower case, e.g. "png"), or another colour mode.
+CONVERSIONS = ("gzip", "png", "cmyk", "grey")
+_MODE_KINDS = {"CMYK": "cmyk", "L": "grey", "LA": "grey", "1": "grey"}  # and WIDE_GREY_MODES: "grey"
 
 
 # Greyscale modes of more than 8 bits (16-bit PNGs and TIFFs). PIL's convert("RGB") clips their values
@@ -84,12 +93,28 @@ def resize_centre_crop(im):
 
 def decode_image(data: bytes, *, draft: bool = True):
     """Bytes -> RGB PIL image (draft-decoded when much larger than needed). Raises ``Rejected``."""
+    return decode_source(data, draft=draft)[0]
+
+
+def decode_source(data: bytes, *, draft: bool = True):
+    """``(RGB PIL image, how it was converted)``: ``decode_image`` and the kinds of ``CONVERSIONS`` it took."""
+    kinds = []
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise Rejected(f"undecodable (a broken gzip wrapper: {e})") from None
+        kinds.append("gzip")
     im = _loaded(data, draft)
     if min(im.size) < 1:
         raise Rejected("empty image")
+    if im.format != "JPEG":
+        kinds.append(str(im.format).lower())
+    if im.mode != "RGB":
+        kinds.append(_MODE_KINDS.get(im.mode, "grey" if im.mode in WIDE_GREY_MODES else im.mode.lower()))
     if im.mode in WIDE_GREY_MODES:
         im = _grey_to_8_bits(im)
-    return im if im.mode == "RGB" else _converted(im)
+    return (im if im.mode == "RGB" else _converted(im)), tuple(kinds)
 
 
 def decode_record(data: bytes, *, rgb_only: bool = False):
@@ -117,6 +142,13 @@ def _loaded(data: bytes, draft: bool):
 
     if not data:
         raise Rejected("zero-byte file")
+    kinds = []
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as e:
+            raise Rejected(f"undecodable (a broken gzip wrapper: {e})") from None
+        kinds.append("gzip")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings

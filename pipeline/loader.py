@@ -156,7 +156,8 @@ class DaliLoader:
     device); ``channels_last``: NCHW-shaped images in channels_last memory (DALI writes HWC, torch
     views it: no copy; the step's layout), else NCHW-contiguous; ``ten_crop`` (val): [B, 10, 3, 224,
     224] (channels last within each patch); ``with_draws``: also a dict of record positions (+ train:
-    the draws)."""
+    the draws); ``stats``: ``(mean image, Stats)`` to use instead of the dataset's (a test set without a
+    train split has no stats of its own: evaluation takes the checkpoint's mean)."""
 
     def __init__(
         self,
@@ -173,6 +174,7 @@ class DaliLoader:
         channels_last: bool = False,
         ten_crop: bool = False,
         with_draws: bool = False,
+        stats: tuple[np.ndarray, A.Stats] | None = None,
     ):
         if split not in A.SPLITS:
             raise AlexnetError(f"unknown split {split!r}; choose one of {A.SPLITS}")
@@ -188,8 +190,9 @@ class DaliLoader:
         self.device, self.dtype, self.with_draws = device, dtype, with_draws
         self.columns = K.batch_columns(self.is_training)  # what a batch carries beside its images, by name
         self.index = O.SplitIndex(self.data_dir, split)  # reads the manifest: "no dataset" is the first error
-        self.mean_image = A.read_mean_image(self.data_dir)
-        self.stats = A.read_stats(self.data_dir)
+        if stats is None:
+            stats = A.read_mean_image(self.data_dir), A.read_stats(self.data_dir)
+        self.mean_image, self.stats = stats
         self.num_records = len(self.index)  # records in the split (all replicas)
         self.buffer = data.shuffle == "buffer" and self.is_training
         self.plan = O.ReplicaPlan(self.index, seed, rank, world, batch_size, self.is_training)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from click.testing import CliRunner
 
 from alexnet.pipeline import artifacts as A
@@ -34,6 +35,13 @@ def sample_info(root: Path) -> dict:
 def run_prep(args: list[str]):
     """``alexnet-prep ARGS`` in-process; returns click's Result (exit_code, output)."""
     return CliRunner().invoke(prep_main, args, catch_exceptions=False)
+
+
+def build(src: Path, data: Path, *extra: str):
+    """``build-lmdb SRC --data-dir DATA`` with 2 workers and the shared options; it must succeed. click's Result."""
+    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), "--workers", "2", *BUILD_ARGS, *extra])
+    assert r.exit_code == 0, r.output
+    return r
 
 
 def clean_build(base: Path) -> Path:
@@ -72,3 +80,16 @@ def committed_records(data) -> int:
         except lmdb.Error:  # the writer is creating it
             pass
     return n
+
+
+def same_dataset(a: Path, b: Path) -> None:
+    """Same keys, positions, labels and stored bytes in every shard; the same manifest but for the source."""
+    assert all_records(a) == all_records(b)
+    ma, mb = A.read_manifest(a), A.read_manifest(b)
+    for field in ("classes", "class_names", "splits", "rejected", "build"):
+        assert getattr(ma, field) == getattr(mb, field), field
+    assert ma.source != mb.source
+    assert (a / A.REJECTED_FILE).read_text() == (b / A.REJECTED_FILE).read_text()
+    for split in ma.splits:
+        for x, y in zip(ma.shard_paths(a, split), mb.shard_paths(b, split), strict=True):
+            assert np.array_equal(A.read_record_crcs(x), A.read_record_crcs(y))

@@ -197,3 +197,18 @@ def train_recording(monkeypatch, poison_at: int | None = None):
     monkeypatch.setattr(health.HostCopy, "read", read)
     monkeypatch.setattr(T, "Trainer", Recording)
     return T.train, rec
+
+
+def train_tiny(data: Path, run_dir: Path, **overrides) -> Path:
+    """``run_config``'s run cut to 3 steps (``overrides``: other TrainConfig values); returns its last
+    checkpoint, which carries the classes and the mean."""
+    from alexnet.trainer.train import train
+
+    train(run_config(data, run_dir, **{"max_steps": 3, **overrides}))
+    return Path(run_dir) / "checkpoints" / "last.pt"
+
+
+def trained_run(base: Path, *, val_per_class: int = 2) -> tuple[Path, Path]:
+    """``(dataset, checkpoint)``: a 4-class dataset under ``base`` and ``train_tiny``'s run on it."""
+    data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=val_per_class)
+    return data, train_tiny(data, base / "run")

@@ -18,21 +18,20 @@ import zipfile
 
 import numpy as np
 import pytest
-from _build_lmdb_fixtures import BUILD_ARGS, all_records, committed_records, run_prep
+from _build_lmdb_fixtures import BUILD_ARGS, all_records, build, committed_records, run_prep, same_dataset
 from _writers import write_kaggle_zip, write_official_archives
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
 from alexnet.tools import archives as AR
-from alexnet.tools.sample import make_sample
+from alexnet.tools.sample import class_name, make_sample
 from alexnet.tools.sources import detect_source
 
 SAMPLE_KW = dict(num_classes=4, train_per_class=12, val_per_class=4, awkward=True, seed=0)
 
 
 def _build(src, data, *extra):
-    r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), "--workers", "2", *BUILD_ARGS, *extra])
-    assert r.exit_code == 0, r.output
+    build(src, data, *extra)
     return data
 
 
@@ -55,23 +54,10 @@ def kaggle(tmp_path_factory):
     return base / "tree", base / "zips" / AR.KAGGLE_ZIP, _build(base / "tree", base / "tree_data"), base
 
 
-def _same_dataset(a, b):
-    """Same keys, positions, labels and stored bytes in every shard; the same manifest but for the source."""
-    assert all_records(a) == all_records(b)
-    ma, mb = A.read_manifest(a), A.read_manifest(b)
-    for field in ("classes", "class_names", "splits", "rejected", "build"):
-        assert getattr(ma, field) == getattr(mb, field), field
-    assert ma.source != mb.source
-    assert (a / A.REJECTED_FILE).read_text() == (b / A.REJECTED_FILE).read_text()
-    for split in ma.splits:
-        for x, y in zip(ma.shard_paths(a, split), mb.shard_paths(b, split), strict=True):
-            assert np.array_equal(A.read_record_crcs(x), A.read_record_crcs(y))
-
-
 def test_official_archives_build_equals_the_tree(official):
     tree, archives, tree_data, base = official
     data = _build(archives, base / "archive_data")
-    _same_dataset(data, tree_data)
+    same_dataset(data, tree_data)
     m = A.read_manifest(data)
     assert m.splits["val"].layout == "devkit" and len(m.rejected) == 2  # the truncated and the zero-byte file
     assert m.source["splits"]["train"]["archives"][0].endswith(AR.OFFICIAL_TRAIN)
@@ -92,7 +78,7 @@ def test_kaggle_zip_build_equals_the_tree(kaggle, compression, tmp_path):
     kinds = set(detect_source(zpath).splits["train"].locations["kind"].tolist())
     assert kinds == {AR.ZIP_DEFLATED if compression == zipfile.ZIP_DEFLATED else AR.ZIP_STORED}
     data = _build(zpath.parent, tmp_path / "d")  # the folder holding the zip
-    _same_dataset(data, tree_data)
+    same_dataset(data, tree_data)
     assert A.read_manifest(data).splits["val"].layout == "kaggle-csv"
 
 
@@ -177,7 +163,7 @@ def test_unreadable_zip_entry_stops_the_build_and_the_same_command_resumes(kaggl
     bad.write_bytes(good)
     r = run_prep(args)
     assert r.exit_code == 0 and "after resuming" in r.output, r.output
-    _same_dataset(data, tree_data)
+    same_dataset(data, tree_data)
 
 
 # --------------------------------------------------------------------------- kill -9 and resume
@@ -235,3 +221,12 @@ def test_not_an_archive_and_no_archives(tmp_path):
         pass  # an empty train tar
     r = run_prep(["build-lmdb", str(tmp_path / AR.OFFICIAL_TRAIN), "--data-dir", str(tmp_path / "d")])
     _error_line(r, "holds no train images")
+
+
+def test_official_archives_name_classes_from_meta_words(official, tmp_path):
+    """Without a class-name file beside them, the devkit's meta.mat names the classes (not their wnids)."""
+    _, archives, _, _ = official
+    for name in AR.OFFICIAL.values():
+        (tmp_path / name).symlink_to(archives / name)
+    src = detect_source(tmp_path)
+    assert src.class_names == tuple(class_name(i, len(src.classes)) for i in range(len(src.classes)))

@@ -34,7 +34,7 @@ from alexnet.trainer.cli import main as train
 
 BIN = Path(sys.executable).parent
 FOREIGN = "is not an alexnet-train checkpoint (a bare state dict of"
-NEWER_DATA = "was written by a newer alexnet (schema version 2; this one reads 1): upgrade alexnet"
+NEWER_DATA = f"was written by a newer alexnet (schema version {A.SCHEMA_VERSION + 1}; this one reads {A.SCHEMA_VERSION}): upgrade"
 NEWER_CKPT = "was written by a newer alexnet-train (checkpoint format 4"
 IN_USE = "is in use by"
 

@@ -117,12 +117,12 @@ def test_bad_trees_give_one_clear_error(tmp_path, trees):
     tree = tmp_path / "t"
     shutil.copytree(root, tree)
     shutil.copy(tree / "val" / "ILSVRC2012_val_00000001.JPEG", tree / "val" / "ILSVRC2012_val_00009999.JPEG")
-    with pytest.raises(AlexnetError, match="1 validation files have no label"):
+    with pytest.raises(AlexnetError, match="1 files have no label"):
         detect_source(tree)
     # Through the CLI: one 'error:' line and exit status 1.
     r = run_prep(["build-lmdb", str(tmp_path / "t"), "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 1
-    assert "Traceback" not in r.output and "error: 1 validation files have no label" in r.output
+    assert "Traceback" not in r.output and "error: 1 files have no label" in r.output
 
 
 def test_only_train_split(trees, tmp_path):

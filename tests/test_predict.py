@@ -27,26 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A dataset and a checkpoint after 3 training steps (the checkpoint carries classes and mean)."""
-    from _train_fixtures import write_dataset
+    from _train_fixtures import trained_run
 
-    from alexnet.trainer.train import train
-
-    base = tmp_path_factory.mktemp("predict")
-    data = write_dataset(base / "data", num_classes=4, train_per_class=4, val_per_class=2)
-    cfg = TrainConfig.create(
-        data_dir=str(data),
-        run_dir=str(base / "run"),
-        gpus="cpu",
-        batch_size=4,
-        epochs=0,
-        max_steps=3,
-        lr=1e-3,
-        num_threads=1,
-        progress=False,
-        checkpoint_minutes=0.0,
-    )
-    train(cfg)
-    return data, base / "run" / "checkpoints" / "last.pt"
+    return trained_run(tmp_path_factory.mktemp("predict"))
 
 
 @pytest.fixture(scope="module")
@@ -284,24 +267,11 @@ def test_report_draws_both_figure4_panels_and_the_class_table(run, tmp_path):
 def test_a_run_trained_with_the_channel_mean_carries_it(run, tmp_path):
     """--mean channel: the checkpoint's mean image is the per-channel mean everywhere, so predict and
     export subtract what the training pipeline subtracted."""
-    from alexnet.trainer.train import train
+    from _train_fixtures import train_tiny
 
     data, _ = run
-    cfg = TrainConfig.create(
-        data_dir=str(data),
-        run_dir=str(tmp_path / "run"),
-        gpus="cpu",
-        batch_size=4,
-        epochs=0,
-        max_steps=1,
-        lr=1e-3,
-        num_threads=1,
-        progress=False,
-        checkpoint_minutes=0.0,
-        mean="channel",
-    )
-    train(cfg)
-    mean = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["dataset"]["mean_image"].numpy()
+    ckpt = train_tiny(data, tmp_path / "run", max_steps=1, mean="channel")
+    mean = ckpt_io.load_checkpoint(ckpt)["dataset"]["mean_image"].numpy()
     expected = np.broadcast_to(np.asarray(A.read_stats(data).mean_rgb, dtype=np.float32), (256, 256, 3))
     np.testing.assert_array_equal(mean, expected)
     assert not np.allclose(mean, A.read_mean_image(data))  # not the mean image

@@ -60,7 +60,7 @@ def test_cli_options_are_the_config_fields():
     every = {f.name for cls in SECTIONS.values() for f in fields(cls) if f.metadata.get("cli", True)}
     for command, extra, names in (
         (main, {"config_file", "version"}, every),
-        (eval_command, {"checkpoints", "ten_crop"}, every & EVAL_OPTIONS),
+        (eval_command, {"checkpoints", "ten_crop", "split"}, every & EVAL_OPTIONS),
         (bench_command, {"config_file", "steps"}, every & BENCH_OPTIONS),
     ):
         options = {p.name: p for p in command.params}

@@ -31,7 +31,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -75,10 +75,15 @@ _OUTPUT_OPTIONS = (
 
 def prepare_image(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True) -> bytes:
     """Source file bytes -> JPEG bytes of the stored 256x256 RGB centre crop."""
-    out = images.resize_centre_crop(images.decode_image(data, draft=draft))
+    return prepare_source(data, quality=quality, draft=draft)[0]
+
+
+def prepare_source(data: bytes, *, quality: int = DEFAULT_JPEG_QUALITY, draft: bool = True):
+    """``(prepare_image's JPEG, how the source was converted: images.CONVERSIONS kinds)``."""
+    im, kinds = images.decode_source(data, draft=draft)
     buf = io.BytesIO()
-    out.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    images.resize_centre_crop(im).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), kinds
 
 
 # --------------------------------------------------------------------------- config
@@ -99,8 +104,9 @@ class BuildConfig:
     seed: int = opt(0, "Seed of the global shuffle of each split.")
     splits: tuple[str, ...] = opt(
         A.SPLITS,
-        "Which splits to build (a split not found in SRC is skipped with a note).",
-        choices=(A.SPLITS, ("train",), ("val",)),
+        "Which splits to build (a split not found in SRC is skipped with a note; a test set is built only "
+        "where SRC has a labelled one: ILSVRC-2010, ImageNetV2, or a test/ folder).",
+        choices=(A.SPLITS, ("train", "val"), ("train",), ("val",), ("test",)),
     )
     val_layout: str = opt(
         "auto", "Force how validation labels are read instead of detecting it.", choices=("auto", *VAL_LAYOUTS)
@@ -154,6 +160,7 @@ class ShardResult:
     value_bytes: int
     rejected: list[tuple[str, str]]  # (relpath, reason)
     processed: int  # images processed in this run (not found already committed)
+    conversions: dict[str, int] = field(default_factory=dict)  # the shard's records' conversions, by kind
 
 
 # --------------------------------------------------------------------------- one shard (in a worker)
@@ -174,19 +181,40 @@ def _commit(env, batch: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def _stored_jpeg(task: ShardTask, rel: str, location: tuple | None) -> bytes:
-    """A source file as the JPEG to store; ``images.Rejected`` with the reason when it cannot be one.
-
-    An archive member that cannot be read is a damaged archive, not a bad image: AlexnetError stops the build.
-    """
+def _source_bytes(task: ShardTask, rel: str, location: tuple | None) -> bytes:
+    """A source file's bytes (an archive member that cannot be read stops the build: AlexnetError)."""
     if location is not None:
-        return prepare_image(archives.read_member(task.archives, rel, location), quality=task.quality)
+        return archives.read_member(task.archives, rel, location)
     try:
         with open(os.path.join(task.source_root, rel), "rb") as f:
-            data = f.read()
+            return f.read()
     except OSError as e:  # unreadable source file (permissions, I/O error)
         raise images.Rejected(f"unreadable ({e.strerror or e})") from None
-    return prepare_image(data, quality=task.quality)
+
+
+def _stored_jpeg(task: ShardTask, rel: str, location: tuple | None) -> tuple[bytes, tuple[str, ...]]:
+    """A source file as the JPEG to store, and how it was converted; ``images.Rejected`` with the reason
+    when it cannot be one. An archive member that cannot be read is a damaged archive, not a bad image."""
+    return prepare_source(_source_bytes(task, rel, location), quality=task.quality)
+
+
+class _Conversions:
+    """A shard's conversions by kind, kept in its ``conversions.json`` as records are committed, so that a
+    resumed build counts them exactly: records committed after the file's last write are counted again."""
+
+    def __init__(self, task: ShardTask, present: set[int]):
+        self.path = Path(task.path)
+        through, counts = A.read_conversions(self.path)
+        self.counts, self.pending = Counter(counts), Counter()
+        stale = [task.items[pos - task.start] for pos in sorted(p for p in present if p > through)]
+        archives.read_ahead(task.archives, [loc for _, _, loc in stale if loc is not None])
+        for rel, _, location in stale:
+            self.counts.update(images.decode_source(_source_bytes(task, rel, location))[1])
+
+    def committed(self, through_position: int) -> None:
+        self.counts += self.pending
+        self.pending.clear()
+        A.write_conversions(self.path, through_position, dict(sorted(self.counts.items())))
 
 
 def _shard_state(env, task: ShardTask) -> tuple[set[int], int, list[int], int]:
@@ -227,13 +255,16 @@ def build_shard(task: ShardTask, _state=None) -> ShardResult:
             env.close()
             env = A.open_shard(path, readonly=False, map_size=map_size)
         report(len(present))
+        conversions = _Conversions(task, present)
+        todo = [loc for k, (_, _, loc) in enumerate(task.items) if loc is not None and task.start + k not in present]
+        archives.read_ahead(task.archives, todo)  # a .tar.gz's members: one pass for the shard
         batch: list[tuple[bytes, bytes]] = []
         for offset, (rel, label, location) in enumerate(task.items):
             pos = task.start + offset
             if pos in present:
                 continue
             try:
-                jpeg = _stored_jpeg(task, rel, location)
+                jpeg, kinds = _stored_jpeg(task, rel, location)
             except images.Rejected as e:
                 rejected.append((rel, str(e)))
                 report(1)
@@ -244,6 +275,7 @@ def build_shard(task: ShardTask, _state=None) -> ShardResult:
                     "rebuild with --overwrite"
                 )
             report(1)
+            conversions.pending.update(kinds)
             value = A.Datum(data=jpeg, label=label, height=C.STORED_SIZE, width=C.STORED_SIZE).encode()
             batch.append((A.make_key(pos, rel), value))
             crcs.append(A.crc32(value))
@@ -251,9 +283,11 @@ def build_shard(task: ShardTask, _state=None) -> ShardResult:
             processed += 1
             if len(batch) >= task.commit_every:
                 _commit(env, batch)
+                conversions.committed(pos)
                 batch = []
         if batch:
             _commit(env, batch)
+        conversions.committed(task.start + len(task.items) - 1)
         entries = env.stat()["entries"]
         if entries != len(crcs):
             raise AlexnetError(f"shard {task.path}: {entries} records but {len(crcs)} checksums (internal error)")
@@ -261,7 +295,7 @@ def build_shard(task: ShardTask, _state=None) -> ShardResult:
     finally:
         env.close()
     A.write_record_crcs(path, np.asarray(crcs, dtype=np.uint32))  # last: marks the shard finished
-    return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed)
+    return ShardResult(task.split, task.index, len(crcs), value_bytes, rejected, processed, dict(conversions.counts))
 
 
 # --------------------------------------------------------------------------- driver
@@ -436,7 +470,7 @@ def _build(cfg: BuildConfig, pool: Pool):
         progress=cfg.progress,
     )
     for note in source.notes:
-        click.echo(f"note: {note}", err=True)
+        click.echo(note if note.startswith("warning:") else f"note: {note}", err=True)
     given = {"train": cfg.train_shards, "val": cfg.val_shards}
     shards = {n: given.get(n) or default_num_shards(len(s)) for n, s in source.splits.items()}
     options = _build_options(cfg, source, shards)
@@ -501,6 +535,9 @@ def _finish(
             split_rejected += [{"split": name, "path": rel, "reason": why} for rel, why in r.rejected]
         info.num_records = sum(sh.num_records for sh in info.shards)
         info.rejected = len(split_rejected)
+        info.conversions = dict(
+            sorted(sum((Counter(by_shard[(name, i)].conversions) for i in range(len(info.shards))), Counter()).items())
+        )
         if info.num_records + info.rejected != info.source_count:
             raise AlexnetError(f"{name}: {info.num_records} records + {info.rejected} rejected != {info.source_count}")
         rejected += sorted(split_rejected, key=lambda r: r["path"])
@@ -521,6 +558,12 @@ def _finish(
         why = Counter(r["reason"].split(" (")[0] for r in rejected)
         detail = ", ".join(f"{k} {v}" for k, v in sorted(why.items()))
         click.echo(f"rejected {len(rejected)} source files ({detail}); list in {cfg.data_dir / A.REJECTED_FILE}")
+    converted = Counter()
+    for info in manifest.splits.values():
+        converted.update(info.conversions)
+    if converted:
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(converted.items()))
+        click.echo(f"converted on the way, and kept: {detail} (by split in {A.MANIFEST_FILE})")
     click.echo(
         f"processed {processed} images in {elapsed:.1f} s ({processed / max(elapsed, 1e-9):.1f} images/s, "
         f"{_plural(min(workers, len(results)), 'worker')})" + (" after resuming" if state == "resume" else "")

@@ -3,7 +3,8 @@
 Train: class folders ``<split dir>/<wnid>/*.JPEG``, with the split directory either
 ``SRC/train`` or the Kaggle copy's ``SRC/ILSVRC/Data/CLS-LOC/train``.
 
-Validation (``SRC/val`` or ``SRC/ILSVRC/Data/CLS-LOC/val``), one of ``VAL_LAYOUTS``:
+Validation (``SRC/val`` or ``SRC/ILSVRC/Data/CLS-LOC/val``) and test (``SRC/test``: ILSVRC-2010's,
+the only year whose test labels are public), one of ``VAL_LAYOUTS``:
 
 - ``class-folders``: ``val/<wnid>/*.JPEG`` (after the usual "valprep" step);
 - ``kaggle-csv``: flat ``ILSVRC2012_val_*.JPEG`` + ``LOC_val_solution.csv``
@@ -11,7 +12,9 @@ Validation (``SRC/val`` or ``SRC/ILSVRC/Data/CLS-LOC/val``), one of ``VAL_LAYOUT
 - ``devkit``: flat files + the devkit's ``ILSVRC2012_validation_ground_truth.txt``
   (line i = ILSVRC2012_ID of ``ILSVRC2012_val_{i:08d}.JPEG``) and ``meta.mat``, which maps
   ILSVRC2012_IDs to wnids. The ID order is *not* the sorted-wnid order (ID 490 is
-  n01751748, label 65): labels always come from the wnid, never from the ID;
+  n01751748, label 65): labels always come from the wnid, never from the ID. ILSVRC-2010's
+  devkit (``devkit-1.0/data``) is the same with ``ILSVRC2010_ID``s, its
+  ``ILSVRC2010_validation_ground_truth.txt`` and, for test, ``ILSVRC2010_test_ground_truth.txt``;
 - ``list``: flat files + a text file of ``<path relative to val/> <wnid or label>`` lines
   (``val_list.txt``, or Caffe's ``val.txt`` with integer labels in sorted-wnid order).
 
@@ -37,16 +40,24 @@ from alexnet.pipeline.images import IMAGE_SUFFIXES
 VAL_LAYOUTS = ("class-folders", "kaggle-csv", "devkit", "list")
 TRAIN_CANDIDATES = ("train", "ILSVRC/Data/CLS-LOC/train")
 VAL_CANDIDATES = ("val", "ILSVRC/Data/CLS-LOC/val")
+TEST_CANDIDATES = ("test",)
 KAGGLE_CSV = "LOC_val_solution.csv"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+# The ground truths of the flat splits, by split: ILSVRC-2012's devkit, ILSVRC-2010's devkit and its test file.
+GROUND_TRUTHS = {
+    "val": (DEVKIT_GROUND_TRUTH, "ILSVRC2010_validation_ground_truth.txt"),
+    "test": ("ILSVRC2010_test_ground_truth.txt",),
+}
 DEVKIT_META = "meta.mat"
+DEVKIT_DIRS = ("ILSVRC2012_devkit_t12/data", "ILSVRC2012_devkit_t12", "devkit-1.0/data", "devkit/data")
 LIST_FILES = ("val_list.txt", "val.txt", "val_labels.txt")
-_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
+TEST_LIST_FILES = ("test_list.txt",)
+_VAL_NUMBER = re.compile(r"ILSVRC20\d\d_(?:val|test)_(\d+)")
 
 
 @dataclass(frozen=True)
 class SplitSource:
-    name: str  # "train" or "val"
+    name: str  # "train", "val" or "test"
     root: Path  # the split's directory; relpaths are relative to it
     layout: str  # "class-folders", "kaggle-csv", "devkit" or "list"
     relpaths: tuple[str, ...]  # sorted, POSIX separators
@@ -86,13 +97,21 @@ CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "synsets.txt")
 
 
 def read_class_names(src: Path, classes: list[str]) -> list[str]:
-    """Readable names aligned with ``classes`` from the first of ``CLASS_NAME_FILES`` at ``src``;
-    [] when there is none (a class missing from the file gets its wnid)."""
+    """Readable names aligned with ``classes`` from the first of ``CLASS_NAME_FILES`` at ``src``, else
+    the ``words`` of the devkit's ``meta.mat`` under it; [] when there is none (a class not named gets its wnid)."""
     for name in CLASS_NAME_FILES:
         path = Path(src) / name
         if path.is_file():
             return parse_class_names(path.read_text(errors="replace"), classes)
+    for folder in DEVKIT_DIRS:
+        if (Path(src) / folder / DEVKIT_META).is_file():
+            return devkit_class_names(read_devkit_synsets(Path(src) / folder / DEVKIT_META), classes)
     return []
+
+
+def devkit_class_names(synsets: dict[int, tuple[str, str]], classes: list[str]) -> list[str]:
+    """Names aligned with ``classes`` from a devkit's leaf synsets (ID -> (wnid, words))."""
+    return parse_class_names("\n".join(f"{w} {words}" for w, words in synsets.values()), classes)
 
 
 def parse_class_names(text: str, classes: list[str]) -> list[str]:
@@ -130,7 +149,7 @@ def _flat_images(split_dir: Path) -> tuple[list[str], bool]:
 
 def _find_file(src: Path, split_dir: Path, names: tuple[str, ...]) -> Path | None:
     """Look for a label file where the distributions put it: SRC, the devkit's data folder, near val/."""
-    dirs = [src, src / "ILSVRC2012_devkit_t12" / "data", src / "ILSVRC2012_devkit_t12", src / "devkit" / "data"]
+    dirs = [src, *(src / d for d in DEVKIT_DIRS)]
     # val/ and each of its parents up to SRC (the Kaggle tree nests val/ deep)
     dirs += [split_dir, *(d for d in split_dir.parents if d.is_relative_to(src))]
     for directory in dirs:
@@ -144,7 +163,8 @@ def _number(name: str) -> int:
     m = _VAL_NUMBER.search(name)
     if not m:
         raise AlexnetError(
-            f"validation file {name!r} does not follow ILSVRC2012_val_%08d.JPEG; cannot match it to labels"
+            f"file {name!r} does not follow ILSVRC20XX_val_%08d.JPEG or ILSVRC2010_test_%08d.JPEG; "
+            "cannot match it to the ground truth's lines"
         )
     return int(m.group(1))
 
@@ -166,20 +186,33 @@ def read_kaggle_csv(f, path) -> dict[str, str]:
     return out
 
 
-def read_devkit_meta(path, where=None) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid of the leaf synsets of the devkit's ``meta.mat`` (a path or a binary stream)."""
+def read_devkit_synsets(path, where=None) -> dict[int, tuple[str, str]]:
+    """ID -> (wnid, words) of the leaf synsets (the classes) of a devkit's ``meta.mat`` (a path or a
+    binary stream): ILSVRC-2012's ``ILSVRC2012_ID`` or ILSVRC-2010's ``ILSVRC2010_ID``."""
     from scipy.io import loadmat
 
     where = where or path
     try:
         synsets = loadmat(path if hasattr(path, "read") else str(path), squeeze_me=True)["synsets"]
-        ids = np.atleast_1d(synsets["ILSVRC2012_ID"])
+        names = synsets.dtype.names or ()
+        id_field = next((f for f in ("ILSVRC2012_ID", "ILSVRC2010_ID") if f in names), "ILSVRC2012_ID")
+        ids = np.atleast_1d(synsets[id_field])
         wnids = np.atleast_1d(synsets["WNID"])
+        words = np.atleast_1d(synsets["words"]) if "words" in names else wnids
         children = np.atleast_1d(synsets["num_children"])
     except (KeyError, ValueError, OSError, TypeError) as e:
         raise AlexnetError(f"{where} is not a devkit meta.mat with a 'synsets' table: {e}") from None
     # Leaves (num_children == 0) are the 1000 classes; the internal WordNet nodes follow them.
-    return {int(i): str(w) for i, w, c in zip(ids, wnids, children, strict=True) if int(c) == 0}
+    return {
+        int(i): (str(w), str(t).strip() or str(w))
+        for i, w, t, c in zip(ids, wnids, words, children, strict=True)
+        if int(c) == 0
+    }
+
+
+def read_devkit_meta(path, where=None) -> dict[int, str]:
+    """ID -> wnid of the leaf synsets of the devkit's ``meta.mat`` (see ``read_devkit_synsets``)."""
+    return {i: w for i, (w, _) in read_devkit_synsets(path, where).items()}
 
 
 def devkit_table(ground_truth: str, id_to_wnid: dict[int, str], gt_path, meta_path) -> dict[int, str]:
@@ -189,9 +222,9 @@ def devkit_table(ground_truth: str, id_to_wnid: dict[int, str], gt_path, meta_pa
         try:
             ilsvrc_id = int(line)
         except ValueError:
-            raise AlexnetError(f"{gt_path}:{number}: {line!r} is not an ILSVRC2012_ID") from None
+            raise AlexnetError(f"{gt_path}:{number}: {line!r} is not a class ID") from None
         if ilsvrc_id not in id_to_wnid:
-            raise AlexnetError(f"{gt_path}:{number}: ILSVRC2012_ID {ilsvrc_id} is not a class in {meta_path}")
+            raise AlexnetError(f"{gt_path}:{number}: ID {ilsvrc_id} is not a class in {meta_path}")
         out[number] = id_to_wnid[ilsvrc_id]
     return out
 
@@ -219,17 +252,25 @@ def _layout_of_label_file(path: Path) -> str:
     return "list"
 
 
-def _find_label_file(src: Path, split_dir: Path, layout: str, num_images: int) -> tuple[str, Path]:
+def _label_files(split: str) -> dict[str, tuple[str, ...]]:
+    """The label files each flat layout is given by, for a split (Kaggle's CSV labels val only)."""
+    if split == "test":
+        return {"devkit": GROUND_TRUTHS["test"], "list": TEST_LIST_FILES}
+    return {"kaggle-csv": (KAGGLE_CSV,), "devkit": GROUND_TRUTHS["val"], "list": LIST_FILES}
+
+
+def _find_label_file(src: Path, split_dir: Path, layout: str, num_images: int, split: str = "val") -> tuple[str, Path]:
     """The first label file of ``layout`` (or, for "auto", of any flat layout) where the distributions put it."""
-    wanted = {"kaggle-csv": (KAGGLE_CSV,), "devkit": (DEVKIT_GROUND_TRUTH,), "list": LIST_FILES}
-    for candidate in [layout] if layout != "auto" else ["kaggle-csv", "devkit", "list"]:
-        label_file = _find_file(src, split_dir, wanted[candidate])
+    wanted = _label_files(split)
+    for candidate in [layout] if layout != "auto" else list(wanted):
+        label_file = _find_file(src, split_dir, wanted.get(candidate, ()))
         if label_file is not None:
             return candidate, label_file
+    looked = [f"{' / '.join(v)}{' + ' + DEVKIT_META if k == 'devkit' else ''}" for k, v in wanted.items()]
     raise AlexnetError(
         f"{split_dir} holds {num_images} images without class folders and no label file was found "
-        f"(looked for {KAGGLE_CSV}, {DEVKIT_GROUND_TRUTH} + {DEVKIT_META}, or {' / '.join(LIST_FILES)} "
-        "in SRC, its devkit folder and beside val/); pass --val-labels FILE"
+        f"(looked for {', or '.join(looked)} in SRC, its devkit folder and beside {split}/)"
+        + ("; pass --val-labels FILE" if split == "val" else "")
     )
 
 
@@ -260,33 +301,33 @@ def label_keys(layout: str, names: list[str]) -> list:
     return names
 
 
-def _flat_val(
-    src: Path, split_dir: Path, layout: str, label_file: Path | None, names: list[str], notes: list[str]
+def _flat_split(
+    name: str, src: Path, split_dir: Path, layout: str, label_file: Path | None, files: list[str], notes: list[str]
 ) -> SplitSource:
-    """A flat validation folder, labelled from its label file (found when not given)."""
+    """A flat validation or test folder, labelled from its label file (found when not given)."""
     if label_file is None:
-        layout, label_file = _find_label_file(src, split_dir, layout, len(names))
+        layout, label_file = _find_label_file(src, split_dir, layout, len(files), name)
     elif layout == "auto":
         layout = _layout_of_label_file(label_file)
     if not label_file.is_file():
         raise AlexnetError(f"label file not found: {label_file}")
-    table, keys = _label_table(src, split_dir, layout, label_file, names)
+    table, keys = _label_table(src, split_dir, layout, label_file, files)
     return SplitSource(
-        "val",
+        name,
         split_dir,
         layout,
-        tuple(names),
-        labelled(table, keys, names, label_file, split_dir, notes),
+        tuple(files),
+        labelled(table, keys, files, label_file, split_dir, notes),
         str(label_file),
     )
 
 
 def labelled(table: dict, keys: list, names: list[str], label_file, split_dir, notes: list[str]) -> tuple[str, ...]:
-    """The wnid of each flat validation file; every file must have one."""
+    """The wnid of each flat validation or test file; every file must have one."""
     missing = [n for n, k in zip(names, keys, strict=True) if k not in table]
     if missing:
         raise AlexnetError(
-            f"{len(missing)} validation files have no label in {label_file} (first: {missing[0]}); "
+            f"{len(missing)} files have no label in {label_file} (first: {missing[0]}); "
             "is it the label file of this copy?"
         )
     if len(table) > len(names):
@@ -309,14 +350,16 @@ def _class_folder_split(name: str, split_dir: Path) -> SplitSource:
     return SplitSource(name, split_dir, "class-folders", tuple(rel), tuple(wn))
 
 
-def _val_split(src: Path, val_dir: Path, layout: str, label_file: Path | None, notes: list[str]) -> SplitSource:
+def _labelled_split(
+    name: str, src: Path, split_dir: Path, layout: str, label_file: Path | None, notes: list[str]
+) -> SplitSource:
     """Class folders (when forced, or found and no flat images) or flat images with a label file."""
-    flat, has_class_dirs = _flat_images(val_dir)
+    flat, has_class_dirs = _flat_images(split_dir)
     if layout == "class-folders" or (layout == "auto" and not flat and has_class_dirs):
-        return _class_folder_split("val", val_dir)
+        return _class_folder_split(name, split_dir)
     if not flat:
-        raise AlexnetError(f"{val_dir} holds no images")
-    return _flat_val(src, val_dir, layout, label_file, flat, notes)
+        raise AlexnetError(f"{split_dir} holds no images")
+    return _flat_split(name, src, split_dir, layout, label_file, flat, notes)
 
 
 def _resolve_integer_labels(found: dict[str, SplitSource]) -> dict[str, SplitSource]:
@@ -360,7 +403,11 @@ def tree_splits(
     if "train" in splits and (train_dir := _split_dir("train", src, TRAIN_CANDIDATES, notes)):
         found["train"] = _class_folder_split("train", train_dir)
     if "val" in splits and (val_dir := _split_dir("val", src, VAL_CANDIDATES, notes)):
-        found["val"] = _val_split(src, val_dir, val_layout, val_labels, notes)
+        found["val"] = _labelled_split("val", src, val_dir, val_layout, val_labels, notes)
+    # A test set is optional (only ILSVRC-2010's is labelled): its absence is news only when it alone is asked for.
+    test_notes = notes if tuple(splits) == ("test",) else []
+    if "test" in splits and (test_dir := _split_dir("test", src, TEST_CANDIDATES, test_notes)):
+        found["test"] = _labelled_split("test", src, test_dir, "auto", None, notes)
     return found
 
 

@@ -175,16 +175,19 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int]) -> None:
-    """A devkit-style ``meta.mat``: struct array ``synsets`` with leaf and internal nodes."""
+def write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int], id_field: str = "ILSVRC2012_ID") -> None:
+    """A devkit-style ``meta.mat``: struct array ``synsets`` with leaf and internal nodes (ILSVRC-2010's
+    devkit names its ID field ``ILSVRC2010_ID``); ``words`` are the sample's class names."""
     from scipy.io import savemat
 
-    fields = "ILSVRC2012_ID WNID words gloss num_children children wordnet_height num_train_images".split()
+    fields = f"{id_field} WNID words gloss num_children children wordnet_height num_train_images".split()
     leaves = sorted(wnids, key=lambda w: ids[w])  # the devkit lists synsets in ID order
     n_internal = 2
     arr = np.zeros((len(leaves) + n_internal, 1), dtype=[(f, "O") for f in fields])
+    label = {w: i for i, w in enumerate(sorted(wnids))}
     for i, w in enumerate(leaves):
-        arr[i, 0] = (ids[w], w, f"class {w}", "a sample class", 0, np.zeros((1, 0)), 0, 0)
+        words = class_name(label[w], len(wnids))
+        arr[i, 0] = (ids[w], w, words, "a sample class", 0, np.zeros((1, 0)), 0, 0)
     for j in range(n_internal):  # internal nodes, as the real file has after the 1000 leaves
         arr[len(leaves) + j, 0] = (len(leaves) + j + 1, f"n0{j:07d}", "internal", "", 1, np.array([[1]]), 1, 0)
     savemat(str(path), {"synsets": arr})
@@ -294,7 +297,7 @@ def _write_val_labels(info: SampleInfo) -> None:
         ids = {w: int(id_order[i]) + 1 for i, w in enumerate(info.classes)}
         ground_truth = "".join(f"{ids[w]}\n" for w in labels.values())
         _write(root / DEVKIT_DIR / "ILSVRC2012_validation_ground_truth.txt", ground_truth.encode())
-        _write_meta_mat(root / DEVKIT_DIR / "meta.mat", info.classes, ids)
+        write_meta_mat(root / DEVKIT_DIR / "meta.mat", info.classes, ids)
     elif info.val_format == "list":
         (root / "val_list.txt").write_text("".join(f"{nm} {w}\n" for nm, w in labels.items()))
 

@@ -1,4 +1,5 @@
-"""What ``build-lmdb``'s SRC is: ImageNet's archives (``archives.py``) or an extracted tree (``layouts.py``).
+"""What ``build-lmdb``'s SRC is: ImageNet's archives (``archives.py``), an ImageNetV2 download
+(``imagenetv2.py``: its tar.gz or folder) or an extracted tree (``layouts.py``).
 
 Either way the result is the same :class:`~alexnet.tools.layouts.DatasetSource`: the splits, their
 files in sorted order and their labels. ``archives.py`` builds on ``layouts.py`` (its splits are
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alexnet.tools import archives
+from alexnet.tools import archives, imagenetv2
 from alexnet.tools import layouts as L
 
 
 def detect_source(
     src: Path,
     *,
-    splits: tuple[str, ...] = ("train", "val"),
+    splits: tuple[str, ...] = ("train", "val", "test"),
     val_layout: str = "auto",
     val_labels: Path | None = None,
     allow_missing_classes: bool = False,
@@ -25,6 +26,9 @@ def detect_source(
 ) -> L.DatasetSource:
     """Find the splits under ``src`` (a tree, or ImageNet's archives), list their files (sorted) and label them."""
     src = Path(src)
+    v2 = imagenetv2.find(src)
+    if v2 is not None:
+        return imagenetv2.detect(v2, splits)
     found_archives = archives.find_archives(src)
     if found_archives is not None:
         return archives.detect_archive_source(
@@ -38,7 +42,6 @@ def detect_source(
     notes: list[str] = []
     found = L.tree_splits(src, splits, val_layout, val_labels, notes)
     if not found:
-        notes.append(
-            f"nor ImageNet's archives ({archives.OFFICIAL_TRAIN}, {archives.OFFICIAL_VAL}, {archives.KAGGLE_ZIP})"
-        )
+        names = [n for roles in archives.RELEASES.values() for n in roles.values() if n.endswith(".tar")]
+        notes.append(f"nor ImageNet's archives ({', '.join(names)}, {archives.KAGGLE_ZIP})")
     return L.finish_source(src, found, allow_missing_classes, notes)

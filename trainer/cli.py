@@ -45,6 +45,7 @@ Examples:
   alexnet-train --config runs/a/config.json --run-dir runs/a2 --seed 1   # re-run a run, one field changed
   alexnet-train --gpus cpu --batch-size 32 --max-steps 200     # a short CPU run
   alexnet-train eval --ten-crop --checkpoint runs/a/checkpoints/best.pt
+  alexnet-train eval --split test --checkpoint runs/a/checkpoints/best.pt   # ILSVRC-2010's test set (Table 1)
   alexnet-train eval --checkpoint runs/a/checkpoints/best.pt --checkpoint runs/b/checkpoints/best.pt   # averaged (§6)
   alexnet-train bench --gpus 0                                 # images/s: synthetic vs pipeline
   alexnet-train report runs/a                                  # figures and report.md
@@ -220,10 +221,19 @@ def _resumed(config: TrainConfig, given: dict) -> TrainConfig:
     "[default: RUN_DIR/checkpoints/last.pt].",
 )
 @click.option("--ten-crop", is_flag=True, help="Also the ten-patch test of §4.1.")
+@click.option(
+    "--split",
+    type=click.Choice(["val", "test"]),
+    default="val",
+    show_default=True,
+    help="The split to score: test is ILSVRC-2010's test set (the paper's Table 1) or ImageNetV2's images, "
+    "which training never reads.",
+)
 @click.pass_context
-def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bool, **opts) -> None:
-    """Top-1 and top-5 error of a checkpoint (or of several, averaged) on val: centre crop, and with --ten-crop
-    the ten patches. Each model runs with the settings saved in its checkpoint (mean, LRN form, precision)."""
+def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bool, split: str, **opts) -> None:
+    """Top-1 and top-5 error of a checkpoint (or of several, averaged) on val or test: centre crop, and with
+    --ten-crop the ten patches. Each model runs with the settings saved in its checkpoint (mean, LRN form,
+    precision). A test set of a subset of the model's classes (ImageNetV2) is scored with its full output."""
     from .evaluate import evaluate_checkpoints
 
     config, given = build_config(ctx, opts)
@@ -232,11 +242,12 @@ def eval_command(ctx: click.Context, checkpoints: tuple[Path, ...], ten_crop: bo
             raise click.UsageError("give --checkpoint PATH (or --run-dir with checkpoints/last.pt)")
         checkpoints = (RunDir(config.run.run_dir).last,)
     with locks.hold(Path(config.run.data_dir), locks.SHARED, "alexnet-train eval"):  # the run dir: no lock
-        res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given)
+        res = evaluate_checkpoints(config, list(checkpoints), ten_crop=ten_crop, given=given, split=split)
+    on = f"{split} ({res['classes']})" if res["classes"] else split
     if len(checkpoints) == 1:
-        click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), val:")
+        click.echo(f"checkpoint {res['checkpoint']} (step {res['step']}, epoch {res['epoch']}), {on}:")
     else:
-        click.echo(f"the average of {len(checkpoints)} checkpoints' softmax outputs (§6), val:")
+        click.echo(f"the average of {len(checkpoints)} checkpoints' softmax outputs (§6), {on}:")
     for key, label in (("centre_crop", "centre crop"), ("ten_crop", "ten patches (§4.1)")):
         if key in res:
             r = res[key]

@@ -64,12 +64,14 @@ def evaluate_average(
     precision: str | list[str] = "fp32",
     info: D.DistInfo | None = None,
     progress: bool = False,
+    label_map: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """§6's averaged CNNs: the mean of several networks' softmax outputs, each network fed by its own
     group's loader (its own preprocessing: the loaders deliver the same records in the same order).
 
     ``groups``: [(networks, loader)]; ``precision`` (precision.py): one, or one per network in the groups' order.
-    The counts stay on the device and are read once, at the end.
+    ``label_map``: the networks' output index of each dataset label (a test set of a subset of their classes),
+    None when the dataset's labels are theirs. The counts stay on the device and are read once, at the end.
     """
     from tqdm import tqdm
 
@@ -99,6 +101,8 @@ def evaluate_average(
                     p = _probabilities(net, images, ten_crop, precisions[i])
                     probs, i = p if probs is None else probs + p, i + 1
             probs = probs / len(nets)
+            if label_map is not None:
+                labels = label_map[labels.reshape(-1).long().cpu()]
             c = topk_counts(probs, labels)
             counts = c if counts is None else counts + c
             seen += probs.shape[0]
@@ -112,7 +116,7 @@ def evaluate_average(
     device = net.output_device if getattr(net, "output_device", None) is not None else torch.device("cpu")
     correct1, correct5, seen = D.all_reduce_sum([correct1, correct5, seen], info, D.collective_device(device))
     if seen == 0:
-        raise AlexnetError("the validation split gave no images")
+        raise AlexnetError("the split gave no images")
     return {"top1_err": 1.0 - correct1 / seen, "top5_err": 1.0 - correct5 / seen, "images": int(seen)}
 
 
@@ -141,10 +145,14 @@ class Member:
     precision: str  # the step's arithmetic it was trained with (precision.py)
 
 
-def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, given: dict | None = None) -> dict:
-    """``alexnet-train eval``: centre-crop (and, with ``ten_crop``, ten-patch) error on val of one checkpoint,
-    or of the average of several (§6). Each model runs as it was trained (the checkpoint decides: its mean,
-    LRN form, precision); ``given`` (the typed options) may only confirm those settings.
+def evaluate_checkpoints(
+    config, checkpoints: list[Path], *, ten_crop: bool, given: dict | None = None, split: str = "val"
+) -> dict:
+    """``alexnet-train eval``: centre-crop (and, with ``ten_crop``, ten-patch) error on ``split`` (val or
+    test) of one checkpoint, or of the average of several (§6). Each model runs as it was trained (the
+    checkpoint decides: its mean, LRN form, precision); ``given`` (the typed options) may only confirm those
+    settings. A test set of a subset of the models' classes (ImageNetV2) is scored with their full output
+    (``results["classes"]`` says so); any other class mismatch is refused.
 
     One checkpoint's results are appended to its run's evals.jsonl (rundir.py), apart from training's own
     log: the run named by ``--run-dir``, else the one the checkpoint sits in (``RUN/checkpoints/``).
@@ -154,19 +162,25 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
     replica = start_replica(config.run.gpus)
     try:
         manifest = read_manifest(Path(config.run.data_dir))
-        if "val" not in manifest.splits:
-            raise AlexnetError(f"the dataset at {config.run.data_dir} has no val split")
-        members = [_member(config, Path(p), manifest, given or {}, replica) for p in checkpoints]
+        if split not in manifest.splits:
+            raise AlexnetError(f"the dataset at {config.run.data_dir} has no {split} split")
+        stats = _own_stats(Path(config.run.data_dir))
+        members = [_member(config, Path(p), given or {}, replica, stats is None) for p in checkpoints]
+        label_map, classes_note = _class_map(members, manifest, split, config.run.data_dir)
+        for m in members if stats is not None else ():
+            _check_mean(m.path, (m.ck.get("dataset") or {}).get("mean_image"), m.data.mean, Path(config.run.data_dir))
         replica.say(replica.note)
         groups: dict[Any, list[Member]] = {}
-        for m in members:  # one loader per preprocessing and input dtype (the checkpoint's precision)
-            groups.setdefault((m.data, m.precision), []).append(m)
+        for m in members:  # one loader per preprocessing and input dtype (and mean, when the checkpoints bring it)
+            groups.setdefault((m.data, m.precision, str(m.path) if stats is None else ""), []).append(m)
         first = members[0]
         results: dict[str, Any] = {
             "checkpoint": str(first.path),
             "checkpoints": [str(m.path) for m in members],
             "step": first.ck["step"],
             "epoch": first.ck["epoch"],
+            "split": split,
+            "classes": classes_note,
         }
         log = _eval_log(config, first.path) if len(members) == 1 and replica.info.is_main else None
         per_replica = max(config.optim.batch_size // replica.info.world_size, 1)
@@ -176,13 +190,14 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
                     [m.model for m in group],
                     create_loader_for(
                         config.replace(**vars(data), precision=precision),
-                        "val",
+                        split,
                         replica,
                         ten_crop=ten,
                         batch_size=per_replica,
+                        stats=stats or _checkpoint_stats(group[0]),
                     ),
                 )
-                for (data, precision), group in groups.items()
+                for (data, precision, _), group in groups.items()
             ]
             res = evaluate_average(
                 pairs,
@@ -190,6 +205,7 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
                 precision=[m.precision for g in groups.values() for m in g],
                 info=replica.info,
                 progress=config.run.progress,
+                label_map=label_map,
             )
             del pairs  # the loaders and their reader processes, before the ten patches' ones start
             results["ten_crop" if ten else "centre_crop"] = res
@@ -200,7 +216,7 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
                         "checkpoint_eval",
                         checkpoint=str(first.path),
                         dataset=str(config.run.data_dir),
-                        split="val",
+                        split=split,
                         ten_crop=ten,
                         step=first.ck["step"],
                         epoch=first.ck["epoch"],
@@ -212,28 +228,73 @@ def evaluate_checkpoints(config, checkpoints: list[Path], *, ten_crop: bool, giv
         D.destroy_process_group()
 
 
-def _member(config, path: Path, manifest, given: dict, replica) -> Member:
-    """A checkpoint's network on this replica, checked against the dataset, with its own preprocessing."""
+def _member(config, path: Path, given: dict, replica, needs_mean: bool = False) -> Member:
+    """A checkpoint's network on this replica, with its own preprocessing (``needs_mean``: the dataset has no
+    mean of its own, the checkpoint must hold one)."""
     from .checkpoint import checkpoint_precision, load_checkpoint, refuse_contradictions, saved_setting
     from .model import AlexNet
 
     ck = load_checkpoint(path)
     refuse_contradictions(path, ck, given)
     model = AlexNet.from_checkpoint(ck, devices=list(replica.devices))
-    entry = ck.get("dataset") or {}
-    classes = list(entry.get("classes") or [])
-    if model.num_classes != len(manifest.classes) or (classes and classes != list(manifest.classes)):
-        raise AlexnetError(
-            f"{path} was trained on {model.num_classes} classes, the dataset at {config.run.data_dir} has "
-            f"{len(manifest.classes)}{' (others)' if model.num_classes == len(manifest.classes) else ''}: "
-            "evaluate on the dataset it was trained on (--data-dir)"
-        )
     saved = {k: v for k in ("mean", "lighting_scale") if (v := saved_setting(ck, k)) is not None}
     data = dataclasses.replace(config.data, **saved)
-    _check_mean(path, entry.get("mean_image"), data.mean, Path(config.run.data_dir))
+    if needs_mean and (ck.get("dataset") or {}).get("mean_image") is None:
+        raise AlexnetError(
+            f"the dataset at {config.run.data_dir} has no mean of its own (no train split) and {path} "
+            "saved none: evaluate a checkpoint that holds its mean"
+        )
     if channels_last(replica.devices[0]):
         model = model.to(memory_format=torch.channels_last)
     return Member(path, ck, model, data, checkpoint_precision(ck))
+
+
+def _class_map(members: list[Member], manifest, split: str, data_dir) -> tuple[torch.Tensor | None, str]:
+    """``(label_map, note)``: None and "" when the dataset's classes are the models'; on a test split whose
+    classes are a subset of theirs, each dataset label's output index and a note saying so; else refused in
+    one line giving the number of classes that differ and the first five."""
+    ours = list(manifest.classes)
+    label_map, note = None, ""
+    for m in members:
+        theirs = list((m.ck.get("dataset") or {}).get("classes") or [])
+        n = m.model.num_classes
+        if theirs == ours or (not theirs and n == len(ours)):
+            continue
+        if theirs and split == "test" and set(ours) < set(theirs) and len(theirs) == n:
+            index = {w: i for i, w in enumerate(theirs)}
+            this_map = torch.tensor([index[w] for w in ours], dtype=torch.long)
+            if label_map is not None and not torch.equal(label_map, this_map):
+                raise AlexnetError("the averaged checkpoints were trained on different class sets")
+            label_map = this_map
+            note = f"{len(ours)} of the model's {n} classes, scored with its full {n}-way output"
+            continue
+        differ = sorted(set(theirs) ^ set(ours))
+        detail = f"{len(differ)} classes differ (first: {', '.join(differ[:5])})" if theirs else "others"
+        raise AlexnetError(
+            f"{m.path} was trained on {n} classes, the dataset at {data_dir} has {len(ours)}: {detail}; "
+            "evaluate on a dataset of its classes (--data-dir)"
+        )
+    return label_map, note
+
+
+def _own_stats(data_dir: Path):
+    """The dataset's ``(mean image, Stats)``; None when it has none (a test set without a train split)."""
+    from alexnet.pipeline.artifacts import MEAN_IMAGE_FILE, STATS_FILE, read_mean_image, read_stats
+
+    if not (data_dir / STATS_FILE).exists() and not (data_dir / MEAN_IMAGE_FILE).exists():
+        if "train" not in read_manifest(data_dir).splits:
+            return None
+    return read_mean_image(data_dir), read_stats(data_dir)
+
+
+def _checkpoint_stats(member: Member):
+    """A checkpoint's mean as the loader's ``(mean image, Stats)``: evaluation subtracts it and draws no lighting."""
+    from alexnet.pipeline.artifacts import Stats
+
+    mean = np.asarray(member.ck["dataset"]["mean_image"], dtype=np.float32)
+    rgb = mean.reshape(-1, 3).mean(axis=0).astype(float).tolist()
+    eye = np.eye(3).tolist()
+    return mean, Stats(mean_rgb=rgb, eigval=[0.0] * 3, eigvec=eye, n_images=0, n_pixels=0, source={"checkpoint": 1})
 
 
 def _check_mean(path: Path, saved_mean, mean: str, data_dir: Path) -> None:

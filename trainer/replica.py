@@ -131,8 +131,11 @@ def build_model(config, replica: Replica, num_classes: int):
     return model
 
 
-def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = False, batch_size: int | None = None):
-    """The pipeline's loader for this replica: its share of ``split``, batches on its first device."""
+def create_loader_for(
+    config, split: str, replica: Replica, *, ten_crop: bool = False, batch_size: int | None = None, stats=None
+):
+    """The pipeline's loader for this replica: its share of ``split``, batches on its first device
+    (``stats``: the loader's mean image and Stats instead of the dataset's)."""
     from alexnet.pipeline.loader import create_loader
 
     from .precision import channels_last, loader_dtype
@@ -150,4 +153,5 @@ def create_loader_for(config, split: str, replica: Replica, *, ten_crop: bool = 
         ten_crop=ten_crop,
         dtype=loader_dtype(config.model.precision, device),  # half the bytes under bf16/fp16
         channels_last=channels_last(device),  # what the step consumes: no transpose on the device
+        stats=stats,
     )
