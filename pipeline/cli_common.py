@@ -79,17 +79,21 @@ def _split_tuple(kind):
     return parse
 
 
-def field_option(f, hint):
-    """The click option of config field ``f`` (annotation ``hint``): its name, default, help and checks."""
+def field_option(f, hint, override: dict | None = None, **extra):
+    """The click option of config field ``f`` (annotation ``hint``): its name, default, help and checks.
+    ``override``: a command's own help (and default) for a field it reads in its own terms; ``extra``:
+    further click arguments (an ``envvar``)."""
     meta = f.metadata
     name = "--" + f.name.replace("_", "-")
     default = f.default if f.default is not MISSING else f.default_factory()
-    kw = {"default": default, "help": meta.get("help"), "show_default": default not in ("", None)}
+    kw = {"default": default, "help": meta.get("help"), "show_default": default not in ("", None)} | extra
+    kw |= override or {}
+    default = kw["default"]
     if hint is bool:
         return click.option(f"{name}/--no-{name[2:]}", f.name, **kw)
     choices = meta.get("choices")
     if typing.get_origin(hint) is tuple:  # "a,b" on the command line
-        kw.update(default=",".join(map(str, default)), callback=_split_tuple(typing.get_args(hint)[0]))
+        kw.update(default=default and ",".join(map(str, default)), callback=_split_tuple(typing.get_args(hint)[0]))
         choices = choices and [",".join(map(str, c)) for c in choices]
         hint = str
     if "type" in meta:
@@ -97,7 +101,8 @@ def field_option(f, hint):
     elif choices:
         kw["type"] = click.Choice(choices)
     elif hint in (int, float) and ("min" in meta or "max" in meta):
-        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(min=meta.get("min"), max=meta.get("max"))
+        bounds = {"min": meta.get("min"), "max": meta.get("max")} | ({"max_open": True} if meta.get("max_open") else {})
+        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(**bounds)
     else:
         kw["type"] = hint
     return click.option(name, *meta.get("aliases", ()), f.name, **kw)

@@ -23,7 +23,7 @@ from _writers import write_kaggle_zip, write_official_archives
 from PIL import Image
 
 from alexnet.pipeline import artifacts as A
-from alexnet.pipeline import locks
+from alexnet.pipeline import locks as L
 from alexnet.tools import archives as AR
 from alexnet.tools.sample import class_name, make_sample
 from alexnet.tools.sources import detect_source
@@ -92,8 +92,8 @@ def _error_line(r, *expected):
 
 
 def _snapshot(d):
-    """The dataset's files and bytes; not the lock file, whose holder record each build rewrites."""
-    return {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != locks.LOCK_FILE}
+    """The dataset's files; the lock file's holder record names each command that took the lock."""
+    return {p: p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file() and p.name != L.LOCK_FILE}
 
 
 def test_damaged_tars_stop_with_one_line_and_keep_what_was_built(official, tmp_path):

@@ -23,7 +23,7 @@ from PIL import Image
 from alexnet.pipeline import artifacts as A
 from alexnet.pipeline import constants as C
 from alexnet.pipeline import images as IMG
-from alexnet.pipeline import locks
+from alexnet.pipeline import locks as L
 from alexnet.pipeline.errors import ContractError
 from alexnet.tools import build_lmdb as B
 
@@ -269,18 +269,19 @@ def test_dali_caffe_reader_reads_every_shard(built):
 # --------------------------------------------------------------------------- resume, no-op, overwrite
 
 
+def _mtimes(data):
+    """The dataset's files; the lock file is rewritten by every command that takes the lock."""
+    return {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file() and p.name != L.LOCK_FILE}
+
+
 def test_rerun_is_a_noop(src, built, tmp_path):
     data = tmp_path / "d"
     shutil.copytree(built, data)
-
-    def mtimes() -> dict:  # the dataset's files (the lock file's holder record is rewritten by every build)
-        return {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file() and p.name != locks.LOCK_FILE}
-
-    before = mtimes()
+    mtimes = _mtimes(data)
     r = run_prep(["build-lmdb", str(src), "--data-dir", str(data), *BUILD_ARGS])
     assert r.exit_code == 0, r.output
     assert "nothing to do" in r.output
-    assert mtimes() == before
+    assert _mtimes(data) == mtimes
     # A finished dataset stays valid after a PIL upgrade (a half-built one does not: see below).
     m = A.read_manifest(data)
     m.build["pil"] = "pillow-simd 0.0.post0 (older)"

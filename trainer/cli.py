@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Collection
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 import click
 
 from alexnet.pipeline import locks
 from alexnet.pipeline.artifacts import DATA_DIR_ENV
-from alexnet.pipeline.cli_common import LazyGroup, version_option
+from alexnet.pipeline.cli_common import LazyGroup, field_option, version_option
 from alexnet.pipeline.errors import AlexnetError
 
 from .config import SECTIONS, TrainConfig, merge_for_resume
@@ -56,38 +56,11 @@ Examples:
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-def _parse_ints(_ctx, _param, value):
-    if value is None or isinstance(value, tuple):
-        return value
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter("expected comma-separated epoch numbers, e.g. 30,60,80") from None
-
-
 def _option(f, hint, override: dict | None = None):
-    """The click option of config field ``f`` (annotation ``hint``), from its type, default and metadata;
-    ``override``: a command's own help (and default) for a field it reads in its own terms."""
-    meta = f.metadata
-    flag = "--" + f.name.replace("_", "-")
-    default = f.default if f.default is not MISSING else f.default_factory()
-    kw = {"default": default, "help": meta.get("help"), "show_default": bool(default != "")} | (override or {})
-    if hint is bool:
-        return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
-    if "choices" in meta:
-        kw["type"] = click.Choice(meta["choices"])
-    elif hint in (int, float) and "min" in meta:
-        bounds = {"min": meta["min"], "max": meta.get("max")}
-        if meta.get("max_open"):
-            bounds["max_open"] = True  # e.g. momentum in [0, 1)
-        kw["type"] = (click.IntRange if hint is int else click.FloatRange)(**bounds)
-    elif typing.get_origin(hint) is tuple:
-        kw.update(default=",".join(map(str, kw["default"])), callback=_parse_ints)
-    else:
-        kw["type"] = hint
-    if f.name == "data_dir":
-        kw.update(envvar=DATA_DIR_ENV, show_envvar=True)
-    return click.option(flag, *meta.get("aliases", ()), f.name, **kw)
+    """The click option of config field ``f`` (pipeline/cli_common.py makes it; ``--data-dir`` also reads
+    $ALEXNET_DATA_DIR)."""
+    env = {"envvar": DATA_DIR_ENV, "show_envvar": True} if f.name == "data_dir" else {}
+    return field_option(f, hint, override, **env)
 
 
 def _config_options(command, only: Collection[str] | None = None, *, config_file: bool = True, overrides=None):
