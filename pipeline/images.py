@@ -142,13 +142,6 @@ def _loaded(data: bytes, draft: bool):
 
     if not data:
         raise Rejected("zero-byte file")
-    kinds = []
-    if data[:2] == GZIP_MAGIC:
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise Rejected(f"undecodable (a broken gzip wrapper: {e})") from None
-        kinds.append("gzip")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning, EXIF and palette warnings

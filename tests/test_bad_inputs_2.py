@@ -139,8 +139,8 @@ TRAIN_CPU = ["--gpus", "cpu", "--threads", "1", "--batch-size", "4", "--no-progr
 @contextlib.contextmanager
 def _build_running(w: Path):
     """A build into cc-build holds it; after the refused second build it finishes, complete."""
-    p = _start([str(BIN / "alexnet-prep"), "build-lmdb", str(w / "sample"), "--data-dir", str(w / "cc-build"),
-                "--workers", "1", "--no-progress"], w / "cc-build")  # fmt: skip
+    build = [str(BIN / "alexnet-prep"), "build-lmdb", str(w / "sample"), "--data-dir", str(w / "cc-build")]
+    p = _start([*build, "--workers", "1", "--no-progress"], w / "cc-build")
     yield
     _finish(p)
     assert A.read_manifest(w / "cc-build").complete
@@ -150,8 +150,10 @@ def _build_running(w: Path):
 def _trainer_running(w: Path):
     """A trainer holds cc-run (and reads data); after the refused second trainer it ends at step 2."""
     shutil.rmtree(w / "cc-run", ignore_errors=True)
-    p = _start([str(BIN / "alexnet-train"), *TRAIN_CPU, "--data-dir", str(w / "data"), "--run-dir", str(w / "cc-run"),
-                "--max-steps", "2", "--checkpoint-minutes", "0"], w / "cc-run")  # fmt: skip
+    dirs = ["--data-dir", str(w / "data"), "--run-dir", str(w / "cc-run")]
+    p = _start(
+        [str(BIN / "alexnet-train"), *TRAIN_CPU, *dirs, "--max-steps", "2", "--checkpoint-minutes", "0"], w / "cc-run"
+    )
     yield
     _finish(p)
     assert ckpt_io.load_checkpoint(w / "cc-run" / "checkpoints" / "last.pt")["step"] == 2
@@ -164,8 +166,8 @@ def _reader_running(w: Path):
         shutil.copytree(w / "data", w / "cc-data")
     before = (w / "cc-data" / A.MANIFEST_FILE).read_bytes()
     shutil.rmtree(w / "cc-reader", ignore_errors=True)
-    p = _start([str(BIN / "alexnet-train"), *TRAIN_CPU, "--data-dir", str(w / "cc-data"), "--run-dir",
-                str(w / "cc-reader"), "--max-steps", "2"], w / "cc-data")  # fmt: skip
+    dirs = ["--data-dir", str(w / "cc-data"), "--run-dir", str(w / "cc-reader")]
+    p = _start([str(BIN / "alexnet-train"), *TRAIN_CPU, *dirs, "--max-steps", "2"], w / "cc-data")
     yield
     _finish(p)
     assert (w / "cc-data" / A.MANIFEST_FILE).read_bytes() == before
@@ -174,8 +176,8 @@ def _reader_running(w: Path):
 @contextlib.contextmanager
 def _holder_killed(w: Path):
     """A build into cc-kill is killed with SIGKILL (it and its workers) once it holds the lock."""
-    p = _start([str(BIN / "alexnet-prep"), "build-lmdb", str(w / "sample"), "--data-dir", str(w / "cc-kill"),
-                "--workers", "1", "--no-progress"], w / "cc-kill", freeze=False)  # fmt: skip
+    build = [str(BIN / "alexnet-prep"), "build-lmdb", str(w / "sample"), "--data-dir", str(w / "cc-kill")]
+    p = _start([*build, "--workers", "1", "--no-progress"], w / "cc-kill", freeze=False)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     yield
@@ -188,8 +190,8 @@ EVAL = ["eval", "--gpus", "cpu", "--threads", "1", "--batch-size", "4", "--no-pr
 FIT = [*TRAIN_CPU, "--max-steps", "2"]
 CK = "{w}/run/checkpoints/last.pt"
 PREDICT = ["predict", "--gpus", "cpu", "--checkpoint", CK, "{w}/good.png"]
-WORLD4 = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
-          "MASTER_PORT": "1"}  # fmt: skip
+WORLD4 = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}
+WORLD4 |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 # (id, tool, arguments, exit status, piece of the line, meet, environment)
 # fmt: off

@@ -6,6 +6,7 @@ JPEGs); the references decode the same stored JPEGs with PIL and compute over al
 
 from __future__ import annotations
 
+import gzip
 import io
 import shutil
 from pathlib import Path
@@ -402,3 +403,7 @@ def test_one_decoder_for_stored_records():
         decode_record(encoded(np.zeros((S, 300, 3), np.uint8)))
     with pytest.raises(Rejected, match=r"^JPEG does not decode \("):
         decode_record(b"\xff\xd8 this is not a JPEG")
+    # a gzip-wrapped source is unwrapped by the builder (decode_source), never in a stored record: DALI
+    # could not decode it
+    with pytest.raises(Rejected, match=r"^JPEG does not decode \("):
+        decode_record(gzip.compress(jpeg))

@@ -101,8 +101,9 @@ def evaluate_average(
                     p = _probabilities(net, images, ten_crop, precisions[i])
                     probs, i = p if probs is None else probs + p, i + 1
             probs = probs / len(nets)
-            if label_map is not None:
-                labels = label_map[labels.reshape(-1).long().cpu()]
+            if label_map is not None:  # moved to the labels' device once: no host round trip per batch
+                label_map = label_map.to(labels.device)
+                labels = label_map[labels.reshape(-1).long()]
             c = topk_counts(probs, labels)
             counts = c if counts is None else counts + c
             seen += probs.shape[0]
