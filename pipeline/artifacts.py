@@ -25,7 +25,6 @@ shuffled order.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -424,23 +423,19 @@ def write_stats(data_dir: Path, stats: Stats, mean_image: np.ndarray) -> None:
 
 
 def settle_stats(data_dir: Path) -> None:
-    """Finish (after the commit point) or drop (before it) an interrupted ``write_stats``, where this
-    process can write the directory."""
-    data_dir = Path(data_dir)
-    pending, commit = data_dir / STATS_PENDING_DIR, data_dir / STATS_COMMIT_DIR
-    with contextlib.suppress(OSError):  # read-only: the committed files are read where they are
-        if commit.is_dir():
-            for name in (MEAN_IMAGE_FILE, STATS_FILE):
-                if (commit / name).exists():
-                    os.replace(commit / name, data_dir / name)
-            commit.rmdir()
-        if pending.is_dir():
-            shutil.rmtree(pending)
+    """Finish an interrupted ``write_stats`` that passed its commit point. The writer's alone (it holds
+    the data directory exclusively): a reader that takes no lock must not move files under a writer."""
+    commit = Path(data_dir) / STATS_COMMIT_DIR
+    if commit.is_dir():
+        for name in (MEAN_IMAGE_FILE, STATS_FILE):
+            if (commit / name).exists():
+                os.replace(commit / name, Path(data_dir) / name)
+        commit.rmdir()
 
 
 def _stats_file(data_dir: Path, name: str) -> Path:
-    """The current ``stats.json`` or ``mean_image.npy`` (after :func:`settle_stats`)."""
-    settle_stats(data_dir)
+    """The current ``stats.json`` or ``mean_image.npy``: a committed write's file where it is until the
+    next writer settles it (readers change nothing)."""
     committed = Path(data_dir) / STATS_COMMIT_DIR / name
     return committed if committed.exists() else Path(data_dir) / name
 

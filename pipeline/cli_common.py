@@ -93,7 +93,10 @@ def field_option(f, hint, override: dict | None = None, **extra):
         return click.option(f"{name}/--no-{name[2:]}", f.name, **kw)
     choices = meta.get("choices")
     if typing.get_origin(hint) is tuple:  # "a,b" on the command line
-        kw.update(default=default and ",".join(map(str, default)), callback=_split_tuple(typing.get_args(hint)[0]))
+        kw.update(
+            default=None if default is None else ",".join(map(str, default)),
+            callback=_split_tuple(typing.get_args(hint)[0]),
+        )
         choices = choices and [",".join(map(str, c)) for c in choices]
         hint = str
     if "type" in meta:

@@ -217,7 +217,11 @@ def hold(directory: Path, mode: str, command: str, *, policy: str | None = None)
         _HELD.update(fds)
         if writable:
             _write_record(fd, mode, command)
-        yield
+        try:
+            yield
+        finally:
+            if writable and mode == EXCLUSIVE:  # a finished holder is named by no later refusal
+                os.ftruncate(fd, 0)
     except BaseException:
         if created:  # a command that failed leaves no directory it made for nothing
             _remove_if_only_lock(directory)

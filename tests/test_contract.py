@@ -258,7 +258,7 @@ def _pair(seed: int) -> tuple[A.Stats, np.ndarray]:
 def test_stats_pair_is_one_unit_wherever_the_writer_is_killed(tmp_path):
     """Stopped after each of write_stats' steps (the states a kill leaves), the pair read back is the
     old one before the commit point and the new one after it, never one file of each; the next writer
-    or reader tidies up, and a reader of a read-only copy sees the same pair."""
+    tidies up (readers change nothing), and a reader of a read-only copy sees the same pair."""
     old, new = _pair(1), _pair(2)
     steps = A.stats_steps(tmp_path / "probe", *new)
     commit_point = 5  # after prepare, two files, fsync, rename: the pair is new
@@ -268,8 +268,11 @@ def test_stats_pair_is_one_unit_wherever_the_writer_is_killed(tmp_path):
         for step in A.stats_steps(data, *new)[:done]:
             step()
         want = new if done >= commit_point else old
+        left = sorted(p.name for p in data.iterdir())
         with _read_only_view(data, tmp_path / f"ro-{done}") as ro:
             for where in (ro, data):  # the read-only view first: it cannot be tidied
                 stats, mean = A.read_stats(where), A.read_mean_image(where)
                 assert stats.n_images == want[0].n_images and np.array_equal(mean, want[1]), (done, where)
+        assert sorted(p.name for p in data.iterdir()) == left, done  # a reader moves nothing under a writer
+        A.write_stats(data, *new)  # the next writer tidies up what a killed one left
         assert sorted(p.name for p in data.iterdir()) == [A.MEAN_IMAGE_FILE, A.STATS_FILE], done

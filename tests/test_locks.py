@@ -98,6 +98,12 @@ def test_kill_9_of_holder_frees_the_lock_even_with_children_alive(tmp_path, hold
         assert L.holders(tmp_path) == []  # the dead holder's record is not named
 
 
+def test_a_released_exclusive_lock_names_no_holder(tmp_path):
+    with L.hold(tmp_path, L.EXCLUSIVE, "writer"):
+        assert '"writer"' in (tmp_path / L.LOCK_FILE).read_text()
+    assert (tmp_path / L.LOCK_FILE).read_text() == ""  # a reused pid could not make it name a finished run
+
+
 def test_refusal_changes_nothing(tmp_path, holder_cleanup):
     holder_cleanup.append(_holder(tmp_path, L.EXCLUSIVE))
     before = (tmp_path / L.LOCK_FILE).read_bytes()
