@@ -27,7 +27,7 @@ from .rundir import RunDir, read_log
 # Sized so that the whole demo fits in ~10 minutes on 2 cores and the classes are learnt.
 # Training is alexnet-train at its defaults, the paper's recipe (batch 128, lr 0.01, ...), for a fixed
 # number of steps, so the result does not depend on the machine's speed: 49 steps are 7 epochs of the
-# sample's 1,000 training images. Measured (README): 46.5% val top-1 error at step 49, 27.5% at step 42;
+# sample's 1,000 training images. Measured (README): 44.5% val top-1 error at step 49, 28.0% at step 42;
 # the paper's rate turns unstable once the sample is fitted (docs/TRAINING.md).
 # torch takes both cores' threads and DALI decodes ahead in one thread.
 DEMO_STEPS = 49
